@@ -1,0 +1,6 @@
+"""Task-agnostic training runtime: strategy, precision, optimizer, compiled steps, loops, checkpoints."""
+import os
+
+# TF Hub and Model Garden need Keras 2 (tf_keras); this must be set before TensorFlow is imported.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

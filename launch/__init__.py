@@ -1,0 +1,6 @@
+"""absl-flag programs: train, evaluate, predict, export, convert."""
+import os
+
+# Same reason as engine/__init__.py: Keras 2 for TF Hub and Model Garden, set before TensorFlow loads.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,26 @@
+"""BERT fine-tuning engine for TensorFlow 2: trainer (engine/), tasks (tasks/), absl launchers (launch/)."""
+from setuptools import setup
+
+# Pinned to the stack that resolves together: TF 2.21 conflicts with tf-models-official 2.20,
+# and an unpinned install backtracks for a long time and then fails.
+INSTALL_REQUIRES = [
+    "tensorflow==2.20.*",
+    "tensorflow-text==2.20.*",
+    "tf-keras==2.20.*",
+    "tensorflow-hub==0.16.1",
+    "tf-models-official==2.20.0",
+    "absl-py",
+    "tensorboard",
+    "safetensors",
+    "numpy",
+]
+
+setup(
+    name="bert-engine",
+    version="0.1.0",
+    description="tf.distribute-aware trainer for fine-tuning BERT encoders (classification, span QA, CRF NER)",
+    packages=["engine", "tasks", "launch"],
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest"]},
+)
