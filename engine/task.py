@@ -1,0 +1,61 @@
+"""The Task contract: one replica's description of what is learned.
+
+A Task never sees a GradientTape, an optimizer, a strategy or a loss scale. The engine
+reduces `sum(per_example_loss * example_weights) / sum(example_weights over the global
+batch)`, which is what makes gradient accumulation, multi-replica training and padded
+evaluation batches exact.
+
+Batches are `(features, labels)` pairs of (nested) tensors, as with `model.fit`:
+`model(features)` gives the outputs, the labels never enter the model.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+
+class Task:
+    """Base class with the defaults most Tasks want; subclasses override what differs."""
+
+    name: str = "task"
+
+    def build_model(self) -> tf_keras.Model:
+        """Builds the model. Called inside the strategy scope under the precision policy."""
+        raise NotImplementedError
+
+    def build_inputs(self, split: str, *, batch_size: int,
+                     input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+        """A dataset of `(features, labels)` batches of `batch_size` (per replica).
+
+        split "train": shuffled, repeated forever, `drop_remainder=True`.
+        Any other split: one pass in order; the last batch may be partial (the engine pads it).
+        Shard by `input_context` when it is given and has more than one pipeline.
+        """
+        raise NotImplementedError
+
+    def per_example_loss(self, features: Any, labels: Any, outputs: Any) -> tf.Tensor:
+        """Loss per example, shape [batch], float32. The engine does the reduction."""
+        raise NotImplementedError
+
+    def example_weights(self, features: Any, labels: Any) -> tf.Tensor:
+        """Weight per example, shape [batch], float32 (class weights go here). Default: ones."""
+        return tf.ones([tf.shape(tf.nest.flatten(labels)[0])[0]], tf.float32)
+
+    def build_metrics(self) -> Sequence[tf_keras.metrics.Metric]:
+        """In-graph metrics, updated per replica by `update_metrics` during evaluation."""
+        return []
+
+    def update_metrics(self, metrics: Sequence[tf_keras.metrics.Metric], features: Any, labels: Any,
+                       outputs: Any, weights: tf.Tensor) -> None:
+        """Updates `metrics`; `weights` is 0 for padding examples and must be honoured."""
+
+    def eval_outputs(self, features: Any, labels: Any, outputs: Any) -> Optional[Mapping[str, tf.Tensor]]:
+        """Per-example tensors ([batch, ...]) to bring to the host for `postprocess`. Default: none."""
+        return None
+
+    def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str) -> dict:
+        """Host-side metrics from the concatenated `eval_outputs` of a split (padding removed)."""
+        return {}
