@@ -49,8 +49,11 @@ class Task:
         return []
 
     def update_metrics(self, metrics: Sequence[tf_keras.metrics.Metric], features: Any, labels: Any,
-                       outputs: Any, weights: tf.Tensor) -> None:
-        """Updates `metrics`; `weights` is 0 for padding examples and must be honoured."""
+                       outputs: Any, mask: tf.Tensor) -> None:
+        """Updates `metrics`; `mask` ([batch] float32) is 0 for padding examples and must be honoured.
+
+        It is only the padding mask, not `example_weights`: metrics such as accuracy should not be
+        skewed by class weights."""
 
     def eval_outputs(self, features: Any, labels: Any, outputs: Any) -> Optional[Mapping[str, tf.Tensor]]:
         """Per-example tensors ([batch, ...]) to bring to the host for `postprocess`. Default: none."""

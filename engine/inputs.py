@@ -1,0 +1,58 @@
+"""Distributed input: the train iterator and exact, padded evaluation batches."""
+from __future__ import annotations
+
+from typing import Callable
+
+import tensorflow as tf
+
+
+def pad_batch(features, labels, batch_size: int):
+    """Pads a (possibly partial) batch to `batch_size` rows; the mask is 1 for real examples, 0 for padding.
+
+    Static shapes mean one trace and one XLA compile for the whole evaluation, and the mask makes the
+    padding contribute nothing, so the last partial batch is evaluated exactly.
+    """
+    size = tf.shape(tf.nest.flatten(features)[0])[0]
+
+    def pad(t):
+        t = tf.convert_to_tensor(t)
+        paddings = tf.concat([[[0, batch_size - size]], tf.zeros([tf.rank(t) - 1, 2], tf.int32)], 0)
+        padded = tf.pad(t, paddings)
+        return tf.ensure_shape(padded, [batch_size] + t.shape[1:].as_list())
+
+    mask = tf.pad(tf.ones([size], tf.float32), [[0, batch_size - size]])
+    return tf.nest.map_structure(pad, features), tf.nest.map_structure(pad, labels), tf.ensure_shape(mask, [batch_size])
+
+
+def is_default_strategy(strategy: tf.distribute.Strategy) -> bool:
+    return strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy()
+
+
+def train_iterator(strategy: tf.distribute.Strategy, dataset_fn: Callable, per_replica_batch_size: int, *,
+                   skip_updates: int = 0):
+    """The training input iterator, positioned after `skip_updates` updates.
+
+    Without a distribution strategy this is a plain tf.data iterator, which the checkpoint saves and
+    restores exactly (skip_updates must be 0). Distributed iterators are not trackable in TF 2.20, so
+    there each input pipeline (one per host) rebuilds its deterministic stream and skips the batches
+    that the restored global step already consumed: the same next batch, at the cost of re-reading.
+    """
+    if is_default_strategy(strategy):
+        if skip_updates:
+            raise ValueError("a plain iterator is restored from the checkpoint, not skipped")
+        return iter(dataset_fn(batch_size=per_replica_batch_size, input_context=None))
+
+    def fn(ctx: tf.distribute.InputContext):
+        dataset = dataset_fn(batch_size=per_replica_batch_size, input_context=ctx)
+        replicas_per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        return dataset.skip(skip_updates * replicas_per_pipeline)
+    return iter(strategy.distribute_datasets_from_function(fn))
+
+
+def distribute_eval_inputs(strategy: tf.distribute.Strategy, dataset_fn: Callable, global_batch_size: int):
+    """Global batches padded to full size, then split evenly over replicas by the strategy."""
+    dataset = dataset_fn(batch_size=global_batch_size, input_context=None)
+    dataset = dataset.map(lambda f, l: pad_batch(f, l, global_batch_size))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))

@@ -1,0 +1,177 @@
+"""The compiled train and eval steps.
+
+One update, per replica:
+  1. all-reduce the example weights of the whole global batch (all replicas, all micro-batches);
+  2. loop over K micro-batches (inside one function, optionally XLA-compiled), adding the gradients
+     of sum(loss * weight) / global_weight into local buffers;
+  3. one all-reduce of the gradients, unscale (fp16), clip by global norm, one optimizer update,
+     skipped when anything is non-finite.
+Because every micro-batch is normalised by the same global weight, K micro-batches of b examples on
+R replicas give exactly the update of one batch of K*b*R.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import tensorflow as tf
+import tf_keras
+
+from engine.task import Task
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def split_micro_batches(structure: Any, num_micro_batches: int) -> Any:
+    """[K*b, ...] tensors -> [K, b, ...] so the accumulation loop can index micro-batch i."""
+    def split(t):
+        t = tf.convert_to_tensor(t)
+        return tf.reshape(t, tf.concat([[num_micro_batches, -1], tf.shape(t)[1:]], 0))
+    return tf.nest.map_structure(split, structure)
+
+
+def _all_finite(loss: tf.Tensor, grads: list[tf.Tensor]) -> tf.Tensor:
+    finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+    return tf.reduce_all(tf.stack([tf.math.is_finite(loss)] + finite))
+
+
+class TrainStep:
+    """The per-replica train step for one (task, model, optimizer) triple."""
+
+    def __init__(self, *, task: Task, model: tf_keras.Model, optimizer: tf_keras.optimizers.Optimizer,
+                 grad_accum_steps: int, clip_norm: float | None, jit_compile: bool):
+        self._task = task
+        self._model = model
+        self._optimizer = optimizer
+        self._grad_accum_steps = grad_accum_steps
+        self._clip_norm = clip_norm
+        self._loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+        # Only the pure computation (forward, backward, accumulation) is XLA-compiled: all-reduce and
+        # the optimizer's merge_call cannot live inside an XLA cluster under tf.distribute.
+        self._accumulate = tf.function(self._accumulate_gradients, jit_compile=jit_compile)
+
+    def _micro_step(self, features, labels, global_weight):
+        variables = self._model.trainable_variables
+        with tf.GradientTape() as tape:
+            outputs = self._model(features, training=True)
+            per_example = tf.cast(self._task.per_example_loss(features, labels, outputs), tf.float32)
+            weights = tf.cast(self._task.example_weights(features, labels), tf.float32)
+            loss = tf.reduce_sum(per_example * weights) / global_weight
+            scaled = self._optimizer.get_scaled_loss(loss) if self._loss_scaled else loss
+        grads = tape.gradient(scaled, variables)
+        # Dense buffers: embedding gradients arrive as IndexedSlices, which cannot be loop-carried.
+        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+        return loss, grads
+
+    def _accumulate_gradients(self, micro_features, micro_labels, global_weight):
+        def micro_batch(i):
+            return (tf.nest.map_structure(lambda t: t[i], micro_features),
+                    tf.nest.map_structure(lambda t: t[i], micro_labels))
+
+        if self._grad_accum_steps == 1:
+            return self._micro_step(*micro_batch(0), global_weight)
+        loss = tf.constant(0.0)
+        grads = [tf.zeros_like(v) for v in self._model.trainable_variables]
+        for i in tf.range(self._grad_accum_steps):
+            micro_loss, micro_grads = self._micro_step(*micro_batch(i), global_weight)
+            loss += micro_loss
+            grads = [a + g for a, g in zip(grads, micro_grads)]
+        return loss, grads
+
+    def __call__(self, features, labels):
+        """Runs one update in replica context; returns (loss, grad_norm, applied), equal on all replicas."""
+        ctx = tf.distribute.get_replica_context()
+        weights = tf.cast(self._task.example_weights(features, labels), tf.float32)
+        global_weight = ctx.all_reduce(SUM, tf.reduce_sum(weights))
+        # A batch made only of zero-weight examples has no loss; avoid 0/0.
+        global_weight = tf.maximum(global_weight, 1e-12)
+        micro_features = split_micro_batches(features, self._grad_accum_steps)
+        micro_labels = split_micro_batches(labels, self._grad_accum_steps)
+        loss, grads = self._accumulate(micro_features, micro_labels, global_weight)
+        loss = ctx.all_reduce(SUM, loss)
+        grads = ctx.all_reduce(SUM, grads)
+        if self._loss_scaled:
+            grads = self._optimizer.get_unscaled_gradients(grads)
+        grad_norm = tf.linalg.global_norm(grads)
+        if self._clip_norm:
+            grads, _ = tf.clip_by_global_norm(grads, self._clip_norm, use_norm=grad_norm)
+        applied = _all_finite(loss, grads)
+        self._apply(grads, applied)
+        return loss, grad_norm, applied
+
+    def _apply(self, grads, should_apply):
+        variables = self._model.trainable_variables
+        if self._loss_scaled:
+            # LossScaleOptimizer skips non-finite updates itself and lowers the scale.
+            self._optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
+            return
+
+        def apply_now(g):
+            self._optimizer.apply_gradients(zip(g, variables), skip_gradients_aggregation=True)
+
+        def skip():
+            # Count the attempt, as LossScaleOptimizer does, so the schedule stays aligned with the step.
+            self._optimizer.iterations.assign_add(1, read_value=False)
+
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.__internal__.smart_cond.smart_cond(should_apply, lambda: apply_now(grads), skip)
+            return
+
+        # The optimizer's apply calls merge_call, which cannot sit in a cond in replica context; so branch
+        # in cross-replica context and re-enter the replicas: the pattern LossScaleOptimizer uses.
+        def cross_replica(distribution, grads, should_apply):
+            should = distribution.experimental_local_results(should_apply)[0]
+            tf.__internal__.smart_cond.smart_cond(
+                should, lambda: distribution.extended.call_for_each_replica(apply_now, args=(grads,)), skip)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, should_apply))
+
+
+def make_train_loop(strategy: tf.distribute.Strategy, step: TrainStep, *, stop_on_nonfinite: bool) -> Callable:
+    """A tf.function running `num_steps` updates per call (the host talks to the device once per loop).
+
+    Returns (steps_done, loss_sum, last_grad_norm, skipped). With `stop_on_nonfinite` the loop ends at the
+    first non-finite update, so the host can stop and name the step.
+    """
+    @tf.function
+    def train_loop(iterator, num_steps):
+        loss_sum = tf.constant(0.0)
+        grad_norm = tf.constant(0.0)
+        skipped = tf.constant(0, tf.int64)
+        steps_done = tf.constant(0, tf.int64)
+        for _ in tf.range(num_steps):
+            features, labels = next(iterator)
+            loss, norm, applied = strategy.run(step, args=(features, labels))
+            # Values are identical on every replica after the all-reduce: take the first.
+            loss = strategy.experimental_local_results(loss)[0]
+            grad_norm = strategy.experimental_local_results(norm)[0]
+            applied = strategy.experimental_local_results(applied)[0]
+            steps_done += 1
+            loss_sum += tf.where(applied, loss, 0.0)
+            skipped += tf.cast(tf.logical_not(applied), tf.int64)
+            if stop_on_nonfinite and not applied:
+                break
+        return steps_done, loss_sum, grad_norm, skipped
+
+    return train_loop
+
+
+def make_eval_step(strategy: tf.distribute.Strategy, task: Task, model: tf_keras.Model, metrics, *,
+                   jit_compile: bool) -> Callable:
+    """A tf.function evaluating one padded global batch; returns per-replica `eval_outputs` plus loss sums."""
+    forward = tf.function(lambda features: model(features, training=False), jit_compile=jit_compile)
+
+    def replica_step(features, labels, mask):
+        outputs = forward(features)
+        weights = tf.cast(task.example_weights(features, labels), tf.float32) * mask
+        per_example = tf.cast(task.per_example_loss(features, labels, outputs), tf.float32)
+        task.update_metrics(metrics, features, labels, outputs, mask)
+        extra = task.eval_outputs(features, labels, outputs) or {}
+        return dict(extra, _loss_sum=tf.reduce_sum(per_example * weights), _weight_sum=tf.reduce_sum(weights),
+                    _mask=mask)
+
+    @tf.function
+    def eval_step(batch):
+        features, labels, mask = batch
+        return strategy.run(replica_step, args=(features, labels, mask))
+
+    return eval_step

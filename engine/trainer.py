@@ -1,0 +1,254 @@
+"""The Trainer: the only stateful object. Builds the Task under a strategy and runs the loops.
+
+Reads top to bottom like the recipe: strategy -> precision -> model and optimizer in scope ->
+distributed input -> compiled loops -> checkpoints, evaluation, summaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from absl import logging
+
+from engine import checkpoints, inputs, optimization, precision, step as step_lib, summaries
+from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
+from engine.strategy import make_strategy
+from engine.task import Task
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised under nonfinite_policy="raise"; the offending update was not applied."""
+
+
+class Trainer:
+    """Runs any Task: `Trainer(task, TrainerConfig(...)).train()`."""
+
+    def __init__(self, task: Task, config: TrainerConfig, optimizer_config: OptimizerConfig = OptimizerConfig(),
+                 runtime: RuntimeConfig = RuntimeConfig(), *, strategy: Optional[tf.distribute.Strategy] = None):
+        self.task = task
+        self.config = config
+        self.optimizer_config = optimizer_config
+        self.runtime = runtime
+        self.strategy = strategy or make_strategy(runtime)
+        self.num_replicas = self.strategy.num_replicas_in_sync
+        # Checks the batch geometry before anything touches model_dir.
+        self.per_replica_batch_size = config.per_replica_batch_size(self.num_replicas)
+        self.precision = precision.resolve_precision(runtime.precision)
+        precision.set_policy(self.precision)
+        tf_keras.utils.set_random_seed(runtime.seed)
+
+        with self.strategy.scope():
+            self.model = task.build_model()
+            self.optimizer = optimization.make_optimizer(
+                optimizer_config, config.train_steps, loss_scale=self.precision == "mixed_float16")
+            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.metrics = list(task.build_metrics())
+        self._train_iterator = None
+        self._train_loop = None
+        self._eval_step = None
+        self._summaries = summaries.Summaries(config.model_dir)
+        self._preempted = threading.Event()
+        self.train_history: list[dict] = []  # one dict per loop: step and the logged values
+
+    # ----------------------------------------------------------------------------------- training
+
+    def _setup_training(self) -> Optional[str]:
+        """Builds checkpointing, input and the compiled loop; restores the latest checkpoint. Returns its path."""
+        cfg = self.config
+        with self.strategy.scope():
+            self.optimizer.build(self.model.trainable_variables)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, global_step=self.global_step)
+        dataset_fn = functools.partial(self.task.build_inputs, "train")
+        per_replica_batch = self.per_replica_batch_size * cfg.grad_accum_steps
+        iterator_in_checkpoint = inputs.is_default_strategy(self.strategy)
+        if iterator_in_checkpoint:
+            # The input iterator is part of the state: a resumed run continues on the very next batch.
+            self._train_iterator = inputs.train_iterator(self.strategy, dataset_fn, per_replica_batch)
+            self.checkpoint.train_iterator = self._train_iterator
+        self.manager = tf.train.CheckpointManager(self.checkpoint, cfg.model_dir, max_to_keep=cfg.max_to_keep,
+                                                  step_counter=self.global_step)
+        restored = checkpoints.restore_latest(self.checkpoint, self.manager)
+        if not iterator_in_checkpoint:
+            self._train_iterator = inputs.train_iterator(
+                self.strategy, dataset_fn, per_replica_batch, skip_updates=int(self.global_step.numpy()))
+        self.best = (checkpoints.BestCheckpoint(self.checkpoint, cfg.model_dir, cfg.best_metric, cfg.best_metric_mode)
+                     if cfg.best_metric else None)
+        self.train_step = step_lib.TrainStep(
+            task=self.task, model=self.model, optimizer=self.optimizer, grad_accum_steps=cfg.grad_accum_steps,
+            clip_norm=self.optimizer_config.clip_norm, jit_compile=self.runtime.jit_compile)
+        self._train_loop = step_lib.make_train_loop(
+            self.strategy, self.train_step, stop_on_nonfinite=cfg.nonfinite_policy == "raise")
+        return restored
+
+    @property
+    def train_loop_tracing_count(self) -> int:
+        """How often the train loop function was traced (1 after any number of loops, if all is well)."""
+        return self._train_loop.experimental_get_tracing_count() if self._train_loop else 0
+
+    def train(self) -> dict:
+        """Trains to config.train_steps (resuming from model_dir), evaluating and saving as configured."""
+        cfg = self.config
+        restored = self._setup_training() if self._train_loop is None else None
+        step = int(self.global_step.numpy())
+        if restored:
+            print(f"resumed from {restored} at step {step}", flush=True)
+        self._log_run_header(step)
+        previous_handler = self._install_sigterm_handler()
+        last_eval: dict = {}
+        evals_without_improvement = 0
+        try:
+            while step < cfg.train_steps:
+                num_steps = self._steps_until_boundary(step)
+                self._maybe_profile(step, num_steps, start=True)
+                start = time.perf_counter()
+                steps_done, loss_sum, grad_norm, skipped = self._train_loop(
+                    self._train_iterator, tf.constant(num_steps, tf.int32))
+                steps_done = int(steps_done)  # blocks until the loop has finished
+                seconds = time.perf_counter() - start
+                self._maybe_profile(step, num_steps, start=False)
+                step += steps_done
+                self.global_step.assign(step)
+                skipped = int(skipped)
+                if skipped and cfg.nonfinite_policy == "raise":
+                    raise NonFiniteError(
+                        f"non-finite loss or gradients at step {step} (the update was not applied; "
+                        f"last checkpoint: {self.manager.latest_checkpoint}). "
+                        "Lower --learning_rate, check the input, or use --nonfinite_policy=skip.")
+                self._log_train(step, steps_done, skipped, float(loss_sum), float(grad_norm), seconds)
+                if self._preempted.is_set():
+                    self.manager.save(checkpoint_number=step)
+                    print(f"SIGTERM: saved {self.manager.latest_checkpoint} at step {step}; exiting", flush=True)
+                    return last_eval
+                at_end = step >= cfg.train_steps
+                eval_due = at_end or (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
+                if eval_due and cfg.eval_split:
+                    last_eval = self.evaluate()
+                    self._summaries.scalars("eval", step, last_eval)
+                    summaries.log_line("eval", step, last_eval)
+                    if self.best is not None:
+                        improved = self.best.update(step, last_eval)
+                        evals_without_improvement = 0 if improved else evals_without_improvement + 1
+                    self.manager.save(checkpoint_number=step)
+                    if cfg.early_stopping_patience and evals_without_improvement >= cfg.early_stopping_patience:
+                        print(f"early stopping at step {step}: {cfg.best_metric} did not improve for "
+                              f"{evals_without_improvement} evaluations (best {self.best.best_value:.4f})", flush=True)
+                        break
+                elif at_end or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+                    self.manager.save(checkpoint_number=step)
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+            self._summaries.close()
+        return last_eval
+
+    def _steps_until_boundary(self, step: int) -> int:
+        """Loops end exactly at eval/checkpoint boundaries and at train_steps."""
+        cfg = self.config
+        limit = min(cfg.steps_per_loop, cfg.train_steps - step)
+        for every in (cfg.eval_every_steps, cfg.checkpoint_every_steps):
+            if every:
+                limit = min(limit, every - step % every)
+        return limit
+
+    def _log_train(self, step: int, steps_done: int, skipped: int, loss_sum: float, grad_norm: float,
+                   seconds: float) -> None:
+        applied = steps_done - skipped
+        values = {
+            "loss": loss_sum / applied if applied else float("nan"),
+            "learning_rate": optimization.current_learning_rate(self.optimizer),
+            "grad_norm": grad_norm,
+            "steps/sec": steps_done / seconds,
+            "examples/sec": steps_done * self.config.global_batch_size / seconds,
+            "skipped_updates": skipped,
+        }
+        if isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
+            values["loss_scale"] = float(self.optimizer.loss_scale)
+        self.train_history.append(dict(values, step=step))
+        self._summaries.scalars("train", step, values)
+        summaries.log_line("train", step, values)
+
+    def _log_run_header(self, step: int) -> None:
+        cfg = self.config
+        params = self.model.count_params()
+        tokens = (f"global batch {cfg.global_batch_size} = {self.num_replicas} replicas x "
+                  f"{cfg.grad_accum_steps} micro-batches x {self.per_replica_batch_size}")
+        print(f"{self.task.name}: {params:,} parameters | {tokens} | precision {self.precision} | "
+              f"xla {self.runtime.jit_compile} | strategy {type(self.strategy).__name__}", flush=True)
+        if step == 0:
+            config_text = "\n".join(f"{k}: {v}" for c in (cfg, self.optimizer_config, self.runtime)
+                                    for k, v in dataclasses.asdict(c).items())
+            self._summaries.text("train", 0, "config", config_text)
+            self._summaries.scalars("train", 0, {"parameters": float(params)})
+
+    def _maybe_profile(self, step: int, num_steps: int, *, start: bool) -> None:
+        if not self.config.profile_steps:
+            return
+        first, last = self.config.profile_steps
+        if start and step < first <= step + num_steps:
+            tf.profiler.experimental.start(os.path.join(self.config.model_dir, "profile"))
+        elif not start and step < last <= step + num_steps:
+            tf.profiler.experimental.stop()
+
+    def _install_sigterm_handler(self):
+        """SIGTERM (preemption, `kill`) sets a flag; the loop saves a checkpoint at its end and exits."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.signal(signal.SIGTERM, lambda signum, frame: self._preempted.set())
+
+    # --------------------------------------------------------------------------------- evaluation
+
+    def restore(self, path: Optional[str] = None) -> str:
+        """Loads model weights only (for evaluation/prediction) from a checkpoint file or model_dir."""
+        path = path or tf.train.latest_checkpoint(self.config.model_dir)
+        if path and os.path.isdir(path):
+            path = tf.train.latest_checkpoint(path)
+        if not path:
+            raise checkpoints.CheckpointError(f"no checkpoint found in {self.config.model_dir}")
+        tf.train.Checkpoint(model=self.model).restore(path).expect_partial()
+        return path
+
+    def predict_outputs(self, split: Optional[str] = None) -> tuple[dict, dict]:
+        """Runs the eval step over a split; returns (in-graph metric results, host outputs without padding)."""
+        split = split or self.config.eval_split
+        if self._eval_step is None:
+            self._eval_step = step_lib.make_eval_step(
+                self.strategy, self.task, self.model, self.metrics, jit_compile=self.runtime.jit_compile)
+        dataset = inputs.distribute_eval_inputs(
+            self.strategy, functools.partial(self.task.build_inputs, split), self.config.eval_batch_size)
+        for metric in self.metrics:
+            metric.reset_state()
+        gathered = defaultdict(list)
+        for batch in dataset:
+            outputs = self._eval_step(batch)
+            for name, value in outputs.items():
+                gathered[name].extend(t.numpy() for t in self.strategy.experimental_local_results(value))
+        host = {}
+        for name, parts in gathered.items():
+            if name in ("_loss_sum", "_weight_sum"):
+                host[name] = float(np.sum(parts))
+            else:
+                host[name] = np.concatenate([np.atleast_1d(p) for p in parts])
+        if "_mask" in host:
+            keep = host.pop("_mask") > 0
+            host = {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in host.items()}
+        results = {m.name: float(m.result()) for m in self.metrics}
+        weight = host.pop("_weight_sum", 0.0)
+        results["loss"] = host.pop("_loss_sum", 0.0) / weight if weight else float("nan")
+        return results, host
+
+    def evaluate(self, split: Optional[str] = None) -> dict:
+        """Metrics on a split: in-graph metrics, mean loss, and the Task's host-side postprocess."""
+        split = split or self.config.eval_split
+        results, host = self.predict_outputs(split)
+        results.update(self.task.postprocess(host, split) or {})
+        return results
