@@ -1,0 +1,203 @@
+"""CoNLL-2003 reading, word-piece alignment and windowing, all precomputed into fixed-shape arrays.
+
+The encoder sees sub-tokens; the CRF runs over words. Each word is represented by its FIRST
+sub-token: `word_positions[i]` is where word i's first piece sits in `input_word_ids`, and the
+model gathers those positions before the tag head. Precomputing ids once in Python (tokenizing
+each distinct word once, in one tf-text call) keeps the tf.data pipeline to slicing arrays:
+fast, deterministic, and trivially checkpointable.
+
+Sentences longer than one sequence are never cut: they become overlapping windows, and every
+word is *owned* by the window in which it has the most context on both sides (the SQuAD
+doc-stride rule). Only owned words are scored, so stitching the owned words of all windows back
+together yields exactly one prediction per word of the sentence.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+CONLL2003_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
+CONLL2003_COLUMNS = 4  # WORD POS CHUNK NER
+
+
+@dataclasses.dataclass(frozen=True)
+class Sentence:
+    words: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+def read_conll(path: str, *, labels: Sequence[str] = CONLL2003_LABELS,
+               num_columns: int = CONLL2003_COLUMNS) -> list[Sentence]:
+    """Sentences of a CoNLL file: blank lines separate them, `-DOCSTART-` lines are dropped.
+
+    The tag is the last column. A line with another number of columns, or a tag outside
+    `labels`, raises ValueError naming the file and the line, because a silently skipped or
+    mis-split line shifts every later tag and corrupts the F1 without any other symptom.
+    """
+    label_set = set(labels)
+    sentences: list[Sentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+
+    def close_sentence():
+        if words:
+            sentences.append(Sentence(tuple(words), tuple(tags)))
+            words.clear()
+            tags.clear()
+
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            columns = line.split()
+            if not columns:
+                close_sentence()
+                continue
+            if columns[0] == "-DOCSTART-":
+                close_sentence()
+                continue
+            if len(columns) != num_columns:
+                raise ValueError(f"{path}:{line_number}: expected {num_columns} columns, got {len(columns)}: "
+                                 f"{line.rstrip()!r}")
+            if columns[-1] not in label_set:
+                raise ValueError(f"{path}:{line_number}: unknown tag {columns[-1]!r}; expected one of {sorted(label_set)}")
+            words.append(columns[0])
+            tags.append(columns[-1])
+    close_sentence()
+    return sentences
+
+
+def plan_windows(piece_counts: Sequence[int], *, max_pieces: int, max_words: int,
+                 overlap_pieces: int) -> list[tuple[int, int]]:
+    """Word ranges `[begin, end)` covering a sentence, each within `max_pieces` sub-tokens and `max_words`.
+
+    Consecutive windows share up to `overlap_pieces` sub-tokens of words so that words near a
+    cut still see context on both sides. A single word with more than `max_pieces` pieces gets a
+    window of its own (its pieces are truncated later; its first piece, which is what gets tagged,
+    always survives).
+    """
+    if max_pieces < 1 or max_words < 1:
+        raise ValueError("max_pieces and max_words must be positive")
+    num_words = len(piece_counts)
+    windows: list[tuple[int, int]] = []
+    begin = 0
+    while begin < num_words:
+        end, used = begin, 0
+        while end < num_words and end - begin < max_words and (end == begin or used + piece_counts[end] <= max_pieces):
+            used += piece_counts[end]
+            end += 1
+        windows.append((begin, end))
+        if end == num_words:
+            break
+        # Next window starts as far back as the overlap budget allows, but always moves forward
+        # and always leaves room for the first new word, so consecutive windows never coincide.
+        next_begin, overlap = end, 0
+        while (next_begin - 1 > begin and end - next_begin + 2 <= max_words
+               and overlap + piece_counts[next_begin - 1] <= min(overlap_pieces, max_pieces - piece_counts[end])):
+            next_begin -= 1
+            overlap += piece_counts[next_begin]
+        begin = next_begin
+    return windows
+
+
+def window_owners(windows: Sequence[tuple[int, int]], num_words: int) -> list[int]:
+    """For each word, the window where it has the most context: max over windows of min(left, right).
+
+    A window edge that is also the sentence edge counts as unlimited context (nothing is missing).
+    """
+    owners = []
+    for word in range(num_words):
+        best, best_context = -1, -1
+        for index, (begin, end) in enumerate(windows):
+            if not begin <= word < end:
+                continue
+            left = word - begin if begin > 0 else num_words
+            right = end - 1 - word if end < num_words else num_words
+            if min(left, right) > best_context:
+                best, best_context = index, min(left, right)
+        owners.append(best)
+    return owners
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSource:
+    """Where a window's words come from: sentence `sentence`, words `[begin, begin + num_words)`."""
+    sentence: int
+    begin: int
+    num_words: int
+
+
+def encode_sentences(sentences: Sequence[Sentence], word_pieces: Mapping[str, Sequence[int]], *,
+                     labels: Sequence[str], max_seq_length: int, max_words: int,
+                     cls_id: int, sep_id: int, pad_id: int,
+                     overlap_pieces: Optional[int] = None) -> tuple[dict[str, np.ndarray], list[WindowSource]]:
+    """Fixed-shape int32 arrays, one row per window, plus where each window comes from.
+
+    Arrays: input_word_ids/input_mask/input_type_ids [N, max_seq_length] (`[CLS] pieces [SEP]`),
+    word_positions/word_mask/owned_mask/tags [N, max_words], starts_sentence/ends_sentence and
+    example_index [N]. `word_pieces` maps every word to its sub-token ids (at least one).
+    """
+    max_pieces = max_seq_length - 2
+    if overlap_pieces is None:
+        overlap_pieces = max_pieces // 2
+    tag_index = {tag: i for i, tag in enumerate(labels)}
+    rows: list[tuple[Sentence, int, int, int, list[bool]]] = []
+    sources: list[WindowSource] = []
+    for sentence_index, sentence in enumerate(sentences):
+        counts = [len(word_pieces[w]) for w in sentence.words]
+        windows = plan_windows(counts, max_pieces=max_pieces, max_words=max_words, overlap_pieces=overlap_pieces)
+        owners = window_owners(windows, len(sentence.words))
+        for window_index, (begin, end) in enumerate(windows):
+            owned = [owners[w] == window_index for w in range(begin, end)]
+            rows.append((sentence, sentence_index, begin, end, owned))
+            sources.append(WindowSource(sentence_index, begin, end - begin))
+
+    n = len(rows)
+    arrays = {name: np.zeros([n, max_seq_length], np.int32) for name in ("input_word_ids", "input_mask", "input_type_ids")}
+    arrays.update({name: np.zeros([n, max_words], np.int32) for name in ("word_positions", "word_mask", "owned_mask", "tags")})
+    arrays.update(starts_sentence=np.zeros([n], np.int32), ends_sentence=np.zeros([n], np.int32),
+                  example_index=np.arange(n, dtype=np.int32))
+    for row, (sentence, _, begin, end, owned) in enumerate(rows):
+        ids = [cls_id]
+        for slot, word in enumerate(sentence.words[begin:end]):
+            arrays["word_positions"][row, slot] = len(ids)
+            # Truncation can only hit a lone over-long word (see plan_windows); its first piece stays.
+            ids.extend(word_pieces[word][:max_pieces + 1 - len(ids)])
+            arrays["tags"][row, slot] = tag_index[sentence.tags[begin + slot]]
+        ids.append(sep_id)
+        arrays["input_word_ids"][row, :len(ids)] = ids
+        arrays["input_word_ids"][row, len(ids):] = pad_id
+        arrays["input_mask"][row, :len(ids)] = 1
+        arrays["word_mask"][row, :end - begin] = 1
+        arrays["owned_mask"][row, :end - begin] = owned
+        arrays["starts_sentence"][row] = int(begin == 0)
+        arrays["ends_sentence"][row] = int(end == len(sentence.words))
+    return arrays, sources
+
+
+def stitch(predicted: np.ndarray, owned_mask: np.ndarray, example_index: np.ndarray,
+           sources: Sequence[WindowSource], sentence_lengths: Sequence[int]) -> list[list[int]]:
+    """Per-sentence word tag ids from per-window predictions [N, max_words], using owned words only.
+
+    Raises if any word of any sentence ends up without a prediction (e.g. a window went missing),
+    because a silently unscored word would inflate F1.
+    """
+    stitched = [[-1] * length for length in sentence_lengths]
+    for row, window in enumerate(example_index):
+        source = sources[int(window)]
+        for slot in range(source.num_words):
+            if owned_mask[row, slot]:
+                stitched[source.sentence][source.begin + slot] = int(predicted[row, slot])
+    for sentence_index, tags in enumerate(stitched):
+        if -1 in tags:
+            raise ValueError(f"sentence {sentence_index}: word {tags.index(-1)} got no prediction; "
+                             "were all windows of the split evaluated?")
+    return stitched
+
+
+def word_pieces_for(words: Iterable[str], tokenize: Callable[[list[str]], list[list[int]]],
+                    unk_id: int) -> dict[str, list[int]]:
+    """Sub-token ids of each distinct word, tokenized in one call; words with no pieces map to [UNK]."""
+    distinct = sorted(set(words))
+    pieces = tokenize(distinct) if distinct else []
+    return {word: (list(ids) or [unk_id]) for word, ids in zip(distinct, pieces)}
