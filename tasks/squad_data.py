@@ -1,0 +1,433 @@
+"""SQuAD v1.1 data: JSON reader, question+context windows with character offsets, TFRecord cache.
+
+Splits. Only the official dev file (`squad/dev-v1.1.json`, 48 articles) exists here; there is no
+train file. So the dev file is split *by article*, deterministically in file order: the first
+`NUM_TRAIN_ARTICLES` (38) articles are "train", the remaining 10 are "eval" (alias "validation").
+No article is in both, so no paragraph or near-duplicate question leaks from training into
+evaluation. Split "all" is every article (for scoring a model trained elsewhere).
+
+Offsets. A feature is `[CLS] question [SEP] context-window [SEP] [PAD]...`. Every context token keeps
+the character span it came from in the *original* context, so a predicted span maps back to the
+exact original substring. tensorflow-text's offsets are byte offsets into the text *after* its own
+normalisation (case folding, NFD, accent stripping, control characters to spaces), which shifts
+them on non-ASCII text. So we normalise each original character ourselves, remember which
+character every normalised byte came from, and let tensorflow-text tokenize the already-normalised
+text without normalising again: its byte offsets then index our string, and the byte->character map
+takes them back to the original. For BERT's lower-casing vocabularies the tokens are the same as
+`WordPieceTokenizer` produces in-graph (tests check this on the whole dev file).
+
+Windows follow BERT's run_squad: contexts longer than `max_seq_length - len(question) - 3` tokens
+become overlapping windows `doc_stride` tokens apart; a window that does not contain the whole
+answer is labelled start = end = 0 ([CLS]).
+
+Cache. Building features tokenizes every context, so the result is written once per (input file
+content, vocab, settings, split) as a TFRecord of model inputs plus a JSON sidecar with what
+post-processing needs (examples, offsets, windows), and read back on later runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import unicodedata
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tasks import tokenization
+
+NUM_TRAIN_ARTICLES = 38
+CACHE_FORMAT_VERSION = 1
+_SPLIT_ALIASES = {"validation": "eval", "dev": "eval", "test": "eval"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the JSON
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SquadExample:
+    """One question about one context. `answers` are (text, answer_start) pairs; the first one is trained on."""
+    qas_id: str
+    question: str
+    context_index: int
+    answers: tuple[tuple[str, int], ...]
+    article_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SquadData:
+    """What `read_squad` found: unique contexts, examples pointing into them, and what was skipped."""
+    contexts: list[str]
+    examples: list[SquadExample]
+    skipped_ids: list[str]      # questions dropped because an answer does not match its answer_start
+    num_articles: int
+
+
+def canonical_split(split: str) -> str:
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in ("train", "eval", "all"):
+        raise ValueError(f"unknown SQuAD split {split!r}; expected train, eval (validation) or all")
+    return split
+
+
+def split_articles(split: str, num_articles: int) -> range:
+    """Article indices of a split (see the module docstring for why the dev file is split by article)."""
+    split = canonical_split(split)
+    if split == "all":
+        return range(num_articles)
+    if num_articles <= NUM_TRAIN_ARTICLES:
+        raise ValueError(f"split by article needs more than {NUM_TRAIN_ARTICLES} articles, the file has {num_articles}")
+    return range(NUM_TRAIN_ARTICLES) if split == "train" else range(NUM_TRAIN_ARTICLES, num_articles)
+
+
+def load_json(path: str) -> dict:
+    """`json.load` whose error names the file and the line/column of malformed JSON."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def read_squad(path: str, split: str = "all", max_examples: Optional[int] = None) -> SquadData:
+    """Reads a SQuAD v1.1 JSON file, keeping the articles of `split` (and its first `max_examples` questions).
+
+    A question whose answer text differs from `context[answer_start:...]` is skipped and its id listed
+    (dataset noise should not stop a run, but must not be silent). An empty question or context is an
+    error naming the question id: it means the file is not SQuAD.
+    """
+    raw = load_json(path)
+    try:
+        articles = raw["data"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: not SQuAD JSON: no top-level 'data' list") from None
+    try:
+        return _read_articles(path, articles, split, max_examples)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not SQuAD v1.1 JSON: missing or malformed field {e}") from None
+
+
+def _read_articles(path: str, articles: list, split: str, max_examples: Optional[int]) -> SquadData:
+    contexts: list[str] = []
+    examples: list[SquadExample] = []
+    skipped: list[str] = []
+    for article_index in split_articles(split, len(articles)):
+        for paragraph in articles[article_index]["paragraphs"]:
+            context = paragraph["context"]
+            context_index = len(contexts)
+            contexts.append(context)
+            for qa in paragraph["qas"]:
+                qas_id = str(qa["id"])
+                if not context.strip():
+                    raise ValueError(f"{path}: question {qas_id}: empty context")
+                if not qa["question"].strip():
+                    raise ValueError(f"{path}: question {qas_id}: empty question")
+                answers = tuple((a["text"], int(a["answer_start"])) for a in qa["answers"])
+                if not answers or any(context[s:s + len(t)] != t for t, s in answers):
+                    skipped.append(qas_id)
+                    continue
+                examples.append(SquadExample(qas_id, qa["question"], context_index, answers, article_index))
+                if max_examples is not None and len(examples) >= max_examples:
+                    return _finish(path, SquadData(contexts, examples, skipped, len(articles)))
+    return _finish(path, SquadData(contexts, examples, skipped, len(articles)))
+
+
+def _finish(path: str, data: SquadData) -> SquadData:
+    skipped = data.skipped_ids
+    if skipped:
+        logging.warning("%s: skipped %d questions whose answer text does not match answer_start: %s",
+                        path, len(skipped), ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    return data
+
+
+def data_from_pairs(questions: Sequence[str], contexts: Sequence[str]) -> SquadData:
+    """Unlabelled examples for prediction; ids are the pair positions "0", "1", ..."""
+    examples = []
+    for i, (question, context) in enumerate(zip(questions, contexts)):
+        if not context.strip():
+            raise ValueError(f"question {i}: empty context")
+        if not question.strip():
+            raise ValueError(f"question {i}: empty question")
+        examples.append(SquadExample(str(i), question, i, (), 0))
+    return SquadData(list(contexts), examples, [], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization with character offsets
+# ----------------------------------------------------------------------------------------------
+
+# Unicode Default_Ignorable_Code_Point ranges (DerivedCoreProperties.txt): ICU's NFKC_Casefold, which
+# tensorflow-text's case_fold_utf8 applies, deletes these (e.g. U+200B, U+FEFF, soft hyphen).
+_DEFAULT_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+                      (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+                      (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+                      (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+                      (0xE0000, 0xE0FFF))
+
+
+def _is_default_ignorable(c: str) -> bool:
+    o = ord(c)
+    return any(lo <= o <= hi for lo, hi in _DEFAULT_IGNORABLE)
+
+
+@functools.lru_cache(maxsize=65536)
+def _normalize_char(ch: str, lower_case: bool) -> str:
+    """What tensorflow-text's BasicTokenizer turns one character into (before splitting)."""
+    if lower_case:
+        # tf_text.BasicTokenizer.lower_case: case_fold_utf8 (ICU NFKC_Casefold: NFKC, full case
+        # folding, default-ignorables deleted), then NFD, then drop nonspacing marks (accents).
+        folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", ch).casefold())
+        folded = "".join(c for c in folded if not _is_default_ignorable(c))
+        ch = "".join(c for c in unicodedata.normalize("NFD", folded) if unicodedata.category(c) != "Mn")
+    # Control and format characters become spaces (BasicTokenizer's \p{Cc}|\p{Cf} replacement).
+    return "".join(" " if unicodedata.category(c) in ("Cc", "Cf") else c for c in ch)
+
+
+def normalize_with_map(text: str, lower_case: bool) -> tuple[str, np.ndarray]:
+    """(normalised text, map from each of its UTF-8 bytes to the original character index)."""
+    if text.isascii():
+        # Fast path (most of SQuAD): one byte per character and lowercasing keeps length.
+        norm = text.lower() if lower_case else text
+        norm = "".join(" " if ord(c) < 32 or c == "\x7f" else c for c in norm)
+        return norm, np.arange(len(text), dtype=np.int32)
+    pieces, owners = [], []
+    for i, ch in enumerate(text):
+        piece = _normalize_char(ch, lower_case)
+        pieces.append(piece)
+        owners.append(np.full(len(piece.encode("utf-8")), i, np.int32))
+    return "".join(pieces), (np.concatenate(owners) if owners else np.zeros([0], np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedText:
+    """WordPiece ids of a text and each token's [char_start, char_end) in the original text."""
+    ids: np.ndarray
+    char_start: np.ndarray
+    char_end: np.ndarray
+
+
+class OffsetTokenizer:
+    """WordPiece tokenization (tensorflow-text) of many texts at once, with original-character offsets."""
+
+    def __init__(self, vocab_file: str, *, lower_case: bool = True):
+        self.vocab_file = vocab_file
+        self.lower_case = lower_case
+        # lower_case=False here: the text is normalised by `normalize_with_map` already, and a second
+        # normalisation inside the op is what would break the offsets.
+        self.wordpiece = tokenization.WordPieceTokenizer(vocab_file, lower_case=False)
+        self.cls_id, self.sep_id, self.pad_id = self.wordpiece.cls_id, self.wordpiece.sep_id, self.wordpiece.pad_id
+
+    def tokenize(self, texts: Sequence[str], batch_size: int = 512) -> list[TokenizedText]:
+        out: list[TokenizedText] = []
+        for begin in range(0, len(texts), batch_size):
+            chunk = texts[begin:begin + batch_size]
+            normalized = [normalize_with_map(t, self.lower_case) for t in chunk]
+            ids, starts, ends = self.wordpiece.tokenize_with_offsets(tf.constant([n for n, _ in normalized]))
+            # [batch, words, pieces] -> [batch, pieces]; offsets are bytes of the normalised text.
+            ids, starts, ends = (r.merge_dims(1, 2) for r in (ids, starts, ends))
+            splits = ids.row_splits.numpy()
+            flat_ids, flat_s, flat_e = ids.flat_values.numpy(), starts.flat_values.numpy(), ends.flat_values.numpy()
+            for row, (_, byte_to_char) in enumerate(normalized):
+                lo, hi = splits[row], splits[row + 1]
+                s, e = flat_s[lo:hi], flat_e[lo:hi]
+                out.append(TokenizedText(
+                    ids=flat_ids[lo:hi].astype(np.int32),
+                    char_start=byte_to_char[s].astype(np.int32) if hi > lo else np.zeros([0], np.int32),
+                    # end is exclusive: the character owning the token's last byte, plus one.
+                    char_end=(byte_to_char[e - 1] + 1).astype(np.int32) if hi > lo else np.zeros([0], np.int32)))
+        return out
+
+
+def char_span_to_tokens(tokens: TokenizedText, char_start: int, char_end: int) -> Optional[tuple[int, int]]:
+    """Smallest token span [first, last] covering the characters [char_start, char_end), or None."""
+    overlaps = np.nonzero((tokens.char_end > char_start) & (tokens.char_start < char_end))[0]
+    if overlaps.size == 0:
+        return None
+    return int(overlaps[0]), int(overlaps[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Features (windows)
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSettings:
+    max_seq_length: int = 384
+    doc_stride: int = 128
+    max_query_length: int = 64
+
+
+@dataclasses.dataclass
+class SquadFeatures:
+    """Model inputs of all windows of a split plus what post-processing needs to map them back.
+
+    `windows[i] = (example_index, doc_start, doc_len, seq_offset)`: window i holds context tokens
+    [doc_start, doc_start + doc_len) at sequence positions [seq_offset, seq_offset + doc_len).
+    `arrays` (the model inputs) is None when the features were loaded from the cache: the TFRecord
+    holds them and the input pipeline reads that.
+    """
+    data: SquadData
+    context_tokens: list[TokenizedText]
+    windows: np.ndarray
+    settings: FeatureSettings
+    arrays: Optional[dict[str, np.ndarray]] = None
+    from_cache: bool = False
+
+    @property
+    def num_features(self) -> int:
+        return len(self.windows)
+
+
+def window_starts(num_tokens: int, max_tokens: int, doc_stride: int) -> list[tuple[int, int]]:
+    """(start, length) of BERT's sliding windows over `num_tokens` context tokens."""
+    spans, start = [], 0
+    while True:
+        length = min(num_tokens - start, max_tokens)
+        spans.append((start, length))
+        if start + length >= num_tokens:
+            return spans
+        start += min(length, doc_stride)
+
+
+def build_features(data: SquadData, tokenizer: OffsetTokenizer,
+                   settings: FeatureSettings = FeatureSettings()) -> SquadFeatures:
+    """Tokenizes contexts and questions and cuts every example into labelled windows."""
+    context_tokens = tokenizer.tokenize(data.contexts)
+    question_tokens = tokenizer.tokenize([e.question for e in data.examples])
+    seq_len = settings.max_seq_length
+    columns: dict[str, list] = {k: [] for k in (
+        "input_word_ids", "input_mask", "input_type_ids", "start_positions", "end_positions")}
+    windows = []
+    for example_index, (example, question) in enumerate(zip(data.examples, question_tokens)):
+        q_ids = question.ids[:settings.max_query_length]
+        doc = context_tokens[example.context_index]
+        answer = None  # unlabelled (prediction) examples train nothing; their positions stay at [CLS]
+        if example.answers:
+            text, start_char = example.answers[0]
+            answer = char_span_to_tokens(doc, start_char, start_char + len(text))
+        seq_offset = len(q_ids) + 2
+        max_doc_tokens = seq_len - len(q_ids) - 3
+        if max_doc_tokens <= 0:
+            raise ValueError(f"max_seq_length {seq_len} leaves no room for context after a {len(q_ids)}-token question")
+        for doc_start, doc_len in window_starts(len(doc.ids), max_doc_tokens, settings.doc_stride):
+            ids = np.full(seq_len, tokenizer.pad_id, np.int32)
+            n = seq_offset + doc_len + 1
+            ids[:n] = np.concatenate([[tokenizer.cls_id], q_ids, [tokenizer.sep_id],
+                                      doc.ids[doc_start:doc_start + doc_len], [tokenizer.sep_id]])
+            type_ids = np.zeros(seq_len, np.int32)
+            type_ids[seq_offset:n] = 1
+            start = end = 0  # [CLS]: this window does not contain the whole answer
+            if answer is not None and doc_start <= answer[0] and answer[1] < doc_start + doc_len:
+                start, end = (seq_offset + t - doc_start for t in answer)
+            columns["input_word_ids"].append(ids)
+            columns["input_mask"].append((np.arange(seq_len) < n).astype(np.int32))
+            columns["input_type_ids"].append(type_ids)
+            columns["start_positions"].append(start)
+            columns["end_positions"].append(end)
+            windows.append((example_index, doc_start, doc_len, seq_offset))
+    arrays = {k: np.asarray(v, np.int32).reshape([len(windows), -1] if k.startswith("input") else [len(windows)])
+              for k, v in columns.items()}
+    arrays["feature_index"] = np.arange(len(windows), dtype=np.int32)
+    return SquadFeatures(data, context_tokens, np.asarray(windows, np.int32).reshape([-1, 4]), settings, arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache: TFRecord of model inputs + JSON sidecar
+# ----------------------------------------------------------------------------------------------
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(input_file: str, vocab_file: str, lower_case: bool, settings: FeatureSettings, split: str,
+              max_examples: Optional[int] = None) -> str:
+    """Changes whenever the input content, vocabulary or any setting that shapes the features changes."""
+    parts = dict(version=CACHE_FORMAT_VERSION, data=_file_sha256(input_file), vocab=_file_sha256(vocab_file),
+                 lower_case=lower_case, split=canonical_split(split), train_articles=NUM_TRAIN_ARTICLES,
+                 max_examples=max_examples, **dataclasses.asdict(settings))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "bert_engine", "squad")
+
+
+def _int_feature(values: Iterable[int]) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
+
+def _write_tfrecord(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    tmp = path + ".tmp"
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for i in range(len(arrays["feature_index"])):
+            features = {k: _int_feature(np.atleast_1d(v[i])) for k, v in arrays.items()}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+    os.replace(tmp, path)  # atomic: a crashed run never leaves a half cache that looks complete
+
+
+def _meta_to_json(features: SquadFeatures) -> dict:
+    data = features.data
+    return dict(
+        contexts=data.contexts, skipped_ids=data.skipped_ids, num_articles=data.num_articles,
+        examples=[dataclasses.asdict(e) for e in data.examples],
+        char_start=[t.char_start.tolist() for t in features.context_tokens],
+        char_end=[t.char_end.tolist() for t in features.context_tokens],
+        windows=features.windows.tolist(), settings=dataclasses.asdict(features.settings))
+
+
+def _meta_from_json(meta: dict) -> SquadFeatures:
+    examples = [SquadExample(e["qas_id"], e["question"], e["context_index"],
+                             tuple((t, s) for t, s in e["answers"]), e["article_index"]) for e in meta["examples"]]
+    data = SquadData(meta["contexts"], examples, meta["skipped_ids"], meta["num_articles"])
+    # Ids are not needed after the cache is built (the TFRecord has them); offsets are.
+    tokens = [TokenizedText(np.zeros([len(s)], np.int32), np.asarray(s, np.int32), np.asarray(e, np.int32))
+              for s, e in zip(meta["char_start"], meta["char_end"])]
+    return SquadFeatures(data, tokens, np.asarray(meta["windows"], np.int32).reshape([-1, 4]),
+                         FeatureSettings(**meta["settings"]), from_cache=True)
+
+
+def cached_features(input_file: str, split: str, *, vocab_file: str, lower_case: bool = True,
+                    settings: FeatureSettings = FeatureSettings(),
+                    cache_dir: Optional[str] = None, max_examples: Optional[int] = None) -> tuple[SquadFeatures, str]:
+    """Features of `split`, built once and then read from `cache_dir`. Returns (features, tfrecord path)."""
+    cache_dir = cache_dir or default_cache_dir()
+    key = cache_key(input_file, vocab_file, lower_case, settings, split, max_examples)
+    stem = os.path.join(cache_dir, f"{os.path.basename(input_file)}.{canonical_split(split)}.{key}")
+    record_path, meta_path = stem + ".tfrecord", stem + ".meta.json"
+    if os.path.isfile(record_path) and os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            return _meta_from_json(json.load(f)), record_path
+    os.makedirs(cache_dir, exist_ok=True)
+    features = build_features(read_squad(input_file, split, max_examples), OffsetTokenizer(vocab_file, lower_case=lower_case),
+                              settings)
+    _write_tfrecord(record_path, features.arrays)
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(_meta_to_json(features), f)
+    os.replace(meta_path + ".tmp", meta_path)
+    logging.info("cached %d SQuAD features of %s (%s) in %s", features.num_features, input_file, split, record_path)
+    return features, record_path
+
+
+def parse_batch_fn(max_seq_length: int):
+    """tf.data map function: a batch of serialized tf.train.Examples -> (features, labels)."""
+    spec = {k: tf.io.FixedLenFeature([max_seq_length], tf.int64)
+            for k in ("input_word_ids", "input_mask", "input_type_ids")}
+    spec.update({k: tf.io.FixedLenFeature([], tf.int64) for k in ("start_positions", "end_positions", "feature_index")})
+
+    def parse(records: tf.Tensor):
+        parsed = {k: tf.cast(v, tf.int32) for k, v in tf.io.parse_example(records, spec).items()}
+        features = {k: parsed[k] for k in ("input_word_ids", "input_mask", "input_type_ids")}
+        # Positions are the labels; the window index rides along for post-processing, never enters the model.
+        labels = {k: parsed[k] for k in ("start_positions", "end_positions", "feature_index")}
+        return features, labels
+    return parse
