@@ -24,7 +24,7 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
         return None
     try:
         checkpoint.restore(path).assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
+    except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
         raise CheckpointError(
             f"cannot restore {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}. "
             "The checkpoint is corrupt or was written by a different model; it was left untouched. "

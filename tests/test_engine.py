@@ -1,0 +1,165 @@
+"""Engine correctness against independent computations: one big batch, one device, one process."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from engine import checkpoints
+from engine.config import RuntimeConfig, TrainerConfig
+from engine.trainer import NonFiniteError, Trainer
+from engine_helpers import ToyTask, one_update_weights, run_training
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def assert_same(reference, other, atol=1e-5):
+    (ref_losses, ref_weights), (losses, weights) = reference, other
+    np.testing.assert_allclose(losses, ref_losses, atol=atol)
+    for a, b in zip(ref_weights, weights):
+        np.testing.assert_allclose(b, a, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def plain_run():
+    return one_update_weights(ToyTask, global_batch_size=32, train_steps=2)
+
+
+def test_accumulation_equals_one_big_batch(plain_run):
+    accumulated = one_update_weights(ToyTask, global_batch_size=32, grad_accum_steps=4, train_steps=2)
+    assert_same(plain_run, accumulated)
+
+
+def test_mirrored_two_replicas_equals_one_device(plain_run):
+    mirrored = one_update_weights(ToyTask, global_batch_size=32, strategy="mirrored", train_steps=2)
+    assert_same(plain_run, mirrored)
+
+
+def test_mirrored_accumulation_and_xla_equal_plain(plain_run):
+    combined = one_update_weights(ToyTask, global_batch_size=32, strategy="mirrored", grad_accum_steps=2,
+                                  train_steps=2, jit_compile=True)
+    assert_same(plain_run, combined)
+
+
+def test_update_matches_numpy_reference():
+    """The first update of plain AdamW on the weighted mean loss, computed independently with tf.GradientTape."""
+    task = ToyTask()
+    trainer = run_training(lambda: task, global_batch_size=32, train_steps=1, learning_rate=1e-2)
+    # Re-create the initial weights with the same seed and compute the update by hand.
+    tf_keras.utils.set_random_seed(0)
+    model = ToyTask().build_model()
+    x, y, w = task.x[:32], task.y[:32], task.w[:32]
+    with tf.GradientTape() as tape:
+        logits = model(x)
+        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        loss = tf.reduce_sum(per_example * w) / np.sum(w)
+    grads = tape.gradient(loss, model.trainable_variables)
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.999, 1e-6, 0.01
+    for var, g, trained in zip(model.trainable_variables, grads, trainer.model.trainable_variables):
+        g = g.numpy()
+        m, v = (1 - b1) * g, (1 - b2) * g * g
+        # Keras' Adam step 1: lr * sqrt(1 - b2) / (1 - b1) * m / (sqrt(v) + eps); decoupled decay, none on biases.
+        alpha = lr * np.sqrt(1 - b2) / (1 - b1)
+        decay = 0.0 if "bias" in var.name else wd
+        expected = var.numpy() * (1 - lr * decay) - alpha * m / (np.sqrt(v) + eps)
+        np.testing.assert_allclose(trained.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(trainer.train_history[0]["loss"], float(loss), atol=1e-6)
+
+
+def test_train_loop_traces_once(tmp_path):
+    trainer = run_training(ToyTask, global_batch_size=16, train_steps=7, steps_per_loop=2, model_dir=str(tmp_path))
+    assert [h["step"] for h in trainer.train_history] == [2, 4, 6, 7]
+    assert trainer.train_loop_tracing_count == 1
+
+
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+def test_resume_in_new_process_continues_exactly(tmp_path, strategy):
+    def run(model_dir, steps, out):
+        subprocess.run([sys.executable, os.path.join(HERE, "resume_worker.py"), str(model_dir), str(steps), strategy,
+                        str(out)], check=True, capture_output=True, timeout=300)
+        return np.load(out)
+
+    straight = run(tmp_path / "straight", 6, tmp_path / "straight.npz")
+    first = run(tmp_path / "resumed", 3, tmp_path / "first.npz")
+    second = run(tmp_path / "resumed", 6, tmp_path / "second.npz")
+    np.testing.assert_allclose(np.concatenate([first["losses"], second["losses"]]), straight["losses"], atol=1e-6)
+    for key in straight.files:
+        if key.startswith("arr_"):
+            np.testing.assert_allclose(second[key], straight[key], atol=1e-6)
+
+
+def test_nonfinite_skip_policy_counts_and_keeps_weights(tmp_path):
+    # Batches from step 3 on contain NaN inputs: those updates are skipped and counted.
+    trainer = run_training(lambda: ToyTask(nan_from_step=2), global_batch_size=16, train_steps=4,
+                           steps_per_loop=1, model_dir=str(tmp_path))
+    assert [h["skipped_updates"] for h in trainer.train_history] == [0, 0, 1, 1]
+    assert all(np.isfinite(w).all() for w in trainer.model.get_weights())
+
+
+def test_nonfinite_raise_policy_names_step_and_keeps_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteError, match="at step 3"):
+        run_training(lambda: ToyTask(nan_from_step=2), global_batch_size=16, train_steps=4, steps_per_loop=4,
+                     checkpoint_every_steps=1, nonfinite_policy="raise", model_dir=str(tmp_path))
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+
+
+def test_bad_batch_geometry_names_flags_and_keeps_model_dir(tmp_path):
+    run_training(ToyTask, global_batch_size=16, train_steps=1, model_dir=str(tmp_path))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=r"--global_batch_size=18.*--grad_accum_steps=4"):
+        TrainerConfig(model_dir=str(tmp_path), train_steps=2, global_batch_size=18, grad_accum_steps=4)
+    with pytest.raises(ValueError, match=r"--global_batch_size=12 must be divisible by replicas \(2\) x "
+                                         r"--grad_accum_steps=4"):
+        run_training(ToyTask, global_batch_size=12, grad_accum_steps=4, strategy="mirrored", train_steps=2,
+                     model_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_left_untouched(tmp_path):
+    run_training(ToyTask, global_batch_size=16, train_steps=1, model_dir=str(tmp_path))
+    data_file = [f for f in os.listdir(tmp_path) if ".data-" in f][0]
+    with open(tmp_path / data_file, "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(checkpoints.CheckpointError, match="ckpt-1"):
+        run_training(ToyTask, global_batch_size=16, train_steps=2, model_dir=str(tmp_path))
+    assert os.path.getsize(tmp_path / data_file) == 10
+
+
+def test_padded_evaluation_is_exact_on_partial_last_batch(tmp_path):
+    """96 examples, eval batch 64 on 2 replicas: the padded last batch must not change any metric."""
+    task = ToyTask()
+    config = TrainerConfig(model_dir=str(tmp_path), train_steps=1, global_batch_size=16, eval_batch_size=64)
+    trainer = Trainer(task, config, runtime=RuntimeConfig(strategy="mirrored"))
+    results = trainer.evaluate()
+    logits = trainer.model(task.x).numpy()
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=task.y, logits=logits).numpy()
+    assert results["num_examples"] == 96
+    np.testing.assert_allclose(results["loss"], np.sum(per_example * task.w) / np.sum(task.w), rtol=1e-5)
+    np.testing.assert_allclose(results["accuracy"], np.mean(logits.argmax(-1) == task.y), atol=1e-7)
+    assert results["accuracy"] == pytest.approx(results["host_accuracy"])
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    try:
+        trainer = run_training(ToyTask, global_batch_size=16, train_steps=6, steps_per_loop=3, precision=precision,
+                               model_dir=str(tmp_path))
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    losses = [h["loss"] for h in trainer.train_history]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    if precision == "mixed_float16":
+        assert trainer.train_history[-1]["loss_scale"] > 0
+
+
+def test_best_checkpoint_and_early_stopping(tmp_path):
+    trainer = run_training(ToyTask, global_batch_size=16, train_steps=50, steps_per_loop=1, eval_every_steps=1,
+                           eval_split="validation", best_metric="loss", best_metric_mode="min",
+                           early_stopping_patience=2, learning_rate=1.0, model_dir=str(tmp_path))
+    best = json.load(open(tmp_path / "best" / "best_metrics.json"))
+    assert trainer.global_step.numpy() < 50  # lr 1.0 diverges, so patience ends the run
+    assert tf.train.latest_checkpoint(str(tmp_path / "best")).endswith(f"ckpt-{best['step']}")
