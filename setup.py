@@ -22,5 +22,6 @@ setup(
     packages=["engine", "tasks", "launch"],
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest"]},
+    # tokenizers: the Hugging Face tokenizer, an independent check of our tf-text tokenization in tests.
+    extras_require={"test": ["pytest", "tokenizers"]},
 )

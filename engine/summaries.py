@@ -5,7 +5,6 @@ import os
 from typing import Mapping
 
 import tensorflow as tf
-from absl import logging
 
 
 class Summaries:
@@ -45,6 +44,5 @@ def format_line(phase: str, step: int, values: Mapping[str, float]) -> str:
 
 
 def log_line(phase: str, step: int, values: Mapping[str, float]) -> None:
-    line = format_line(phase, step, values)
-    logging.info(line)
-    print(line, flush=True)
+    """To stdout, not absl logging: it is the run's progress output, one line per loop."""
+    print(format_line(phase, step, values), flush=True)

@@ -1,0 +1,124 @@
+"""Fine-tunes a BERT encoder on a Task with the engine's Trainer.
+
+  python -m launch.train --task=sst2 --model_dir=runs/sst2 --train_steps=600
+  python -m launch.train --flagfile=configs/sst2.flags
+
+Flags live here and nowhere else; they become frozen configs (field name = flag name).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+# --- what to train
+flags.DEFINE_string("task", "sst2", "Task: sst2 | classification | squad | conll_ner.")
+flags.DEFINE_string("data_dir", None, "Folder with sst2/, squad/, conll2003/ (default $DATA_DIR or ../shared/data).")
+flags.DEFINE_string("train_data", None, "Training file (overrides the task's default under --data_dir).")
+flags.DEFINE_string("eval_data", None, "Evaluation file (overrides the task's default under --data_dir).")
+flags.DEFINE_string("init_encoder", "minilm",
+                    "Pretrained encoder: 'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face folder, "
+                    "a converted TF2 checkpoint folder, or a TF Hub handle/SavedModel path.")
+flags.DEFINE_string("vocab_file", None, "WordPiece vocab (default: the encoder's own).")
+flags.DEFINE_integer("max_seq_length", None, "Tokens per sequence (task default if unset).")
+flags.DEFINE_string("model_dir", None, "Checkpoints and TensorBoard logs; an existing run resumes.")
+flags.mark_flag_as_required("model_dir")
+
+# --- where and how
+flags.DEFINE_enum("strategy", "default", ["default", "one_device", "mirrored", "multi_worker_mirrored", "tpu"],
+                  "tf.distribute strategy.")
+flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
+flags.DEFINE_integer("num_gpus", 0, "GPUs for --strategy=mirrored (0: all).")
+flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+                  "auto: bf16 only where the hardware has it natively.")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the forward/backward step (measure: helps on some CPUs).")
+flags.DEFINE_integer("seed", 0, "Initialisation and shuffling seed.")
+
+# --- loop
+flags.DEFINE_integer("global_batch_size", 32, "Examples per optimizer update over replicas and micro-batches.")
+flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches accumulated per update.")
+flags.DEFINE_integer("train_steps", None, "Optimizer updates (or use --train_epochs).")
+flags.DEFINE_float("train_epochs", None, "Epochs over the training set; sets --train_steps.")
+flags.DEFINE_integer("steps_per_loop", 50, "Updates per compiled loop call (one log line each).")
+flags.DEFINE_integer("eval_every_steps", 0, "0: evaluate at the end only.")
+flags.DEFINE_integer("eval_batch_size", 64, "Evaluation batch (padded, exact).")
+flags.DEFINE_integer("checkpoint_every_steps", 0, "0: at every evaluation and at the end.")
+flags.DEFINE_integer("max_to_keep", 3, "Latest checkpoints kept.")
+flags.DEFINE_string("best_metric", "", "Keep the best checkpoint by this eval metric (e.g. accuracy).")
+flags.DEFINE_enum("best_metric_mode", "max", ["max", "min"], "Whether larger best_metric is better.")
+flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many evaluations without improvement.")
+flags.DEFINE_enum("nonfinite_policy", "skip", ["skip", "raise"], "Non-finite loss/gradients: skip or stop.")
+
+# --- optimizer
+flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate.")
+flags.DEFINE_integer("warmup_steps", None, "Linear warmup updates (default 10% of train_steps).")
+flags.DEFINE_float("weight_decay", 0.01, "AdamW decoupled weight decay (not on LayerNorm and biases).")
+flags.DEFINE_float("clip_norm", 1.0, "Clip the global gradient norm (0: off).")
+
+# --- classification (field names of tasks.classification.ClassificationConfig)
+flags.DEFINE_list("text_columns", None, "TSV column(s) with the text: one, or two for sentence pairs.")
+flags.DEFINE_string("label_column", None, "TSV column with the label.")
+flags.DEFINE_list("label_names", None, "String labels in class-id order (default: integer labels).")
+flags.DEFINE_integer("num_classes", None, "Classes, for integer labels.")
+flags.DEFINE_enum("head", None, ["softmax", "sigmoid"], "Classifier head; sigmoid is binary only.")
+flags.DEFINE_list("class_weights", None, "Loss weight per class, for imbalanced data.")
+
+# --- task-specific flags of other tasks go below this line (field names of their config dataclasses)
+
+
+def task_values() -> dict:
+    """Flag values as plain Python values for tasks.registry (tuples for lists, floats parsed)."""
+    values = {}
+    for name, value in FLAGS.flag_values_dict().items():
+        if isinstance(value, list):
+            value = tuple(float(v) for v in value) if name == "class_weights" else tuple(value)
+        values[name] = value
+    return values
+
+
+def main(argv):
+    del argv
+    from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig  # noqa: PLC0415
+    from engine.trainer import Trainer  # noqa: PLC0415
+    from tasks import registry  # noqa: PLC0415
+
+    task, eval_split = registry.build_task(FLAGS.task, task_values())
+    train_steps = FLAGS.train_steps
+    if FLAGS.train_epochs:
+        num_examples = task.num_examples("train")
+        train_steps = math.ceil(FLAGS.train_epochs * num_examples / FLAGS.global_batch_size)
+        print(f"{FLAGS.train_epochs} epochs of {num_examples} examples = {train_steps} updates", flush=True)
+    if not train_steps:
+        raise app.UsageError("set --train_steps or --train_epochs")
+    warmup = FLAGS.warmup_steps if FLAGS.warmup_steps is not None else int(0.1 * train_steps)
+    trainer_config = TrainerConfig(
+        model_dir=FLAGS.model_dir, train_steps=train_steps, global_batch_size=FLAGS.global_batch_size,
+        grad_accum_steps=FLAGS.grad_accum_steps, steps_per_loop=FLAGS.steps_per_loop,
+        eval_every_steps=FLAGS.eval_every_steps, eval_batch_size=FLAGS.eval_batch_size, eval_split=eval_split,
+        checkpoint_every_steps=FLAGS.checkpoint_every_steps, max_to_keep=FLAGS.max_to_keep,
+        best_metric=FLAGS.best_metric, best_metric_mode=FLAGS.best_metric_mode,
+        early_stopping_patience=FLAGS.early_stopping_patience, nonfinite_policy=FLAGS.nonfinite_policy)
+    optimizer_config = OptimizerConfig(learning_rate=FLAGS.learning_rate, warmup_steps=warmup,
+                                       weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None)
+    runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
+                            precision=FLAGS.precision, jit_compile=FLAGS.jit_compile, seed=FLAGS.seed)
+    trainer = Trainer(task, trainer_config, optimizer_config, runtime)
+    metrics = trainer.train()
+    if metrics:
+        with open(os.path.join(FLAGS.model_dir, "eval_results.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=1)
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+        print(f"final {eval_split} metrics: {summary}", flush=True)
+    logging.info("done")
+
+
+if __name__ == "__main__":
+    app.run(main)

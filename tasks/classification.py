@@ -1,0 +1,227 @@
+"""Sentence (pair) classification from TSV files: SST-2-style sentiment and any GLUE-like task.
+
+Binary tasks may use a single sigmoid logit (as in the TF Hub blog post) or a softmax; multi-class
+tasks use a softmax. Tokenization happens inside tf.data with tensorflow-text.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from engine.task import Task
+from tasks import encoders
+from tasks.tokenization import WordPieceTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationConfig:
+    data_files: Mapping[str, str]                     # split name ("train", "validation", ...) -> TSV path
+    encoder: encoders.EncoderInit = "minilm"
+    vocab_file: Optional[str] = None                  # default: the encoder's own vocab
+    max_seq_length: int = 128
+    text_columns: tuple = ("sentence",)               # one column, or two for sentence pairs
+    label_column: str = "label"
+    label_names: tuple = ()                           # labels as strings; empty: integer labels 0..num_classes-1
+    num_classes: int = 2
+    head: str = "softmax"                             # "softmax", or "sigmoid" (binary only)
+    class_weights: tuple = ()                         # one weight per class, for imbalanced data
+    dropout: float = 0.1
+    shuffle_buffer: int = 20000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.head not in ("softmax", "sigmoid"):
+            raise ValueError(f"head={self.head!r}: expected 'softmax' or 'sigmoid'")
+        if self.head == "sigmoid" and self.classes != 2:
+            raise ValueError(f"head='sigmoid' is for 2 classes, got {self.classes}")
+        if self.class_weights and len(self.class_weights) != self.classes:
+            raise ValueError(f"class_weights has {len(self.class_weights)} values for {self.classes} classes")
+        if not 1 <= len(self.text_columns) <= 2:
+            raise ValueError(f"text_columns={self.text_columns}: one sentence or a sentence pair")
+
+    @property
+    def classes(self) -> int:
+        return len(self.label_names) or self.num_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    texts: tuple          # one tuple of strings per text column
+    labels: np.ndarray    # int32 class ids, -1 where the file has no label column
+
+
+def read_tsv(path: str, config: ClassificationConfig, *, require_labels: bool = True) -> Examples:
+    """Reads a headed TSV; every problem is reported with the file and line number."""
+    try:
+        f = open(path, encoding="utf-8", newline="")
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot open ({e.strerror})") from e
+    with f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if not header:
+            raise ValueError(f"{path}:1: empty file, expected a header line with columns "
+                             f"{list(config.text_columns) + [config.label_column]}")
+        columns = {name: i for i, name in enumerate(header)}
+        missing = [c for c in config.text_columns if c not in columns]
+        has_labels = config.label_column in columns
+        if require_labels and not has_labels:
+            missing.append(config.label_column)
+        if missing:
+            raise ValueError(f"{path}:1: missing column(s) {missing}; the header has {header}")
+        label_ids = {name: i for i, name in enumerate(config.label_names)}
+        texts = [[] for _ in config.text_columns]
+        labels = []
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
+            for column, values in zip(config.text_columns, texts):
+                values.append(row[columns[column]])
+            labels.append(_parse_label(row[columns[config.label_column]], label_ids, config, path, line)
+                          if has_labels else -1)
+    if not labels:
+        raise ValueError(f"{path}: no examples after the header")
+    return Examples(tuple(tuple(t) for t in texts), np.asarray(labels, np.int32))
+
+
+def _parse_label(value: str, label_ids: Mapping[str, int], config: ClassificationConfig, path: str,
+                 line: int) -> int:
+    value = value.strip()
+    if label_ids:
+        if value not in label_ids:
+            raise ValueError(f"{path}:{line}: unknown label {value!r}; expected one of {list(label_ids)}")
+        return label_ids[value]
+    try:
+        label = int(value)
+    except ValueError:
+        raise ValueError(f"{path}:{line}: label {value!r} is not an integer (pass label names for string labels)")
+    if not 0 <= label < config.num_classes:
+        raise ValueError(f"{path}:{line}: label {label} is outside 0..{config.num_classes - 1}")
+    return label
+
+
+class ClassificationTask(Task):
+    name = "classification"
+
+    def __init__(self, config: ClassificationConfig):
+        self.config = config
+        self._examples: dict[str, Examples] = {}
+        self._encoder_vocab: Optional[str] = None
+        vocab = config.vocab_file or (encoders.minilm_dir() + "/vocab.txt" if config.encoder == "minilm" else None)
+        self._tokenizer = WordPieceTokenizer(vocab, seq_length=config.max_seq_length) if vocab else None
+
+    @property
+    def tokenizer(self) -> WordPieceTokenizer:
+        if self._tokenizer is None:
+            if self._encoder_vocab is None:
+                raise ValueError("no vocab_file: set ClassificationConfig.vocab_file or build the model first")
+            self._tokenizer = WordPieceTokenizer(self._encoder_vocab, seq_length=self.config.max_seq_length)
+        return self._tokenizer
+
+    def examples(self, split: str) -> Examples:
+        if split not in self._examples:
+            if split not in self.config.data_files:
+                raise ValueError(f"no data file for split {split!r}; have {sorted(self.config.data_files)}")
+            self._examples[split] = read_tsv(self.config.data_files[split], self.config)
+        return self._examples[split]
+
+    def num_examples(self, split: str) -> int:
+        return len(self.examples(split).labels)
+
+    # ------------------------------------------------------------------------------------ model
+
+    def build_model(self) -> tf_keras.Model:
+        encoder, vocab = encoders.make_encoder(self.config.encoder)
+        self._encoder_vocab = vocab
+        inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
+                  for name in ("input_word_ids", "input_mask", "input_type_ids")}
+        pooled = encoder(inputs)["pooled_output"]
+        pooled = tf_keras.layers.Dropout(self.config.dropout)(pooled)
+        units = 1 if self.config.head == "sigmoid" else self.config.classes
+        # float32 logits under mixed precision: softmax/sigmoid and the loss need the range.
+        logits = tf_keras.layers.Dense(
+            units, dtype="float32", name="logits",
+            kernel_initializer=tf_keras.initializers.TruncatedNormal(stddev=0.02))(pooled)
+        return tf_keras.Model(inputs, logits, name="classifier")
+
+    # ------------------------------------------------------------------------------------ input
+
+    def _encode(self, *texts_and_label):
+        *texts, label = texts_and_label
+        return self.tokenizer.encode(*texts), label
+
+    def build_inputs(self, split: str, *, batch_size: int,
+                     input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+        examples = self.examples(split)
+        dataset = tf.data.Dataset.from_tensor_slices(tuple(list(t) for t in examples.texts) + (examples.labels,))
+        if input_context and input_context.num_input_pipelines > 1:
+            dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        training = split == "train"
+        if training:
+            dataset = dataset.shuffle(self.config.shuffle_buffer, seed=self.config.seed,
+                                      reshuffle_each_iteration=True).repeat()
+        # Batch first: tensorflow-text tokenizes a whole batch per call, much faster than per example.
+        dataset = dataset.batch(batch_size, drop_remainder=training)
+        dataset = dataset.map(self._encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    # ------------------------------------------------------------------------------------ loss
+
+    def per_example_loss(self, features, labels, outputs) -> tf.Tensor:
+        logits = tf.cast(outputs, tf.float32)
+        if self.config.head == "sigmoid":
+            return tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=logits[:, 0])
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+    def example_weights(self, features, labels) -> tf.Tensor:
+        if not self.config.class_weights:
+            return tf.ones(tf.shape(labels), tf.float32)
+        return tf.gather(tf.constant(self.config.class_weights, tf.float32), labels)
+
+    def probabilities(self, logits: tf.Tensor) -> tf.Tensor:
+        """[batch, classes] probabilities for either head."""
+        logits = tf.cast(logits, tf.float32)
+        if self.config.head == "sigmoid":
+            p = tf.sigmoid(logits[:, 0])
+            return tf.stack([1.0 - p, p], axis=-1)
+        return tf.nn.softmax(logits, axis=-1)
+
+    # ------------------------------------------------------------------------------------ metrics
+
+    def build_metrics(self) -> Sequence[tf_keras.metrics.Metric]:
+        metrics = [tf_keras.metrics.Accuracy(name="accuracy")]
+        if self.config.classes == 2:
+            # F1 of the positive class (label id 1).
+            metrics.append(tf_keras.metrics.F1Score(average="micro", threshold=0.5, name="f1"))
+        return metrics
+
+    def update_metrics(self, metrics, features, labels, outputs, mask) -> None:
+        predictions = tf.argmax(self.probabilities(outputs), axis=-1, output_type=tf.int32)
+        for metric in metrics:
+            if metric.name == "f1":
+                as_column = lambda t: tf.cast(t, tf.float32)[:, None]  # noqa: E731
+                metric.update_state(as_column(labels), as_column(predictions), sample_weight=mask)
+            else:
+                metric.update_state(labels, predictions, sample_weight=mask)
+
+    # ------------------------------------------------------------------------------------ predict
+
+    def predict(self, model: tf_keras.Model, *texts: Sequence[str], batch_size: int = 64) -> tuple[list, np.ndarray]:
+        """Raw sentences (or pairs: two lists) -> (labels, [n, classes] probabilities)."""
+        probabilities = []
+        for start in range(0, len(texts[0]), batch_size):
+            batch = [tf.constant(list(t[start:start + batch_size])) for t in texts]
+            probabilities.append(self.probabilities(model(self.tokenizer.encode(*batch), training=False)).numpy())
+        probabilities = np.concatenate(probabilities)
+        ids = probabilities.argmax(-1)
+        names = self.config.label_names or tuple(range(self.config.classes))
+        return [names[i] for i in ids], probabilities
+

@@ -1,0 +1,60 @@
+"""Task names for `--task`, each with its config dataclass and default data files.
+
+A config field is filled from the launch value of the same name, so adding an option to a Task
+is adding a field (and a flag of that name in launch/train.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
+
+from engine.task import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    build: Callable[..., Task]                 # config -> Task
+    config_cls: type
+    default_files: Callable[[str], dict]       # data_dir -> {split: path}
+    eval_split: str = "validation"
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # preset config values
+
+
+def _classification_spec(**fixed) -> TaskSpec:
+    from tasks.classification import ClassificationConfig, ClassificationTask  # noqa: PLC0415 (lazy per task)
+    return TaskSpec(ClassificationTask, ClassificationConfig,
+                    lambda d: {"train": os.path.join(d, "sst2", "train.tsv"),
+                               "validation": os.path.join(d, "sst2", "dev.tsv")}, fixed=fixed)
+
+
+SPECS: dict[str, Callable[[], TaskSpec]] = {
+    "sst2": _classification_spec,
+    "classification": _classification_spec,
+}
+
+
+def default_data_dir() -> str:
+    """$DATA_DIR, else ../shared/data beside the repository (where the project's data lives)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("DATA_DIR") or os.path.join(os.path.dirname(repo), "shared", "data")
+
+
+def build_task(name: str, values: Mapping[str, Any]) -> tuple[Task, str]:
+    """Builds Task `name` from launch values (flag name -> value); returns (task, eval split name)."""
+    if name not in SPECS:
+        raise ValueError(f"--task={name!r}: expected one of {sorted(SPECS)}")
+    spec = SPECS[name]()
+    files = spec.default_files(values.get("data_dir") or default_data_dir())
+    if values.get("train_data"):
+        files["train"] = values["train_data"]
+    if values.get("eval_data"):
+        files[spec.eval_split] = values["eval_data"]
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    kwargs = {k: v for k, v in values.items() if k in fields and v is not None and k != "data_files"}
+    kwargs.update(spec.fixed)
+    if "init_encoder" in values and "encoder" in fields:
+        kwargs["encoder"] = values["init_encoder"]
+    if "data_files" in fields:
+        kwargs["data_files"] = files
+    return spec.build(spec.config_cls(**kwargs)), spec.eval_split
