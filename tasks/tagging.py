@@ -1,0 +1,287 @@
+"""Sequence tagging (CoNLL-2003 NER): a BERT encoder, first-sub-token word features, a CRF or softmax head.
+
+The encoder runs on sub-tokens; each word's first sub-token is gathered to word positions, so the
+tag head and the CRF run over words, exactly the units conlleval scores. Both heads' per-example
+loss is a SUM over the words of the window (CRF: -log p(tag path); softmax: summed token cross
+entropy), so the two are on the same scale and the engine's weighted mean is over windows.
+
+Evaluation decodes in the model (Viterbi for the CRF), brings predicted word tags to the host,
+stitches windows back into sentences and scores them with a port of conlleval.pl; entity
+precision/recall/F1 are in percent, like conlleval prints them and papers report them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from engine.task import Task
+from tasks import conll, crf, encoders, span_metrics
+from tasks.tokenization import WordPieceTokenizer
+
+ENCODER_INPUTS = ("input_word_ids", "input_mask", "input_type_ids")
+SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "valid": "valid.txt", "dev": "valid.txt",
+               "test": "test.txt"}
+
+
+def default_data_dir() -> str:
+    """$DATA_DIR, else ../shared/data next to the repository (data is never copied into the repo)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("DATA_DIR") or os.path.join(os.path.dirname(repo), "shared", "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaggingConfig:
+    encoder: encoders.EncoderInit = "minilm"
+    vocab_file: Optional[str] = None              # default: the encoder's own vocab
+    lower_case: bool = True                       # must match the vocab (MiniLM is uncased)
+    data_dir: Optional[str] = None                # holds conll2003/{train,valid,test}.txt; default_data_dir()
+    labels: tuple = conll.CONLL2003_LABELS
+    head: str = "crf"                             # "crf" or "softmax" (the baseline)
+    iob2_constraints: bool = True                 # CRF only: forbid I-X after anything but B-X/I-X
+    max_seq_length: int = 128                     # sub-tokens per window, with [CLS] and [SEP]
+    max_words: int = 0                            # words per window; 0: max_seq_length - 2 (every word fits)
+    dropout: float = 0.1
+    max_train_sentences: int = 0                  # 0: all; small values for smoke runs
+    max_eval_sentences: int = 0
+    shuffle_buffer: int = 20000
+    seed: int = 0
+    predictions_dir: Optional[str] = None         # where postprocess writes {split}_predictions.txt
+
+    def __post_init__(self):
+        if self.head not in ("crf", "softmax"):
+            raise ValueError(f"head={self.head!r}: expected 'crf' or 'softmax'")
+        if self.max_seq_length < 3:
+            raise ValueError(f"max_seq_length={self.max_seq_length}: needs room for [CLS], a word and [SEP]")
+        if self.labels[0] != "O":
+            # Tag id 0 doubles as the padding tag; it must be the harmless one.
+            raise ValueError(f"labels must start with 'O', got {self.labels[0]!r}")
+
+    @property
+    def words_per_window(self) -> int:
+        return self.max_words or self.max_seq_length - 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedSplit:
+    sentences: list                               # conll.Sentence, in file order
+    arrays: Mapping[str, np.ndarray]              # conll.encode_sentences output
+    sources: list                                 # conll.WindowSource per window
+
+
+@dataclasses.dataclass(frozen=True)
+class Entity:
+    text: str
+    type: str
+    start: int                                    # character offsets into the input text, end exclusive
+    end: int
+
+
+class TaggingModel(tf_keras.Model):
+    """encoder -> gather first sub-tokens -> dropout -> Dense emissions (float32) [-> CRF decode].
+
+    Outputs {"logits": [B, W, K] float32}; when not training also {"tags": [B, W] int32}, decoded
+    in the model so evaluation and export get Viterbi in the same (optionally XLA) function.
+    """
+
+    def __init__(self, encoder: tf_keras.layers.Layer, config: TaggingConfig, **kwargs):
+        super().__init__(name="tagger", **kwargs)
+        self.encoder = encoder
+        self.dropout = tf_keras.layers.Dropout(config.dropout)
+        self.emissions = tf_keras.layers.Dense(
+            len(config.labels), name="emissions", kernel_initializer=tf_keras.initializers.TruncatedNormal(stddev=0.02))
+        self.crf = None
+        if config.head == "crf":
+            allowed, allowed_start = crf.iob2_constraints(config.labels) if config.iob2_constraints else (None, None)
+            self.crf = crf.CRF(len(config.labels), allowed_transitions=allowed, allowed_start=allowed_start, name="crf")
+            self.crf.build([None, None, len(config.labels)])
+
+    def call(self, features: Mapping[str, tf.Tensor], training=None) -> dict:
+        sequence = self.encoder({k: features[k] for k in ENCODER_INPUTS}, training=training)["sequence_output"]
+        words = tf.gather(sequence, features["word_positions"], batch_dims=1)
+        # float32 logits under mixed precision: the CRF sums them over a sentence, the softmax needs range.
+        logits = tf.cast(self.emissions(self.dropout(words, training=training)), tf.float32)
+        outputs = {"logits": logits}
+        if not training:
+            outputs["tags"] = self.decode(features, logits)
+        return outputs
+
+    def decode(self, features: Mapping[str, tf.Tensor], logits: tf.Tensor) -> tf.Tensor:
+        """Predicted tag ids [B, W] (0 = "O" on padding words)."""
+        mask = tf.cast(features["word_mask"], tf.bool)
+        if self.crf is None:
+            tags = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            return tf.where(mask, tags, tf.zeros_like(tags))
+        return self.crf.decode(logits, mask, starts_sentence=features["starts_sentence"],
+                               ends_sentence=features["ends_sentence"])
+
+
+class TaggingTask(Task):
+    """NER on CoNLL-2003 (or any IOB2 CoNLL file with the same columns)."""
+
+    name = "conll_ner"
+
+    def __init__(self, config: TaggingConfig = TaggingConfig()):
+        self.config = config
+        self._splits: dict[str, EncodedSplit] = {}
+        self._tokenizer: Optional[WordPieceTokenizer] = None
+        self._crf: Optional[crf.CRF] = None       # the built model's CRF layer, whose parameters the loss uses
+
+    # ------------------------------------------------------------------------------------ data
+
+    @property
+    def tokenizer(self) -> WordPieceTokenizer:
+        if self._tokenizer is None:
+            vocab = self.config.vocab_file
+            if vocab is None and self.config.encoder == "minilm":
+                vocab = os.path.join(encoders.minilm_dir(), "vocab.txt")
+            elif vocab is None and isinstance(self.config.encoder, str):
+                vocab = os.path.join(self.config.encoder, "vocab.txt")
+            if vocab is None:
+                raise ValueError("a randomly initialised encoder has no vocab: set TaggingConfig.vocab_file")
+            self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
+                                                 seq_length=self.config.max_seq_length)
+        return self._tokenizer
+
+    def _tokenize_words(self, words: list[str]) -> list[list[int]]:
+        return self.tokenizer.tokenize(tf.constant(words)).to_list()
+
+    def encode(self, sentences: Sequence[conll.Sentence]) -> EncodedSplit:
+        """Windows of sentences as fixed-shape arrays (see conll.encode_sentences)."""
+        tokenizer = self.tokenizer
+        pieces = conll.word_pieces_for((w for s in sentences for w in s.words), self._tokenize_words, tokenizer.unk_id)
+        arrays, sources = conll.encode_sentences(
+            sentences, pieces, labels=self.config.labels, max_seq_length=self.config.max_seq_length,
+            max_words=self.config.words_per_window, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
+            pad_id=tokenizer.pad_id)
+        return EncodedSplit(list(sentences), arrays, sources)
+
+    def split_data(self, split: str) -> EncodedSplit:
+        """Reads, tokenizes and windows a split once; build_inputs and postprocess share the result."""
+        if split not in self._splits:
+            if split not in SPLIT_FILES:
+                raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
+            path = os.path.join(self.config.data_dir or default_data_dir(), "conll2003", SPLIT_FILES[split])
+            sentences = conll.read_conll(path, labels=self.config.labels)
+            limit = self.config.max_train_sentences if split == "train" else self.config.max_eval_sentences
+            self._splits[split] = self.encode(sentences[:limit] if limit else sentences)
+        return self._splits[split]
+
+    def build_inputs(self, split: str, *, batch_size: int,
+                     input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+        arrays = dict(self.split_data(split).arrays)
+        labels = arrays.pop("tags")
+        # Everything is precomputed: the pipeline only slices, shuffles and batches in-memory arrays.
+        dataset = tf.data.Dataset.from_tensor_slices((arrays, labels))
+        if input_context and input_context.num_input_pipelines > 1:
+            dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        training = split == "train"
+        if training:
+            dataset = dataset.shuffle(self.config.shuffle_buffer, seed=self.config.seed,
+                                      reshuffle_each_iteration=True).repeat()
+        return dataset.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+    # ------------------------------------------------------------------------------------ model
+
+    def build_model(self) -> TaggingModel:
+        encoder, vocab = encoders.make_encoder(self.config.encoder)
+        if self.config.vocab_file is None and vocab is not None and self._tokenizer is None:
+            self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
+                                                 seq_length=self.config.max_seq_length)
+        model = TaggingModel(encoder, self.config)
+        # Create every variable now: the engine builds the optimizer from model.trainable_variables
+        # before the first step.
+        model(self._dummy_features(), training=False)
+        self._crf = model.crf
+        return model
+
+    def _dummy_features(self) -> dict[str, tf.Tensor]:
+        words = self.config.words_per_window
+        ids = tf.zeros([1, self.config.max_seq_length], tf.int32)
+        return {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": ids,
+                "word_positions": tf.zeros([1, words], tf.int32), "word_mask": tf.ones([1, words], tf.int32),
+                "starts_sentence": tf.ones([1], tf.int32), "ends_sentence": tf.ones([1], tf.int32)}
+
+    # ------------------------------------------------------------------------------------ loss
+
+    def per_example_loss(self, features: Mapping[str, tf.Tensor], labels: tf.Tensor, outputs: Any) -> tf.Tensor:
+        logits = outputs["logits"]
+        mask = features["word_mask"]
+        if self.config.head == "softmax":
+            token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+            return tf.reduce_sum(token_loss * tf.cast(mask, tf.float32), axis=1)
+        if self._crf is None:
+            raise RuntimeError("build_model() must run before the CRF loss is computed")
+        return -self._crf.log_likelihood(logits, labels, mask, starts_sentence=features["starts_sentence"],
+                                         ends_sentence=features["ends_sentence"])
+
+    # ------------------------------------------------------------------------------------ metrics
+
+    def build_metrics(self) -> Sequence[tf_keras.metrics.Metric]:
+        # Over owned words only, so words in window overlaps are counted once: a fraction in [0, 1].
+        return [tf_keras.metrics.Accuracy(name="word_accuracy")]
+
+    def update_metrics(self, metrics, features, labels, outputs, weights) -> None:
+        word_weights = tf.cast(features["owned_mask"], tf.float32) * tf.cast(weights, tf.float32)[:, tf.newaxis]
+        for metric in metrics:
+            metric.update_state(labels, outputs["tags"], sample_weight=word_weights)
+
+    def eval_outputs(self, features, labels, outputs) -> Mapping[str, tf.Tensor]:
+        return {"tags": outputs["tags"], "example_index": features["example_index"]}
+
+    def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str) -> dict:
+        """conlleval precision/recall/F1 (percent) over every word of the split; writes the predictions file."""
+        data = self.split_data(split)
+        index = host_outputs["example_index"]
+        stitched = conll.stitch(host_outputs["tags"], data.arrays["owned_mask"][index], index, data.sources,
+                                [len(s.words) for s in data.sentences])
+        labels = self.config.labels
+        predicted = [[labels[t] for t in sentence] for sentence in stitched]
+        counts = span_metrics.evaluate([s.tags for s in data.sentences], predicted)
+        if self.config.predictions_dir:
+            self.write_predictions(os.path.join(self.config.predictions_dir, f"{split}_predictions.txt"),
+                                   data.sentences, predicted)
+        scores = counts.scores()
+        del scores["accuracy"]  # the same number as the in-graph word_accuracy, in percent
+        return scores
+
+    @staticmethod
+    def write_predictions(path: str, sentences: Sequence[conll.Sentence], predicted: Sequence[Sequence[str]]) -> None:
+        """`WORD GOLD PRED` lines, blank line between sentences: input for `perl conlleval.pl < path`."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for sentence, tags in zip(sentences, predicted, strict=True):
+                f.writelines(span_metrics.conlleval_lines(sentence.words, sentence.tags, tags))
+
+    # ------------------------------------------------------------------------------------ predict
+
+    def predict(self, model: TaggingModel, texts: Sequence[str], *, batch_size: int = 32) -> list[list[Entity]]:
+        """Raw texts -> entities with character offsets (one list per text; each text is one sentence)."""
+        word_spans = [[(m.start(), m.end()) for m in _WORD.finditer(text)] for text in texts]
+        sentences = [conll.Sentence(tuple(text[a:b] for a, b in spans), ("O",) * len(spans))
+                     for text, spans in zip(texts, word_spans)]
+        nonempty = [i for i, s in enumerate(sentences) if s.words]
+        data = self.encode([sentences[i] for i in nonempty])
+        arrays = {k: v for k, v in data.arrays.items() if k != "tags"}
+        predicted = np.concatenate([
+            model({k: v[start:start + batch_size] for k, v in arrays.items()}, training=False)["tags"].numpy()
+            for start in range(0, len(data.sources), batch_size)]) if data.sources else np.zeros([0, 1], np.int32)
+        stitched = conll.stitch(predicted, arrays["owned_mask"], arrays["example_index"], data.sources,
+                                [len(s.words) for s in data.sentences])
+        results: list[list[Entity]] = [[] for _ in texts]
+        for i, tag_ids in zip(nonempty, stitched):
+            tags = [self.config.labels[t] for t in tag_ids]
+            for entity_type, first, end in span_metrics.extract_spans(tags):
+                start, stop = word_spans[i][first][0], word_spans[i][end - 1][1]
+                results[i].append(Entity(texts[i][start:stop], entity_type, start, stop))
+        return results
+
+
+# Words as CoNLL tokenizes them, roughly: runs of letters/digits (with inner . ' - as in "U.S", "O'Neill",
+# "1996-08-22") and single punctuation marks.
+_WORD = re.compile(r"\w+(?:[.'\u2019-]\w+)*|[^\w\s]")

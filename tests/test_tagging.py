@@ -1,0 +1,115 @@
+"""TaggingTask under the engine with a tiny random encoder: it trains, scores like conlleval.pl, windows
+long sentences without losing words, and gives the same update under accumulation, 2 replicas and XLA."""
+import os
+import subprocess
+
+import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine_helpers import one_update_weights, run_training
+from tasks import conll, encoders, span_metrics
+from tasks.tagging import TaggingConfig, TaggingTask
+
+DATA_DIR = os.environ.get("DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+CONLLEVAL = os.path.join(DATA_DIR, "conll2003", "eval", "conlleval.pl")
+VOCAB = os.path.join(encoders.minilm_dir(), "vocab.txt")
+
+
+def tiny_config(**overrides) -> TaggingConfig:
+    # No dropout anywhere, so different batch geometries must give bit-comparable updates.
+    encoder = encoders.BertConfig(**{**encoders.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.0,
+                                     "attention_probs_dropout_prob": 0.0})
+    values = dict(encoder=encoder, vocab_file=VOCAB, data_dir=DATA_DIR, max_seq_length=32, dropout=0.0,
+                  max_train_sentences=64, max_eval_sentences=48)
+    values.update(overrides)
+    return TaggingConfig(**values)
+
+
+def _perl_scores(path: str) -> tuple[float, float, float]:
+    with open(path, encoding="utf-8") as f:
+        output = subprocess.run(["perl", CONLLEVAL], stdin=f, capture_output=True, text=True, check=True).stdout
+    fields = output.splitlines()[1].replace("%", "").replace(";", "").split()
+    values = dict(zip(fields[0::2], fields[1::2]))
+    return float(values["precision:"]), float(values["recall:"]), float(values["FB1:"])
+
+
+@pytest.mark.parametrize("head", ["crf", "softmax"])
+def test_trains_under_engine_and_scores_like_conlleval(tmp_path, head):
+    config = tiny_config(head=head, predictions_dir=str(tmp_path))
+    trainer = run_training(lambda: TaggingTask(config), global_batch_size=16, train_steps=100, steps_per_loop=25,
+                           learning_rate=5e-3, eval_split="validation", model_dir=str(tmp_path / "model"))
+    losses = [h["loss"] for h in trainer.train_history]
+    assert losses[-1] < 0.6 * losses[0], losses
+    results = trainer.evaluate("validation")
+    predictions = tmp_path / "validation_predictions.txt"
+    # Every word of every evaluated sentence is in the predictions file, and perl agrees with us.
+    sentences = conll.read_conll(os.path.join(DATA_DIR, "conll2003", "valid.txt"))[:48]
+    lines = [line for line in predictions.read_text().splitlines() if line]
+    assert len(lines) == sum(len(s.words) for s in sentences)
+    perl_precision, perl_recall, perl_f1 = _perl_scores(str(predictions))
+    assert (round(results["precision"], 2), round(results["recall"], 2), round(results["f1"], 2)) == (
+        perl_precision, perl_recall, perl_f1)
+    assert results["f1"] > 0  # it learnt to find at least some entities
+    assert 0.5 < results["word_accuracy"] <= 1.0
+
+
+def test_long_sentences_are_windowed_and_every_word_is_predicted(tmp_path):
+    # 12 sub-tokens per window: most sentences need several windows.
+    config = tiny_config(max_seq_length=12, max_eval_sentences=30, predictions_dir=str(tmp_path))
+    task = TaggingTask(config)
+    data = task.split_data("validation")
+    assert len(data.sources) > 2 * len(data.sentences)
+    trainer = run_training(lambda: task, global_batch_size=8, train_steps=1, eval_split="")
+    results = trainer.evaluate("validation")
+    gold = [s.tags for s in data.sentences]
+    blocks = (tmp_path / "validation_predictions.txt").read_text().split("\n\n")
+    predicted = [[line.split()[-1] for line in block.splitlines()] for block in blocks if block.strip()]
+    assert [len(p) for p in predicted] == [len(g) for g in gold]
+    assert results["f1"] == span_metrics.evaluate(gold, predicted).scores()["f1"]
+    # Predictions come from the model: the same tags as decoding each window's owned words directly.
+    _, host = trainer.predict_outputs("validation")
+    owned = data.arrays["owned_mask"][host["example_index"]].astype(bool)
+    assert owned.sum() == sum(len(g) for g in gold)
+
+
+def test_same_update_with_accumulation_and_two_replicas_and_xla():
+    factory = lambda: TaggingTask(tiny_config())  # noqa: E731
+    plain_losses, plain = one_update_weights(factory, global_batch_size=8)
+    for kwargs in (dict(grad_accum_steps=2), dict(strategy="mirrored", grad_accum_steps=2, jit_compile=True)):
+        losses, weights = one_update_weights(factory, global_batch_size=8, **kwargs)
+        np.testing.assert_allclose(losses, plain_losses, rtol=1e-5)
+        for a, b in zip(plain, weights):
+            np.testing.assert_allclose(b, a, atol=1e-5)
+    assert any(not np.allclose(a, 0) for a in plain[-3:])  # the CRF transitions did move
+
+
+class _FixedTagModel:
+    """Stands in for a trained model: tags words by position within the window."""
+
+    def __init__(self, tag_ids):
+        self.tag_ids = tag_ids
+
+    def __call__(self, features, training=False):
+        mask = np.asarray(features["word_mask"])
+        tags = np.zeros_like(mask)
+        tags[:, :len(self.tag_ids)] = self.tag_ids
+        return {"tags": tf.constant(tags * mask)}
+
+
+def test_predict_returns_entities_with_character_offsets():
+    task = TaggingTask(tiny_config())
+    labels = list(task.config.labels)
+    text = "Peter Blackburn visited  Brussels today."
+    # words: Peter Blackburn visited Brussels today .
+    model = _FixedTagModel([labels.index(t) for t in ["B-PER", "I-PER", "O", "B-LOC", "O", "O"]])
+    (entities, empty) = task.predict(model, [text, "  "])
+    assert [(e.text, e.type, e.start, e.end) for e in entities] == [
+        ("Peter Blackburn", "PER", 0, 15), ("Brussels", "LOC", 25, 33)]
+    assert empty == []
+    # and the real (untrained) model runs end to end on text, giving spans that point into it
+    real = task.build_model()
+    for entity in task.predict(real, [text])[0]:
+        assert text[entity.start:entity.end] == entity.text
