@@ -68,10 +68,17 @@ flags.DEFINE_list("text_columns", None, "TSV column(s) with the text: one, or tw
 flags.DEFINE_string("label_column", None, "TSV column with the label.")
 flags.DEFINE_list("label_names", None, "String labels in class-id order (default: integer labels).")
 flags.DEFINE_integer("num_classes", None, "Classes, for integer labels.")
-flags.DEFINE_enum("head", None, ["softmax", "sigmoid"], "Classifier head; sigmoid is binary only.")
+flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"],
+                  "Classifier head; sigmoid is binary only; crf (default) or softmax for conll_ner.")
 flags.DEFINE_list("class_weights", None, "Loss weight per class, for imbalanced data.")
 
 # --- task-specific flags of other tasks go below this line (field names of their config dataclasses)
+
+# --- conll_ner (field names of tasks.tagging.TaggingConfig; also uses --head, --predictions_dir)
+flags.DEFINE_bool("iob2_constraints", None, "conll_ner CRF: forbid I-X after anything but B-X/I-X (default on).")
+flags.DEFINE_integer("max_words", None, "conll_ner: words per window (default max_seq_length - 2).")
+flags.DEFINE_integer("max_train_sentences", None, "conll_ner: first N training sentences (smoke runs).")
+flags.DEFINE_integer("max_eval_sentences", None, "conll_ner: first N evaluation sentences (smoke runs).")
 
 
 def task_values() -> dict:

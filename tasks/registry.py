@@ -28,9 +28,16 @@ def _classification_spec(**fixed) -> TaskSpec:
                                "validation": os.path.join(d, "sst2", "dev.tsv")}, fixed=fixed)
 
 
+def _conll_ner_spec(**fixed) -> TaskSpec:
+    from tasks.tagging import TaggingConfig, TaggingTask  # noqa: PLC0415
+    # The task finds its files itself: <data_dir>/conll2003/{train,valid,test}.txt by split name.
+    return TaskSpec(TaggingTask, TaggingConfig, lambda d: {}, fixed=fixed)
+
+
 SPECS: dict[str, Callable[[], TaskSpec]] = {
     "sst2": _classification_spec,
     "classification": _classification_spec,
+    "conll_ner": _conll_ner_spec,
 }
 
 

@@ -172,6 +172,10 @@ class TaggingTask(Task):
             self._splits[split] = self.encode(sentences[:limit] if limit else sentences)
         return self._splits[split]
 
+    def num_examples(self, split: str) -> int:
+        """Windows in a split (what one epoch of batches covers; used by launch --train_epochs)."""
+        return len(self.split_data(split).sources)
+
     def build_inputs(self, split: str, *, batch_size: int,
                      input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         arrays = dict(self.split_data(split).arrays)
