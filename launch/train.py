@@ -80,6 +80,16 @@ flags.DEFINE_integer("max_words", None, "conll_ner: words per window (default ma
 flags.DEFINE_integer("max_train_sentences", None, "conll_ner: first N training sentences (smoke runs).")
 flags.DEFINE_integer("max_eval_sentences", None, "conll_ner: first N evaluation sentences (smoke runs).")
 
+# --- squad (field names of tasks.squad.SquadConfig)
+flags.DEFINE_string("squad_file", None, "SQuAD v1.1 JSON (default <data_dir>/squad/dev-v1.1.json, split by article).")
+flags.DEFINE_integer("doc_stride", None, "SQuAD: tokens between the starts of overlapping context windows.")
+flags.DEFINE_integer("max_query_length", None, "SQuAD: question tokens kept.")
+flags.DEFINE_integer("n_best_size", None, "SQuAD: start and end candidates per window when decoding.")
+flags.DEFINE_integer("max_answer_length", None, "SQuAD: longest answer in tokens.")
+flags.DEFINE_integer("max_examples", None, "SQuAD: first N questions of each split (smoke runs).")
+flags.DEFINE_string("cache_dir", None, "SQuAD feature cache (default ~/.cache/bert_engine/squad).")
+flags.DEFINE_string("predictions_dir", None, "SQuAD: where predictions_<split>.json go (default --model_dir).")
+
 
 def task_values() -> dict:
     """Flag values as plain Python values for tasks.registry (tuples for lists, floats parsed)."""

@@ -28,6 +28,12 @@ def _classification_spec(**fixed) -> TaskSpec:
                                "validation": os.path.join(d, "sst2", "dev.tsv")}, fixed=fixed)
 
 
+def _squad_spec(**fixed) -> TaskSpec:
+    from tasks.squad import SquadConfig, SquadTask  # noqa: PLC0415
+    # One JSON holds both splits (split by article, see tasks/squad_data.py): --squad_file, not data_files.
+    return TaskSpec(SquadTask, SquadConfig, lambda d: {}, fixed=fixed)
+
+
 def _conll_ner_spec(**fixed) -> TaskSpec:
     from tasks.tagging import TaggingConfig, TaggingTask  # noqa: PLC0415
     # The task finds its files itself: <data_dir>/conll2003/{train,valid,test}.txt by split name.
@@ -38,6 +44,7 @@ SPECS: dict[str, Callable[[], TaskSpec]] = {
     "sst2": _classification_spec,
     "classification": _classification_spec,
     "conll_ner": _conll_ner_spec,
+    "squad": _squad_spec,
 }
 
 

@@ -32,7 +32,7 @@ def default_data_dir() -> str:
 @dataclasses.dataclass(frozen=True)
 class SquadConfig:
     data_dir: str = dataclasses.field(default_factory=default_data_dir)
-    input_file: Optional[str] = None        # default: <data_dir>/squad/dev-v1.1.json
+    squad_file: Optional[str] = None        # default: <data_dir>/squad/dev-v1.1.json
     encoder: encoders.EncoderInit = "minilm"
     vocab_file: Optional[str] = None        # default: the encoder's own vocab
     lower_case: bool = True
@@ -43,13 +43,14 @@ class SquadConfig:
     max_answer_length: int = 30             # in tokens
     max_examples: Optional[int] = None      # first N questions of each split (small runs and tests)
     cache_dir: Optional[str] = None         # feature cache; default ~/.cache/bert_engine/squad
-    predictions_dir: Optional[str] = None   # where postprocess writes predictions_<split>.json
+    predictions_dir: Optional[str] = None   # where postprocess writes predictions_<split>.json ...
+    model_dir: Optional[str] = None         # ... default: the run's model_dir; neither set: not written
     shuffle_buffer: int = 10000
     seed: int = 0
 
     @property
-    def squad_file(self) -> str:
-        return self.input_file or os.path.join(self.data_dir, "squad", "dev-v1.1.json")
+    def input_path(self) -> str:
+        return self.squad_file or os.path.join(self.data_dir, "squad", "dev-v1.1.json")
 
     @property
     def feature_settings(self) -> squad_data.FeatureSettings:
@@ -210,9 +211,13 @@ class SquadTask(Task):
         if split not in self._features:
             cfg = self.config
             self._features[split] = squad_data.cached_features(
-                cfg.squad_file, split, vocab_file=self.vocab_file, lower_case=cfg.lower_case,
+                cfg.input_path, split, vocab_file=self.vocab_file, lower_case=cfg.lower_case,
                 settings=cfg.feature_settings, cache_dir=cfg.cache_dir, max_examples=cfg.max_examples)
         return self._features[split]
+
+    def num_examples(self, split: str) -> int:
+        """Windows (not questions) in a split: what one epoch of training steps over."""
+        return self.features(split)[0].num_features
 
     def build_model(self) -> tf_keras.Model:
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
@@ -268,8 +273,9 @@ class SquadTask(Task):
             host_outputs["start_logits"], host_outputs["end_logits"], host_outputs["feature_index"], features,
             n_best_size=self.config.n_best_size, max_answer_length=self.config.max_answer_length)
         self.last_predictions[split] = predictions
-        if self.config.predictions_dir:
-            write_predictions(os.path.join(self.config.predictions_dir, f"predictions_{split}.json"), predictions)
+        predictions_dir = self.config.predictions_dir or self.config.model_dir
+        if predictions_dir:
+            write_predictions(os.path.join(predictions_dir, f"predictions_{split}.json"), predictions)
         gold = {e.qas_id: [text for text, _ in e.answers] for e in features.data.examples}
         return squad_metrics.evaluate(gold, predictions)
 
