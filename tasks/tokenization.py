@@ -3,6 +3,12 @@
 Runs inside `tf.data` so the input pipeline is checkpointable and needs no Python per example.
 Packing reuses Model Garden's `BertPackInputs` (the same op TF Hub preprocessors export), so
 what we train on is exactly what an exported preprocessor produces.
+
+The text normalisation is HF's BertNormalizer (= google-research/bert's BasicTokenizer), not
+tensorflow-text's: tf_text.BertTokenizer(lower_case=True) applies ICU NFKC_Casefold, which rewrites
+compatibility characters ("ﬁ" -> "fi", "Ⅻ" -> "xii", full-width letters, "ß" -> "ss") and turns control
+characters into spaces. The released BERT/MiniLM weights were trained on the HF/google-research ids, and
+tests/test_tokenization.py checks ours are identical to HF `tokenizers` on SST-2 and tricky strings.
 """
 from __future__ import annotations
 
@@ -12,6 +18,20 @@ from typing import Mapping, Sequence
 import tensorflow as tf
 import tensorflow_text as tf_text
 from official.nlp.modeling.layers import text_layers
+
+# Words longer than this many characters (not bytes, unlike tf_text's max_bytes_per_word) become [UNK].
+MAX_CHARS_PER_WORD = 100
+# HF clean_text: control/format/private-use characters and U+FFFD are deleted (tab/newline/CR are whitespace).
+_DELETED = r"[^\P{C}\t\n\r]|\x{FFFD}"
+# Word splitting, as BasicTokenizer: whitespace (incl. no-break/ideographic spaces) is dropped; ASCII
+# punctuation, Unicode punctuation and each CJK ideograph become words of their own.
+_WHITESPACE = r"[\s\p{Zs}\x{2028}\x{2029}]+"
+_PUNCTUATION = r"[!-/]|[:-@]|[\[-`]|[{-~]|\p{P}"
+_CJK = "|".join(f"[\\x{{{lo}}}-\\x{{{hi}}}]" for lo, hi in (
+    ("4E00", "9FFF"), ("3400", "4DBF"), ("20000", "2A6DF"), ("2A700", "2B73F"), ("2B740", "2B81F"),
+    ("2B820", "2CEAF"), ("F900", "FAFF"), ("2F800", "2FA1F")))
+_SPLIT = f"{_WHITESPACE}|{_PUNCTUATION}|{_CJK}"
+_KEEP = f"{_PUNCTUATION}|{_CJK}"
 
 
 def read_vocab(vocab_file: str) -> list[str]:
@@ -35,22 +55,43 @@ class WordPieceTokenizer:
             raise ValueError(f"{vocab_file}: special tokens {missing} are missing; is this a BERT vocab.txt?")
         self.pad_id, self.unk_id = index["[PAD]"], index["[UNK]"]
         self.cls_id, self.sep_id = index["[CLS]"], index["[SEP]"]
-        # tensorflow-text's BertTokenizer: BasicTokenizer (lower case, strip accents, split punctuation
-        # and CJK) then WordPiece, the same algorithm as google-research/bert and HF BertTokenizer.
-        self._tokenizer = tf_text.BertTokenizer(
-            vocab_file, lower_case=lower_case, token_out_type=tf.int32, unknown_token="[UNK]")
+        # Up to 4 UTF-8 bytes per character; the character limit itself is applied in `_words_to_pieces`.
+        self._wordpiece = tf_text.WordpieceTokenizer(
+            vocab_file, token_out_type=tf.int32, unknown_token="[UNK]", max_bytes_per_word=4 * MAX_CHARS_PER_WORD)
 
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    def normalize(self, texts: tf.Tensor) -> tf.Tensor:
+        """HF BertNormalizer: delete control characters; if lower_case, NFD, drop accents, lower-case."""
+        texts = tf.strings.regex_replace(texts, _DELETED, "")
+        if self.lower_case:
+            texts = tf.strings.regex_replace(tf_text.normalize_utf8(texts, "NFD"), r"\p{Mn}", "")
+            # Per-character lower-casing as HF: ICU would make a word-final capital sigma "ς"; the only
+            # context-dependent rule without a locale, so pre-empting it makes the two agree.
+            texts = tf.strings.lower(tf.strings.regex_replace(texts, "Σ", "σ"), encoding="utf-8")
+        return texts
+
     def tokenize(self, texts: tf.Tensor) -> tf.RaggedTensor:
         """[batch] strings -> [batch, (wordpieces)] int32 ids."""
-        return self._tokenizer.tokenize(texts).merge_dims(-2, -1)
+        return self.tokenize_with_offsets(texts)[0].merge_dims(-2, -1)
 
     def tokenize_with_offsets(self, texts: tf.Tensor):
-        """[batch] strings -> (ids, begin, end) ragged [batch, (words), (wordpieces)]; byte offsets."""
-        return self._tokenizer.tokenize_with_offsets(texts)
+        """[batch] strings -> (ids, begin, end) ragged [batch, (words), (wordpieces)].
+
+        Offsets are byte offsets into `normalize(texts)` (as with tf_text.BertTokenizer): with
+        lower_case=False and no control characters that is the input text itself."""
+        words, word_begin, _ = tf_text.regex_split_with_offsets(self.normalize(texts), _SPLIT, _KEEP)
+        ids, begin, end = self._wordpiece.tokenize_with_offsets(words)
+        # Words of more than MAX_CHARS_PER_WORD characters are one [UNK] spanning the word.
+        too_long = tf.strings.length(words.flat_values, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
+        word_bytes = tf.cast(tf.strings.length(words.flat_values), begin.dtype)
+        ids = ids.with_values(_replace_rows(ids.values, too_long, tf.fill(tf.shape(too_long), self.unk_id)))
+        begin = begin.with_values(_replace_rows(begin.values, too_long, tf.zeros_like(word_bytes)))
+        end = end.with_values(_replace_rows(end.values, too_long, word_bytes))
+        word_begin = tf.expand_dims(word_begin, axis=2)
+        return ids, word_begin + begin, word_begin + end
 
     def pack(self, segments: Sequence[tf.RaggedTensor], seq_length: int | None = None) -> Mapping[str, tf.Tensor]:
         """Packs 1 or 2 tokenized segments, truncating round-robin, into BERT's three int32 inputs."""
@@ -62,3 +103,11 @@ class WordPieceTokenizer:
     def encode(self, *texts: tf.Tensor, seq_length: int | None = None) -> Mapping[str, tf.Tensor]:
         """Raw strings ([batch] each, one or two segments) -> packed model inputs."""
         return self.pack([self.tokenize(t) for t in texts], seq_length)
+
+
+def _replace_rows(rows: tf.RaggedTensor, replace: tf.Tensor, values: tf.Tensor) -> tf.RaggedTensor:
+    """rows [n, (k)] with row i replaced by [values[i]] where replace[i]."""
+    n = tf.shape(replace, out_type=rows.row_splits.dtype)[0]
+    singletons = tf.RaggedTensor.from_row_lengths(tf.cast(values, rows.dtype), tf.ones([n], rows.row_splits.dtype))
+    index = tf.where(replace, tf.range(n) + n, tf.range(n))
+    return tf.gather(tf.concat([rows, singletons], axis=0), index)

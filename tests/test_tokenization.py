@@ -1,0 +1,93 @@
+"""WordPieceTokenizer against HF `tokenizers` (the tokenizer MiniLM/BERT weights were trained with)."""
+import os
+
+import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tokenizers import Tokenizer
+
+from tasks.encoders import minilm_dir
+from tasks.tokenization import MAX_CHARS_PER_WORD, WordPieceTokenizer
+
+DATA_DIR = os.environ.get("DATA_DIR", "/work/shared/data")
+SEQ_LENGTH = 256
+
+TRICKY = [
+    "Café déjà vu — naïve façade, Ünïcödé ÀÉÎÕÜ",  # accents are stripped
+    "東京は日本の首都です 𠀀 ext-b",  # CJK ideographs split one per token, kana do not
+    "Hello, world!!! (really?) ... $5 ^_^ `~ ¿qué? «quotes» 100€ ©",  # ASCII / Unicode punctuation
+    "a" * (MAX_CHARS_PER_WORD + 1) + " " + "a" * MAX_CHARS_PER_WORD,  # > 100 characters -> [UNK]
+    "λ" * 60,  # 60 characters but 120 bytes: still wordpieces (the limit counts characters)
+    "supercalifragilisticexpialidocious",
+    "ﬁ ligature, Ⅻ roman, ＡＢＣ fullwidth, ǅ titlecase",  # no compatibility (NFKC) folding
+    "ß straße ẞ, İstanbul, ΣΑΣ",  # lower-casing, not case folding
+    "\x00nul\x07bell tab\there\nnew\rline\x0cform\x85next",  # control characters are deleted
+    "x\u200by zero width, a\u00adb soft hyphen, \ufeffbom, \ue000private, \ufffdreplacement",
+    "no\u00a0break, ideographic\u3000space, line\u2028separator",  # Unicode whitespace splits
+    "emoji 😀 test, don't stop-believing #1 @home",
+]
+
+
+def hf_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer.from_file(os.path.join(minilm_dir(), "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return WordPieceTokenizer(os.path.join(minilm_dir(), "vocab.txt"), seq_length=SEQ_LENGTH), hf_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    with open(os.path.join(DATA_DIR, "sst2", "train.tsv"), encoding="utf-8") as f:
+        next(f)  # header
+        return [line.split("\t")[0] for _, line in zip(range(300), f)]
+
+
+def _assert_same_ids(ours, theirs, texts):
+    ours_ids = ours.tokenize(tf.constant(texts)).to_list()
+    for text, ids in zip(texts, ours_ids):
+        expected = theirs.encode(text, add_special_tokens=False).ids
+        assert ids == expected, (text, [ours.vocab[i] for i in ids], [ours.vocab[i] for i in expected])
+
+
+def test_single_sentences_match_hf(tokenizers, sentences):
+    _assert_same_ids(*tokenizers, sentences)
+
+
+def test_tricky_strings_match_hf(tokenizers):
+    _assert_same_ids(*tokenizers, TRICKY)
+    ours, _ = tokenizers
+    too_long, lambdas = ours.tokenize(tf.constant(TRICKY[3:5])).to_list()
+    # The length cases really are exercised: 101 a's -> [UNK], 100 a's and 60 lambdas -> wordpieces.
+    assert too_long[0] == ours.unk_id and ours.unk_id not in too_long[1:] and ours.unk_id not in lambdas
+
+
+def test_packed_pairs_match_hf(tokenizers, sentences):
+    ours, theirs = tokenizers
+    firsts, seconds = sentences[0::2], sentences[1::2]
+    packed = {k: v.numpy() for k, v in ours.encode(tf.constant(firsts), tf.constant(seconds)).items()}
+    for row, (a, b) in enumerate(zip(firsts, seconds)):
+        expected = theirs.encode(a, b)  # [CLS] a [SEP] b [SEP], type ids 0 then 1
+        n = len(expected.ids)
+        assert n <= SEQ_LENGTH
+        np.testing.assert_array_equal(packed["input_word_ids"][row, :n], expected.ids)
+        np.testing.assert_array_equal(packed["input_type_ids"][row, :n], expected.type_ids)
+        np.testing.assert_array_equal(packed["input_mask"][row], np.arange(SEQ_LENGTH) < n)
+        assert (packed["input_word_ids"][row, n:] == ours.pad_id).all()
+
+
+def test_offsets_point_at_the_wordpieces(tokenizers):
+    ours, _ = tokenizers
+    text = "the movie's " + "x" * (MAX_CHARS_PER_WORD + 5) + " unbelievably good"
+    ids, begin, end = (t.merge_dims(-2, -1).to_list()[0] for t in ours.tokenize_with_offsets(tf.constant([text])))
+    pieces = [ours.vocab[i].removeprefix("##") for i in ids]
+    spans = [text[b:e] for b, e in zip(begin, end)]
+    assert pieces[:4] == spans[:4] == ["the", "movie", "'", "s"]
+    assert ids[4] == ours.unk_id and spans[4] == "x" * (MAX_CHARS_PER_WORD + 5)
+    assert "".join(spans[5:]) == "unbelievablygood" and pieces[5:] == spans[5:]
