@@ -247,6 +247,13 @@ def test_training_under_the_engine_lowers_the_loss_and_scores_with_the_official_
     assert results["exact_match"] == pytest.approx(official["exact_match"], abs=1e-9)
     assert results["f1"] == pytest.approx(official["f1"], abs=1e-9)
 
+    # Raw (question, context) pairs through SquadTask.predict (launch/predict.py's path, no cache)
+    # give the answers of the evaluation path.
+    examples = features.data.examples
+    answers = task.predict(trainer.model, [e.question for e in examples],
+                           [features.data.contexts[e.context_index] for e in examples])
+    assert answers == [predictions[e.qas_id] for e in examples]
+
 
 def _assert_same_update(reference, other):
     np.testing.assert_allclose(other[0], reference[0], rtol=1e-5)
