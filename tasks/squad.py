@@ -66,14 +66,6 @@ def _vocab_file(config: SquadConfig) -> str:
     return os.path.join(encoders.minilm_dir(), "vocab.txt")
 
 
-def _make_encoder(init: encoders.EncoderInit) -> tf_keras.Model:
-    if hasattr(encoders, "make_encoder"):
-        return encoders.make_encoder(init)[0]
-    if isinstance(init, encoders.BertConfig):  # until make_encoder lands in tasks/encoders.py
-        return encoders.build_encoder(init)
-    raise NotImplementedError(f"encoder {init!r} needs tasks.encoders.make_encoder")
-
-
 class SpanLogits(tf_keras.layers.Layer):
     """[batch, seq, 2] token logits + input mask -> float32 start/end logits with padding at -1e9."""
 
@@ -222,7 +214,8 @@ class SquadTask(Task):
     def build_model(self) -> tf_keras.Model:
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
                   for name in ("input_word_ids", "input_mask", "input_type_ids")}
-        sequence_output = _make_encoder(self.config.encoder)(inputs)["sequence_output"]
+        encoder, _ = encoders.make_encoder(self.config.encoder)
+        sequence_output = encoder(inputs)["sequence_output"]
         token_logits = tf_keras.layers.Dense(
             2, name="span_logits", kernel_initializer=tf_keras.initializers.TruncatedNormal(stddev=0.02))(
                 sequence_output)

@@ -8,13 +8,13 @@ evaluation. Split "all" is every article (for scoring a model trained elsewhere)
 
 Offsets. A feature is `[CLS] question [SEP] context-window [SEP] [PAD]...`. Every context token keeps
 the character span it came from in the *original* context, so a predicted span maps back to the
-exact original substring. tensorflow-text's offsets are byte offsets into the text *after* its own
-normalisation (case folding, NFD, accent stripping, control characters to spaces), which shifts
-them on non-ASCII text. So we normalise each original character ourselves, remember which
-character every normalised byte came from, and let tensorflow-text tokenize the already-normalised
-text without normalising again: its byte offsets then index our string, and the byte->character map
-takes them back to the original. For BERT's lower-casing vocabularies the tokens are the same as
-`WordPieceTokenizer` produces in-graph (tests check this on the whole dev file).
+exact original substring. The tokenizer's offsets are byte offsets into the text *after* its
+normalisation (control characters deleted, NFD, accents dropped, lower case), which shift on
+non-ASCII text. So we normalise each original character ourselves, remember which character every
+normalised byte came from, and tokenize the already-normalised text without normalising again: the
+byte offsets then index our string, and the byte->character map takes them back to the original.
+The ids are those `tokenization.WordPieceTokenizer` produces in-graph (tests check this on the
+whole dev file).
 
 Windows follow BERT's run_squad: contexts longer than `max_seq_length - len(question) - 3` tokens
 become overlapping windows `doc_stride` tokens apart; a window that does not contain the whole
@@ -32,6 +32,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import sys
 import unicodedata
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -162,40 +164,26 @@ def data_from_pairs(questions: Sequence[str], contexts: Sequence[str]) -> SquadD
 # Tokenization with character offsets
 # ----------------------------------------------------------------------------------------------
 
-# Unicode Default_Ignorable_Code_Point ranges (DerivedCoreProperties.txt): ICU's NFKC_Casefold, which
-# tensorflow-text's case_fold_utf8 applies, deletes these (e.g. U+200B, U+FEFF, soft hyphen).
-_DEFAULT_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
-                      (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
-                      (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
-                      (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
-                      (0xE0000, 0xE0FFF))
-
-
-def _is_default_ignorable(c: str) -> bool:
-    o = ord(c)
-    return any(lo <= o <= hi for lo, hi in _DEFAULT_IGNORABLE)
+# ASCII control characters other than tab, newline and carriage return: the normaliser deletes them.
+_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @functools.lru_cache(maxsize=65536)
 def _normalize_char(ch: str, lower_case: bool) -> str:
-    """What tensorflow-text's BasicTokenizer turns one character into (before splitting)."""
+    """What `tokenization.WordPieceTokenizer.normalize` (HF BertNormalizer) turns one character into."""
+    if ch == "\ufffd" or (unicodedata.category(ch).startswith("C") and ch not in "\t\n\r"):
+        return ""  # control/format/private-use characters are deleted (e.g. U+200B, U+FEFF in the dev file)
     if lower_case:
-        # tf_text.BasicTokenizer.lower_case: case_fold_utf8 (ICU NFKC_Casefold: NFKC, full case
-        # folding, default-ignorables deleted), then NFD, then drop nonspacing marks (accents).
-        folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", ch).casefold())
-        folded = "".join(c for c in folded if not _is_default_ignorable(c))
-        ch = "".join(c for c in unicodedata.normalize("NFD", folded) if unicodedata.category(c) != "Mn")
-    # Control and format characters become spaces (BasicTokenizer's \p{Cc}|\p{Cf} replacement).
-    return "".join(" " if unicodedata.category(c) in ("Cc", "Cf") else c for c in ch)
+        # NFD, drop nonspacing marks (accents), then lower-case character by character.
+        ch = "".join(c for c in unicodedata.normalize("NFD", ch) if unicodedata.category(c) != "Mn").lower()
+    return ch
 
 
 def normalize_with_map(text: str, lower_case: bool) -> tuple[str, np.ndarray]:
     """(normalised text, map from each of its UTF-8 bytes to the original character index)."""
-    if text.isascii():
-        # Fast path (most of SQuAD): one byte per character and lowercasing keeps length.
-        norm = text.lower() if lower_case else text
-        norm = "".join(" " if ord(c) < 32 or c == "\x7f" else c for c in norm)
-        return norm, np.arange(len(text), dtype=np.int32)
+    if text.isascii() and not _ASCII_CONTROL.search(text):
+        # Fast path (most of SQuAD): one byte per character and lower-casing keeps the length.
+        return (text.lower() if lower_case else text), np.arange(len(text), dtype=np.int32)
     pieces, owners = [], []
     for i, ch in enumerate(text):
         piece = _normalize_char(ch, lower_case)
@@ -219,7 +207,8 @@ class OffsetTokenizer:
         self.vocab_file = vocab_file
         self.lower_case = lower_case
         # lower_case=False here: the text is normalised by `normalize_with_map` already, and a second
-        # normalisation inside the op is what would break the offsets.
+        # normalisation inside the op is what would break the offsets (its control-character deletion
+        # is a no-op on our output).
         self.wordpiece = tokenization.WordPieceTokenizer(vocab_file, lower_case=False)
         self.cls_id, self.sep_id, self.pad_id = self.wordpiece.cls_id, self.wordpiece.sep_id, self.wordpiece.pad_id
 
@@ -352,9 +341,11 @@ def _file_sha256(path: str) -> str:
 def cache_key(input_file: str, vocab_file: str, lower_case: bool, settings: FeatureSettings, split: str,
               max_examples: Optional[int] = None) -> str:
     """Changes whenever the input content, vocabulary or any setting that shapes the features changes."""
-    parts = dict(version=CACHE_FORMAT_VERSION, data=_file_sha256(input_file), vocab=_file_sha256(vocab_file),
-                 lower_case=lower_case, split=canonical_split(split), train_articles=NUM_TRAIN_ARTICLES,
-                 max_examples=max_examples, **dataclasses.asdict(settings))
+    # The code that makes features is part of the key: a tokenizer change must not reuse stale ids.
+    code = [_file_sha256(m.__file__) for m in (tokenization, sys.modules[__name__])]
+    parts = dict(version=CACHE_FORMAT_VERSION, code=code, data=_file_sha256(input_file),
+                 vocab=_file_sha256(vocab_file), lower_case=lower_case, split=canonical_split(split),
+                 train_articles=NUM_TRAIN_ARTICLES, max_examples=max_examples, **dataclasses.asdict(settings))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -408,8 +399,8 @@ def cached_features(input_file: str, split: str, *, vocab_file: str, lower_case:
         with open(meta_path, encoding="utf-8") as f:
             return _meta_from_json(json.load(f)), record_path
     os.makedirs(cache_dir, exist_ok=True)
-    features = build_features(read_squad(input_file, split, max_examples), OffsetTokenizer(vocab_file, lower_case=lower_case),
-                              settings)
+    tokenizer = OffsetTokenizer(vocab_file, lower_case=lower_case)
+    features = build_features(read_squad(input_file, split, max_examples), tokenizer, settings)
     _write_tfrecord(record_path, features.arrays)
     with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(_meta_to_json(features), f)

@@ -8,7 +8,6 @@ import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_text as tf_text
 
 from tasks import encoders, squad_data, tokenization
 from tasks.squad import default_data_dir
@@ -96,10 +95,10 @@ def test_tokens_equal_the_in_graph_tokenizer_on_the_whole_dev_file(dev, dev_toke
 
 
 def test_token_offsets_point_at_the_text_the_token_came_from(dev, dev_tokens, vocab_file):
-    """Independent check with tensorflow-text's own normaliser: each token's original substring,
-    normalised by the op, contains the token's text (and equals it for ordinary tokens)."""
+    """Independent check with the in-graph normaliser: each token's original substring, normalised by
+    WordPieceTokenizer.normalize, contains the token's text (and equals it for ordinary tokens)."""
     vocab = tokenization.read_vocab(vocab_file)
-    basic = tf_text.BertTokenizer(vocab_file, lower_case=True)._basic_tokenizer
+    in_graph = tokenization.WordPieceTokenizer(vocab_file)
     pieces, substrings = [], []
     for context, tokens in zip(dev.contexts, dev_tokens):
         if context.isascii():
@@ -107,7 +106,7 @@ def test_token_offsets_point_at_the_text_the_token_came_from(dev, dev_tokens, vo
         for token_id, start, end in zip(tokens.ids, tokens.char_start, tokens.char_end):
             pieces.append(vocab[token_id].removeprefix("##"))
             substrings.append(context[start:end])
-    normalised = [s.decode() for s in basic.lower_case(tf.constant(substrings)).numpy()]
+    normalised = [s.decode() for s in in_graph.normalize(tf.constant(substrings)).numpy()]
     assert len(pieces) > 10000
     mismatched = [(p, s) for p, s, n in zip(pieces, substrings, normalised) if p != "[UNK]" and p not in n]
     assert not mismatched
