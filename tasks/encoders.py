@@ -46,6 +46,10 @@ class BertConfig:
         """Reads a HF config.json or a TF1 bert_config.json; unknown keys are ignored."""
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
+        # BertEncoderV2 hard-codes both; loading weights trained otherwise would be silently wrong.
+        if raw.get("layer_norm_eps", 1e-12) != 1e-12 or raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: layer_norm_eps {raw.get('layer_norm_eps')} / position_embedding_type "
+                             f"{raw.get('position_embedding_type')!r}; only BERT's 1e-12 / 'absolute' are supported")
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
@@ -265,7 +269,8 @@ def _vocab_file(directory: str) -> str:
     return path
 
 
-def _check_vocab(encoder: tf_keras.layers.Layer, vocab_file: str) -> None:
+def check_vocab(encoder: tf_keras.layers.Layer, vocab_file: str) -> None:
+    """Raises if `vocab_file` has a different number of tokens than the encoder has embedding rows."""
     with open(vocab_file, encoding="utf-8") as f:
         vocab_size = sum(1 for _ in f)
     rows = int(encoder.get_embedding_table().shape[0])
@@ -325,5 +330,20 @@ def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
         raise ValueError(f"encoder {init!r}: expected model.safetensors + config.json (HF) or a checkpoint + "
                          f"bert_config.json, found {sorted(os.listdir(directory))[:20]}")
     vocab_file = _vocab_file(directory)
-    _check_vocab(encoder, vocab_file)
+    check_vocab(encoder, vocab_file)
     return encoder, vocab_file
+
+
+def bert_train_flops_per_example(encoder: tf_keras.layers.Layer, seq_length: int) -> float | None:
+    """Matmul FLOPs of one training example through a BertEncoderV2 (3x forward), for MFU; None if unknown.
+
+    Per layer and token: Q, K, V, output projections 4*2*h*h, FFN 2*2*h*i, attention scores and
+    mixing 2*2*s*h. Embedding lookups, LayerNorm and softmax are negligible next to these.
+    """
+    try:
+        config = encoder.get_config()
+        h, i, layers = config["hidden_size"], config["inner_dim"], config["num_layers"]
+    except (AttributeError, KeyError, NotImplementedError):
+        return None
+    per_token = 2 * (4 * h * h + 2 * h * i) + 4 * seq_length * h
+    return 3.0 * layers * seq_length * per_token
