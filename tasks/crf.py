@@ -52,6 +52,9 @@ def _prepare(emissions: tf.Tensor, mask: tf.Tensor, transitions: tf.Tensor, star
 
     Returns emissions, bool mask, transitions [K, K], start scores [B, K], end scores [B, K].
     """
+    # Read variables once, as tensors: the time loop then reuses the value, and XLA has no kernel for
+    # gathers straight from a resource variable.
+    transitions = tf.convert_to_tensor(transitions)
     dtype = transitions.dtype
     emissions = tf.cast(emissions, dtype)
     mask = tf.cast(mask, tf.bool)
@@ -97,15 +100,25 @@ def crf_log_norm(emissions: tf.Tensor, mask: tf.Tensor, transitions: tf.Tensor, 
     emissions, mask, transitions, start, end = _prepare(
         emissions, mask, transitions, start, end, starts_sentence, ends_sentence, allowed_transitions, allowed_start)
     alpha0 = start + emissions[:, 0]
+    num_steps = emissions.shape[1] or tf.shape(emissions)[1]  # static under XLA, as it must be
+    # Only the time steps up to the longest sequence in the batch run: batches are padded to the
+    # longest possible window, but CoNLL sentences are short, so this is most of the CRF's speed.
+    longest = tf.reduce_max(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1))
+    # TensorArrays, not indexing: the gradient of a per-step read is a per-step write, whereas the
+    # gradient of slicing a captured [T, B, K] tensor is a full [T, B, K] tensor per step.
+    emissions_ta = tf.TensorArray(emissions.dtype, size=num_steps, element_shape=alpha0.shape).unstack(
+        _time_major(emissions))
+    mask_ta = tf.TensorArray(tf.bool, size=num_steps, element_shape=mask[:, :1].shape).unstack(
+        _time_major(mask[:, :, tf.newaxis]))
+    transitions = transitions[tf.newaxis]  # [1, K_from, K_to], hoisted out of the loop
 
-    def step(alpha, inputs):
-        emission_t, mask_t = inputs
-        new_alpha = _logsumexp_over_previous(alpha[:, :, tf.newaxis] + transitions[tf.newaxis]) + emission_t
+    def step(t, alpha):
+        new_alpha = _logsumexp_over_previous(alpha[:, :, tf.newaxis] + transitions) + emissions_ta.read(t)
         # Past the end of a sequence alpha is carried unchanged, so the final alpha is at its last word.
-        return tf.where(mask_t[:, tf.newaxis], new_alpha, alpha)
+        return t + 1, tf.where(mask_ta.read(t), new_alpha, alpha)
 
-    alphas = tf.scan(step, (_time_major(emissions[:, 1:]), _time_major(mask[:, 1:])), initializer=alpha0)
-    final_alpha = tf.concat([alpha0[tf.newaxis], alphas], axis=0)[-1]
+    _, final_alpha = tf.while_loop(lambda t, _: t < longest, step, (tf.constant(1), alpha0),
+                                   maximum_iterations=num_steps - 1)
     log_norm = tf.reduce_logsumexp(final_alpha + end, axis=1)
     return tf.where(mask[:, 0], log_norm, tf.zeros_like(log_norm))
 

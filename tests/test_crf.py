@@ -142,9 +142,10 @@ def test_empty_sequences_contribute_zero():
     assert not tape.gradient(loss, emissions_t).numpy().any()
 
 
-def test_jit_compile_matches_eager_in_float32_and_layer_casts_half_precision():
+@pytest.mark.parametrize("constrained", [False, True])
+def test_jit_compile_matches_eager_in_float32_and_layer_casts_half_precision(constrained):
     emissions, mask, transitions, start, end, tags = _random_case(7, batch=3, time=5)
-    allowed, allowed_start = crf.iob2_constraints(LABELS)
+    allowed, allowed_start = crf.iob2_constraints(LABELS) if constrained else (None, None)
     layer = crf.CRF(len(LABELS), allowed_transitions=allowed, allowed_start=allowed_start)
     layer.build([None, None, len(LABELS)])
     layer.transitions.assign(transitions.astype(np.float32))
