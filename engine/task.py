@@ -59,6 +59,10 @@ class Task:
         """Per-example tensors ([batch, ...]) to bring to the host for `postprocess`. Default: none."""
         return None
 
+    def train_flops_per_example(self) -> Optional[float]:
+        """Model FLOPs of one training example (forward + backward), for MFU; None if unknown."""
+        return None
+
     def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str) -> dict:
         """Host-side metrics from the concatenated `eval_outputs` of a split (padding removed)."""
         return {}

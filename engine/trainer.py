@@ -59,6 +59,10 @@ class Trainer:
         self._summaries = summaries.Summaries(config.model_dir)
         self._preempted = threading.Event()
         self.train_history: list[dict] = []  # one dict per loop: step and the logged values
+        self._first_loop = (0, 0.0)
+        # MFU needs the device's peak; measured once (about a second) only if the Task can count its FLOPs.
+        self._peak_flops = (precision.matmul_gflops(tf.bfloat16 if "bfloat16" in self.precision else tf.float32) * 1e9
+                            if task.train_flops_per_example() and not tf.config.list_logical_devices("GPU") else None)
 
     # ----------------------------------------------------------------------------------- training
 
@@ -173,6 +177,15 @@ class Trainer:
         }
         if isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
             values["loss_scale"] = float(self.optimizer.loss_scale)
+        flops = self.task.train_flops_per_example()
+        if flops and self._peak_flops:
+            values["mfu"] = flops * values["examples/sec"] / self._peak_flops
+        if not self.train_history:
+            self._first_loop = (steps_done, seconds)
+        elif len(self.train_history) == 1:
+            # The first loop paid for tracing (and XLA compilation): the excess over a steady loop.
+            first_steps, first_seconds = self._first_loop
+            values["compile_seconds"] = max(first_seconds - first_steps * seconds / steps_done, 0.0)
         self.train_history.append(dict(values, step=step))
         self._summaries.scalars("train", step, values)
         summaries.log_line("train", step, values)

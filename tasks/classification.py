@@ -115,6 +115,7 @@ class ClassificationTask(Task):
         self.config = config
         self._examples: dict[str, Examples] = {}
         self._encoder_vocab: Optional[str] = None
+        self._encoder = None
         vocab = config.vocab_file or (encoders.minilm_dir() + "/vocab.txt" if config.encoder == "minilm" else None)
         self._tokenizer = WordPieceTokenizer(vocab, seq_length=config.max_seq_length) if vocab else None
 
@@ -141,6 +142,7 @@ class ClassificationTask(Task):
     def build_model(self) -> tf_keras.Model:
         encoder, vocab = encoders.make_encoder(self.config.encoder)
         self._encoder_vocab = vocab
+        self._encoder = encoder
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
                   for name in ("input_word_ids", "input_mask", "input_type_ids")}
         pooled = encoder(inputs)["pooled_output"]
@@ -151,6 +153,11 @@ class ClassificationTask(Task):
             units, dtype="float32", name="logits",
             kernel_initializer=tf_keras.initializers.TruncatedNormal(stddev=0.02))(pooled)
         return tf_keras.Model(inputs, logits, name="classifier")
+
+    def train_flops_per_example(self) -> Optional[float]:
+        if self._encoder is None:
+            return None
+        return encoders.bert_train_flops_per_example(self._encoder, self.config.max_seq_length)
 
     # ------------------------------------------------------------------------------------ input
 
