@@ -36,8 +36,10 @@ def _squad_spec(**fixed) -> TaskSpec:
 
 def _conll_ner_spec(**fixed) -> TaskSpec:
     from tasks.tagging import TaggingConfig, TaggingTask  # noqa: PLC0415
-    # The task finds its files itself: <data_dir>/conll2003/{train,valid,test}.txt by split name.
-    return TaskSpec(TaggingTask, TaggingConfig, lambda d: {}, fixed=fixed)
+    return TaskSpec(TaggingTask, TaggingConfig,
+                    lambda d: {split: os.path.join(d, "conll2003", name) for split, name in
+                               (("train", "train.txt"), ("validation", "valid.txt"), ("test", "test.txt"))},
+                    fixed=fixed)
 
 
 SPECS: dict[str, Callable[[], TaskSpec]] = {

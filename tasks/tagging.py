@@ -41,6 +41,7 @@ class TaggingConfig:
     vocab_file: Optional[str] = None              # default: the encoder's own vocab
     lower_case: bool = True                       # must match the vocab (MiniLM is uncased)
     data_dir: Optional[str] = None                # holds conll2003/{train,valid,test}.txt; default_data_dir()
+    data_files: Optional[Mapping[str, str]] = None  # split -> CoNLL file; overrides data_dir for those splits
     labels: tuple = conll.CONLL2003_LABELS
     head: str = "crf"                             # "crf" or "softmax" (the baseline)
     iob2_constraints: bool = True                 # CRF only: forbid I-X after anything but B-X/I-X
@@ -164,13 +165,17 @@ class TaggingTask(Task):
     def split_data(self, split: str) -> EncodedSplit:
         """Reads, tokenizes and windows a split once; build_inputs and postprocess share the result."""
         if split not in self._splits:
-            if split not in SPLIT_FILES:
-                raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
-            path = os.path.join(self.config.data_dir or default_data_dir(), "conll2003", SPLIT_FILES[split])
-            sentences = conll.read_conll(path, labels=self.config.labels)
+            sentences = conll.read_conll(self._path(split), labels=self.config.labels)
             limit = self.config.max_train_sentences if split == "train" else self.config.max_eval_sentences
             self._splits[split] = self.encode(sentences[:limit] if limit else sentences)
         return self._splits[split]
+
+    def _path(self, split: str) -> str:
+        if self.config.data_files and split in self.config.data_files:
+            return self.config.data_files[split]
+        if split not in SPLIT_FILES:
+            raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
+        return os.path.join(self.config.data_dir or default_data_dir(), "conll2003", SPLIT_FILES[split])
 
     def num_examples(self, split: str) -> int:
         """Windows in a split (what one epoch of batches covers; used by launch --train_epochs)."""
