@@ -6,8 +6,9 @@ transition vectors. The math runs in the dtype of `transitions`: float32 in the 
 from a mixed-precision head are cast up, because summing scores over a sentence in float16 loses
 the differences Viterbi and the partition function depend on), float64 in the exactness tests.
 
-Only the time axis is a loop (`tf.scan`, static shapes), so everything here traces once and
-compiles under `tf.function(jit_compile=True)`; batch and tag axes are vectorised.
+Only the time axis is a loop (a `tf.while_loop` for the forward algorithm that stops at the
+batch's longest sequence, `tf.scan` for Viterbi), always over static shapes, so everything traces
+once and compiles under `tf.function(jit_compile=True)`; batch and tag axes are vectorised.
 
 Windows cut from the middle of a sentence have no sentence boundary at their ends, so
 `starts_sentence` / `ends_sentence` switch the start/end scores (and the start constraint) off
