@@ -271,9 +271,15 @@ def _vocab_file(directory: str) -> str:
 
 def check_vocab(encoder: tf_keras.layers.Layer, vocab_file: str) -> None:
     """Raises if `vocab_file` has a different number of tokens than the encoder has embedding rows."""
+    if hasattr(encoder, "get_embedding_table"):
+        rows = int(encoder.get_embedding_table().shape[0])
+    else:  # e.g. a hub.KerasLayer: find the table by its (Model Garden / google-research) name
+        tables = [w for w in encoder.weights if "word_embeddings" in w.name and len(w.shape) == 2]
+        if len(tables) != 1:
+            return  # an encoder naming its table otherwise: nothing reliable to compare with
+        rows = int(tables[0].shape[0])
     with open(vocab_file, encoding="utf-8") as f:
         vocab_size = sum(1 for _ in f)
-    rows = int(encoder.get_embedding_table().shape[0])
     if vocab_size != rows:
         raise ValueError(f"{vocab_file} has {vocab_size} tokens but the encoder's embedding table has {rows} "
                          "rows; the vocab and the weights do not belong together")
@@ -308,16 +314,21 @@ def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
       * "minilm": the bundled all-MiniLM-L6-v2 (`minilm_dir()`);
       * a HF folder: config.json + model.safetensors + vocab.txt;
       * a checkpoint folder: bert_config.json + vocab.txt + a TF1 google-research/bert checkpoint or the
-        TF2 `tf.train.Checkpoint(encoder=...)` written by `tasks.convert`.
+        TF2 `tf.train.Checkpoint(encoder=...)` written by `tasks.convert`;
+      * a TF Hub handle (https:// URL) or SavedModel folder: a trainable hub.KerasLayer, vocab from its
+        `vocab_file` asset (see tasks.hub).
     """
     if isinstance(init, BertConfig):
         return _build(build_encoder(init)), None
     if not isinstance(init, str):
         raise TypeError(f"encoder init must be a BertConfig or a str, got {type(init).__name__}")
     directory = minilm_dir() if init == "minilm" else init
+    if init.startswith(("https://", "http://", "gs://")) or os.path.isfile(os.path.join(init, "saved_model.pb")):
+        from tasks import hub  # noqa: PLC0415 - tasks.hub imports this module
+        return hub.make_hub_encoder(init)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"encoder {init!r}: expected a BertConfig, 'minilm' or a folder with pretrained "
-                                "weights, but no such folder exists")
+        raise FileNotFoundError(f"encoder {init!r}: expected a BertConfig, 'minilm', a TF Hub https:// handle or "
+                                "a folder with pretrained weights, but no such folder exists")
     if os.path.isfile(os.path.join(directory, "model.safetensors")):
         config_file = os.path.join(directory, "config.json")
         if not os.path.isfile(config_file):
@@ -327,8 +338,8 @@ def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
     elif (prefix := _checkpoint_prefix(directory)) is not None:
         encoder = _from_checkpoint_dir(directory, prefix)
     else:
-        raise ValueError(f"encoder {init!r}: expected model.safetensors + config.json (HF) or a checkpoint + "
-                         f"bert_config.json, found {sorted(os.listdir(directory))[:20]}")
+        raise ValueError(f"encoder {init!r}: expected model.safetensors + config.json (HF), a checkpoint + "
+                         f"bert_config.json, or saved_model.pb (TF Hub); found {sorted(os.listdir(directory))[:20]}")
     vocab_file = _vocab_file(directory)
     check_vocab(encoder, vocab_file)
     return encoder, vocab_file

@@ -63,6 +63,12 @@ class WordPieceTokenizer:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    @property
+    def wordpiece(self) -> tf_text.WordpieceTokenizer:
+        """The tf.Module owning the vocab lookup table: attach it to anything saved as a SavedModel that
+        calls this tokenizer, so the table and its vocab.txt asset are saved with it."""
+        return self._wordpiece
+
     def normalize(self, texts: tf.Tensor) -> tf.Tensor:
         """HF BertNormalizer: delete control characters; if lower_case, NFD, drop accents, lower-case."""
         texts = tf.strings.regex_replace(texts, _DELETED, "")

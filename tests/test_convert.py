@@ -73,13 +73,12 @@ def sst2_inputs(vocab_file: str) -> dict[str, np.ndarray]:
 def test_tf1_checkpoint_converts_with_parity(minilm_tf1, tmp_path):
     folder, weights = minilm_tf1
     output_dir = str(tmp_path / "converted")
-    # Through the absl launcher, so the flags are exercised too.
-    flags.FLAGS(["convert", "--from=tf1", f"--checkpoint={folder}/bert_model.ckpt",
+    # Through the absl launcher's flags (own FlagValues: other launchers define overlapping names).
+    flag_values = flags.FlagValues()
+    convert_launcher.define_flags(flag_values)
+    flag_values(["convert", "--from=tf1", f"--checkpoint={folder}/bert_model.ckpt",
                  f"--bert_config={folder}/bert_config.json", f"--output_dir={output_dir}"])
-    try:
-        convert_launcher.main([])
-    finally:
-        flags.FLAGS.unparse_flags()
+    assert convert_launcher.run(flag_values) == os.path.join(output_dir, "bert_model.ckpt")
     assert sorted(os.listdir(output_dir)) == [
         "bert_config.json", "bert_model.ckpt.data-00000-of-00001", "bert_model.ckpt.index", "vocab.txt"]
 
