@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 import threading
@@ -69,6 +70,7 @@ class Trainer:
     def _setup_training(self) -> Optional[str]:
         """Builds checkpointing, input and the compiled loop; restores the latest checkpoint. Returns its path."""
         cfg = self.config
+        self._check_input_geometry()
         with self.strategy.scope():
             self.optimizer.build(self.model.trainable_variables)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, global_step=self.global_step)
@@ -93,6 +95,27 @@ class Trainer:
         self._train_loop = step_lib.make_train_loop(
             self.strategy, self.train_step, stop_on_nonfinite=cfg.nonfinite_policy == "raise")
         return restored
+
+    def _check_input_geometry(self) -> None:
+        """A resumed run must read its input in the same batches, or its saved position means nothing."""
+        cfg = self.config
+        geometry = {"global_batch_size": cfg.global_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+                    "replicas": self.num_replicas}
+        path = os.path.join(cfg.model_dir, "input_geometry.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            changed = {k: (saved.get(k), v) for k, v in geometry.items() if saved.get(k) != v}
+            if changed and tf.train.latest_checkpoint(cfg.model_dir):
+                described = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
+                raise ValueError(
+                    f"{cfg.model_dir} was trained with another input geometry ({described}); resuming would not "
+                    "continue its data stream. Use the saved --global_batch_size/--grad_accum_steps/replicas or "
+                    "a new --model_dir.")
+        os.makedirs(cfg.model_dir, exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(geometry, f)
+        os.replace(path + ".tmp", path)
 
     @property
     def train_loop_tracing_count(self) -> int:

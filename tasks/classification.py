@@ -161,13 +161,16 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------------------------------ input
 
-    def _encode(self, *texts_and_label):
-        *texts, label = texts_and_label
-        return self.tokenizer.encode(*texts), label
-
     def build_inputs(self, split: str, *, batch_size: int,
                      input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         examples = self.examples(split)
+        # Created here, eagerly: built inside the map function, its vocab table would belong to that graph.
+        tokenizer = self.tokenizer
+
+        def encode(*texts_and_label):
+            *texts, label = texts_and_label
+            return tokenizer.encode(*texts), label
+
         dataset = tf.data.Dataset.from_tensor_slices(tuple(list(t) for t in examples.texts) + (examples.labels,))
         if input_context and input_context.num_input_pipelines > 1:
             dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
@@ -177,7 +180,7 @@ class ClassificationTask(Task):
                                       reshuffle_each_iteration=True).repeat()
         # Batch first: tensorflow-text tokenizes a whole batch per call, much faster than per example.
         dataset = dataset.batch(batch_size, drop_remainder=training)
-        dataset = dataset.map(self._encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        dataset = dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     # ------------------------------------------------------------------------------------ loss

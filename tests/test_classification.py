@@ -1,0 +1,182 @@
+"""Classification Task: TSV reading and its errors, losses vs NumPy, metrics vs recomputation, launch end to end."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from conftest import DATA_DIR, REPO_ROOT
+from engine_helpers import one_update_weights, run_training
+from tasks import encoders
+from tasks.classification import ClassificationConfig, ClassificationTask, read_tsv
+
+SST2 = os.path.join(DATA_DIR, "sst2")
+VOCAB = os.path.join(encoders.minilm_dir(), "vocab.txt")
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sst2_slices(tmp_path_factory):
+    """The first 256 training and 100 dev rows of the real SST-2 files."""
+    folder = tmp_path_factory.mktemp("sst2")
+    for name, rows in (("train", 256), ("dev", 100)):
+        with open(os.path.join(SST2, f"{name}.tsv"), encoding="utf-8") as f:
+            lines = [next(f) for _ in range(rows + 1)]
+        write(folder / f"{name}.tsv", "".join(lines))
+    return {"train": str(folder / "train.tsv"), "validation": str(folder / "dev.tsv")}
+
+
+# No dropout anywhere, so runs under different batch geometries are comparable update for update.
+TINY = dataclasses.replace(encoders.BertConfig.tiny(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def tiny_config(files, **kwargs):
+    return ClassificationConfig(data_files=files, encoder=TINY, vocab_file=VOCAB,
+                                max_seq_length=32, dropout=0.0, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ reading
+
+def test_reads_real_sst2_dev():
+    examples = read_tsv(os.path.join(SST2, "dev.tsv"), tiny_config({}))
+    assert len(examples.labels) == 872 and int(examples.labels.sum()) == 444  # PROVENANCE: 444 positive
+    assert examples.texts[0][0].startswith("it 's a charming and often affecting journey")
+
+
+@pytest.mark.parametrize("content, config_kwargs, message", [
+    ("sentence\tscore\nfine\t1\n", {}, r":1: missing column\(s\) \['label'\]"),
+    ("sentence\tlabel\ngood\t1\nbad\tnegative\n", {}, r":3: label 'negative' is not an integer"),
+    ("sentence\tlabel\ngood\tpos\nbad\tmeh\n", {"label_names": ("neg", "pos")}, r":3: unknown label 'meh'"),
+    ("sentence\tlabel\ngood\t1\nbad\t0\textra\n", {}, r":3: 3 fields, the header has 2"),
+    ("sentence\tlabel\ngood\t7\n", {}, r":2: label 7 is outside 0..1"),
+    ("", {}, r":1: empty file"),
+    ("sentence\tlabel\n", {}, r"no examples after the header"),
+])
+def test_bad_tsv_names_file_and_line(tmp_path, content, config_kwargs, message):
+    path = write(tmp_path / "bad.tsv", content)
+    with pytest.raises(ValueError, match=message) as error:
+        read_tsv(path, tiny_config({}, **config_kwargs))
+    assert path in str(error.value)
+
+
+def test_sentence_pairs_and_string_labels(tmp_path):
+    path = write(tmp_path / "pairs.tsv", "premise\thypothesis\tlabel\na man\ta person\tyes\nit rains\tsunny\tno\n")
+    config = tiny_config({"validation": path}, text_columns=("premise", "hypothesis"), label_names=("no", "yes"))
+    examples = read_tsv(path, config)
+    assert examples.texts == (("a man", "it rains"), ("a person", "sunny"))
+    assert examples.labels.tolist() == [1, 0]
+    task = ClassificationTask(config)
+    features, labels = next(iter(task.build_inputs("validation", batch_size=2)))
+    ids = features["input_word_ids"].numpy()[labels.numpy().tolist().index(1)]
+    tokens = [task.tokenizer.vocab[i] for i in ids if i]
+    assert tokens == ["[CLS]", "a", "man", "[SEP]", "a", "person", "[SEP]"]
+
+
+# ------------------------------------------------------------------------------------ losses
+
+@pytest.mark.parametrize("head", ["softmax", "sigmoid"])
+def test_loss_matches_numpy(head):
+    task = ClassificationTask(tiny_config({}, head=head, class_weights=(1.0, 3.0)))
+    labels = tf.constant([0, 1, 1, 0])
+    logits = np.array([[0.3, -1.2], [2.0, 0.5], [-0.7, 0.1], [1.5, 1.5]], np.float32)
+    if head == "sigmoid":
+        logits = logits[:, :1]
+        p = 1 / (1 + np.exp(-logits[:, 0]))
+        expected = -np.where(labels.numpy() == 1, np.log(p), np.log(1 - p))
+    else:
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        expected = -log_softmax[np.arange(4), labels.numpy()]
+    np.testing.assert_allclose(task.per_example_loss({}, labels, tf.constant(logits)).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(task.example_weights({}, labels).numpy(), [1, 3, 3, 1])
+    probabilities = task.probabilities(tf.constant(logits)).numpy()
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ training
+
+def test_trains_and_metrics_match_recomputation(sst2_slices, tmp_path):
+    trainer = run_training(lambda: ClassificationTask(tiny_config(sst2_slices)), global_batch_size=16,
+                           train_steps=24, steps_per_loop=8, learning_rate=1e-3, eval_split="validation",
+                           model_dir=str(tmp_path))
+    losses = [h["loss"] for h in trainer.train_history]
+    assert losses[-1] < losses[0]
+    results = trainer.evaluate("validation")
+    # Recompute accuracy and F1 from the model's own predictions on the raw sentences.
+    task = trainer.task
+    dev = task.examples("validation")
+    predicted, _ = task.predict(trainer.model, list(dev.texts[0]))
+    predicted, gold = np.array(predicted), dev.labels
+    tp = np.sum((predicted == 1) & (gold == 1))
+    f1 = 2 * tp / (np.sum(predicted == 1) + np.sum(gold == 1))
+    np.testing.assert_allclose(results["accuracy"], np.mean(predicted == gold), atol=1e-6)
+    np.testing.assert_allclose(results["f1"], f1, atol=1e-5)
+
+
+def test_accumulation_and_mirrored_same_update(sst2_slices):
+    factory = lambda: ClassificationTask(dataclasses.replace(tiny_config(sst2_slices), shuffle_buffer=1))  # noqa
+    plain = one_update_weights(factory, global_batch_size=16)
+    for kwargs in ({"grad_accum_steps": 4}, {"strategy": "mirrored", "grad_accum_steps": 2}):
+        losses, weights = one_update_weights(factory, global_batch_size=16, **kwargs)
+        np.testing.assert_allclose(losses, plain[0], atol=1e-5)
+        for a, b in zip(plain[1], weights):
+            np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ launch
+
+@pytest.fixture(scope="module")
+def tiny_encoder_dir(tmp_path_factory):
+    """A converted-checkpoint folder (bert_config.json, vocab.txt, TF2 checkpoint) holding a tiny encoder."""
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    config = encoders.BertConfig.tiny()
+    encoder, _ = encoders.make_encoder(config)
+    tf.train.Checkpoint(encoder=encoder).write(str(folder / "encoder"))
+    write(folder / "bert_config.json", json.dumps(dataclasses.asdict(config)))
+    write(folder / "vocab.txt", open(VOCAB, encoding="utf-8").read())
+    return str(folder)
+
+
+def launch_train(*args, flagfile_lines=()):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_launch_train_with_flagfile(sst2_slices, tiny_encoder_dir, tmp_path):
+    flagfile = write(tmp_path / "run.flags", "\n".join([
+        "--task=sst2", f"--init_encoder={tiny_encoder_dir}", f"--train_data={sst2_slices['train']}",
+        f"--eval_data={sst2_slices['validation']}", "--max_seq_length=32", "--precision=float32",
+        "--global_batch_size=8", "--grad_accum_steps=2", "--train_steps=4", "--steps_per_loop=2",
+        "--learning_rate=1e-3"]))
+    model_dir = tmp_path / "run"
+    result = launch_train(f"--flagfile={flagfile}", f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train | step: 4 |" in result.stdout
+    assert "final validation metrics: accuracy" in result.stdout
+    metrics = json.load(open(model_dir / "eval_results.json"))
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
+    assert any(name.startswith("events.out") for name in os.listdir(model_dir / "train"))
+
+    # An impossible batch geometry, or resuming with another one, is refused naming the flags, and the
+    # saved run is untouched.
+    before = {name: os.path.getmtime(model_dir / name) for name in os.listdir(model_dir)}
+    bad = launch_train(f"--flagfile={flagfile}", f"--model_dir={model_dir}", "--global_batch_size=9",
+                       "--train_steps=8")
+    assert bad.returncode != 0
+    assert "--global_batch_size=9 is not divisible by --grad_accum_steps=2" in bad.stderr
+    changed = launch_train(f"--flagfile={flagfile}", f"--model_dir={model_dir}", "--global_batch_size=10",
+                           "--train_steps=8")
+    assert changed.returncode != 0
+    assert "global_batch_size: saved 8, now 10" in changed.stderr
+    assert {name: os.path.getmtime(model_dir / name) for name in os.listdir(model_dir)} == before
