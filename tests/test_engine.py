@@ -163,3 +163,51 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     best = json.load(open(tmp_path / "best" / "best_metrics.json"))
     assert trainer.global_step.numpy() < 50  # lr 1.0 diverges, so patience ends the run
     assert tf.train.latest_checkpoint(str(tmp_path / "best")).endswith(f"ckpt-{best['step']}")
+
+
+def test_tensorboard_events_have_train_and_eval_scalars(tmp_path):
+    run_training(ToyTask, global_batch_size=16, train_steps=4, steps_per_loop=2, eval_every_steps=2,
+                 eval_split="validation", precision="mixed_float16", model_dir=str(tmp_path))
+    tf_keras.mixed_precision.set_global_policy("float32")
+
+    def tags(phase):
+        found = set()
+        for name in os.listdir(tmp_path / phase):
+            for event in tf.compat.v1.train.summary_iterator(str(tmp_path / phase / name)):
+                found.update(value.tag for value in event.summary.value)
+        return found
+
+    assert {"loss", "learning_rate", "grad_norm", "loss_scale", "examples/sec", "steps/sec", "skipped_updates",
+            "compile_seconds", "parameters", "config"} <= tags("train")
+    assert {"loss", "accuracy", "host_accuracy"} <= tags("eval")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    worker = subprocess.Popen([sys.executable, os.path.join(HERE, "resume_worker.py"), str(tmp_path), "100000",
+                               "default", str(tmp_path / "out.npz")], stdout=subprocess.PIPE, text=True)
+    for line in worker.stdout:
+        if line.startswith("train | step: 3 "):
+            break
+    worker.terminate()  # SIGTERM, as a preemption or `kill` sends
+    output = worker.stdout.read()
+    assert worker.wait(timeout=120) == 0
+    assert "SIGTERM: saved" in output
+    step = int(tf.train.latest_checkpoint(str(tmp_path)).rsplit("-", 1)[1])
+    assert 3 <= step < 100000
+
+
+def test_bf16_on_cpu_without_native_support_warns_with_measured_cost(monkeypatch):
+    from absl import logging as absl_logging
+    from engine import precision
+    messages = []
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(absl_logging, "warning", lambda fmt, *args: messages.append(fmt % args))
+    assert precision.resolve_precision("auto") == "float32"
+    assert precision.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert len(messages) == 1 and "GFLOP/s bf16" in messages[0] and "no native bf16" in messages[0]
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision("auto") == "mixed_bfloat16"
+
+
+def test_one_device_strategy_equals_default(plain_run):
+    assert_same(plain_run, one_update_weights(ToyTask, global_batch_size=32, strategy="one_device", train_steps=2))
