@@ -9,6 +9,8 @@ one real batch held in memory and repeated, i.e. an input pipeline that costs no
 times should agree within a few percent if the cached pipeline keeps up with the model. The first
 loop of every run (tracing, shuffle-buffer fill) is not timed; the median over the other loops is
 reported. Runs of the two input modes alternate, so load from other processes hits both alike.
+The cached pipeline is also timed alone (batches/s without a model), which bounds its share of a
+step even when other processes make step times noisy.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ flags.DEFINE_integer("loops", 3, "Timed loops per run (after one untimed warm-up
 flags.DEFINE_integer("repeats", 2, "Runs per (precision, input) pair, alternating input modes.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
 flags.DEFINE_string("encoder", "minilm", "Encoder init (see tasks.encoders.make_encoder).")
+flags.DEFINE_integer("pipeline_batches", 300, "Batches to time the cached input pipeline alone (0: skip).")
 flags.DEFINE_string("output_json", None, "Also write the results here.")
 
 
@@ -49,6 +52,16 @@ def _synthetic_task(base):
 
     task = SyntheticInput(base.config)
     return task
+
+
+def time_input_pipeline(task, num_batches: int) -> float:
+    """Batches/s of the cached pipeline alone (no model): its share of a step, free of model-time noise."""
+    iterator = iter(task.build_inputs("train", batch_size=FLAGS.batch_size))
+    next(iterator)  # the shuffle buffer fills here
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(iterator)
+    return num_batches / (time.perf_counter() - start)
 
 
 def run_once(task, precision: str) -> dict:
@@ -85,6 +98,10 @@ def main(argv):
               "native_bf16": precision_lib.cpu_has_native_bf16(), "train_features": features.num_features,
               "cache": record_path, "batch_size": FLAGS.batch_size, "seq_length": FLAGS.seq_length}
     print(json.dumps(header), flush=True)
+    if FLAGS.pipeline_batches:
+        header["input_pipeline_batches_per_second"] = time_input_pipeline(base, FLAGS.pipeline_batches)
+        print(f"bench | cached input pipeline alone | {header['input_pipeline_batches_per_second']:.1f} batches/s",
+              flush=True)
     tasks = {"cached": lambda: squad.SquadTask(base.config), "synthetic": lambda: _synthetic_task(base)}
     runs: dict[str, list[dict]] = {}
     for precision in FLAGS.precisions:

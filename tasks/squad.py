@@ -31,6 +31,7 @@ def default_data_dir() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SquadConfig:
+    """SQuAD options; field names double as launch flag names (see tasks/registry.py)."""
     data_dir: str = dataclasses.field(default_factory=default_data_dir)
     squad_file: Optional[str] = None        # default: <data_dir>/squad/dev-v1.1.json
     encoder: encoders.EncoderInit = "minilm"
