@@ -17,11 +17,11 @@ The ids are those `tokenization.WordPieceTokenizer` produces in-graph (tests che
 whole dev file).
 
 Windows follow BERT's run_squad: contexts longer than `max_seq_length - len(question) - 3` tokens
-become overlapping windows `doc_stride` tokens apart; a window that does not contain the whole
-answer is labelled start = end = 0 ([CLS]).
+become overlapping windows `doc_stride` tokens apart. Training targets the first gold answer; a
+window that does not contain all of it is labelled start = end = 0 ([CLS]).
 
 Cache. Building features tokenizes every context, so the result is written once per (input file
-content, vocab, settings, split) as a TFRecord of model inputs plus a JSON sidecar with what
+content, vocab, settings, split, and the source of this module and the tokenizer) as a TFRecord of model inputs plus a JSON sidecar with what
 post-processing needs (examples, offsets, windows), and read back on later runs.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from tasks import tokenization
 
 NUM_TRAIN_ARTICLES = 38
 CACHE_FORMAT_VERSION = 1
-_SPLIT_ALIASES = {"validation": "eval", "dev": "eval", "test": "eval"}
+_SPLIT_ALIASES = {"validation": "eval", "dev": "eval"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class SquadData:
     """What `read_squad` found: unique contexts, examples pointing into them, and what was skipped."""
     contexts: list[str]
     examples: list[SquadExample]
-    skipped_ids: list[str]      # questions dropped because an answer does not match its answer_start
+    skipped_ids: list[str]      # questions dropped: an answer does not match its answer_start, or none
     num_articles: int
 
 
@@ -100,8 +100,9 @@ def load_json(path: str) -> dict:
 def read_squad(path: str, split: str = "all", max_examples: Optional[int] = None) -> SquadData:
     """Reads a SQuAD v1.1 JSON file, keeping the articles of `split` (and its first `max_examples` questions).
 
-    A question whose answer text differs from `context[answer_start:...]` is skipped and its id listed
-    (dataset noise should not stop a run, but must not be silent). An empty question or context is an
+    A question with an answer whose text differs from `context[answer_start:...]`, or with no answer,
+    is skipped and its id listed: one corrupt record should not stop a run, but must not be silent, and
+    a record with one wrong offset cannot be trusted for the others. An empty question or context is an
     error naming the question id: it means the file is not SQuAD.
     """
     raw = load_json(path)
