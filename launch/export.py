@@ -1,10 +1,18 @@
-"""Exports SavedModels. Today: a BERT encoder + its raw-text preprocessor in the TF Hub interface.
+"""Exports SavedModels: a BERT encoder + preprocessor for TF Hub, or a fine-tuned Task for serving.
 
   python -m launch.export --encoder=minilm --export_dir=exports/minilm
   python -m launch.export --encoder=encoders/bert_base --export_dir=exports/bert_base --seq_length=256
+  python -m launch.export --task=sst2 --checkpoint=runs/sst2 --export_dir=exports/sst2_serving
+  python -m launch.export --task=squad --checkpoint=runs/squad --init_encoder=exports/minilm/encoder \\
+      --max_seq_length=384 --export_dir=exports/squad_serving
 
-Writes EXPORT_DIR/encoder (use with hub.KerasLayer(..., trainable=True)) and EXPORT_DIR/preprocessor
+--encoder writes EXPORT_DIR/encoder (use with hub.KerasLayer(..., trainable=True)) and EXPORT_DIR/preprocessor
 (raw strings in; `tokenize` and `bert_pack_inputs` as TF Hub's bert_en_uncased_preprocess).
+
+--task writes one SavedModel whose `serving_default` signature takes raw strings (see tasks/serving.py):
+the weights of --checkpoint (a launch.train --model_dir or a checkpoint prefix) in the model that the
+task flags describe; pass the task flags the model was trained with (--init_encoder, --max_seq_length,
+--label_names, --text_columns, --head, ...). Loading it needs `import tensorflow_text`.
 """
 from __future__ import annotations
 
@@ -30,6 +38,30 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          flag_values=flag_values)
     flags.mark_flag_as_required("export_dir", flag_values=flag_values)
 
+    # --- a fine-tuned Task for serving (flag names and meanings as in launch/train.py)
+    flags.DEFINE_enum("task", None, ["sst2", "classification", "squad", "conll_ner"],
+                      "Export this Task's serving SavedModel (raw strings in) instead of an encoder.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("checkpoint", None, "--task: a launch.train --model_dir (latest checkpoint) or a checkpoint "
+                        "prefix such as runs/sst2/ckpt-600.", flag_values=flag_values)
+    flags.DEFINE_string("init_encoder", "minilm", "--task: the --init_encoder the model was trained from (it fixes "
+                        "the architecture and the vocab).", flag_values=flag_values)
+    flags.DEFINE_integer("max_seq_length", None, "--task: tokens per sequence, as in training (task default if "
+                         "unset).", flag_values=flag_values)
+    flags.DEFINE_list("text_columns", None, "classification: one text column, or two for sentence pairs (the "
+                      "signature then takes `sentence` and `sentence_b`).", flag_values=flag_values)
+    flags.DEFINE_list("label_names", None, "classification: label strings in class-id order.", flag_values=flag_values)
+    flags.DEFINE_integer("num_classes", None, "classification: classes, for integer labels.", flag_values=flag_values)
+    flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"], "classification: softmax|sigmoid; conll_ner: "
+                      "crf|softmax.", flag_values=flag_values)
+    flags.DEFINE_bool("iob2_constraints", None, "conll_ner CRF: as in training.", flag_values=flag_values)
+    flags.DEFINE_integer("max_words", None, "conll_ner: words per window, as in training.", flag_values=flag_values)
+    flags.DEFINE_integer("doc_stride", None, "squad: tokens between overlapping context windows.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("max_query_length", None, "squad: question tokens kept.", flag_values=flag_values)
+    flags.DEFINE_integer("n_best_size", None, "squad: start/end candidates per window.", flag_values=flag_values)
+    flags.DEFINE_integer("max_answer_length", None, "squad: longest answer in tokens.", flag_values=flag_values)
+
 
 def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lower_case: bool = True,
                    seq_length: int = 128) -> dict[str, str]:
@@ -47,10 +79,44 @@ def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lowe
     return paths
 
 
+def _task_values(flag_values: flags.FlagValues) -> dict:
+    """The task flags as tasks.registry values (tuples for lists); unset flags keep the Task defaults."""
+    names = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
+             "iob2_constraints", "max_words", "doc_stride", "max_query_length", "n_best_size", "max_answer_length")
+    values = {name: flag_values[name].value for name in names}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if flag_values.task in ("squad", "conll_ner"):  # the classification tokenizer always lower-cases
+        values["lower_case"] = flag_values.lower_case
+    return values
+
+
+def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str) -> str:
+    """Builds Task `task` from launch `values`, loads `checkpoint` into its model, writes the serving SavedModel."""
+    from tasks import registry, serving  # noqa: PLC0415 - TensorFlow loads after flag parsing
+
+    serving.resolve_checkpoint(checkpoint)  # a missing checkpoint fails before any model is built
+    built, _ = registry.build_task(task, values)
+    model = built.build_model()
+    shown = [f"--{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in sorted(values.items()) if v is not None]
+    path = serving.restore(model, checkpoint, expected=f"--task={task} ({' '.join(shown)})")
+    logging.info("export | task: %s | weights: %s", task, path)
+    serving.save(serving.serving_module(built, model), export_dir)
+    return export_dir
+
+
 def run(flag_values: flags.FlagValues) -> dict[str, str]:
-    """Dispatches on the parsed flags; a Task's serving export (--task) belongs next to the encoder branch."""
+    """Dispatches on the parsed flags: --encoder (TF Hub encoder + preprocessor) or --task (serving model)."""
+    if flag_values.task is not None:
+        if flag_values.encoder is not None:
+            raise app.UsageError("--encoder exports an encoder for TF Hub, --task a fine-tuned model: pass one")
+        if not flag_values.checkpoint:
+            raise app.UsageError(f"--task={flag_values.task} needs --checkpoint (the launch.train --model_dir)")
+        path = export_task(task=flag_values.task, values=_task_values(flag_values), checkpoint=flag_values.checkpoint,
+                           export_dir=flag_values.export_dir)
+        logging.info("export | serving model: %s", path)
+        return {"serving": path}
     if flag_values.encoder is None:
-        raise app.UsageError("nothing to export: pass --encoder")
+        raise app.UsageError("nothing to export: pass --encoder, or --task with --checkpoint")
     paths = export_encoder(init=flag_values.encoder, export_dir=flag_values.export_dir,
                            vocab_file=flag_values.vocab_file, lower_case=flag_values.lower_case,
                            seq_length=flag_values.seq_length)
@@ -60,7 +126,13 @@ def run(flag_values: flags.FlagValues) -> dict[str, str]:
 
 def main(argv: list[str]) -> None:
     del argv
-    run(flags.FLAGS)
+    try:
+        paths = run(flags.FLAGS)
+    except (ValueError, FileNotFoundError) as error:  # bad checkpoint/encoder/flags: one clear line, no traceback
+        print(f"launch.export: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    for name, path in paths.items():
+        print(f"{name}: {path}", flush=True)
 
 
 if __name__ == "__main__":
