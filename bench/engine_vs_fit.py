@@ -1,0 +1,371 @@
+"""Training throughput and MFU of our engine against plain `model.fit`, on this CPU.
+
+  python bench/engine_vs_fit.py --data_dir=../shared/data --output=bench/RESULTS.md   # ~15 min on 2 cores
+  python bench/engine_vs_fit.py --quick --steps=2 --rounds=1                          # tiny encoder: smoke run
+
+Why: the engine wraps the step in a compiled loop with gradient accumulation, non-finite checks and
+clipping. This checks that none of that costs throughput against what users do today (`compile` +
+`fit`), and how far both are from the CPU's own matmul peak (MFU).
+
+Same model, optimizer and batches on both sides: BertEncoderV2 with MiniLM's shape (6 layers, hidden 384,
+12 heads, FFN 1536, random init) and a softmax head on the pooled output, built by
+`ClassificationTask.build_model`; AdamW (lr 2e-5, weight decay 0.01 except LayerNorm/bias, global-norm
+clip 1.0); real SST-2 sentences tokenized once to seq 128, fed to both from the same in-memory tensors;
+batch 32. Configurations, in every --precisions policy:
+  fit:    `model.fit`, steps_per_execution in --fit_steps_per_execution, jit_compile in --jit;
+  engine: `engine.trainer.Trainer`, steps_per_loop = --steps, RuntimeConfig.jit_compile in --jit.
+
+This machine is shared, so the measurement is built to survive noisy neighbours: all configurations are
+built and warmed up first (the first call traces and compiles: never timed), then every round times one
+window of --steps steps of each configuration in turn (order reversed every other round), and the median
+window is reported. Besides wall-clock examples/s, each window's process CPU time gives examples per
+CPU-second: waiting for a core another job holds costs wall time but no CPU time, so engine/fit ratios
+per CPU-second are a cross-check that contention disturbs far less. The matmul peak is re-measured every
+round and the best kept; MFU = FLOPs per example x examples/s / that peak. A configuration more than
+`SLOW_FACTOR` x slower than the best of its precision in a one-step probe is timed only by that probe: it
+is no contender, and its windows would eat the time budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
+
+from absl import app, flags  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLOW_FACTOR = 3.0
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"),
+                    "Folder holding sst2/train.tsv.")
+flags.DEFINE_integer("steps", 4, "Timed steps per window; also the engine's steps_per_loop.")
+flags.DEFINE_integer("rounds", 3, "Timed windows per configuration, one per round.")
+flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Keras precision policies.")
+flags.DEFINE_list("fit_steps_per_execution", ["1", "4"], "steps_per_execution values for model.fit.")
+flags.DEFINE_list("jit", ["false", "true"], "jit_compile values, for fit and the engine alike.")
+flags.DEFINE_bool("quick", False, "Tiny encoder (2 layers, hidden 64), seq 32, batch 8: a smoke run.")
+flags.DEFINE_integer("num_examples", 1024, "SST-2 training sentences tokenized (then cycled through).")
+flags.DEFINE_string("output", None, "Append the markdown results to this file.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    encoder: object          # tasks.encoders.BertConfig
+    seq_length: int
+    batch_size: int
+    num_examples: int = 1024
+
+
+def make_setup(quick: bool, num_examples: int = 1024) -> Setup:
+    from tasks import encoders  # noqa: PLC0415
+    if quick:
+        return Setup(encoders.BertConfig.tiny(), seq_length=32, batch_size=8, num_examples=num_examples)
+    # BertConfig's defaults are MiniLM's shape (6 x 384, 12 heads, FFN 1536, vocab 30522).
+    return Setup(encoders.BertConfig(), seq_length=128, batch_size=32, num_examples=num_examples)
+
+
+def train_flops_per_example(setup: Setup) -> float:
+    """3 x forward matmul FLOPs (backward = 2 x forward); per layer and token 2(4h^2 + 2hi) + 2*2*s*h.
+    Embeddings, pooler, head, LayerNorm and softmax are negligible next to these."""
+    cfg = setup.encoder
+    h, i, s = cfg.hidden_size, cfg.intermediate_size, setup.seq_length
+    return 3.0 * cfg.num_hidden_layers * s * (2 * (4 * h * h + 2 * h * i) + 2 * 2 * s * h)
+
+
+# ------------------------------------------------------------------------------------ data and task
+
+def make_task(setup: Setup, data_dir: str):
+    """A ClassificationTask (random-init encoder) whose training input is in-memory, pre-tokenized tensors."""
+    import tensorflow as tf  # noqa: PLC0415
+    from tasks import encoders  # noqa: PLC0415
+    from tasks.classification import ClassificationConfig, ClassificationTask  # noqa: PLC0415
+
+    class InMemoryTask(ClassificationTask):
+        """Tokenizes once; fit and the engine then read the same tensors, so input costs them alike."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            sentences = self.examples("train").texts[0][:setup.num_examples]
+            self.features = {k: v.numpy() for k, v in self.tokenizer.encode(tf.constant(sentences)).items()}
+            self.labels = self.examples("train").labels[:setup.num_examples]
+
+        def build_inputs(self, split, *, batch_size, input_context=None):
+            dataset = tf.data.Dataset.from_tensor_slices((self.features, self.labels))
+            return dataset.repeat().batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    config = ClassificationConfig(
+        data_files={"train": os.path.join(data_dir, "sst2", "train.tsv")}, encoder=setup.encoder,
+        vocab_file=os.path.join(encoders.minilm_dir(), "vocab.txt"), max_seq_length=setup.seq_length)
+    return InMemoryTask(config)
+
+
+def optimizer_config():
+    from engine.config import OptimizerConfig  # noqa: PLC0415
+    # Linear decay over a horizon never reached: a constant rate, the same schedule code on both sides.
+    return OptimizerConfig(learning_rate=2e-5, warmup_steps=0, decay_steps=10 ** 9, end_learning_rate=0.0)
+
+
+# ------------------------------------------------------------------------------------ runners
+
+class FitRunner:
+    """`model.compile(AdamW, steps_per_execution, jit_compile)` + `model.fit`, timed per epoch."""
+
+    kind = "fit"
+
+    def __init__(self, task, batch_size: int, precision: str, steps_per_execution: int, jit: bool):
+        import tf_keras  # noqa: PLC0415
+        from engine import optimization  # noqa: PLC0415
+
+        self.name = f"fit spe={steps_per_execution}" + (" xla" if jit else "")
+        self.precision, self.jit = precision, jit
+        cfg = optimizer_config()
+        tf_keras.mixed_precision.set_global_policy(precision)
+        tf_keras.utils.set_random_seed(0)  # the engine's RuntimeConfig.seed: identical initial weights
+        try:
+            self.model = task.build_model()
+        finally:
+            tf_keras.mixed_precision.set_global_policy("float32")
+        # engine.optimization.make_optimizer's AdamW, plus the global-norm clipping the engine does itself.
+        optimizer = tf_keras.optimizers.AdamW(
+            learning_rate=optimization.make_learning_rate(cfg, 10 ** 9), weight_decay=cfg.weight_decay,
+            beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon, global_clipnorm=cfg.clip_norm,
+            jit_compile=False)
+        optimizer.exclude_from_weight_decay(var_names=list(cfg.exclude_from_weight_decay))
+        self.model.compile(optimizer=optimizer,
+                           loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                           steps_per_execution=steps_per_execution, jit_compile=jit)
+        self._dataset = task.build_inputs("train", batch_size=batch_size)
+
+        class EpochTimer(tf_keras.callbacks.Callback):
+            # on_epoch_begin comes after fit has built its data handler and iterator: only the loop is timed.
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.perf_counter(), time.process_time()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
+        self._timer = EpochTimer()
+
+    def run(self, steps: int) -> tuple[float, float]:
+        """Trains `steps` steps; returns their (wall, CPU) seconds. A shorter run than steps_per_execution
+        is one call of `steps` (fit lowers its steps_per_execution variable: no retracing)."""
+        self.model.fit(self._dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[self._timer])
+        return self._timer.seconds
+
+    def close(self):
+        pass
+
+
+class EngineRunner:
+    """`engine.trainer.Trainer` on the same task, timing the Trainer's compiled loop as `train()` does."""
+
+    kind = "engine"
+
+    def __init__(self, task, batch_size: int, precision: str, jit: bool, steps_per_loop: int):
+        import tf_keras  # noqa: PLC0415
+        from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
+        from engine.trainer import Trainer  # noqa: PLC0415
+
+        self.name = "engine" + (" xla" if jit else "")
+        self.precision, self.jit = precision, jit
+        self._model_dir = tempfile.mkdtemp(prefix="engine_vs_fit_")
+        config = TrainerConfig(model_dir=self._model_dir, train_steps=10 ** 9, global_batch_size=batch_size,
+                               steps_per_loop=steps_per_loop, eval_split="")
+        try:
+            self.trainer = Trainer(task, config, optimizer_config(), RuntimeConfig(precision=precision, jit_compile=jit))
+        finally:
+            tf_keras.mixed_precision.set_global_policy("float32")  # the Trainer sets the global policy
+        # Trainer.train() runs to train_steps and then saves a checkpoint; windows interleaved with other
+        # configurations need the loop itself, which is what train() calls and times.
+        self.trainer._setup_training()  # pylint: disable=protected-access
+
+    def run(self, steps: int) -> tuple[float, float]:
+        import tensorflow as tf  # noqa: PLC0415
+        loop, iterator = self.trainer._train_loop, self.trainer._train_iterator  # pylint: disable=protected-access
+        start = time.perf_counter(), time.process_time()
+        steps_done, *_ = loop(iterator, tf.constant(steps, tf.int32))
+        int(steps_done)  # blocks until the loop has finished
+        return time.perf_counter() - start[0], time.process_time() - start[1]
+
+    def close(self):
+        shutil.rmtree(self._model_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ peak
+
+# The big square, and the model's own shapes: 4096 = 32 x 128 tokens against 384/1536 features.
+PEAK_SHAPES = ((2048, 2048, 2048), (4096, 384, 1536), (4096, 1536, 384), (4096, 384, 384))
+
+
+def matmul_peak_gflops(dtype, shapes=PEAK_SHAPES, samples: int = 5, calls: int = 3) -> float:
+    """Best TF matmul GFLOP/s over `shapes`; each sample times `calls` back-to-back matmuls."""
+    import tensorflow as tf  # noqa: PLC0415
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = tf.cast(tf.random.normal([m, k]), dtype), tf.cast(tf.random.normal([k, n]), dtype)
+        matmul = tf.function(tf.matmul)
+        matmul(a, b).numpy()  # trace; warm oneDNN's primitive cache
+        for _ in range(samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                matmul(a, b).numpy()
+            best = max(best, calls * 2 * m * k * n / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+# ------------------------------------------------------------------------------------ the run
+
+def build_runners(task, setup: Setup, precisions, steps_per_execution, jits, steps: int) -> list:
+    runners = []
+    for precision in precisions:
+        for jit in jits:
+            runners += [FitRunner(task, setup.batch_size, precision, spe, jit) for spe in steps_per_execution]
+            runners.append(EngineRunner(task, setup.batch_size, precision, jit, steps))
+    return runners
+
+
+def measure(runners, *, steps: int, rounds: int, batch_size: int) -> tuple[dict, dict]:
+    """Warm-up, one-step probe, then `rounds` interleaved windows.
+
+    Returns ({runner: [(steps, wall seconds, CPU seconds)]}, {"float32"|"bfloat16": peak GFLOP/s}).
+    """
+    import tensorflow as tf  # noqa: PLC0415
+    windows = {runner: [] for runner in runners}
+    probe = {}
+    for runner in runners:
+        start = time.perf_counter()
+        runner.run(1)  # tracing and (XLA) compilation: never timed
+        probe[runner] = (1, *runner.run(1))
+        print(f"warm-up | {runner.precision} | {runner.name} | {time.perf_counter() - start:.1f} s, "
+              f"then one step {probe[runner][1]:.2f} s", flush=True)
+    contenders = []
+    for runner in runners:
+        fastest = min(probe[r][1] for r in runners if r.precision == runner.precision)
+        if probe[runner][1] > SLOW_FACTOR * fastest:
+            windows[runner] += [probe[runner], (1, *runner.run(1))]  # two one-step samples: all it gets
+            print(f"not a contender ({probe[runner][1] / fastest:.1f}x slower): {runner.precision} | {runner.name}")
+        else:
+            contenders.append(runner)
+    peaks = {"float32": 0.0, "bfloat16": 0.0}
+    for round_index in range(rounds):
+        # Reverse the order every other round, so no configuration always follows the same neighbour.
+        for runner in contenders if round_index % 2 == 0 else contenders[::-1]:
+            wall, cpu = runner.run(steps)
+            windows[runner].append((steps, wall, cpu))
+            print(f"round {round_index} | {runner.precision} | {runner.name} | {steps * batch_size / wall:.2f} "
+                  f"examples/s | {steps * batch_size / cpu:.2f} examples/CPU-s", flush=True)
+        for name, dtype in (("float32", tf.float32), ("bfloat16", tf.bfloat16)):
+            peaks[name] = max(peaks[name], matmul_peak_gflops(dtype))
+        print(f"round {round_index} | matmul peak so far: fp32 {peaks['float32']:.0f} GFLOP/s, "
+              f"bf16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
+    return windows, peaks
+
+
+def summarize(runners, windows, peaks, *, batch_size: int, flops: float) -> tuple[list, list]:
+    """Table rows (medians over windows) and ratio lines."""
+    rows = []
+    for runner in runners:
+        samples = windows[runner]
+        wall = statistics.median(steps * batch_size / w for steps, w, _ in samples)
+        cpu = statistics.median(steps * batch_size / c for steps, _, c in samples)
+        peak = peaks["bfloat16" if "bfloat16" in runner.precision else "float32"] * 1e9
+        rows.append(dict(runner=runner, precision=runner.precision, config=runner.name, windows=f"{len(samples)} x {samples[-1][0]}",
+                         wall=wall, cpu=cpu, mfu=flops * wall / peak if peak else 0.0))
+
+    def best(precision, kind, jit=None):
+        pool = [r for r in rows if r["precision"] == precision and r["runner"].kind == kind
+                and (jit is None or r["runner"].jit == jit)]
+        return max(pool, key=lambda r: r["wall"]) if pool else None
+
+    def ratio(a, b):
+        return f"{a['wall'] / b['wall']:.3f} (per CPU-s: {a['cpu'] / b['cpu']:.3f})"
+
+    lines = []
+    for precision in dict.fromkeys(r["precision"] for r in rows):
+        fit, eng = best(precision, "fit"), best(precision, "engine")
+        for row in rows:
+            if row["precision"] == precision and fit:
+                row["vs_fit"] = row["wall"] / fit["wall"]
+        if fit and eng:
+            lines.append(f"{precision}: engine best ({eng['config']}) / fit best ({fit['config']}) = {ratio(eng, fit)}")
+        for jit in (False, True):
+            f, e = best(precision, "fit", jit), best(precision, "engine", jit)
+            if f and e:
+                lines.append(f"{precision}: like-for-like {e['config']} / {f['config']} = {ratio(e, f)}")
+    fit32 = best("float32", "fit")
+    for precision in dict.fromkeys(r["precision"] for r in rows):
+        eng = best(precision, "engine")
+        if precision != "float32" and fit32 and eng:
+            lines.append(f"{precision}: engine best ({eng['config']}) / fit float32 best ({fit32['config']}) "
+                         f"= {ratio(eng, fit32)}")
+    return rows, lines
+
+
+def markdown(rows, lines, header: dict) -> str:
+    out = [f"- {k}: {v}" for k, v in header.items()] + [""]
+    out += ["| precision | configuration | windows x steps | examples/s | vs fit best | examples/CPU-s | MFU |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        out.append(f"| {r['precision']} | {r['config']} | {r['windows']} | {r['wall']:.2f} | "
+                   f"{r.get('vs_fit', float('nan')):.3f} | {r['cpu']:.2f} | {100 * r['mfu']:.1f}% |")
+    return "\n".join(out + [""] + [f"- {line}" for line in lines] + [""])
+
+
+def run_benchmark(setup: Setup, data_dir: str, *, precisions, steps_per_execution, jits, steps: int,
+                  rounds: int, output: str | None = None, command: str = "") -> dict:
+    """The whole benchmark; returns {"rows", "lines", "peaks", "flops_per_example", "markdown"}."""
+    from engine import precision as precision_lib  # noqa: PLC0415
+
+    started = time.perf_counter()
+    task = make_task(setup, data_dir)
+    flops = train_flops_per_example(setup)
+    cfg = setup.encoder
+    header = {
+        "command": command,
+        "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        "CPU": f"{precision_lib.cpu_model_name()}, {os.cpu_count()} cores (shared with other jobs)",
+        "native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo)": "yes" if precision_lib.cpu_has_native_bf16() else "no",
+        "model": (f"BertEncoderV2 {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
+                  f"heads, FFN {cfg.intermediate_size}, softmax head; seq {setup.seq_length}, batch {setup.batch_size}"),
+        "training FLOPs per example (3 x forward matmuls)": f"{flops / 1e9:.3f} GFLOP",
+        "timing": f"median of {rounds} interleaved windows of {steps} steps after an untimed compile call",
+    }
+    for k, v in header.items():
+        print(f"{k}: {v}", flush=True)
+    runners = build_runners(task, setup, precisions, steps_per_execution, jits, steps)
+    try:
+        windows, peaks = measure(runners, steps=steps, rounds=rounds, batch_size=setup.batch_size)
+    finally:
+        for runner in runners:
+            runner.close()
+    header["matmul peak, best over shapes and rounds"] = (
+        f"fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
+    header["wall time"] = f"{time.perf_counter() - started:.0f} s"
+    rows, lines = summarize(runners, windows, peaks, batch_size=setup.batch_size, flops=flops)
+    text = markdown(rows, lines, header)
+    print("\n" + text, flush=True)
+    if output:
+        with open(output, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return {"rows": rows, "lines": lines, "peaks": peaks, "flops_per_example": flops, "markdown": text}
+
+
+def main(argv):
+    del argv
+    run_benchmark(
+        make_setup(FLAGS.quick, FLAGS.num_examples), FLAGS.data_dir, precisions=FLAGS.precisions,
+        steps_per_execution=[int(s) for s in FLAGS.fit_steps_per_execution],
+        jits=[j.lower() in ("1", "true", "yes") for j in FLAGS.jit], steps=FLAGS.steps, rounds=FLAGS.rounds,
+        output=FLAGS.output, command=" ".join(["python"] + sys.argv))
+
+
+if __name__ == "__main__":
+    app.run(main)
