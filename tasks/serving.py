@@ -21,7 +21,7 @@ Loading needs the tensorflow-text ops registered: `import tensorflow_text` befor
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -64,10 +64,6 @@ def _segment_first_best(scores: tf.Tensor, valid: tf.Tensor, segments: tf.Tensor
     first = tf.math.unsorted_segment_min(tf.where(is_best, rows, big), segments, num_segments)
     found = first < big
     return tf.where(found, first, -1), tf.where(found, best, lowest)
-
-
-def _row_ids(ragged: tf.RaggedTensor) -> tf.Tensor:
-    return tf.cast(ragged.value_rowids(), tf.int32)
 
 
 def _char_offsets(texts: tf.Tensor, byte_offsets: tf.Tensor) -> tf.Tensor:
@@ -204,12 +200,14 @@ class SquadServing(ServingModule):
         window_example = tf.repeat(tf.range(num_examples), windows_per_example)
         window_local = tf.cast(tf.ragged.range(windows_per_example).flat_values, tf.int32)
         doc_start = window_local * tf.gather(step, window_example)
-        doc_len = tf.maximum(tf.minimum(tf.gather(n, window_example) - doc_start, tf.gather(max_doc, window_example)), 0)
+        doc_len = tf.maximum(
+            tf.minimum(tf.gather(n, window_example) - doc_start, tf.gather(max_doc, window_example)), 0)
         seq_offset = tf.gather(q_len, window_example) + 2
 
         # [CLS] question [SEP] context-window [SEP], padded to max_seq_length.
         doc_row_start = tf.cast(doc_ids.row_starts(), tf.int32)
-        window_tokens = tf.ragged.range(doc_len) + tf.expand_dims(tf.gather(doc_row_start, window_example) + doc_start, 1)
+        window_first_token = tf.gather(doc_row_start, window_example) + doc_start
+        window_tokens = tf.ragged.range(doc_len) + window_first_token[:, tf.newaxis]
         window_doc_ids = tf.gather(doc_ids.flat_values, window_tokens)
         num_windows = tf.size(window_example)
         special = lambda token_id: tf.fill([num_windows, 1], token_id)  # noqa: E731
@@ -236,12 +234,13 @@ class SquadServing(ServingModule):
         token_window = tf.cast(tf.ragged.range(doc_len).value_rowids(), tf.int32)
         token_t = tf.cast(tf.ragged.range(doc_len).flat_values, tf.int32)
         token_len = tf.gather(doc_len, token_window)
-        token_id = tf.gather(doc_row_start, tf.gather(window_example, token_window)) + tf.gather(doc_start, token_window) + token_t
+        token_id = tf.gather(window_first_token, token_window) + token_t
         score = (tf.cast(tf.minimum(token_t, token_len - 1 - token_t), tf.float64)
                  + 0.01 * tf.cast(token_len, tf.float64))
         owner, _ = _segment_first_best(score, tf.ones_like(score, tf.bool), token_id, tf.size(doc_ids.flat_values))
         is_max = tf.equal(tf.gather(owner, token_id), tf.range(tf.size(token_id)))
-        max_context = tf.RaggedTensor.from_value_rowids(is_max, tf.cast(token_window, tf.int64), tf.cast(num_windows, tf.int64))
+        max_context = tf.RaggedTensor.from_value_rowids(is_max, tf.cast(token_window, tf.int64),
+                                                        tf.cast(num_windows, tf.int64))
         max_context = max_context.to_tensor(False, shape=[None, seq_length])
 
         # n-best (squad.best_spans): top n starts and ends among context tokens, valid pairs, best sum;
@@ -284,7 +283,7 @@ class SquadServing(ServingModule):
         winner = tf.maximum(winner, 0)
         span_first = tf.gather(tf.where(use_nbest, nbest_first, fallback_first), winner)
         span_last = tf.gather(tf.where(use_nbest, nbest_last, fallback_last), winner)
-        first_token = tf.gather(doc_row_start, tf.range(num_examples)) + tf.gather(doc_start, winner) + span_first
+        first_token = tf.gather(window_first_token, winner) + span_first  # index into all contexts' tokens
         last_token = first_token + span_last - span_first
         # Questions without any span (an empty context) answer "" at offsets -1; indices are clipped so
         # the gathers stay in range for them.
@@ -355,9 +354,12 @@ def plan_windows(counts: tf.Tensor, row_splits: tf.Tensor, *, max_pieces: int, m
 
 def _chunk_tables(labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """conlleval's start/end-of-chunk rules as [previous tag, tag] boolean tables (span_metrics)."""
-    split = [span_metrics._split_tag(label) for label in labels]  # noqa: SLF001 - the same rules, not a copy
-    starts = np.array([[span_metrics._start_of_chunk(p, c, pt, ct) for c, ct in split] for p, pt in split])  # noqa: SLF001
-    ends = np.array([[span_metrics._end_of_chunk(p, c, pt, ct) for c, ct in split] for p, pt in split])  # noqa: SLF001
+    # span_metrics' own rule functions, so the tables cannot drift from the host path.
+    split_tag, start_of_chunk, end_of_chunk = (  # noqa: SLF001
+        span_metrics._split_tag, span_metrics._start_of_chunk, span_metrics._end_of_chunk)
+    split = [split_tag(label) for label in labels]
+    starts = np.array([[start_of_chunk(p, c, pt, ct) for c, ct in split] for p, pt in split])
+    ends = np.array([[end_of_chunk(p, c, pt, ct) for c, ct in split] for p, pt in split])
     outside = np.array([prefix == "O" for prefix, _ in split])
     # The vectorised extraction below relies on chunks never overlapping: a chunk starts only where the
     # previous one (if any) ends, and a chunk ends only where a new one starts or an O follows. True for
@@ -392,8 +394,7 @@ class TaggingServing(ServingModule):
         pieces, byte_begin, byte_end = tf_text.regex_split_with_offsets(text, _WORD, _WORD)
         keep = tf.logical_not(tf.strings.regex_full_match(pieces.flat_values, f"{_SPACE}+"))
         words = tf.ragged.boolean_mask(pieces, pieces.with_flat_values(keep))
-        row_of_word = _row_ids(words)
-        text_of_word = tf.gather(text, row_of_word)
+        text_of_word = tf.gather(text, words.value_rowids())
         word_begin = tf.ragged.boolean_mask(byte_begin, pieces.with_flat_values(keep)).flat_values
         word_end = tf.ragged.boolean_mask(byte_end, pieces.with_flat_values(keep)).flat_values
         word_char_begin = _char_offsets(text_of_word, word_begin)
@@ -552,9 +553,11 @@ def restore(model: tf_keras.Model, checkpoint: str, *, expected: str) -> str:
         found = _model_layout(prefix)
     except (tf.errors.OpError, ValueError) as error:
         raise ValueError(f"checkpoint {prefix!r} cannot be read ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:200]}); expected a launch.train checkpoint of {expected}") from None
+                         f"{str(error).splitlines()[0][:200]}); expected a launch.train checkpoint of "
+                         f"{expected}") from None
     if found is None:
-        held = sorted(c.local_name for c in _object_graph(tf.compat.v1.train.NewCheckpointReader(prefix)).nodes[0].children)
+        graph = _object_graph(tf.compat.v1.train.NewCheckpointReader(prefix))
+        held = sorted(child.local_name for child in graph.nodes[0].children)
         raise ValueError(f"checkpoint {prefix!r} holds {held}, not a `model`: expected a launch.train checkpoint of "
                          f"{expected} (an encoder checkpoint goes to --init_encoder)")
     reference = "ram://serving_reference/" + os.urandom(6).hex()
