@@ -1,6 +1,8 @@
 """Builds the tf.distribute strategy named by RuntimeConfig.strategy."""
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 from engine.config import RuntimeConfig
@@ -22,7 +24,7 @@ def make_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
             gpus = gpus[:config.num_gpus]
         # Without GPUs, mirror over the logical CPU devices (tests split the CPU into two).
         devices = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
+        return _mirrored(tuple(devices))
     if name == "multi_worker_mirrored":
         # Cluster layout comes from TF_CONFIG, as on every multi-worker launcher.
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -32,6 +34,18 @@ def make_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"--strategy={name!r} is not known")
+
+
+@functools.lru_cache(maxsize=None)
+def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per device set and process.
+
+    Each new strategy restarts its collective group/instance keys, and the runtime keeps the
+    parameters of earlier collectives under those keys: a second strategy over the same devices
+    then fails with "Shape mismatch in the collective instance". Reusing the strategy keeps the
+    keys unique (several Trainers in one process, as in the tests).
+    """
+    return tf.distribute.MirroredStrategy(list(devices))
 
 
 def split_cpu(num_devices: int) -> None:
