@@ -1,7 +1,7 @@
 """Distributed input: the train iterator and exact, padded evaluation batches."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -56,3 +56,19 @@ def distribute_eval_inputs(strategy: tf.distribute.Strategy, dataset_fn: Callabl
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+def shard_shuffle_batch(dataset: tf.data.Dataset, *, training: bool, batch_size: int,
+                        input_context: Optional[tf.distribute.InputContext], shuffle_buffer: int,
+                        seed: int) -> tf.data.Dataset:
+    """The batching the Task contract asks of `build_inputs`, for Tasks to share.
+
+    Shards by input pipeline (one per host); for training shuffles with a fixed seed (reshuffled
+    every epoch, still deterministic, which the resume logic relies on), repeats, and drops the
+    last partial batch; otherwise one ordered pass whose partial last batch the engine pads.
+    """
+    if input_context and input_context.num_input_pipelines > 1:
+        dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if training:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    return dataset.batch(batch_size, drop_remainder=training)

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from engine import inputs
 from engine.task import Task
 from tasks import encoders
 from tasks.tokenization import WordPieceTokenizer
@@ -114,17 +115,16 @@ class ClassificationTask(Task):
     def __init__(self, config: ClassificationConfig):
         self.config = config
         self._examples: dict[str, Examples] = {}
-        self._encoder_vocab: Optional[str] = None
         self._encoder = None
-        vocab = config.vocab_file or (encoders.minilm_dir() + "/vocab.txt" if config.encoder == "minilm" else None)
-        self._tokenizer = WordPieceTokenizer(vocab, seq_length=config.max_seq_length) if vocab else None
+        self._tokenizer: Optional[WordPieceTokenizer] = None
 
     @property
     def tokenizer(self) -> WordPieceTokenizer:
         if self._tokenizer is None:
-            if self._encoder_vocab is None:
-                raise ValueError("no vocab_file: set ClassificationConfig.vocab_file or build the model first")
-            self._tokenizer = WordPieceTokenizer(self._encoder_vocab, seq_length=self.config.max_seq_length)
+            vocab = self.config.vocab_file or encoders.vocab_file_for(self.config.encoder)
+            if vocab is None:
+                raise ValueError("a randomly initialised encoder has no vocab: set ClassificationConfig.vocab_file")
+            self._tokenizer = WordPieceTokenizer(vocab, seq_length=self.config.max_seq_length)
         return self._tokenizer
 
     def examples(self, split: str) -> Examples:
@@ -140,8 +140,7 @@ class ClassificationTask(Task):
     # ------------------------------------------------------------------------------------ model
 
     def build_model(self) -> tf_keras.Model:
-        encoder, vocab = encoders.make_encoder(self.config.encoder)
-        self._encoder_vocab = vocab
+        encoder, _ = encoders.make_encoder(self.config.encoder)
         self._encoder = encoder
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
                   for name in ("input_word_ids", "input_mask", "input_type_ids")}
@@ -172,14 +171,10 @@ class ClassificationTask(Task):
             return tokenizer.encode(*texts), label
 
         dataset = tf.data.Dataset.from_tensor_slices(tuple(list(t) for t in examples.texts) + (examples.labels,))
-        if input_context and input_context.num_input_pipelines > 1:
-            dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        training = split == "train"
-        if training:
-            dataset = dataset.shuffle(self.config.shuffle_buffer, seed=self.config.seed,
-                                      reshuffle_each_iteration=True).repeat()
         # Batch first: tensorflow-text tokenizes a whole batch per call, much faster than per example.
-        dataset = dataset.batch(batch_size, drop_remainder=training)
+        dataset = inputs.shard_shuffle_batch(
+            dataset, training=split == "train", batch_size=batch_size, input_context=input_context,
+            shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
         dataset = dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return dataset.prefetch(tf.data.AUTOTUNE)
 

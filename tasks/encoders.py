@@ -305,6 +305,25 @@ def _from_checkpoint_dir(directory: str, prefix: str) -> tf_keras.layers.Layer:
     return encoder
 
 
+def _is_hub_handle(init: str) -> bool:
+    return init.startswith(("https://", "http://", "gs://")) or os.path.isfile(os.path.join(init, "saved_model.pb"))
+
+
+def vocab_file_for(init: EncoderInit) -> str | None:
+    """The WordPiece vocab that belongs to `init`, found without building the encoder; None for a BertConfig.
+
+    Tasks tokenize their data before (or without) building the model, so they need this cheaply.
+    """
+    if isinstance(init, BertConfig):
+        return None
+    if init == "minilm":
+        return os.path.join(minilm_dir(), "vocab.txt")
+    if _is_hub_handle(init):
+        from tasks import hub  # noqa: PLC0415 - tasks.hub imports this module
+        return hub.hub_vocab_file(init)
+    return _vocab_file(init)
+
+
 def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
     """Returns (encoder, vocab_file) for `init`; the encoder is built and maps the dict of int32 [batch, seq]
     `input_word_ids`, `input_mask`, `input_type_ids` to `sequence_output`, `pooled_output`, `encoder_outputs`.
@@ -323,7 +342,7 @@ def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
     if not isinstance(init, str):
         raise TypeError(f"encoder init must be a BertConfig or a str, got {type(init).__name__}")
     directory = minilm_dir() if init == "minilm" else init
-    if init.startswith(("https://", "http://", "gs://")) or os.path.isfile(os.path.join(init, "saved_model.pb")):
+    if _is_hub_handle(init):
         from tasks import hub  # noqa: PLC0415 - tasks.hub imports this module
         return hub.make_hub_encoder(init)
     if not os.path.isdir(directory):

@@ -19,14 +19,11 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from engine import inputs
 from engine.task import Task
+from tasks.registry import default_data_dir  # one definition of where data lives
 from tasks import encoders, squad_data, squad_metrics
 
-
-def default_data_dir() -> str:
-    """$DATA_DIR, else ../shared/data next to the repository."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.environ.get("DATA_DIR") or os.path.normpath(os.path.join(repo, "..", "shared", "data"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +58,8 @@ class SquadConfig:
 def _vocab_file(config: SquadConfig) -> str:
     if config.vocab_file:
         return config.vocab_file
-    if isinstance(config.encoder, str) and os.path.isdir(config.encoder):
-        return os.path.join(config.encoder, "vocab.txt")
-    # "minilm", and random-init BertConfigs in tests (their default vocab size is BERT's 30522).
-    return os.path.join(encoders.minilm_dir(), "vocab.txt")
+    # Random-init BertConfigs in tests have BERT's 30522-token vocab size: MiniLM's vocab fits them.
+    return encoders.vocab_file_for(config.encoder) or encoders.vocab_file_for("minilm")
 
 
 class SpanLogits(tf_keras.layers.Layer):
@@ -227,14 +222,10 @@ class SquadTask(Task):
                      input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         _, record_path = self.features(split)
         dataset = tf.data.TFRecordDataset(record_path)
-        if input_context and input_context.num_input_pipelines > 1:
-            dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        training = squad_data.canonical_split(split) == "train"
-        if training:
-            dataset = dataset.shuffle(self.config.shuffle_buffer, seed=self.config.seed,
-                                      reshuffle_each_iteration=True).repeat()
         # Batch, then parse the whole batch in one op: cheaper than parsing record by record.
-        dataset = dataset.batch(batch_size, drop_remainder=training)
+        dataset = inputs.shard_shuffle_batch(
+            dataset, training=squad_data.canonical_split(split) == "train", batch_size=batch_size,
+            input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
         dataset = dataset.map(squad_data.parse_batch_fn(self.config.max_seq_length),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return dataset.prefetch(tf.data.AUTOTUNE)

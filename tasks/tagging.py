@@ -20,7 +20,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from engine import inputs
 from engine.task import Task
+from tasks.registry import default_data_dir  # one definition of where data lives
 from tasks import conll, crf, encoders, span_metrics
 from tasks.tokenization import WordPieceTokenizer
 
@@ -28,11 +30,6 @@ ENCODER_INPUTS = ("input_word_ids", "input_mask", "input_type_ids")
 SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "valid": "valid.txt", "dev": "valid.txt",
                "test": "test.txt"}
 
-
-def default_data_dir() -> str:
-    """$DATA_DIR, else ../shared/data next to the repository (data is never copied into the repo)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.environ.get("DATA_DIR") or os.path.join(os.path.dirname(repo), "shared", "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,11 +135,7 @@ class TaggingTask(Task):
     @property
     def tokenizer(self) -> WordPieceTokenizer:
         if self._tokenizer is None:
-            vocab = self.config.vocab_file
-            if vocab is None and self.config.encoder == "minilm":
-                vocab = os.path.join(encoders.minilm_dir(), "vocab.txt")
-            elif vocab is None and isinstance(self.config.encoder, str):
-                vocab = os.path.join(self.config.encoder, "vocab.txt")
+            vocab = self.config.vocab_file or encoders.vocab_file_for(self.config.encoder)
             if vocab is None:
                 raise ValueError("a randomly initialised encoder has no vocab: set TaggingConfig.vocab_file")
             self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
@@ -187,13 +180,10 @@ class TaggingTask(Task):
         labels = arrays.pop("tags")
         # Everything is precomputed: the pipeline only slices, shuffles and batches in-memory arrays.
         dataset = tf.data.Dataset.from_tensor_slices((arrays, labels))
-        if input_context and input_context.num_input_pipelines > 1:
-            dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        training = split == "train"
-        if training:
-            dataset = dataset.shuffle(self.config.shuffle_buffer, seed=self.config.seed,
-                                      reshuffle_each_iteration=True).repeat()
-        return dataset.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+        dataset = inputs.shard_shuffle_batch(
+            dataset, training=split == "train", batch_size=batch_size, input_context=input_context,
+            shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
+        return dataset.prefetch(tf.data.AUTOTUNE)
 
     # ------------------------------------------------------------------------------------ model
 
