@@ -21,7 +21,9 @@ window of --steps steps of each configuration in turn (order reversed every othe
 window is reported. Besides wall-clock examples/s, each window's process CPU time gives examples per
 CPU-second: waiting for a core another job holds costs wall time but no CPU time, so engine/fit ratios
 per CPU-second are a cross-check that contention disturbs far less. The matmul peak is re-measured every
-round and the best kept; MFU = FLOPs per example x examples/s / that peak. A configuration more than
+round and the best kept, per wall- and per CPU-second; MFU = FLOPs per example x examples/s / peak, and
+"MFU per CPU-s" the same per CPU-second (what MFU would be if the job had the cores to itself and
+scaled as the matmul does). A configuration more than
 `SLOW_FACTOR` x slower than the best of its precision in a one-step probe is timed only by that probe: it
 is no contender, and its windows would eat the time budget.
 """
@@ -161,7 +163,7 @@ class FitRunner:
         return self._timer.seconds
 
     def close(self):
-        pass
+        self.model = self._dataset = None  # free the model and its optimizer state
 
 
 class EngineRunner:
@@ -196,6 +198,7 @@ class EngineRunner:
         return time.perf_counter() - start[0], time.process_time() - start[1]
 
     def close(self):
+        self.trainer = None
         shutil.rmtree(self._model_dir, ignore_errors=True)
 
 
@@ -205,20 +208,23 @@ class EngineRunner:
 PEAK_SHAPES = ((2048, 2048, 2048), (4096, 384, 1536), (4096, 1536, 384), (4096, 384, 384))
 
 
-def matmul_peak_gflops(dtype, shapes=PEAK_SHAPES, samples: int = 5, calls: int = 3) -> float:
-    """Best TF matmul GFLOP/s over `shapes`; each sample times `calls` back-to-back matmuls."""
+def matmul_peak_gflops(dtype, shapes=PEAK_SHAPES, samples: int = 5, calls: int = 3) -> tuple[float, float]:
+    """Best TF matmul GFLOP/s over `shapes`, per wall-second and per CPU-second of this process; each
+    sample times `calls` back-to-back matmuls."""
     import tensorflow as tf  # noqa: PLC0415
-    best = 0.0
+    best_wall = best_cpu = 0.0
     for m, k, n in shapes:
         a, b = tf.cast(tf.random.normal([m, k]), dtype), tf.cast(tf.random.normal([k, n]), dtype)
         matmul = tf.function(tf.matmul)
         matmul(a, b).numpy()  # trace; warm oneDNN's primitive cache
         for _ in range(samples):
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(calls):
                 matmul(a, b).numpy()
-            best = max(best, calls * 2 * m * k * n / (time.perf_counter() - start) / 1e9)
-    return best
+            gflop = calls * 2 * m * k * n / 1e9
+            best_wall = max(best_wall, gflop / (time.perf_counter() - wall))
+            best_cpu = max(best_cpu, gflop / max(time.process_time() - cpu, 1e-6))
+    return best_wall, best_cpu
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -232,10 +238,11 @@ def build_runners(task, setup: Setup, precisions, steps_per_execution, jits, ste
     return runners
 
 
-def measure(runners, *, steps: int, rounds: int, batch_size: int) -> tuple[dict, dict]:
-    """Warm-up, one-step probe, then `rounds` interleaved windows.
+def measure(runners, peaks: dict, *, steps: int, rounds: int, batch_size: int) -> dict:
+    """Warm-up, one-step probe, then `rounds` interleaved windows; raises `peaks` to the best seen.
 
-    Returns ({runner: [(steps, wall seconds, CPU seconds)]}, {"float32"|"bfloat16": peak GFLOP/s}).
+    Returns {runner: [(steps, wall seconds, CPU seconds)]}; `peaks` maps "float32"/"bfloat16" to GFLOP/s
+    (per wall-second, per CPU-second).
     """
     import tensorflow as tf  # noqa: PLC0415
     windows = {runner: [] for runner in runners}
@@ -254,7 +261,6 @@ def measure(runners, *, steps: int, rounds: int, batch_size: int) -> tuple[dict,
             print(f"not a contender ({probe[runner][1] / fastest:.1f}x slower): {runner.precision} | {runner.name}")
         else:
             contenders.append(runner)
-    peaks = {"float32": 0.0, "bfloat16": 0.0}
     for round_index in range(rounds):
         # Reverse the order every other round, so no configuration always follows the same neighbour.
         for runner in contenders if round_index % 2 == 0 else contenders[::-1]:
@@ -263,10 +269,9 @@ def measure(runners, *, steps: int, rounds: int, batch_size: int) -> tuple[dict,
             print(f"round {round_index} | {runner.precision} | {runner.name} | {steps * batch_size / wall:.2f} "
                   f"examples/s | {steps * batch_size / cpu:.2f} examples/CPU-s", flush=True)
         for name, dtype in (("float32", tf.float32), ("bfloat16", tf.bfloat16)):
-            peaks[name] = max(peaks[name], matmul_peak_gflops(dtype))
-        print(f"round {round_index} | matmul peak so far: fp32 {peaks['float32']:.0f} GFLOP/s, "
-              f"bf16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
-    return windows, peaks
+            peaks[name] = tuple(max(a, b) for a, b in zip(peaks[name], matmul_peak_gflops(dtype)))
+        print(f"round {round_index} | matmul peak so far (GFLOP/s per wall-s, per CPU-s): {peaks}", flush=True)
+    return windows
 
 
 def summarize(runners, windows, peaks, *, batch_size: int, flops: float) -> tuple[list, list]:
@@ -276,9 +281,10 @@ def summarize(runners, windows, peaks, *, batch_size: int, flops: float) -> tupl
         samples = windows[runner]
         wall = statistics.median(steps * batch_size / w for steps, w, _ in samples)
         cpu = statistics.median(steps * batch_size / c for steps, _, c in samples)
-        peak = peaks["bfloat16" if "bfloat16" in runner.precision else "float32"] * 1e9
+        peak_wall, peak_cpu = (p * 1e9 for p in peaks["bfloat16" if "bfloat16" in runner.precision else "float32"])
         rows.append(dict(runner=runner, precision=runner.precision, config=runner.name, windows=f"{len(samples)} x {samples[-1][0]}",
-                         wall=wall, cpu=cpu, mfu=flops * wall / peak if peak else 0.0))
+                         wall=wall, cpu=cpu, mfu=flops * wall / peak_wall if peak_wall else 0.0,
+                         mfu_cpu=flops * cpu / peak_cpu if peak_cpu else 0.0))
 
     def best(precision, kind, jit=None):
         pool = [r for r in rows if r["precision"] == precision and r["runner"].kind == kind
@@ -311,11 +317,12 @@ def summarize(runners, windows, peaks, *, batch_size: int, flops: float) -> tupl
 
 def markdown(rows, lines, header: dict) -> str:
     out = [f"- {k}: {v}" for k, v in header.items()] + [""]
-    out += ["| precision | configuration | windows x steps | examples/s | vs fit best | examples/CPU-s | MFU |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    out += ["| precision | configuration | windows x steps | examples/s | vs fit best | examples/CPU-s | MFU | MFU per CPU-s |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         out.append(f"| {r['precision']} | {r['config']} | {r['windows']} | {r['wall']:.2f} | "
-                   f"{r.get('vs_fit', float('nan')):.3f} | {r['cpu']:.2f} | {100 * r['mfu']:.1f}% |")
+                   f"{r.get('vs_fit', float('nan')):.3f} | {r['cpu']:.2f} | {100 * r['mfu']:.1f}% | "
+                   f"{100 * r['mfu_cpu']:.1f}% |")
     return "\n".join(out + [""] + [f"- {line}" for line in lines] + [""])
 
 
@@ -340,14 +347,18 @@ def run_benchmark(setup: Setup, data_dir: str, *, precisions, steps_per_executio
     }
     for k, v in header.items():
         print(f"{k}: {v}", flush=True)
+    # Every configuration lives through all rounds (about 1 GB each for MiniLM), so that precisions, too,
+    # are compared under the same load, and the peak is measured under the load the models saw.
     runners = build_runners(task, setup, precisions, steps_per_execution, jits, steps)
+    peaks = {"float32": (0.0, 0.0), "bfloat16": (0.0, 0.0)}
     try:
-        windows, peaks = measure(runners, steps=steps, rounds=rounds, batch_size=setup.batch_size)
+        windows = measure(runners, peaks, steps=steps, rounds=rounds, batch_size=setup.batch_size)
     finally:
         for runner in runners:
             runner.close()
     header["matmul peak, best over shapes and rounds"] = (
-        f"fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
+        f"fp32 {peaks['float32'][0]:.0f} GFLOP/s ({peaks['float32'][1]:.0f} per CPU-s), "
+        f"bf16 {peaks['bfloat16'][0]:.0f} GFLOP/s ({peaks['bfloat16'][1]:.0f} per CPU-s)")
     header["wall time"] = f"{time.perf_counter() - started:.0f} s"
     rows, lines = summarize(runners, windows, peaks, batch_size=setup.batch_size, flops=flops)
     text = markdown(rows, lines, header)

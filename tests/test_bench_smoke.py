@@ -30,9 +30,9 @@ def test_quick_run_gives_finite_positive_throughputs(tmp_path):
     rows = result["rows"]
     assert [r["config"] for r in rows] == ["fit spe=2", "engine"]
     for row in rows:
-        for key in ("wall", "cpu", "mfu"):
+        for key in ("wall", "cpu", "mfu", "mfu_cpu"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["config"], key, row[key])
-    assert all(math.isfinite(p) and p > 0 for p in result["peaks"].values())
+    assert all(math.isfinite(p) and p > 0 for pair in result["peaks"].values() for p in pair)
     assert result["flops_per_example"] == engine_vs_fit.train_flops_per_example(setup)
     assert any("like-for-like engine / fit spe=2" in line for line in result["lines"])
     assert "| float32 | engine |" in output.read_text()
