@@ -87,8 +87,14 @@ def split_articles(split: str, num_articles: int) -> range:
     return range(NUM_TRAIN_ARTICLES) if split == "train" else range(NUM_TRAIN_ARTICLES, num_articles)
 
 
+def _require_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SQuAD file not found: {path} (set --data_dir or --squad_file)")
+
+
 def load_json(path: str) -> dict:
     """`json.load` whose error names the file and the line/column of malformed JSON."""
+    _require_file(path)
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -393,6 +399,7 @@ def cached_features(input_file: str, split: str, *, vocab_file: str, lower_case:
                     cache_dir: Optional[str] = None, max_examples: Optional[int] = None) -> tuple[SquadFeatures, str]:
     """Features of `split`, built once and then read from `cache_dir`. Returns (features, tfrecord path)."""
     cache_dir = cache_dir or default_cache_dir()
+    _require_file(input_file)
     key = cache_key(input_file, vocab_file, lower_case, settings, split, max_examples)
     stem = os.path.join(cache_dir, f"{os.path.basename(input_file)}.{canonical_split(split)}.{key}")
     record_path, meta_path = stem + ".tfrecord", stem + ".meta.json"

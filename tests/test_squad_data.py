@@ -73,6 +73,14 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
         squad_data.read_squad(path)
 
 
+def test_missing_file_is_a_clear_error(tmp_path, vocab_file):
+    missing = str(tmp_path / "nowhere.json")
+    with pytest.raises(FileNotFoundError, match=r"SQuAD file not found: .*nowhere\.json \(set --data_dir"):
+        squad_data.read_squad(missing)
+    with pytest.raises(FileNotFoundError, match=r"SQuAD file not found"):
+        squad_data.cached_features(missing, "train", vocab_file=vocab_file, cache_dir=str(tmp_path))
+
+
 def test_missing_fields_are_a_clear_error(tmp_path):
     path = _write(tmp_path, {"data": [{"title": "x", "paragraphs": [{"qas": []}]}]})
     with pytest.raises(ValueError, match=r"squad\.json: not SQuAD v1\.1 JSON: .*'context'"):
