@@ -17,15 +17,14 @@ batch 32. Configurations, in every --precisions policy:
 
 This machine is shared, so the measurement is built to survive noisy neighbours: all configurations are
 built and warmed up first (the first call traces and compiles: never timed), then every round times one
-window of --steps steps of each configuration in turn (order reversed every other round), and the median
-window is reported. Besides wall-clock examples/s, each window's process CPU time gives examples per
-CPU-second: waiting for a core another job holds costs wall time but no CPU time, so engine/fit ratios
-per CPU-second are a cross-check that contention disturbs far less. The matmul peak is re-measured every
-round and the best kept, per wall- and per CPU-second; MFU = FLOPs per example x examples/s / peak, and
-"MFU per CPU-s" the same per CPU-second (what MFU would be if the job had the cores to itself and
-scaled as the matmul does). A configuration more than
-`SLOW_FACTOR` x slower than the best of its precision in a one-step probe is timed only by that probe: it
-is no contender, and its windows would eat the time budget.
+window of --steps steps of each configuration in turn (order reversed every other round). The table
+gives the median window; ratios are medians of same-round ratios. Each window's process CPU time also
+gives examples per CPU-second: waiting for a core another job holds costs wall time but no CPU time, so
+ratios per CPU-second are a cross-check that contention disturbs far less. The matmul peak is re-measured
+every round and the best kept, per wall- and per CPU-second; MFU = FLOPs per example x examples/s / peak,
+and "MFU per CPU-s" the same per CPU-second (about what MFU would be with the cores to ourselves).
+A configuration more than SLOW_FACTOR x slower than the best of its precision in a one-step probe is
+timed by that probe only: it is no contender, and its windows would eat the time budget.
 """
 from __future__ import annotations
 
@@ -275,31 +274,41 @@ def measure(runners, peaks: dict, *, steps: int, rounds: int, batch_size: int) -
 
 
 def summarize(runners, windows, peaks, *, batch_size: int, flops: float) -> tuple[list, list]:
-    """Table rows (medians over windows) and ratio lines."""
+    """Table rows (medians over windows) and ratio lines.
+
+    A ratio is the median over rounds of the two configurations' ratio within the same round: the load
+    of other jobs drifts between rounds far more than between neighbouring windows of one round.
+    """
     rows = []
     for runner in runners:
         samples = windows[runner]
-        wall = statistics.median(steps * batch_size / w for steps, w, _ in samples)
-        cpu = statistics.median(steps * batch_size / c for steps, _, c in samples)
+        wall = [steps * batch_size / w for steps, w, _ in samples]
+        cpu = [steps * batch_size / c for steps, _, c in samples]
         peak_wall, peak_cpu = (p * 1e9 for p in peaks["bfloat16" if "bfloat16" in runner.precision else "float32"])
-        rows.append(dict(runner=runner, precision=runner.precision, config=runner.name, windows=f"{len(samples)} x {samples[-1][0]}",
-                         wall=wall, cpu=cpu, mfu=flops * wall / peak_wall if peak_wall else 0.0,
-                         mfu_cpu=flops * cpu / peak_cpu if peak_cpu else 0.0))
+        rows.append(dict(runner=runner, precision=runner.precision, config=runner.name,
+                         windows=f"{len(samples)} x {samples[-1][0]}", wall_samples=wall, cpu_samples=cpu,
+                         wall=statistics.median(wall), cpu=statistics.median(cpu)))
+        rows[-1].update(mfu=flops * rows[-1]["wall"] / peak_wall, mfu_cpu=flops * rows[-1]["cpu"] / peak_cpu)
 
     def best(precision, kind, jit=None):
         pool = [r for r in rows if r["precision"] == precision and r["runner"].kind == kind
                 and (jit is None or r["runner"].jit == jit)]
         return max(pool, key=lambda r: r["wall"]) if pool else None
 
+    def paired(a, b, key):
+        if len(a[key]) == len(b[key]) and a["windows"] == b["windows"]:  # both timed in the same rounds
+            return statistics.median(x / y for x, y in zip(a[key], b[key]))
+        return statistics.median(a[key]) / statistics.median(b[key])
+
     def ratio(a, b):
-        return f"{a['wall'] / b['wall']:.3f} (per CPU-s: {a['cpu'] / b['cpu']:.3f})"
+        return f"{paired(a, b, 'wall_samples'):.3f} (per CPU-s: {paired(a, b, 'cpu_samples'):.3f})"
 
     lines = []
     for precision in dict.fromkeys(r["precision"] for r in rows):
         fit, eng = best(precision, "fit"), best(precision, "engine")
         for row in rows:
             if row["precision"] == precision and fit:
-                row["vs_fit"] = row["wall"] / fit["wall"]
+                row["vs_fit"] = paired(row, fit, "wall_samples")
         if fit and eng:
             lines.append(f"{precision}: engine best ({eng['config']}) / fit best ({fit['config']}) = {ratio(eng, fit)}")
         for jit in (False, True):
@@ -317,7 +326,8 @@ def summarize(runners, windows, peaks, *, batch_size: int, flops: float) -> tupl
 
 def markdown(rows, lines, header: dict) -> str:
     out = [f"- {k}: {v}" for k, v in header.items()] + [""]
-    out += ["| precision | configuration | windows x steps | examples/s | vs fit best | examples/CPU-s | MFU | MFU per CPU-s |",
+    out += ["| precision | configuration | windows x steps | examples/s | vs fit best (paired) | examples/CPU-s | MFU | "
+            "MFU per CPU-s |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         out.append(f"| {r['precision']} | {r['config']} | {r['windows']} | {r['wall']:.2f} | "
