@@ -1,7 +1,7 @@
 """Training throughput and MFU of our engine against plain `model.fit`, on this CPU.
 
-  python bench/engine_vs_fit.py --data_dir=../shared/data --output=bench/RESULTS.md   # ~15 min on 2 cores
-  python bench/engine_vs_fit.py --quick --steps=2 --rounds=1                          # tiny encoder: smoke run
+  python bench/engine_vs_fit.py --data_dir=../shared/data --output=/tmp/t.md   # 8 min on a quiet 2-core CPU
+  python bench/engine_vs_fit.py --quick --steps=2 --rounds=1                   # tiny encoder: a smoke run
 
 Why: the engine wraps the step in a compiled loop with gradient accumulation, non-finite checks and
 clipping. This checks that none of that costs throughput against what users do today (`compile` +
