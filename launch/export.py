@@ -56,6 +56,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "crf|softmax.", flag_values=flag_values)
     flags.DEFINE_bool("iob2_constraints", None, "conll_ner CRF: as in training.", flag_values=flag_values)
     flags.DEFINE_integer("max_words", None, "conll_ner: words per window, as in training.", flag_values=flag_values)
+    flags.DEFINE_bool("casing_features", None, "conll_ner: as in training.", flag_values=flag_values)
     flags.DEFINE_integer("doc_stride", None, "squad: tokens between overlapping context windows.",
                          flag_values=flag_values)
     flags.DEFINE_integer("max_query_length", None, "squad: question tokens kept.", flag_values=flag_values)
@@ -82,7 +83,8 @@ def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lowe
 def _task_values(flag_values: flags.FlagValues) -> dict:
     """The task flags as tasks.registry values (tuples for lists); unset flags keep the Task defaults."""
     names = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
-             "iob2_constraints", "max_words", "doc_stride", "max_query_length", "n_best_size", "max_answer_length")
+             "iob2_constraints", "max_words", "casing_features", "doc_stride", "max_query_length", "n_best_size",
+             "max_answer_length")
     values = {name: flag_values[name].value for name in names}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     if flag_values.task in ("squad", "conll_ner"):  # the classification tokenizer always lower-cases

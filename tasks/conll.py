@@ -14,12 +14,31 @@ together yields exactly one prediction per word of the sentence.
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 CONLL2003_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
 CONLL2003_COLUMNS = 4  # WORD POS CHUNK NER
+
+
+# Word shapes for uncased encoders, which never see capitalisation, the strongest single NER cue
+# ("Apple" vs "apple", "US" vs "us"). 0 is [CLS]/[SEP]/padding. Defined on Unicode categories Lu/Ll
+# so that the in-graph version in tasks/serving.py (RE2 \p{Lu}/\p{Ll}) computes the same thing.
+SHAPE_NONE, SHAPE_NO_LETTERS, SHAPE_LOWER, SHAPE_UPPER, SHAPE_TITLE, SHAPE_MIXED = range(6)
+NUM_SHAPES = 6
+
+
+def word_shape(word: str) -> int:
+    """SHAPE_UPPER "EU", SHAPE_TITLE "Germany", SHAPE_LOWER "said", SHAPE_MIXED "iPhone", SHAPE_NO_LETTERS "1996"."""
+    categories = [unicodedata.category(c) for c in word]
+    has_upper, has_lower = "Lu" in categories, "Ll" in categories
+    if not has_upper:
+        return SHAPE_LOWER if has_lower else SHAPE_NO_LETTERS
+    if not has_lower:
+        return SHAPE_UPPER
+    return SHAPE_TITLE if categories[0] == "Lu" else SHAPE_MIXED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +153,7 @@ def encode_sentences(sentences: Sequence[Sentence], word_pieces: Mapping[str, Se
     """Fixed-shape int32 arrays, one row per window, plus where each window comes from.
 
     Arrays: input_word_ids/input_mask/input_type_ids [N, max_seq_length] (`[CLS] pieces [SEP]`),
+    input_case_ids [N, max_seq_length] (each piece carries its word's `word_shape`, 0 elsewhere),
     word_positions/word_mask/owned_mask/tags [N, max_words], starts_sentence/ends_sentence and
     example_index [N]. `word_pieces` maps every word to its sub-token ids (at least one).
     """
@@ -153,7 +173,8 @@ def encode_sentences(sentences: Sequence[Sentence], word_pieces: Mapping[str, Se
             sources.append(WindowSource(sentence_index, begin, end - begin))
 
     n = len(rows)
-    arrays = {name: np.zeros([n, max_seq_length], np.int32) for name in ("input_word_ids", "input_mask", "input_type_ids")}
+    sequence_arrays = ("input_word_ids", "input_mask", "input_type_ids", "input_case_ids")
+    arrays = {name: np.zeros([n, max_seq_length], np.int32) for name in sequence_arrays}
     arrays.update({name: np.zeros([n, max_words], np.int32) for name in ("word_positions", "word_mask", "owned_mask", "tags")})
     arrays.update(starts_sentence=np.zeros([n], np.int32), ends_sentence=np.zeros([n], np.int32),
                   example_index=np.arange(n, dtype=np.int32))
@@ -162,7 +183,9 @@ def encode_sentences(sentences: Sequence[Sentence], word_pieces: Mapping[str, Se
         for slot, word in enumerate(sentence.words[begin:end]):
             arrays["word_positions"][row, slot] = len(ids)
             # Truncation can only hit a lone over-long word (see plan_windows); its first piece stays.
-            ids.extend(word_pieces[word][:max_pieces + 1 - len(ids)])
+            kept = word_pieces[word][:max_pieces + 1 - len(ids)]
+            arrays["input_case_ids"][row, len(ids):len(ids) + len(kept)] = word_shape(word)
+            ids.extend(kept)
             arrays["tags"][row, slot] = tag_index[sentence.tags[begin + slot]]
         ids.append(sep_id)
         arrays["input_word_ids"][row, :len(ids)] = ids

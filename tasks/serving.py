@@ -28,7 +28,7 @@ import tensorflow as tf
 import tensorflow_text as tf_text
 import tf_keras
 
-from tasks import span_metrics
+from tasks import conll, span_metrics
 from tasks.tokenization import WordPieceTokenizer
 
 SIGNATURE = "serving_default"
@@ -369,6 +369,18 @@ def _chunk_tables(labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
+def word_shapes(words: tf.Tensor) -> tf.Tensor:
+    """conll.word_shape in-graph, on the same Unicode categories (RE2's \\p{Lu} and \\p{Ll})."""
+    has_upper = tf.strings.regex_full_match(words, r"(?s).*\p{Lu}.*")
+    has_lower = tf.strings.regex_full_match(words, r"(?s).*\p{Ll}.*")
+    first_upper = tf.strings.regex_full_match(words, r"(?s)\p{Lu}.*")
+    shape = lambda value: tf.fill(tf.shape(words), value)  # noqa: E731
+    cased = tf.where(has_lower, tf.where(first_upper, shape(conll.SHAPE_TITLE), shape(conll.SHAPE_MIXED)),
+                     shape(conll.SHAPE_UPPER))
+    uncased = tf.where(has_lower, shape(conll.SHAPE_LOWER), shape(conll.SHAPE_NO_LETTERS))
+    return tf.where(has_upper, cased, uncased)
+
+
 class TaggingServing(ServingModule):
     """text -> entities with character offsets, as TaggingTask.predict (each text is one sentence)."""
 
@@ -434,6 +446,10 @@ class TaggingServing(ServingModule):
         window_pieces = window_pieces[:, :self._max_pieces]  # only a lone over-long word is cut
         special = lambda token_id: tf.fill([num_windows, 1], token_id)  # noqa: E731
         ids = tf.concat([special(tok.cls_id), window_pieces, special(tok.sep_id)], axis=1)
+        # Each piece carries its word's shape (conll.word_shape), 0 on [CLS]/[SEP]/padding.
+        piece_shapes = word_pieces.with_flat_values(tf.repeat(word_shapes(words.flat_values), counts))
+        window_shapes = tf.gather(piece_shapes, slots.with_flat_values(slot_word)).merge_dims(1, 2)
+        case_ids = tf.concat([special(0), window_shapes[:, :self._max_pieces], special(0)], axis=1)
         # Where each word's first piece sits: 1 ([CLS]) + the pieces of the window's earlier words.
         before = tf.cumsum(tf.gather(counts, slot_word), exclusive=True)
         before -= tf.gather(before, tf.gather(tf.cast(slots.row_starts(), tf.int32), slot_window))
@@ -448,6 +464,8 @@ class TaggingServing(ServingModule):
             "starts_sentence": tf.cast(tf.equal(window_begin, 0), tf.int32),
             "ends_sentence": tf.cast(tf.equal(window_end, tf.gather(sentence_length, window_sentence)), tf.int32),
         }
+        if cfg.casing_features:
+            features["input_case_ids"] = case_ids.to_tensor(0, shape=[None, seq_length])
         window_tags = self.model(features, training=False)["tags"]
 
         # Stitch the owned words back into sentences (conll.stitch), padded with O.

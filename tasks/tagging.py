@@ -45,6 +45,10 @@ class TaggingConfig:
     max_seq_length: int = 128                     # sub-tokens per window, with [CLS] and [SEP]
     max_words: int = 0                            # words per window; 0: max_seq_length - 2 (every word fits)
     dropout: float = 0.1
+    # Give an uncased encoder back the capitalisation it never sees: a word-shape embedding
+    # (conll.word_shape), zero-initialised so training starts from the pretrained encoder exactly,
+    # added to the word-piece embeddings. Needs a Model Garden encoder (not a hub.KerasLayer).
+    casing_features: bool = True
     max_train_sentences: int = 0                  # 0: all; small values for smoke runs
     max_eval_sentences: int = 0
     shuffle_buffer: int = 20000
@@ -81,7 +85,7 @@ class Entity:
 
 
 class TaggingModel(tf_keras.Model):
-    """encoder -> gather first sub-tokens -> dropout -> Dense emissions (float32) [-> CRF decode].
+    """[+ word shapes] encoder -> gather first sub-tokens -> dropout -> Dense emissions (float32) [-> CRF decode].
 
     Outputs {"logits": [B, W, K] float32}; when not training also {"tags": [B, W] int32}, decoded
     in the model so evaluation and export get Viterbi in the same (optionally XLA) function.
@@ -90,6 +94,14 @@ class TaggingModel(tf_keras.Model):
     def __init__(self, encoder: tf_keras.layers.Layer, config: TaggingConfig, **kwargs):
         super().__init__(name="tagger", **kwargs)
         self.encoder = encoder
+        self.case_embedding = None
+        if config.casing_features:
+            if not hasattr(encoder, "get_embedding_layer"):
+                raise ValueError(f"casing_features needs a Model Garden encoder that accepts input embeddings, "
+                                 f"not {type(encoder).__name__}; set --casing_features=false")
+            self.case_embedding = tf_keras.layers.Embedding(
+                conll.NUM_SHAPES, int(encoder.get_embedding_table().shape[-1]), embeddings_initializer="zeros",
+                name="case_embedding")
         self.dropout = tf_keras.layers.Dropout(config.dropout)
         self.emissions = tf_keras.layers.Dense(
             len(config.labels), name="emissions", kernel_initializer=tf_keras.initializers.TruncatedNormal(stddev=0.02))
@@ -100,7 +112,11 @@ class TaggingModel(tf_keras.Model):
             self.crf.build([None, None, len(config.labels)])
 
     def call(self, features: Mapping[str, tf.Tensor], training=None) -> dict:
-        sequence = self.encoder({k: features[k] for k in ENCODER_INPUTS}, training=training)["sequence_output"]
+        encoder_inputs = {k: features[k] for k in ENCODER_INPUTS}
+        if self.case_embedding is not None:
+            encoder_inputs["input_word_embeddings"] = (self.encoder.get_embedding_layer()(features["input_word_ids"])
+                                                       + self.case_embedding(features["input_case_ids"]))
+        sequence = self.encoder(encoder_inputs, training=training)["sequence_output"]
         words = tf.gather(sequence, features["word_positions"], batch_dims=1)
         # float32 logits under mixed precision: the CRF sums them over a sentence, the softmax needs range.
         logits = tf.cast(self.emissions(self.dropout(words, training=training)), tf.float32)
@@ -202,7 +218,7 @@ class TaggingTask(Task):
     def _dummy_features(self) -> dict[str, tf.Tensor]:
         words = self.config.words_per_window
         ids = tf.zeros([1, self.config.max_seq_length], tf.int32)
-        return {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": ids,
+        return {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": ids, "input_case_ids": ids,
                 "word_positions": tf.zeros([1, words], tf.int32), "word_mask": tf.ones([1, words], tf.int32),
                 "starts_sentence": tf.ones([1], tf.int32), "ends_sentence": tf.ones([1], tf.int32)}
 

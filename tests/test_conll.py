@@ -80,6 +80,25 @@ def test_long_sentence_is_windowed_and_every_word_stitched_back():
         conll.stitch(arrays["tags"][:-1], arrays["owned_mask"][:-1], arrays["example_index"][:-1], sources, [2, 23])
 
 
+@pytest.mark.parametrize("word, shape", [
+    ("EU", conll.SHAPE_UPPER), ("I", conll.SHAPE_UPPER), ("U.S.", conll.SHAPE_UPPER), ("Germany", conll.SHAPE_TITLE),
+    ("McDonald", conll.SHAPE_TITLE), ("Ångström", conll.SHAPE_TITLE), ("said", conll.SHAPE_LOWER),
+    ("1990s", conll.SHAPE_LOWER), ("iPhone", conll.SHAPE_MIXED), ("1996-08-22", conll.SHAPE_NO_LETTERS),
+    (",", conll.SHAPE_NO_LETTERS), ("東京", conll.SHAPE_NO_LETTERS)])  # CJK letters are uncased (Lo)
+def test_word_shape(word, shape):
+    assert conll.word_shape(word) == shape
+
+
+def test_every_piece_carries_its_words_shape_and_specials_none():
+    pieces = {"Peter": [11, 12], "visited": [13], "EU": [14, 15, 16]}
+    sentence = conll.Sentence(("Peter", "visited", "EU"), ("B-PER", "O", "B-ORG"))
+    arrays, _ = conll.encode_sentences([sentence], pieces, labels=conll.CONLL2003_LABELS, max_seq_length=10,
+                                       max_words=8, cls_id=1, sep_id=2, pad_id=0)
+    title, lower, upper = conll.SHAPE_TITLE, conll.SHAPE_LOWER, conll.SHAPE_UPPER
+    assert arrays["input_word_ids"][0].tolist() == [1, 11, 12, 13, 14, 15, 16, 2, 0, 0]
+    assert arrays["input_case_ids"][0].tolist() == [0, title, title, lower, upper, upper, upper, 0, 0, 0]
+
+
 def _perturb(tags, rng):
     """Prediction errors of every kind conlleval must judge: type swaps, B<->I, stray I-, misses."""
     types = ["PER", "LOC", "ORG", "MISC"]

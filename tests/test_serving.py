@@ -105,6 +105,8 @@ def trained(encoder_dir, tmp_path_factory):
                                      dropout=0.0))
     trainer = run_training(lambda: task, global_batch_size=16, train_steps=30, steps_per_loop=30,
                            learning_rate=1e-2, model_dir=str(root / "conll_ner"))
+    # A trained (non-zero) shape embedding, so the export's in-graph word shapes must match predict()'s.
+    assert np.abs(trainer.model.case_embedding.embeddings.numpy()).max() > 1e-3
     runs["conll_ner"] = (task, trainer.model, str(root / "conll_ner"), ["--max_seq_length=16"], {"text": texts})
     task = SquadTask(SquadConfig(encoder=encoder_dir, max_seq_length=64, doc_stride=24, max_query_length=16,
                                  max_examples=24, cache_dir=str(root / "squad_cache")))

@@ -113,3 +113,32 @@ def test_predict_returns_entities_with_character_offsets():
     real = task.build_model()
     for entity in task.predict(real, [text])[0]:
         assert text[entity.start:entity.end] == entity.text
+
+
+def test_in_graph_word_shapes_equal_the_python_ones_on_every_conll_word():
+    from tasks import serving  # noqa: PLC0415
+    words = sorted({w for s in conll.read_conll(os.path.join(DATA_DIR, "conll2003", "train.txt")) for w in s.words})
+    words += ["Ångström", "ǅemal", "東京", "ÉCOLE", "éCOLE", "Ⓐ", ""]
+    expected = [conll.word_shape(w) for w in words]
+    assert serving.word_shapes(tf.constant(words)).numpy().tolist() == expected
+    assert len(set(expected)) == conll.NUM_SHAPES - 1  # every shape but "none" occurs in the real data
+
+
+def test_casing_features_reach_the_encoder():
+    """The uncased tokenizer gives "Apple" and "apple" the same ids; only the shape embedding tells them apart."""
+    texts = ["Apple opened a store in Paris .", "apple opened a store in paris ."]
+
+    def logits(casing: bool) -> np.ndarray:
+        task = TaggingTask(tiny_config(casing_features=casing))
+        model = task.build_model()
+        if casing:  # zero at initialisation (the pretrained encoder unchanged); make it matter
+            table = model.case_embedding.embeddings
+            table.assign(tf.random.stateless_normal(table.shape, seed=[1, 2]))
+        sentences = [conll.Sentence(tuple(t.split()), ("O",) * len(t.split())) for t in texts]
+        arrays = dict(task.encode(sentences).arrays)
+        assert arrays["input_word_ids"][0].tolist() == arrays["input_word_ids"][1].tolist()
+        return model(arrays, training=False)["logits"].numpy()
+
+    with_casing, without = logits(True), logits(False)
+    assert np.abs(with_casing[0] - with_casing[1]).max() > 1e-3
+    np.testing.assert_array_equal(without[0], without[1])
