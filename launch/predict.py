@@ -1,11 +1,21 @@
 """Answers raw inputs with a fine-tuned model from a `launch.train` model_dir.
 
+  python -m launch.predict --task=sst2 --model_dir=runs/sst2_demo --text="a gripping, funny film"
+  python -m launch.predict --task=conll_ner --model_dir=runs/conll_crf \\
+      --text="Angela Merkel met Emmanuel Macron in Paris on Monday ."
   python -m launch.predict --task=squad --model_dir=runs/squad \\
       --question="Who wrote it?" --context="It was written by Ada Lovelace in 1843."
   python -m launch.predict --task=squad --model_dir=runs/squad --input_json=pairs.json --output_json=answers.json
 
-`--input_json` for squad is a list of {"question", "context"[, "id"]} objects, or a SQuAD v1.1 file
-(every question in it; the output then scores with the official evaluate-v1.1.py).
+Inputs: `--text` (repeatable) or `--input_file` (one text per line; for sentence-pair classification
+the two texts separated by a tab) for sst2/classification/conll_ner; for squad `--question`/`--context`,
+or `--input_json`: a list of {"question", "context"[, "id"]} objects or a SQuAD v1.1 file (every
+question in it; the output then scores with the official evaluate-v1.1.py). The task flags
+(--max_seq_length, --head, --label_names, ...) must be those of training: a model that does not
+match the checkpoint is refused with the difference, never run with random weights.
+
+Output: one JSON line per input on stdout; `--output_json` also writes them (squad: the official
+{id: answer} file). conll_ner entities carry character offsets into the input text.
 
 One `Predictor` per task: how to read its raw inputs from flags, how to run the Task on them, and
 what to write. Add a task by adding an entry to PREDICTORS (and its input flags below).
@@ -25,7 +35,8 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("task", "squad", "Task the model was trained on: squad.")
+flags.DEFINE_enum("task", None, ["sst2", "classification", "conll_ner", "squad"], "Task the model was trained on.")
+flags.mark_flag_as_required("task")
 flags.DEFINE_string("model_dir", None, "A launch.train model_dir (latest checkpoint) or a checkpoint path.")
 flags.mark_flag_as_required("model_dir")
 flags.DEFINE_string("init_encoder", "minilm", "The encoder the model was trained from (sets its architecture).")
@@ -34,6 +45,18 @@ flags.DEFINE_integer("max_seq_length", None, "As in training (task default if un
 flags.DEFINE_string("input_json", None, "Raw inputs (format per task, see the module docstring).")
 flags.DEFINE_string("output_json", None, "Where to write the predictions (default: print only).")
 flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+
+# --- sst2 / classification / conll_ner
+flags.DEFINE_multi_string("text", None, "A text to classify or tag (repeatable); or use --input_file.")
+flags.DEFINE_string("input_file", None, "One text per line (sentence pairs: tab-separated).")
+flags.DEFINE_list("text_columns", None, "classification: as in training (two for sentence pairs).")
+flags.DEFINE_list("label_names", None, "classification: as in training.")
+flags.DEFINE_integer("num_classes", None, "classification: as in training.")
+flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"], "As in training.")
+flags.DEFINE_bool("iob2_constraints", None, "conll_ner: as in training.")
+flags.DEFINE_integer("max_words", None, "conll_ner: as in training.")
+flags.DEFINE_bool("casing_features", None, "conll_ner: as in training.")
+flags.DEFINE_bool("lower_case", None, "conll_ner/squad: as in training (default: the Task's).")
 
 # --- squad
 flags.DEFINE_string("question", None, "squad: one question (with --context) instead of --input_json.")
@@ -49,6 +72,41 @@ class Predictor:
     read_inputs: Callable[[], list[dict]]            # flags -> raw records
     predict: Callable[..., list[dict]]               # (task, model, records) -> records with predictions
     write: Callable[[list[dict], str], None]         # (predictions, path) -> file
+
+
+def _read_texts() -> list[dict]:
+    if bool(FLAGS.text) == bool(FLAGS.input_file):
+        raise app.UsageError("give --text (repeatable) or --input_file, one of the two")
+    if FLAGS.text:
+        return [{"text": text} for text in FLAGS.text]
+    try:
+        with open(FLAGS.input_file, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    except (OSError, UnicodeDecodeError) as error:
+        raise app.UsageError(f"--input_file={FLAGS.input_file}: {error}") from error
+    return [{"text": line} for line in lines if line.strip()]
+
+
+def _predict_classification(task, model, records: list[dict]) -> list[dict]:
+    pairs = len(task.config.text_columns) == 2
+    columns = [r["text"].split("\t") for r in records]
+    for i, texts in enumerate(columns):
+        if len(texts) != (2 if pairs else 1):
+            raise app.UsageError(f"input {i + 1}: expected {'two tab-separated texts' if pairs else 'one text'} "
+                                 f"for --text_columns={','.join(task.config.text_columns)}, got {len(texts)}")
+    labels, probabilities = task.predict(model, *zip(*columns), batch_size=FLAGS.batch_size)
+    return [dict(r, label=label, probabilities=[round(float(p), 6) for p in row])
+            for r, label, row in zip(records, labels, probabilities)]
+
+
+def _predict_entities(task, model, records: list[dict]) -> list[dict]:
+    entities = task.predict(model, [r["text"] for r in records], batch_size=FLAGS.batch_size)
+    return [dict(r, entities=[dataclasses.asdict(e) for e in found]) for r, found in zip(records, entities)]
+
+
+def _write_json_lines(predictions: list[dict], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
 
 
 def _read_squad_inputs() -> list[dict]:
@@ -80,22 +138,26 @@ def _write_squad(predictions: list[dict], path: str) -> None:
 
 
 PREDICTORS: dict[str, Predictor] = {
+    "sst2": Predictor(_read_texts, _predict_classification, _write_json_lines),
+    "classification": Predictor(_read_texts, _predict_classification, _write_json_lines),
+    "conll_ner": Predictor(_read_texts, _predict_entities, _write_json_lines),
     "squad": Predictor(_read_squad_inputs, _predict_squad, _write_squad),
 }
 
 
-def restore_model(task, model_dir: str):
-    """Builds the Task's model and loads the weights the Trainer saved (`Checkpoint(model=...)`)."""
-    import tensorflow as tf  # noqa: PLC0415
-    path = tf.train.latest_checkpoint(model_dir) if os.path.isdir(model_dir) else model_dir
-    if not path:
-        raise app.UsageError(f"--model_dir={model_dir}: no checkpoint found")
+def restore_model(task, model_dir: str, values: dict):
+    """Builds the Task's model and loads the weights the Trainer saved, refusing any architecture mismatch."""
+    from tasks import serving  # noqa: PLC0415
+    checkpoint = serving.resolve_checkpoint(model_dir)  # a missing checkpoint fails before a model is built
     model = task.build_model()
-    status = tf.train.Checkpoint(model=model).read(path)
-    # Every model variable must come from the checkpoint: a different --init_encoder or --max_seq_length
-    # architecture fails here instead of answering with random weights.
-    status.assert_existing_objects_matched().expect_partial()
+    shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in TASK_FLAGS)
+    path = serving.restore(model, checkpoint, expected=f"--task={FLAGS.task} {shown}")
     return model, path
+
+
+# Flags that shape the model; a checkpoint mismatch error lists them.
+TASK_FLAGS = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
+              "iob2_constraints", "max_words", "casing_features", "lower_case", "doc_stride", "max_query_length")
 
 
 def main(argv):
@@ -105,13 +167,19 @@ def main(argv):
         raise app.UsageError(f"--task={FLAGS.task!r}: predict supports {sorted(PREDICTORS)}")
     predictor = PREDICTORS[FLAGS.task]
     records = predictor.read_inputs()
-    values = {k: v for k, v in FLAGS.flag_values_dict().items() if k not in ("model_dir", "predictions_dir")}
-    task, _ = registry.build_task(FLAGS.task, values)
-    model, path = restore_model(task, FLAGS.model_dir)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in FLAGS.flag_values_dict().items()
+              if k not in ("model_dir", "predictions_dir", "text")}
+    try:
+        task, _ = registry.build_task(FLAGS.task, values)
+        model, path = restore_model(task, FLAGS.model_dir, values)
+    except (ValueError, FileNotFoundError) as error:  # bad checkpoint/flags: one clear line, no traceback
+        print(f"launch.predict: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(f"{FLAGS.task}: {len(records)} inputs, weights from {path}", file=sys.stderr, flush=True)
     predictions = predictor.predict(task, model, records)
     for p in predictions:
         print(json.dumps({k: v for k, v in p.items() if k != "context"}, ensure_ascii=False), flush=True)
+    print(f"{FLAGS.task}: {len(predictions)} predictions", file=sys.stderr, flush=True)
     if FLAGS.output_json:
         predictor.write(predictions, FLAGS.output_json)
 

@@ -260,3 +260,48 @@ def test_command_line_error_is_one_line(served):
     assert errors == ["launch.export: error: checkpoint '/nonexistent/run': no such folder or checkpoint (expected a "
                       "launch.train --model_dir or a prefix with a run.index file)"], stderr[-2000:]
     assert "Traceback" not in stderr
+
+
+def test_predict_command_answers_like_the_task(trained, encoder_dir, tmp_path):
+    """launch.predict for sst2 (--input_file) and conll_ner (--text), in new processes, against Task.predict;
+    a model flag that does not match the checkpoint is one clear error line."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+    def start(task_name, *args):
+        return subprocess.Popen([sys.executable, "-m", "launch.predict", f"--task={task_name}",
+                                 f"--model_dir={trained[task_name][2]}", f"--init_encoder={encoder_dir}", *args],
+                                cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    sst2_task, sst2_model, _, sst2_flags, sst2_inputs = trained["sst2"]
+    sentences = [s for s in sst2_inputs["sentence"] if s.strip() and "\t" not in s]
+    (tmp_path / "sentences.txt").write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
+    ner_task, ner_model, _, ner_flags, ner_inputs = trained["conll_ner"]
+    texts = [t for t in ner_inputs["text"] if t.strip()][:12]
+    processes = {
+        "sst2": start("sst2", *sst2_flags, f"--input_file={tmp_path / 'sentences.txt'}",
+                      f"--output_json={tmp_path / 'sst2.jsonl'}"),
+        "conll_ner": start("conll_ner", *ner_flags, *[f"--text={t}" for t in texts]),
+        "mismatch": start("conll_ner", *ner_flags, "--head=softmax", "--text=Paris"),
+    }
+    out = {name: p.communicate(timeout=600) + (p.returncode,) for name, p in processes.items()}
+
+    stdout, stderr, returncode = out["sst2"]
+    assert returncode == 0, stderr[-3000:]
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    labels, probabilities = sst2_task.predict(sst2_model, sentences)
+    assert [r["text"] for r in rows] == sentences and [r["label"] for r in rows] == labels
+    np.testing.assert_allclose([r["probabilities"] for r in rows], probabilities, atol=1e-5)
+    assert (tmp_path / "sst2.jsonl").read_text(encoding="utf-8").splitlines() == stdout.splitlines()
+
+    stdout, stderr, returncode = out["conll_ner"]
+    assert returncode == 0, stderr[-3000:]
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    expected = ner_task.predict(ner_model, texts)
+    assert [[(e["text"], e["type"], e["start"], e["end"]) for e in r["entities"]] for r in rows] == [
+        [(e.text, e.type, e.start, e.end) for e in found] for found in expected]
+    assert sum(len(r["entities"]) for r in rows) >= 5, "a model finding no entities would make this vacuous"
+
+    _, stderr, returncode = out["mismatch"]
+    assert returncode == 1 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("launch.predict: error:")]
+    assert len(errors) == 1 and "does not match --task=conll_ner" in errors[0] and "--head=softmax" in errors[0], stderr
