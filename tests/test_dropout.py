@@ -1,0 +1,84 @@
+"""engine/dropout.py: the XLA-fused dropout is Bernoulli(1 - rate) inverted dropout with the mask reused by the
+gradient, it is fresh on every call, it only touches the model it was applied to, and it trains under the engine
+(mirrored + accumulation + XLA) with the train loop traced once."""
+import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from engine import dropout
+from engine_helpers import ToyTask, run_training
+from tasks import encoders
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_keeps_one_minus_rate_scaled_and_gradient_uses_the_same_mask(dtype):
+    rate = 0.1
+    x = tf.cast(tf.random.stateless_uniform([1000, 1000], seed=[3, 4], minval=0.5, maxval=1.5), dtype)
+    upstream = tf.random.stateless_normal([1000, 1000], seed=[5, 6])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = dropout.dropout(x, rate)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+    grad = tape.gradient(loss, x)
+    y, x, grad = (np.asarray(tf.cast(t, tf.float32)) for t in (y, x, grad))
+    kept = y != 0
+    # 1e6 Bernoulli(0.9) draws: standard deviation of the mean 3e-4.
+    assert abs(kept.mean() - (1 - rate)) < 2e-3
+    scale = np.float32(tf.cast(1 / (1 - rate), dtype).numpy())
+    expected = np.asarray(tf.cast(tf.cast(x, dtype) * tf.cast(scale, dtype), tf.float32))
+    np.testing.assert_array_equal(y[kept], expected[kept])
+    expected_grad = np.asarray(tf.cast(tf.cast(upstream, dtype) * tf.cast(scale, dtype), tf.float32)) * kept
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+def test_a_fresh_mask_on_every_call_and_rate_zero_is_identity():
+    x = tf.ones([100_000])
+    first, second = (dropout.dropout(x, 0.5).numpy() != 0 for _ in range(2))
+    # Independent masks agree on about half the elements; a reused mask would agree everywhere.
+    assert 0.45 < np.mean(first == second) < 0.55
+    np.testing.assert_array_equal(dropout.dropout(x, 0.0), x)
+    with pytest.raises(ValueError, match="rate"):
+        dropout.dropout(x, 1.0)
+
+
+def test_fuse_dropout_changes_only_the_given_model_in_training_mode():
+    config = encoders.BertConfig(**{**encoders.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.1,
+                                    "attention_probs_dropout_prob": 0.1})
+    fused, stock = encoders.build_encoder(config), encoders.build_encoder(config)
+    ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
+    inputs = {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": tf.zeros_like(ids)}
+    fused(inputs), stock(inputs)
+    stock.set_weights(fused.get_weights())
+    layers = [m for m in fused.submodules if type(m) is tf_keras.layers.Dropout and m.rate > 0]
+    # Embedding dropout, then per Transformer block attention-probability, attention-output and FFN-output
+    # dropout (the blocks' inner FFN dropout has rate 0 and is left alone).
+    assert dropout.fuse_dropout(fused) == len(layers) == 1 + 3 * config.num_hidden_layers
+    assert all("call" in vars(layer) for layer in layers)
+    assert not any("call" in vars(m) for m in stock.submodules if type(m) is tf_keras.layers.Dropout)
+    # Evaluation: dropout is the identity, so fused and stock agree.
+    np.testing.assert_allclose(fused(inputs, training=False)["sequence_output"],
+                               stock(inputs, training=False)["sequence_output"], atol=1e-6)
+    # Training: a different random mask each call.
+    a, b = (fused(inputs, training=True)["sequence_output"].numpy() for _ in range(2))
+    assert np.abs(a - b).max() > 1e-3
+
+
+class DropoutToyTask(ToyTask):
+    def build_model(self):
+        inputs = tf_keras.Input([self.x.shape[1]], name="x")
+        hidden = tf_keras.layers.Dropout(0.2)(tf_keras.layers.Dense(16, activation="gelu")(inputs))
+        logits = tf_keras.layers.Dense(self.classes, dtype="float32")(tf_keras.layers.Dropout(0.2)(hidden))
+        return tf_keras.Model(inputs, logits)
+
+
+@pytest.mark.parametrize("strategy, jit_compile", [("default", False), ("mirrored", True)])
+def test_trains_under_the_engine_traced_once(tmp_path, strategy, jit_compile):
+    trainer = run_training(DropoutToyTask, global_batch_size=16, grad_accum_steps=2, strategy=strategy,
+                           jit_compile=jit_compile, train_steps=30, steps_per_loop=10, model_dir=str(tmp_path))
+    assert trainer.fused_dropout_layers == 2
+    losses = [h["loss"] for h in trainer.train_history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert trainer.train_loop_tracing_count == 1
