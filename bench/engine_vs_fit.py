@@ -13,9 +13,9 @@ Same model, optimizer and batches on both sides: BertEncoderV2 with MiniLM's sha
 clip 1.0); real SST-2 sentences tokenized once to seq 128, fed to both from the same in-memory tensors;
 batch 32. Configurations, in every --precisions policy:
   fit:    `model.fit`, steps_per_execution in --fit_steps_per_execution, jit_compile in --jit, stock Keras
-          dropout (plus, with --fit_dropout=stock,fused, the same model with engine/dropout.py's kernel);
+          layers (plus, with --fit_fusion=stock,fused, the same model with engine/fusion.py's XLA islands);
   engine: `engine.trainer.Trainer`, steps_per_loop = --steps, RuntimeConfig.jit_compile in --jit,
-          RuntimeConfig.fused_dropout per --engine_dropout (fused: the default; stock: Keras' dropout).
+          RuntimeConfig.fuse_elementwise per --engine_fusion (fused: the default; stock: Keras' layers).
 
 This machine is shared, so the measurement is built to survive noisy neighbours: all configurations are
 built and warmed up first (the first call traces and compiles: never timed), then every round times one
@@ -55,8 +55,9 @@ flags.DEFINE_integer("rounds", 3, "Timed windows per configuration, one per roun
 flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Keras precision policies.")
 flags.DEFINE_list("fit_steps_per_execution", ["1", "4"], "steps_per_execution values for model.fit.")
 flags.DEFINE_list("jit", ["false", "true"], "jit_compile values, for fit and the engine alike.")
-flags.DEFINE_list("engine_dropout", ["fused", "stock"], "Engine dropout: fused (RuntimeConfig default) and/or stock.")
-flags.DEFINE_list("fit_dropout", ["stock"], "model.fit dropout: stock (Keras) and/or fused (engine/dropout.py).")
+flags.DEFINE_list("engine_fusion", ["fused", "stock"], "Engine dropout/activation layers: fused (RuntimeConfig "
+                  "default, engine/fusion.py) and/or stock.")
+flags.DEFINE_list("fit_fusion", ["stock"], "model.fit dropout/activation layers: stock (Keras) and/or fused.")
 flags.DEFINE_bool("quick", False, "Tiny encoder (2 layers, hidden 64), seq 32, batch 8: a smoke run.")
 flags.DEFINE_integer("num_examples", 1024, "SST-2 training sentences tokenized (then cycled through).")
 flags.DEFINE_string("output", None, "Append the markdown results to this file.")
@@ -127,11 +128,11 @@ class FitRunner:
     kind = "fit"
 
     def __init__(self, task, batch_size: int, precision: str, steps_per_execution: int, jit: bool,
-                 fused_dropout: bool = False):
+                 fused: bool = False):
         import tf_keras  # noqa: PLC0415
-        from engine import dropout, optimization  # noqa: PLC0415
+        from engine import fusion, optimization  # noqa: PLC0415
 
-        self.name = f"fit spe={steps_per_execution}" + (" xla" if jit else "") + (" fused-dropout" if fused_dropout else "")
+        self.name = f"fit spe={steps_per_execution}" + (" xla" if jit else "") + (" fused" if fused else "")
         self.precision, self.jit = precision, jit
         cfg = optimizer_config()
         tf_keras.mixed_precision.set_global_policy(precision)
@@ -140,8 +141,8 @@ class FitRunner:
             self.model = task.build_model()
         finally:
             tf_keras.mixed_precision.set_global_policy("float32")
-        if fused_dropout:
-            dropout.fuse_dropout(self.model)
+        if fused:
+            fusion.fuse_elementwise(self.model)
         # engine.optimization.make_optimizer's AdamW, plus the global-norm clipping the engine does itself.
         optimizer = tf_keras.optimizers.AdamW(
             learning_rate=optimization.make_learning_rate(cfg, 10 ** 9), weight_decay=cfg.weight_decay,
@@ -178,19 +179,19 @@ class EngineRunner:
     kind = "engine"
 
     def __init__(self, task, batch_size: int, precision: str, jit: bool, steps_per_loop: int,
-                 fused_dropout: bool = True):
+                 fused: bool = True):
         import tf_keras  # noqa: PLC0415
         from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
         from engine.trainer import Trainer  # noqa: PLC0415
 
-        self.name = "engine" + (" xla" if jit else "") + ("" if fused_dropout else " stock-dropout")
+        self.name = "engine" + (" xla" if jit else "") + ("" if fused else " unfused")
         self.precision, self.jit = precision, jit
         self._model_dir = tempfile.mkdtemp(prefix="engine_vs_fit_")
         config = TrainerConfig(model_dir=self._model_dir, train_steps=10 ** 9, global_batch_size=batch_size,
                                steps_per_loop=steps_per_loop, eval_split="")
         try:
             self.trainer = Trainer(task, config, optimizer_config(),
-                                   RuntimeConfig(precision=precision, jit_compile=jit, fused_dropout=fused_dropout))
+                                   RuntimeConfig(precision=precision, jit_compile=jit, fuse_elementwise=fused))
         finally:
             tf_keras.mixed_precision.set_global_policy("float32")  # the Trainer sets the global policy
         # Trainer.train() runs to train_steps and then saves a checkpoint; windows interleaved with other
@@ -238,14 +239,14 @@ def matmul_peak_gflops(dtype, shapes=PEAK_SHAPES, samples: int = 5, calls: int =
 # ------------------------------------------------------------------------------------ the run
 
 def build_runners(task, setup: Setup, precisions, steps_per_execution, jits, steps: int,
-                  engine_dropout=("fused", "stock"), fit_dropout=("stock",)) -> list:
+                  engine_fusion=("fused", "stock"), fit_fusion=("stock",)) -> list:
     runners = []
     for precision in precisions:
         for jit in jits:
-            runners += [FitRunner(task, setup.batch_size, precision, spe, jit, fused_dropout=kind == "fused")
-                        for kind in fit_dropout for spe in steps_per_execution]
-            runners += [EngineRunner(task, setup.batch_size, precision, jit, steps, fused_dropout=kind == "fused")
-                        for kind in engine_dropout]
+            runners += [FitRunner(task, setup.batch_size, precision, spe, jit, fused=kind == "fused")
+                        for kind in fit_fusion for spe in steps_per_execution]
+            runners += [EngineRunner(task, setup.batch_size, precision, jit, steps, fused=kind == "fused")
+                        for kind in engine_fusion]
     return runners
 
 
@@ -303,9 +304,9 @@ def summarize(runners, windows, peaks, *, batch_size: int, flops: float) -> tupl
         rows[-1].update(mfu=flops * rows[-1]["wall"] / peak_wall, mfu_cpu=flops * rows[-1]["cpu"] / peak_cpu)
 
     def best(precision, kind, jit=None):
-        # fit as users run it today (stock Keras dropout); a fit fused-dropout row is reported on its own line.
+        # fit as users run it today (stock Keras layers); a "fit ... fused" row is reported on its own line.
         pool = [r for r in rows if r["precision"] == precision and r["runner"].kind == kind
-                and (jit is None or r["runner"].jit == jit) and "fused-dropout" not in r["config"]]
+                and (jit is None or r["runner"].jit == jit) and not r["config"].endswith(" fused")]
         return max(pool, key=lambda r: r["wall"]) if pool else None
 
     def paired(a, b, key):
@@ -330,10 +331,10 @@ def summarize(runners, windows, peaks, *, batch_size: int, flops: float) -> tupl
                 lines.append(f"{precision}: like-for-like {e['config']} / {f['config']} = {ratio(e, f)}")
     by_name = {(r["precision"], r["config"]): r for r in rows}
     for (precision, name), row in by_name.items():
-        stock = by_name.get((precision, name + " stock-dropout"))
+        stock = by_name.get((precision, name + " unfused"))
         if name.startswith("engine") and stock:
-            lines.append(f"{precision}: {name} (fused dropout) / {stock['config']} = {ratio(row, stock)}")
-        fused_fit = by_name.get((precision, name + " fused-dropout"))
+            lines.append(f"{precision}: {name} (fused) / {stock['config']} = {ratio(row, stock)}")
+        fused_fit = by_name.get((precision, name + " fused"))
         if name.startswith("fit") and fused_fit:
             lines.append(f"{precision}: {fused_fit['config']} / {name} = {ratio(fused_fit, row)}")
     fit32 = best("float32", "fit")
@@ -358,7 +359,7 @@ def markdown(rows, lines, header: dict) -> str:
 
 
 def run_benchmark(setup: Setup, data_dir: str, *, precisions, steps_per_execution, jits, steps: int,
-                  rounds: int, engine_dropout=("fused", "stock"), fit_dropout=("stock",),
+                  rounds: int, engine_fusion=("fused", "stock"), fit_fusion=("stock",),
                   output: str | None = None, command: str = "") -> dict:
     """The whole benchmark; returns {"rows", "lines", "peaks", "flops_per_example", "markdown"}."""
     from engine import precision as precision_lib  # noqa: PLC0415
@@ -381,7 +382,7 @@ def run_benchmark(setup: Setup, data_dir: str, *, precisions, steps_per_executio
         print(f"{k}: {v}", flush=True)
     # Every configuration lives through all rounds (about 1 GB each for MiniLM), so that precisions, too,
     # are compared under the same load, and the peak is measured under the load the models saw.
-    runners = build_runners(task, setup, precisions, steps_per_execution, jits, steps, engine_dropout, fit_dropout)
+    runners = build_runners(task, setup, precisions, steps_per_execution, jits, steps, engine_fusion, fit_fusion)
     peaks = {"float32": (0.0, 0.0), "bfloat16": (0.0, 0.0)}
     try:
         windows = measure(runners, peaks, steps=steps, rounds=rounds, batch_size=setup.batch_size)
@@ -407,7 +408,8 @@ def main(argv):
         make_setup(FLAGS.quick, FLAGS.num_examples), FLAGS.data_dir, precisions=FLAGS.precisions,
         steps_per_execution=[int(s) for s in FLAGS.fit_steps_per_execution],
         jits=[j.lower() in ("1", "true", "yes") for j in FLAGS.jit], steps=FLAGS.steps, rounds=FLAGS.rounds,
-        engine_dropout=FLAGS.engine_dropout, fit_dropout=FLAGS.fit_dropout, output=FLAGS.output, command=" ".join(["python"] + sys.argv))
+        engine_fusion=FLAGS.engine_fusion, fit_fusion=FLAGS.fit_fusion, output=FLAGS.output,
+        command=" ".join(["python"] + sys.argv))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ class RuntimeConfig:
     num_gpus: int = 0                  # for "mirrored": 0 means all visible devices
     precision: str = "float32"         # "auto" picks bf16 only where the hardware has it natively
     jit_compile: bool = False          # XLA for the forward/backward/accumulation function
-    fused_dropout: bool = True         # the model's Dropout layers as one XLA kernel each (engine/dropout.py)
+    fuse_elementwise: bool = True      # the model's Dropout/Activation layers as small XLA kernels (engine/fusion.py)
     seed: int = 0
 
     def __post_init__(self):

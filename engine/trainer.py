@@ -20,7 +20,7 @@ import tensorflow as tf
 import tf_keras
 from absl import logging
 
-from engine import checkpoints, dropout, inputs, optimization, precision, step as step_lib, summaries
+from engine import checkpoints, fusion, inputs, optimization, precision, step as step_lib, summaries
 from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
 from engine.strategy import make_strategy
 from engine.task import Task
@@ -49,7 +49,7 @@ class Trainer:
 
         with self.strategy.scope():
             self.model = task.build_model()
-            self.fused_dropout_layers = dropout.fuse_dropout(self.model) if runtime.fused_dropout else 0
+            self.fused_layers = fusion.fuse_elementwise(self.model) if runtime.fuse_elementwise else {}
             self.optimizer = optimization.make_optimizer(
                 optimizer_config, config.train_steps, loss_scale=self.precision == "mixed_float16")
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
@@ -220,7 +220,7 @@ class Trainer:
         tokens = (f"global batch {cfg.global_batch_size} = {self.num_replicas} replicas x "
                   f"{cfg.grad_accum_steps} micro-batches x {self.per_replica_batch_size}")
         print(f"{self.task.name}: {params:,} parameters | {tokens} | precision {self.precision} | "
-              f"xla {self.runtime.jit_compile} | fused dropout layers {self.fused_dropout_layers} | "
+              f"xla {self.runtime.jit_compile} | XLA-fused layers {self.fused_layers or 'off'} | "
               f"strategy {type(self.strategy).__name__}", flush=True)
         if step == 0:
             config_text = "\n".join(f"{k}: {v}" for c in (cfg, self.optimizer_config, self.runtime)

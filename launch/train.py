@@ -40,8 +40,8 @@ flags.DEFINE_integer("num_gpus", 0, "GPUs for --strategy=mirrored (0: all).")
 flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
                   "auto: bf16 only where the hardware has it natively.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the forward/backward step (measure: helps on some CPUs).")
-flags.DEFINE_bool("fused_dropout", True, "Run each Dropout layer as one small XLA kernel (faster on CPU; "
-                  "see engine/dropout.py).")
+flags.DEFINE_bool("fuse_elementwise", True, "Run the model's Dropout and Activation layers as small XLA kernels "
+                  "(faster on CPU; see engine/fusion.py).")
 flags.DEFINE_integer("seed", 0, "Initialisation and shuffling seed.")
 
 # --- loop
@@ -131,7 +131,7 @@ def main(argv):
                                        weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None)
     runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
                             precision=FLAGS.precision, jit_compile=FLAGS.jit_compile,
-                            fused_dropout=FLAGS.fused_dropout, seed=FLAGS.seed)
+                            fuse_elementwise=FLAGS.fuse_elementwise, seed=FLAGS.seed)
     trainer = Trainer(task, trainer_config, optimizer_config, runtime)
     metrics = trainer.train()
     if metrics:

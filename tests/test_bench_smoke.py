@@ -26,15 +26,15 @@ def test_quick_run_gives_finite_positive_throughputs(tmp_path):
     output = tmp_path / "results.md"
     result = engine_vs_fit.run_benchmark(
         setup, DATA_DIR, precisions=["float32"], steps_per_execution=[2], jits=[False], steps=2, rounds=1,
-        engine_dropout=["fused", "stock"], fit_dropout=["stock", "fused"], output=str(output))
+        engine_fusion=["fused", "stock"], fit_fusion=["stock", "fused"], output=str(output))
     rows = result["rows"]
-    assert [r["config"] for r in rows] == ["fit spe=2", "fit spe=2 fused-dropout", "engine", "engine stock-dropout"]
+    assert [r["config"] for r in rows] == ["fit spe=2", "fit spe=2 fused", "engine", "engine unfused"]
     for row in rows:
         for key in ("wall", "cpu", "mfu", "mfu_cpu"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["config"], key, row[key])
     assert all(math.isfinite(p) and p > 0 for pair in result["peaks"].values() for p in pair)
     assert result["flops_per_example"] == engine_vs_fit.train_flops_per_example(setup)
-    assert any("like-for-like engine / fit spe=2 =" in line for line in result["lines"])
-    assert any("engine (fused dropout) / engine stock-dropout" in line for line in result["lines"])
-    assert any("fit spe=2 fused-dropout / fit spe=2" in line for line in result["lines"])
+    assert any(line.startswith("float32: like-for-like engine") and "/ fit spe=2 =" in line for line in result["lines"])
+    assert any("engine (fused) / engine unfused" in line for line in result["lines"])
+    assert any("fit spe=2 fused / fit spe=2" in line for line in result["lines"])
     assert "| float32 | engine |" in output.read_text()

@@ -1,6 +1,6 @@
-"""engine/dropout.py: the XLA-fused dropout is Bernoulli(1 - rate) inverted dropout with the mask reused by the
-gradient, it is fresh on every call, it only touches the model it was applied to, and it trains under the engine
-(mirrored + accumulation + XLA) with the train loop traced once."""
+"""engine/fusion.py: the XLA dropout is Bernoulli(1 - rate) inverted dropout with the mask reused by the gradient
+and fresh on every call; fused activations equal the stock ones with their gradients; fusing touches only the model
+it was applied to; and the fused model trains under the engine (mirrored + accumulation + XLA), traced once."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from engine import dropout
+from engine import fusion
 from engine_helpers import ToyTask, run_training
 from tasks import encoders
 
@@ -20,7 +20,7 @@ def test_keeps_one_minus_rate_scaled_and_gradient_uses_the_same_mask(dtype):
     upstream = tf.random.stateless_normal([1000, 1000], seed=[5, 6])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = dropout.dropout(x, rate)
+        y = fusion.dropout(x, rate)
         loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
     grad = tape.gradient(loss, x)
     y, x, grad = (np.asarray(tf.cast(t, tf.float32)) for t in (y, x, grad))
@@ -36,15 +36,33 @@ def test_keeps_one_minus_rate_scaled_and_gradient_uses_the_same_mask(dtype):
 
 def test_a_fresh_mask_on_every_call_and_rate_zero_is_identity():
     x = tf.ones([100_000])
-    first, second = (dropout.dropout(x, 0.5).numpy() != 0 for _ in range(2))
+    first, second = (fusion.dropout(x, 0.5).numpy() != 0 for _ in range(2))
     # Independent masks agree on about half the elements; a reused mask would agree everywhere.
     assert 0.45 < np.mean(first == second) < 0.55
-    np.testing.assert_array_equal(dropout.dropout(x, 0.0), x)
+    np.testing.assert_array_equal(fusion.dropout(x, 0.0), x)
     with pytest.raises(ValueError, match="rate"):
-        dropout.dropout(x, 1.0)
+        fusion.dropout(x, 1.0)
 
 
-def test_fuse_dropout_changes_only_the_given_model_in_training_mode():
+def test_fused_activation_equals_stock_with_gradient():
+    layer = tf_keras.layers.Activation("gelu")
+    x = tf.random.stateless_normal([64, 96], seed=[7, 8]) * 3
+    expected_y, expected_grad = _value_and_grad(layer, x)
+    assert fusion.fuse_elementwise(tf_keras.Sequential([layer])) == {"dropout": 0, "activation": 1}
+    y, grad = _value_and_grad(layer, x)
+    np.testing.assert_allclose(y, expected_y, atol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
+
+
+def _value_and_grad(layer, x):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * y)
+    return y.numpy(), tape.gradient(loss, x).numpy()
+
+
+def test_fuse_elementwise_changes_only_the_given_model_in_training_mode():
     config = encoders.BertConfig(**{**encoders.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.1,
                                     "attention_probs_dropout_prob": 0.1})
     fused, stock = encoders.build_encoder(config), encoders.build_encoder(config)
@@ -52,15 +70,16 @@ def test_fuse_dropout_changes_only_the_given_model_in_training_mode():
     inputs = {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": tf.zeros_like(ids)}
     fused(inputs), stock(inputs)
     stock.set_weights(fused.get_weights())
-    layers = [m for m in fused.submodules if type(m) is tf_keras.layers.Dropout and m.rate > 0]
     # Embedding dropout, then per Transformer block attention-probability, attention-output and FFN-output
-    # dropout (the blocks' inner FFN dropout has rate 0 and is left alone).
-    assert dropout.fuse_dropout(fused) == len(layers) == 1 + 3 * config.num_hidden_layers
-    assert all("call" in vars(layer) for layer in layers)
-    assert not any("call" in vars(m) for m in stock.submodules if type(m) is tf_keras.layers.Dropout)
+    # dropout (the blocks' inner FFN dropout has rate 0 and is left alone) and the FFN's GELU.
+    assert fusion.fuse_elementwise(fused) == {"dropout": 1 + 3 * config.num_hidden_layers,
+                                              "activation": config.num_hidden_layers}
+    rebound = [m for m in fused.submodules if "call" in vars(m)]
+    assert len(rebound) == 1 + 4 * config.num_hidden_layers
+    assert not any("call" in vars(m) for m in stock.submodules)
     # Evaluation: dropout is the identity, so fused and stock agree.
     np.testing.assert_allclose(fused(inputs, training=False)["sequence_output"],
-                               stock(inputs, training=False)["sequence_output"], atol=1e-6)
+                               stock(inputs, training=False)["sequence_output"], atol=1e-5)
     # Training: a different random mask each call.
     a, b = (fused(inputs, training=True)["sequence_output"].numpy() for _ in range(2))
     assert np.abs(a - b).max() > 1e-3
@@ -78,7 +97,7 @@ class DropoutToyTask(ToyTask):
 def test_trains_under_the_engine_traced_once(tmp_path, strategy, jit_compile):
     trainer = run_training(DropoutToyTask, global_batch_size=16, grad_accum_steps=2, strategy=strategy,
                            jit_compile=jit_compile, train_steps=30, steps_per_loop=10, model_dir=str(tmp_path))
-    assert trainer.fused_dropout_layers == 2
+    assert trainer.fused_layers == {"dropout": 2, "activation": 0}  # Dense(activation=...) is not a layer of its own
     losses = [h["loss"] for h in trainer.train_history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert trainer.train_loop_tracing_count == 1
