@@ -80,7 +80,7 @@ flags.DEFINE_list("class_weights", None, "Loss weight per class, for imbalanced 
 flags.DEFINE_bool("iob2_constraints", None, "conll_ner CRF: forbid I-X after anything but B-X/I-X (default on).")
 flags.DEFINE_integer("max_words", None, "conll_ner: words per window (default max_seq_length - 2).")
 flags.DEFINE_bool("casing_features", None, "conll_ner: add a word-shape embedding (capitalisation) to the word-piece "
-                  "embeddings, for uncased encoders (default on).")
+                  "embeddings (default: on for an uncased Model Garden encoder, off for a Hub one).")
 flags.DEFINE_integer("max_train_sentences", None, "conll_ner: first N training sentences (smoke runs).")
 flags.DEFINE_integer("max_eval_sentences", None, "conll_ner: first N evaluation sentences (smoke runs).")
 

@@ -44,12 +44,9 @@ def convert_hf(checkpoint: str, output_dir: str, *, bert_config: str | None = No
     folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
     weights = os.path.join(checkpoint, "model.safetensors") if os.path.isdir(checkpoint) else checkpoint
     _existing_file(weights, "HF safetensors weights", "--checkpoint=HF_FOLDER_OR_FILE.safetensors")
-    config = encoders.BertConfig.from_json_file(_existing_file(
-        bert_config or os.path.join(folder, "config.json"), "HF config.json", "--bert_config"))
-    vocab_file = _existing_file(vocab_file or os.path.join(folder, "vocab.txt"), "vocab.txt", "--vocab_file")
-    encoder, _ = encoders.make_encoder(config)
-    encoders.load_hf_weights(encoder, weights)
-    return write_encoder_dir(encoder, config, vocab_file, output_dir)
+    return _convert(bert_config or os.path.join(folder, "config.json"), "HF config.json",
+                    vocab_file or os.path.join(folder, "vocab.txt"),
+                    lambda encoder: encoders.load_hf_weights(encoder, weights), output_dir)
 
 
 def convert_tf1(checkpoint_prefix: str, output_dir: str, *, bert_config: str | None = None,
@@ -60,9 +57,15 @@ def convert_tf1(checkpoint_prefix: str, output_dir: str, *, bert_config: str | N
     if not tf.io.gfile.exists(checkpoint_prefix + ".index"):
         raise FileNotFoundError(f"TF1 checkpoint not found: {checkpoint_prefix}.index "
                                 "(pass --checkpoint=PREFIX, e.g. uncased_L-12_H-768_A-12/bert_model.ckpt)")
-    config = encoders.BertConfig.from_json_file(_existing_file(
-        bert_config or os.path.join(folder, "bert_config.json"), "bert_config.json", "--bert_config"))
-    vocab_file = _existing_file(vocab_file or os.path.join(folder, "vocab.txt"), "vocab.txt", "--vocab_file")
+    return _convert(bert_config or os.path.join(folder, "bert_config.json"), "bert_config.json",
+                    vocab_file or os.path.join(folder, "vocab.txt"),
+                    lambda encoder: encoders.load_tf1_weights(encoder, checkpoint_prefix), output_dir)
+
+
+def _convert(config_path: str, config_name: str, vocab_path: str, load_weights, output_dir: str) -> str:
+    """Checks the config and vocab exist, builds the encoder, loads its weights, writes the TF2 folder."""
+    config = encoders.BertConfig.from_json_file(_existing_file(config_path, config_name, "--bert_config"))
+    vocab_file = _existing_file(vocab_path, "vocab.txt", "--vocab_file")
     encoder, _ = encoders.make_encoder(config)
-    encoders.load_tf1_weights(encoder, checkpoint_prefix)
+    load_weights(encoder)
     return write_encoder_dir(encoder, config, vocab_file, output_dir)

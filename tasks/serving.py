@@ -464,7 +464,7 @@ class TaggingServing(ServingModule):
             "starts_sentence": tf.cast(tf.equal(window_begin, 0), tf.int32),
             "ends_sentence": tf.cast(tf.equal(window_end, tf.gather(sentence_length, window_sentence)), tf.int32),
         }
-        if cfg.casing_features:
+        if self.model.case_embedding is not None:
             features["input_case_ids"] = case_ids.to_tensor(0, shape=[None, seq_length])
         window_tags = self.model(features, training=False)["tags"]
 

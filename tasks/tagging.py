@@ -48,7 +48,8 @@ class TaggingConfig:
     # Give an uncased encoder back the capitalisation it never sees: a word-shape embedding
     # (conll.word_shape), zero-initialised so training starts from the pretrained encoder exactly,
     # added to the word-piece embeddings. Needs a Model Garden encoder (not a hub.KerasLayer).
-    casing_features: bool = True
+    # None: on when lower_case and the encoder accepts input embeddings.
+    casing_features: Optional[bool] = None
     max_train_sentences: int = 0                  # 0: all; small values for smoke runs
     max_eval_sentences: int = 0
     shuffle_buffer: int = 20000
@@ -84,6 +85,12 @@ class Entity:
     end: int
 
 
+def uses_casing_features(config: TaggingConfig, encoder: tf_keras.layers.Layer) -> bool:
+    if config.casing_features is not None:
+        return config.casing_features
+    return config.lower_case and hasattr(encoder, "get_embedding_layer")
+
+
 class TaggingModel(tf_keras.Model):
     """[+ word shapes] encoder -> gather first sub-tokens -> dropout -> Dense emissions (float32) [-> CRF decode].
 
@@ -95,7 +102,7 @@ class TaggingModel(tf_keras.Model):
         super().__init__(name="tagger", **kwargs)
         self.encoder = encoder
         self.case_embedding = None
-        if config.casing_features:
+        if uses_casing_features(config, encoder):
             if not hasattr(encoder, "get_embedding_layer"):
                 raise ValueError(f"casing_features needs a Model Garden encoder that accepts input embeddings, "
                                  f"not {type(encoder).__name__}; set --casing_features=false")

@@ -16,3 +16,22 @@ split_cpu(2)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.environ.get("DATA_DIR", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"))
+
+
+def write_tiny_encoder_dir(folder) -> str:
+    """A converted-checkpoint folder (bert_config.json, vocab.txt, TF2 checkpoint) holding a tiny random encoder
+    and its own copy of MiniLM's vocab, as launch/convert.py writes one."""
+    import dataclasses  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    import tensorflow as tf  # noqa: PLC0415
+    from tasks import encoders  # noqa: PLC0415
+
+    config = encoders.BertConfig.tiny()
+    encoder, _ = encoders.make_encoder(config)
+    tf.train.Checkpoint(encoder=encoder).write(os.path.join(folder, "encoder"))
+    with open(os.path.join(folder, "bert_config.json"), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(config), f)
+    shutil.copy(os.path.join(encoders.minilm_dir(), "vocab.txt"), os.path.join(folder, "vocab.txt"))
+    return str(folder)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from conftest import DATA_DIR, REPO_ROOT
+from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
 from engine_helpers import one_update_weights, run_training
 from tasks import encoders
 from tasks.classification import ClassificationConfig, ClassificationTask, read_tsv
@@ -136,14 +136,7 @@ def test_accumulation_and_mirrored_same_update(sst2_slices):
 
 @pytest.fixture(scope="module")
 def tiny_encoder_dir(tmp_path_factory):
-    """A converted-checkpoint folder (bert_config.json, vocab.txt, TF2 checkpoint) holding a tiny encoder."""
-    folder = tmp_path_factory.mktemp("tiny_encoder")
-    config = encoders.BertConfig.tiny()
-    encoder, _ = encoders.make_encoder(config)
-    tf.train.Checkpoint(encoder=encoder).write(str(folder / "encoder"))
-    write(folder / "bert_config.json", json.dumps(dataclasses.asdict(config)))
-    write(folder / "vocab.txt", open(VOCAB, encoding="utf-8").read())
-    return str(folder)
+    return write_tiny_encoder_dir(tmp_path_factory.mktemp("tiny_encoder"))
 
 
 def launch_train(*args, flagfile_lines=()):

@@ -1,9 +1,7 @@
 """Serving exports: briefly trained tiny models exported with launch.export, loaded in a fresh process that
 only has TensorFlow + tensorflow-text, answering raw strings exactly as the Tasks' in-process predict."""
-import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +11,7 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from conftest import DATA_DIR, REPO_ROOT
+from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
 from engine_helpers import run_training
 from launch import export as export_launcher
 from tasks import conll, encoders, squad_data
@@ -32,13 +30,7 @@ EXPECTED_SIGNATURES = {
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
     """A converted-checkpoint folder with a tiny encoder and its own copy of the vocab."""
-    folder = tmp_path_factory.mktemp("serving_encoder")
-    config = encoders.BertConfig.tiny()
-    encoder, _ = encoders.make_encoder(config)
-    tf.train.Checkpoint(encoder=encoder).write(str(folder / "encoder"))
-    (folder / "bert_config.json").write_text(json.dumps(dataclasses.asdict(config)))
-    shutil.copy(os.path.join(encoders.minilm_dir(), "vocab.txt"), folder / "vocab.txt")
-    return str(folder)
+    return write_tiny_encoder_dir(tmp_path_factory.mktemp("serving_encoder"))
 
 
 # Toy data a tiny encoder learns in a few updates, so the compared predictions are not all one label / all O.

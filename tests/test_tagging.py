@@ -142,3 +142,15 @@ def test_casing_features_reach_the_encoder():
     with_casing, without = logits(True), logits(False)
     assert np.abs(with_casing[0] - with_casing[1]).max() > 1e-3
     np.testing.assert_array_equal(without[0], without[1])
+
+
+def test_casing_features_default_to_uncased_model_garden_encoders_only():
+    from tasks.tagging import uses_casing_features  # noqa: PLC0415
+    model_garden, hub_layer = encoders.build_encoder(encoders.BertConfig.tiny()), tf.keras.layers.Layer()
+    assert uses_casing_features(tiny_config(), model_garden)
+    assert not uses_casing_features(tiny_config(lower_case=False), model_garden)  # a cased encoder sees case
+    assert not uses_casing_features(tiny_config(), hub_layer)  # a hub.KerasLayer takes no input embeddings
+    assert not uses_casing_features(tiny_config(casing_features=False), model_garden)
+    with pytest.raises(ValueError, match="casing_features needs a Model Garden encoder"):
+        from tasks.tagging import TaggingModel  # noqa: PLC0415
+        TaggingModel(hub_layer, tiny_config(casing_features=True))
