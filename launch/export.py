@@ -51,6 +51,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_list("text_columns", None, "classification: one text column, or two for sentence pairs (the "
                       "signature then takes `sentence` and `sentence_b`).", flag_values=flag_values)
     flags.DEFINE_list("label_names", None, "classification: label strings in class-id order.", flag_values=flag_values)
+    flags.DEFINE_enum("pooling", None, ["cls", "mean"], "classification: as in training.", flag_values=flag_values)
     flags.DEFINE_integer("num_classes", None, "classification: classes, for integer labels.", flag_values=flag_values)
     flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"], "classification: softmax|sigmoid; conll_ner: "
                       "crf|softmax.", flag_values=flag_values)
@@ -83,8 +84,8 @@ def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lowe
 def _task_values(flag_values: flags.FlagValues) -> dict:
     """The task flags as tasks.registry values (tuples for lists); unset flags keep the Task defaults."""
     names = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
-             "iob2_constraints", "max_words", "casing_features", "doc_stride", "max_query_length", "n_best_size",
-             "max_answer_length")
+             "pooling", "iob2_constraints", "max_words", "casing_features", "doc_stride", "max_query_length",
+             "n_best_size", "max_answer_length")
     values = {name: flag_values[name].value for name in names}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     if flag_values.task in ("squad", "conll_ner"):  # the classification tokenizer always lower-cases

@@ -51,6 +51,7 @@ flags.DEFINE_multi_string("text", None, "A text to classify or tag (repeatable);
 flags.DEFINE_string("input_file", None, "One text per line (sentence pairs: tab-separated).")
 flags.DEFINE_list("text_columns", None, "classification: as in training (two for sentence pairs).")
 flags.DEFINE_list("label_names", None, "classification: as in training.")
+flags.DEFINE_enum("pooling", None, ["cls", "mean"], "classification: as in training.")
 flags.DEFINE_integer("num_classes", None, "classification: as in training.")
 flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"], "As in training.")
 flags.DEFINE_bool("iob2_constraints", None, "conll_ner: as in training.")
@@ -157,7 +158,8 @@ def restore_model(task, model_dir: str, values: dict):
 
 # Flags that shape the model; a checkpoint mismatch error lists them.
 TASK_FLAGS = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
-              "iob2_constraints", "max_words", "casing_features", "lower_case", "doc_stride", "max_query_length")
+              "pooling", "iob2_constraints", "max_words", "casing_features", "lower_case", "doc_stride",
+              "max_query_length")
 
 
 def main(argv):

@@ -72,6 +72,8 @@ flags.DEFINE_list("label_names", None, "String labels in class-id order (default
 flags.DEFINE_integer("num_classes", None, "Classes, for integer labels.")
 flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"],
                   "Classifier head; sigmoid is binary only; crf (default) or softmax for conll_ner.")
+flags.DEFINE_enum("pooling", None, ["cls", "mean"], "classification: pooled [CLS] output (default) or the masked "
+                  "mean of the token vectors (how sentence-transformers encoders such as all-MiniLM were trained).")
 flags.DEFINE_list("class_weights", None, "Loss weight per class, for imbalanced data.")
 
 # --- task-specific flags of other tasks go below this line (field names of their config dataclasses)

@@ -30,6 +30,9 @@ class ClassificationConfig:
     label_names: tuple = ()                           # labels as strings; empty: integer labels 0..num_classes-1
     num_classes: int = 2
     head: str = "softmax"                             # "softmax", or "sigmoid" (binary only)
+    # "cls": the encoder's pooled [CLS] output (BERT's recipe); "mean": the mean of the token vectors under
+    # input_mask, which is how sentence-transformers models such as all-MiniLM-L6-v2 were trained to pool.
+    pooling: str = "cls"
     class_weights: tuple = ()                         # one weight per class, for imbalanced data
     dropout: float = 0.1
     shuffle_buffer: int = 20000
@@ -38,6 +41,8 @@ class ClassificationConfig:
     def __post_init__(self):
         if self.head not in ("softmax", "sigmoid"):
             raise ValueError(f"head={self.head!r}: expected 'softmax' or 'sigmoid'")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling={self.pooling!r}: expected 'cls' or 'mean'")
         if self.head == "sigmoid" and self.classes != 2:
             raise ValueError(f"head='sigmoid' is for 2 classes, got {self.classes}")
         if self.class_weights and len(self.class_weights) != self.classes:
@@ -48,6 +53,15 @@ class ClassificationConfig:
     @property
     def classes(self) -> int:
         return len(self.label_names) or self.num_classes
+
+
+class MaskedMeanPooling(tf_keras.layers.Layer):
+    """[B, T, H] token vectors, [B, T] mask -> [B, H]: the mean over the tokens the mask keeps."""
+
+    def call(self, sequence: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+        weights = tf.cast(mask, sequence.dtype)[:, :, tf.newaxis]
+        total = tf.reduce_sum(sequence * weights, axis=1)
+        return total / tf.maximum(tf.reduce_sum(weights, axis=1), tf.cast(1.0, sequence.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +158,11 @@ class ClassificationTask(Task):
         self._encoder = encoder
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
                   for name in ("input_word_ids", "input_mask", "input_type_ids")}
-        pooled = encoder(inputs)["pooled_output"]
+        outputs = encoder(inputs)
+        if self.config.pooling == "mean":
+            pooled = MaskedMeanPooling(name="mean_pooling")(outputs["sequence_output"], inputs["input_mask"])
+        else:
+            pooled = outputs["pooled_output"]
         pooled = tf_keras.layers.Dropout(self.config.dropout)(pooled)
         units = 1 if self.config.head == "sigmoid" else self.config.classes
         # float32 logits under mixed precision: softmax/sigmoid and the loss need the range.

@@ -102,6 +102,19 @@ def test_loss_matches_numpy(head):
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-6)
 
 
+def test_mean_pooling_is_the_masked_mean_of_token_vectors():
+    task = ClassificationTask(tiny_config({}, pooling="mean"))
+    model = task.build_model()
+    ids = np.array([[101, 2023, 2003, 102, 0, 0], [101, 2307, 102, 0, 0, 0]], np.int32)
+    features = {"input_word_ids": ids, "input_mask": (ids > 0).astype(np.int32), "input_type_ids": np.zeros_like(ids)}
+    sequence = task._encoder(features)["sequence_output"].numpy()  # pylint: disable=protected-access
+    pooled = np.stack([sequence[0, :4].mean(0), sequence[1, :3].mean(0)])
+    kernel, bias = model.get_layer("logits").get_weights()
+    np.testing.assert_allclose(model(features).numpy(), pooled @ kernel + bias, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling='max'"):
+        tiny_config({}, pooling="max")
+
+
 # ------------------------------------------------------------------------------------ training
 
 def test_trains_and_metrics_match_recomputation(sst2_slices, tmp_path):
