@@ -1,6 +1,7 @@
 """Precision policy: float32, mixed_bfloat16 or mixed_float16, and "auto" that measures nothing it need not."""
 from __future__ import annotations
 
+import functools
 import time
 
 import tensorflow as tf
@@ -29,18 +30,29 @@ def cpu_model_name() -> str:
     return "unknown CPU"
 
 
-def matmul_gflops(dtype: tf.DType, size: int = 1024, repeats: int = 10) -> float:
-    """Measured dense matmul throughput of this device in GFLOP/s (best of `repeats`)."""
-    a = tf.random.normal([size, size], dtype=tf.float32)
-    a = tf.cast(a, dtype)
-    matmul = tf.function(lambda x: tf.matmul(x, x))
-    matmul(a).numpy()  # trace and warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).numpy()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+# Square and BERT-shaped (tokens x hidden x FFN) products: the best of them is the peak MFU is measured against.
+PEAK_SHAPES = ((2048, 2048, 2048), (4096, 384, 1536), (4096, 1536, 384))
+
+
+@functools.lru_cache(maxsize=None)  # about a second per dtype; once per process is enough
+def matmul_gflops(dtype: tf.DType, shapes=PEAK_SHAPES, samples: int = 3, calls: int = 3) -> float:
+    """Measured dense matmul throughput of this device in GFLOP/s: the best over `shapes` and `samples`.
+
+    Each sample times `calls` back-to-back matmuls ending in one host copy, so call overhead and the
+    copy do not eat into the result. The same estimate as bench/engine_vs_fit.py's peak.
+    """
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = tf.cast(tf.random.normal([m, k]), dtype), tf.cast(tf.random.normal([k, n]), dtype)
+        matmul = tf.function(tf.matmul)
+        matmul(a, b).numpy()  # trace and warm up oneDNN's primitive cache
+        for _ in range(samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                product = matmul(a, b)
+            product.numpy()
+            best = max(best, 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def resolve_precision(requested: str) -> str:
