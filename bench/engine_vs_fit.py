@@ -214,15 +214,14 @@ class EngineRunner:
 # ------------------------------------------------------------------------------------ peak
 
 # The big square, and the model's own shapes: 4096 = 32 x 128 tokens against 384/1536 features.
-PEAK_SHAPES = ((2048, 2048, 2048), (4096, 384, 1536), (4096, 1536, 384), (4096, 384, 384))
 
-
-def matmul_peak_gflops(dtype, shapes=PEAK_SHAPES, samples: int = 5, calls: int = 3) -> tuple[float, float]:
+def matmul_peak_gflops(dtype, shapes=None, samples: int = 5, calls: int = 3) -> tuple[float, float]:
     """Best TF matmul GFLOP/s over `shapes`, per wall-second and per CPU-second of this process; each
     sample times `calls` back-to-back matmuls."""
     import tensorflow as tf  # noqa: PLC0415
+    from engine.precision import PEAK_SHAPES  # noqa: PLC0415  (the shapes the Trainer's console MFU uses)
     best_wall = best_cpu = 0.0
-    for m, k, n in shapes:
+    for m, k, n in shapes or PEAK_SHAPES:
         a, b = tf.cast(tf.random.normal([m, k]), dtype), tf.cast(tf.random.normal([k, n]), dtype)
         matmul = tf.function(tf.matmul)
         matmul(a, b).numpy()  # trace; warm oneDNN's primitive cache

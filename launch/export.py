@@ -83,10 +83,8 @@ def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lowe
 
 def _task_values(flag_values: flags.FlagValues) -> dict:
     """The task flags as tasks.registry values (tuples for lists); unset flags keep the Task defaults."""
-    names = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
-             "pooling", "iob2_constraints", "max_words", "casing_features", "doc_stride", "max_query_length",
-             "n_best_size", "max_answer_length")
-    values = {name: flag_values[name].value for name in names}
+    from tasks.registry import MODEL_FLAGS  # noqa: PLC0415 - TensorFlow loads after flag parsing
+    values = {name: flag_values[name].value for name in MODEL_FLAGS}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     if flag_values.task in ("squad", "conll_ner"):  # the classification tokenizer always lower-cases
         values["lower_case"] = flag_values.lower_case

@@ -149,17 +149,14 @@ PREDICTORS: dict[str, Predictor] = {
 def restore_model(task, model_dir: str, values: dict):
     """Builds the Task's model and loads the weights the Trainer saved, refusing any architecture mismatch."""
     from tasks import serving  # noqa: PLC0415
+    from tasks.registry import MODEL_FLAGS  # noqa: PLC0415
     checkpoint = serving.resolve_checkpoint(model_dir)  # a missing checkpoint fails before a model is built
     model = task.build_model()
-    shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in TASK_FLAGS)
+    shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items())
+                     if v is not None and k in MODEL_FLAGS + ("lower_case",))
     path = serving.restore(model, checkpoint, expected=f"--task={FLAGS.task} {shown}")
     return model, path
 
-
-# Flags that shape the model; a checkpoint mismatch error lists them.
-TASK_FLAGS = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
-              "pooling", "iob2_constraints", "max_words", "casing_features", "lower_case", "doc_stride",
-              "max_query_length")
 
 
 def main(argv):

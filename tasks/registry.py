@@ -42,6 +42,12 @@ def _conll_ner_spec(**fixed) -> TaskSpec:
                     fixed=fixed)
 
 
+# Launch flags that shape a Task's model or its inputs: export and predict must be given the training values,
+# and name them when a checkpoint does not match.
+MODEL_FLAGS = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
+               "pooling", "iob2_constraints", "max_words", "casing_features", "doc_stride", "max_query_length",
+               "n_best_size", "max_answer_length")
+
 SPECS: dict[str, Callable[[], TaskSpec]] = {
     "sst2": _classification_spec,
     "classification": _classification_spec,
