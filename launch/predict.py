@@ -158,12 +158,9 @@ def restore_model(task, model_dir: str, values: dict):
     return model, path
 
 
-
 def main(argv):
     del argv
     from tasks import registry  # noqa: PLC0415
-    if FLAGS.task not in PREDICTORS:
-        raise app.UsageError(f"--task={FLAGS.task!r}: predict supports {sorted(PREDICTORS)}")
     predictor = PREDICTORS[FLAGS.task]
     records = predictor.read_inputs()
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in FLAGS.flag_values_dict().items()
