@@ -110,7 +110,8 @@ def make_task(setup: Setup, data_dir: str):
 
     config = ClassificationConfig(
         data_files={"train": os.path.join(data_dir, "sst2", "train.tsv")}, encoder=setup.encoder,
-        vocab_file=os.path.join(encoders.minilm_dir(), "vocab.txt"), max_seq_length=setup.seq_length)
+        vocab_file=os.path.join(encoders.minilm_dir(), "vocab.txt"), max_seq_length=setup.seq_length,
+        group_by_length=0)  # every batch at the full seq_length, as fit sees it
     return InMemoryTask(config)
 
 

@@ -72,3 +72,38 @@ def shard_shuffle_batch(dataset: tf.data.Dataset, *, training: bool, batch_size:
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     return dataset.batch(batch_size, drop_remainder=training)
+
+
+def group_by_length(windows: tf.data.Dataset, *, batch_size: int, window_batches: int, length_key: str,
+                    multiple: int = 16, seed: int = 0) -> tf.data.Dataset:
+    """Training batches of similar-length sequences, each cut to its longest sequence.
+
+    `windows` yields (features, labels) of `batch_size * window_batches` examples padded to one fixed
+    length, with `features[length_key]` the 0/1 padding mask. Each window is sorted by length (stably,
+    so the stream stays deterministic and resumable) and split into batches; each batch is cut to its
+    longest sequence rounded up to `multiple` (a handful of shapes, so XLA compiles a handful of times);
+    then the batches are shuffled so lengths do not arrive in order. On short-sentence data such as
+    SST-2 (13 word-pieces on average, padded to 64) this computes about 3x fewer tokens; what is cut is
+    padding only, which the attention mask already ignores. (tf.data's bucket_by_sequence_length needs
+    per-example lengths before batching; we tokenize whole batches, so this sorts whole windows instead,
+    as Hugging Face's group_by_length does.)
+    """
+    full_length = windows.element_spec[0][length_key].shape[1]
+    if full_length is None:
+        raise ValueError(f"group_by_length needs a fixed padded length of {length_key!r}")
+
+    def sort_window(features, labels):
+        order = tf.argsort(tf.reduce_sum(tf.cast(features[length_key], tf.int32), axis=1), stable=True)
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), (features, labels))
+
+    def cut_to_longest(features, labels):
+        longest = tf.reduce_max(tf.reduce_sum(tf.cast(features[length_key], tf.int32), axis=1))
+        keep = tf.minimum((longest + multiple - 1) // multiple * multiple, full_length)
+
+        def cut(t):
+            is_sequence = t.shape.rank >= 2 and t.shape[1] == full_length
+            return t[:, :keep] if is_sequence else t
+        return tf.nest.map_structure(cut, (features, labels))
+
+    batches = windows.map(sort_window).unbatch().batch(batch_size, drop_remainder=True)
+    return batches.map(cut_to_longest).shuffle(window_batches, seed=seed)

@@ -36,6 +36,9 @@ class ClassificationConfig:
     class_weights: tuple = ()                         # one weight per class, for imbalanced data
     dropout: float = 0.1
     shuffle_buffer: int = 20000
+    # Training batches hold examples of similar length, cut to their longest (see engine.inputs.group_by_length):
+    # examples are sorted within windows of this many batches. 0: every batch is padded to max_seq_length.
+    group_by_length: int = 16
     seed: int = 0
 
     def __post_init__(self):
@@ -47,6 +50,8 @@ class ClassificationConfig:
             raise ValueError(f"head='sigmoid' is for 2 classes, got {self.classes}")
         if self.class_weights and len(self.class_weights) != self.classes:
             raise ValueError(f"class_weights has {len(self.class_weights)} values for {self.classes} classes")
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length={self.group_by_length}: expected 0 (off) or batches per window")
         if not 1 <= len(self.text_columns) <= 2:
             raise ValueError(f"text_columns={self.text_columns}: one sentence or a sentence pair")
 
@@ -172,7 +177,8 @@ class ClassificationTask(Task):
         return tf_keras.Model(inputs, logits, name="classifier")
 
     def train_flops_per_example(self) -> Optional[float]:
-        if self._encoder is None:
+        # Batches cut to their longest sequence have no fixed cost per example: no MFU then.
+        if self._encoder is None or self.config.group_by_length:
             return None
         return encoders.bert_train_flops_per_example(self._encoder, self.config.max_seq_length)
 
@@ -188,12 +194,17 @@ class ClassificationTask(Task):
             *texts, label = texts_and_label
             return tokenizer.encode(*texts), label
 
+        training = split == "train"
+        window = self.config.group_by_length if training else 0
         dataset = tf.data.Dataset.from_tensor_slices(tuple(list(t) for t in examples.texts) + (examples.labels,))
         # Batch first: tensorflow-text tokenizes a whole batch per call, much faster than per example.
         dataset = inputs.shard_shuffle_batch(
-            dataset, training=split == "train", batch_size=batch_size, input_context=input_context,
+            dataset, training=training, batch_size=batch_size * max(window, 1), input_context=input_context,
             shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
         dataset = dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if window:
+            dataset = inputs.group_by_length(dataset, batch_size=batch_size, window_batches=window,
+                                             length_key="input_mask", seed=self.config.seed)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     # ------------------------------------------------------------------------------------ loss
