@@ -11,6 +11,7 @@ import tensorflow as tf
 import tf_keras
 
 from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
+from engine import inputs
 from engine_helpers import one_update_weights, run_training
 from tasks import encoders
 from tasks.classification import ClassificationConfig, ClassificationTask, read_tsv
@@ -123,6 +124,8 @@ def test_trains_and_metrics_match_recomputation(sst2_slices, tmp_path):
                            model_dir=str(tmp_path))
     losses = [h["loss"] for h in trainer.train_history]
     assert losses[-1] < losses[0]
+    # Batches grouped by length come in several widths, yet the loop was traced once.
+    assert trainer.train_loop_tracing_count == 1
     results = trainer.evaluate("validation")
     # Recompute accuracy and F1 from the model's own predictions on the raw sentences.
     task = trainer.task
@@ -136,13 +139,63 @@ def test_trains_and_metrics_match_recomputation(sst2_slices, tmp_path):
 
 
 def test_accumulation_and_mirrored_same_update(sst2_slices):
-    factory = lambda: ClassificationTask(dataclasses.replace(tiny_config(sst2_slices), shuffle_buffer=1))  # noqa
+    # Fixed-length batches in input order: the same examples form the global batch on every geometry.
+    # (Grouped by length, each replica's pipeline would sort its own windows: other, equally valid, batches.)
+    factory = lambda: ClassificationTask(tiny_config(sst2_slices, shuffle_buffer=1, group_by_length=0))  # noqa
     plain = one_update_weights(factory, global_batch_size=16)
     for kwargs in ({"grad_accum_steps": 4}, {"strategy": "mirrored", "grad_accum_steps": 2}):
         losses, weights = one_update_weights(factory, global_batch_size=16, **kwargs)
         np.testing.assert_allclose(losses, plain[0], atol=1e-5)
         for a, b in zip(plain[1], weights):
             np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ length grouping
+
+def _expected_widths(lengths, batch_size, window_batches, full, multiple=16):
+    """Batch widths from first principles: sort each window, chunk it, round each chunk's longest up."""
+    widths = []
+    for start in range(0, len(lengths), batch_size * window_batches):
+        window = np.sort(lengths[start:start + batch_size * window_batches])
+        widths += [min(-(-chunk.max() // multiple) * multiple, full) for chunk in window.reshape(-1, batch_size)]
+    return sorted(widths)
+
+
+def test_group_by_length_keeps_every_example_and_cuts_only_padding():
+    rng = np.random.default_rng(0)
+    full, batch_size, window_batches = 64, 8, 4
+    lengths = np.concatenate([rng.integers(1, 20, 80), rng.integers(1, full + 1, 16)])[rng.permutation(96)]
+    ids = np.zeros([96, full], np.int32)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = np.arange(length) + 1000 * (i + 1)
+    features = {"input_word_ids": ids, "input_mask": (ids > 0).astype(np.int32)}
+    windows = tf.data.Dataset.from_tensor_slices((features, (np.arange(96), ids * 2))).batch(batch_size * window_batches)
+    grouped = inputs.group_by_length(windows, batch_size=batch_size, window_batches=window_batches,
+                                     length_key="input_mask")
+    seen, widths = [], []
+    for batch, (example, sequence_label) in grouped:
+        width = batch["input_mask"].shape[1]
+        widths.append(width)
+        for row, i in enumerate(example.numpy()):
+            seen.append(i)
+            # Only padding is cut: every row keeps all its tokens, and sequence-shaped labels are cut alike.
+            assert batch["input_mask"][row].numpy().sum() == lengths[i]
+            np.testing.assert_array_equal(batch["input_word_ids"][row], ids[i, :width])
+            np.testing.assert_array_equal(sequence_label[row], 2 * ids[i, :width])
+    assert sorted(seen) == list(range(96))
+    assert sorted(widths) == _expected_widths(lengths, batch_size, window_batches, full)
+    assert np.mean(widths) < 0.6 * full  # what the grouping is for
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_cut_batches_give_the_logits_of_full_padding(sst2_slices, pooling):
+    task = ClassificationTask(tiny_config(sst2_slices, pooling=pooling))
+    model = task.build_model()
+    features, _ = next(iter(task.build_inputs("train", batch_size=8)))
+    width = features["input_word_ids"].shape[1]
+    assert width < task.config.max_seq_length
+    padded = {k: tf.pad(v, [[0, 0], [0, task.config.max_seq_length - width]]) for k, v in features.items()}
+    np.testing.assert_allclose(model(features).numpy(), model(padded).numpy(), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ launch
