@@ -39,6 +39,9 @@ class OptimizerConfig:
     beta_2: float = 0.999
     epsilon: float = 1e-6
     clip_norm: Optional[float] = 1.0   # by global norm, after averaging over micro-batches and replicas
+    # Exponential moving average of the weights (engine/averaging.py), used for evaluation and checkpoints;
+    # None: off. 0.999 averages over roughly the last 1,000 updates.
+    ema_decay: Optional[float] = None
     # Regexes of variable names that get no weight decay (LayerNorm scales/offsets and biases, as in BERT).
     exclude_from_weight_decay: tuple = ("layer_norm", "LayerNorm", "bias")
 
@@ -47,6 +50,8 @@ class OptimizerConfig:
             raise ValueError(f"--learning_rate={self.learning_rate}: must be > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay={self.ema_decay}: expected a value in (0, 1), e.g. 0.999")
 
 
 @dataclasses.dataclass(frozen=True)

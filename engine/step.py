@@ -16,6 +16,7 @@ from typing import Any, Callable
 import tensorflow as tf
 import tf_keras
 
+from engine.averaging import WeightAverage
 from engine.task import Task
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -38,8 +39,10 @@ class TrainStep:
     """The per-replica train step for one (task, model, optimizer) triple."""
 
     def __init__(self, *, task: Task, model: tf_keras.Model, optimizer: tf_keras.optimizers.Optimizer,
-                 grad_accum_steps: int, clip_norm: float | None, jit_compile: bool):
+                 grad_accum_steps: int, clip_norm: float | None, jit_compile: bool,
+                 weight_average: WeightAverage | None = None):
         self._task = task
+        self._weight_average = weight_average
         self._model = model
         self._optimizer = optimizer
         self._grad_accum_steps = grad_accum_steps
@@ -96,6 +99,8 @@ class TrainStep:
             grads, _ = tf.clip_by_global_norm(grads, self._clip_norm, use_norm=grad_norm)
         applied = _all_finite(loss, grads)
         self._apply(grads, applied)
+        if self._weight_average is not None:
+            self._weight_average.update(self._optimizer.iterations, applied)
         return loss, grad_norm, applied
 
     def _apply(self, grads, should_apply):

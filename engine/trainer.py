@@ -5,6 +5,7 @@ distributed input -> compiled loops -> checkpoints, evaluation, summaries.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -20,7 +21,7 @@ import tensorflow as tf
 import tf_keras
 from absl import logging
 
-from engine import checkpoints, fusion, inputs, optimization, precision, step as step_lib, summaries
+from engine import averaging, checkpoints, fusion, inputs, optimization, precision, step as step_lib, summaries
 from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
 from engine.strategy import make_strategy
 from engine.task import Task
@@ -55,6 +56,9 @@ class Trainer:
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.metrics = list(task.build_metrics())
+            self.weight_average = (averaging.WeightAverage(self.model.trainable_variables, optimizer_config.ema_decay)
+                                   if optimizer_config.ema_decay else None)
+        self._model_holds_average = False
         self._train_iterator = None
         self._train_loop = None
         self._eval_step = None
@@ -75,6 +79,10 @@ class Trainer:
         with self.strategy.scope():
             self.optimizer.build(self.model.trainable_variables)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, global_step=self.global_step)
+        if self.weight_average is not None:
+            # Saved inside averaged_weights(): `model` holds the averages (what export and predict load),
+            # `weight_average` the raw weights training continues from.
+            self.checkpoint.weight_average = self.weight_average
         dataset_fn = functools.partial(self.task.build_inputs, "train")
         per_replica_batch = self.per_replica_batch_size * cfg.grad_accum_steps
         iterator_in_checkpoint = inputs.is_default_strategy(self.strategy)
@@ -85,6 +93,9 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(self.checkpoint, cfg.model_dir, max_to_keep=cfg.max_to_keep,
                                                   step_counter=self.global_step)
         restored = checkpoints.restore_latest(self.checkpoint, self.manager)
+        if restored and self.weight_average is not None:
+            with self.strategy.scope():
+                self.weight_average.swap()  # back to raw weights in the model, averages aside
         if not iterator_in_checkpoint:
             self._train_iterator = inputs.train_iterator(
                 self.strategy, dataset_fn, per_replica_batch, skip_updates=int(self.global_step.numpy()))
@@ -92,7 +103,8 @@ class Trainer:
                      if cfg.best_metric else None)
         self.train_step = step_lib.TrainStep(
             task=self.task, model=self.model, optimizer=self.optimizer, grad_accum_steps=cfg.grad_accum_steps,
-            clip_norm=self.optimizer_config.clip_norm, jit_compile=self.runtime.jit_compile)
+            clip_norm=self.optimizer_config.clip_norm, jit_compile=self.runtime.jit_compile,
+            weight_average=self.weight_average)
         self._train_loop = step_lib.make_train_loop(
             self.strategy, self.train_step, stop_on_nonfinite=cfg.nonfinite_policy == "raise")
         return restored
@@ -154,30 +166,51 @@ class Trainer:
                         "Lower --learning_rate, check the input, or use --nonfinite_policy=skip.")
                 self._log_train(step, steps_done, skipped, float(loss_sum), float(grad_norm), seconds)
                 if self._preempted.is_set():
-                    self.manager.save(checkpoint_number=step)
+                    self._save(step)
                     print(f"SIGTERM: saved {self.manager.latest_checkpoint} at step {step}; exiting", flush=True)
                     return last_eval
                 at_end = step >= cfg.train_steps
                 eval_due = at_end or (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
                 if eval_due and cfg.eval_split:
-                    last_eval = self.evaluate()
-                    self._summaries.scalars("eval", step, last_eval)
-                    summaries.log_line("eval", step, last_eval)
-                    if self.best is not None:
-                        improved = self.best.update(step, last_eval)
-                        evals_without_improvement = 0 if improved else evals_without_improvement + 1
-                    self.manager.save(checkpoint_number=step)
+                    with self.averaged_weights():
+                        last_eval = self.evaluate()
+                        self._summaries.scalars("eval", step, last_eval)
+                        summaries.log_line("eval", step, last_eval)
+                        if self.best is not None:
+                            improved = self.best.update(step, last_eval)
+                            evals_without_improvement = 0 if improved else evals_without_improvement + 1
+                        self._save(step)
                     if cfg.early_stopping_patience and evals_without_improvement >= cfg.early_stopping_patience:
                         print(f"early stopping at step {step}: {cfg.best_metric} did not improve for "
                               f"{evals_without_improvement} evaluations (best {self.best.best_value:.4f})", flush=True)
                         break
                 elif at_end or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
-                    self.manager.save(checkpoint_number=step)
+                    self._save(step)
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
             self._summaries.close()
         return last_eval
+
+    def _save(self, step: int) -> None:
+        with self.averaged_weights():
+            self.manager.save(checkpoint_number=step)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within this block the model holds the weight averages (with --ema_decay; else a no-op)."""
+        if self.weight_average is None or self._model_holds_average:
+            yield
+            return
+        with self.strategy.scope():
+            self.weight_average.swap()
+        self._model_holds_average = True
+        try:
+            yield
+        finally:
+            with self.strategy.scope():
+                self.weight_average.swap()
+            self._model_holds_average = False
 
     def _steps_until_boundary(self, step: int) -> int:
         """Loops end exactly at eval/checkpoint boundaries and at train_steps."""
@@ -221,6 +254,7 @@ class Trainer:
                   f"{cfg.grad_accum_steps} micro-batches x {self.per_replica_batch_size}")
         print(f"{self.task.name}: {params:,} parameters | {tokens} | precision {self.precision} | "
               f"xla {self.runtime.jit_compile} | XLA-fused layers {self.fused_layers or 'off'} | "
+              f"weight average {self.optimizer_config.ema_decay or 'off'} | "
               f"strategy {type(self.strategy).__name__}", flush=True)
         if step == 0:
             config_text = "\n".join(f"{k}: {v}" for c in (cfg, self.optimizer_config, self.runtime)
@@ -253,6 +287,10 @@ class Trainer:
         if not path:
             raise checkpoints.CheckpointError(f"no checkpoint found in {self.config.model_dir}")
         tf.train.Checkpoint(model=self.model).restore(path).expect_partial()
+        if self.weight_average is not None:
+            # The checkpoint's model weights are already the averages: evaluating them must not swap them out.
+            with self.strategy.scope():
+                self.weight_average.reset_to_weights()
         return path
 
     def predict_outputs(self, split: Optional[str] = None) -> tuple[dict, dict]:
@@ -285,8 +323,11 @@ class Trainer:
         return results, host
 
     def evaluate(self, split: Optional[str] = None) -> dict:
-        """Metrics on a split: in-graph metrics, mean loss, and the Task's host-side postprocess."""
+        """Metrics on a split: in-graph metrics, mean loss, and the Task's host-side postprocess.
+
+        With --ema_decay this evaluates the averaged weights, as the checkpoints hold them."""
         split = split or self.config.eval_split
-        results, host = self.predict_outputs(split)
+        with self.averaged_weights():
+            results, host = self.predict_outputs(split)
         results.update(self.task.postprocess(host, split) or {})
         return results

@@ -64,6 +64,8 @@ flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate.")
 flags.DEFINE_integer("warmup_steps", None, "Linear warmup updates (default 10% of train_steps).")
 flags.DEFINE_float("weight_decay", 0.01, "AdamW decoupled weight decay (not on LayerNorm and biases).")
 flags.DEFINE_float("clip_norm", 1.0, "Clip the global gradient norm (0: off).")
+flags.DEFINE_float("ema_decay", None, "Keep an exponential moving average of the weights with this decay (e.g. "
+                   "0.999) and evaluate, checkpoint and export it instead of the last weights.")
 
 # --- classification (field names of tasks.classification.ClassificationConfig)
 flags.DEFINE_list("text_columns", None, "TSV column(s) with the text: one, or two for sentence pairs.")
@@ -133,7 +135,8 @@ def main(argv):
         best_metric=FLAGS.best_metric, best_metric_mode=FLAGS.best_metric_mode,
         early_stopping_patience=FLAGS.early_stopping_patience, nonfinite_policy=FLAGS.nonfinite_policy)
     optimizer_config = OptimizerConfig(learning_rate=FLAGS.learning_rate, warmup_steps=warmup,
-                                       weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None)
+                                       weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None,
+                                       ema_decay=FLAGS.ema_decay)
     runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
                             precision=FLAGS.precision, jit_compile=FLAGS.jit_compile,
                             fuse_elementwise=FLAGS.fuse_elementwise, seed=FLAGS.seed)

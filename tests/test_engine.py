@@ -10,7 +10,7 @@ import tensorflow as tf
 import tf_keras
 
 from engine import checkpoints
-from engine.config import RuntimeConfig, TrainerConfig
+from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
 from engine.trainer import NonFiniteError, Trainer
 from engine_helpers import ToyTask, one_update_weights, run_training
 
@@ -90,6 +90,40 @@ def test_resume_in_new_process_continues_exactly(tmp_path, strategy):
     for key in straight.files:
         if key.startswith("arr_"):
             np.testing.assert_allclose(second[key], straight[key], atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+def test_weight_average_matches_numpy_and_is_what_checkpoints_hold(tmp_path, strategy):
+    """One update per Trainer, each resuming the last: the raw weights after every update give the average."""
+    decay, steps = 0.9, 4
+    raw = []
+    for n in range(1, steps + 1):
+        trainer = run_training(ToyTask, global_batch_size=16, train_steps=n, strategy=strategy, ema_decay=decay,
+                               model_dir=str(tmp_path), learning_rate=0.1)
+        if n == 1:
+            # The initial weights: the same seed builds the same model.
+            raw.append([np.array(w) for w in Trainer(ToyTask(), trainer.config).model.get_weights()])
+        raw.append([np.array(w) for w in trainer.model.get_weights()])
+    average = raw[0]
+    for n in range(1, steps + 1):
+        d = min(decay, (1 + n) / (10 + n))
+        average = [d * a + (1 - d) * w for a, w in zip(average, raw[n])]
+    with trainer.averaged_weights():
+        in_memory = [np.array(w) for w in trainer.model.get_weights()]
+    reader = tf.train.load_checkpoint(str(tmp_path))
+    saved = [reader.get_tensor(f"model/layer_with_weights-{i // 2}/{'kernel' if i % 2 == 0 else 'bias'}"
+                               "/.ATTRIBUTES/VARIABLE_VALUE") for i in range(len(average))]
+    for expected, got_memory, got_saved, last_raw in zip(average, in_memory, saved, raw[-1]):
+        np.testing.assert_allclose(got_memory, expected, atol=1e-6)
+        np.testing.assert_allclose(got_saved, expected, atol=1e-6)
+        assert np.abs(expected - last_raw).max() > 1e-3  # the average is not just the last weights
+    # Training goes on from the raw weights; evaluation (here of a restored model) uses the averages.
+    np.testing.assert_allclose(trainer.model.get_weights()[0], raw[-1][0], atol=1e-7)
+    fresh = Trainer(ToyTask(), trainer.config, optimizer_config=OptimizerConfig(ema_decay=decay))
+    fresh.restore()
+    logits = fresh.model(ToyTask().x).numpy()
+    np.testing.assert_allclose(fresh.evaluate()["host_accuracy"], np.mean(logits.argmax(-1) == ToyTask().y))
+    np.testing.assert_allclose(fresh.model.get_weights()[0], average[0], atol=1e-6)
 
 
 def test_nonfinite_skip_policy_counts_and_keeps_weights(tmp_path):
