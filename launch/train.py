@@ -77,9 +77,9 @@ flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"],
 flags.DEFINE_enum("pooling", None, ["cls", "mean"], "classification: pooled [CLS] output (default) or the masked "
                   "mean of the token vectors (how sentence-transformers encoders such as all-MiniLM were trained).")
 flags.DEFINE_list("class_weights", None, "Loss weight per class, for imbalanced data.")
-flags.DEFINE_integer("group_by_length", None, "classification: sort training examples by length within windows of "
-                     "this many batches and cut each batch to its longest sequence (default 16; 0: pad every batch "
-                     "to --max_seq_length).")
+flags.DEFINE_integer("group_by_length", None, "classification, conll_ner: sort training examples by length within "
+                     "windows of this many batches and cut each batch to its longest sequence (default 16 for "
+                     "classification, 0 for conll_ner; 0: pad every batch to --max_seq_length).")
 
 # --- task-specific flags of other tasks go below this line (field names of their config dataclasses)
 

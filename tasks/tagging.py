@@ -53,6 +53,9 @@ class TaggingConfig:
     max_train_sentences: int = 0                  # 0: all; small values for smoke runs
     max_eval_sentences: int = 0
     shuffle_buffer: int = 20000
+    # Training batches of similar-length sentences, word-piece tensors cut to the longest (engine.inputs.
+    # group_by_length; word-level tensors keep their length): windows of this many batches. 0: off.
+    group_by_length: int = 0
     seed: int = 0
     predictions_dir: Optional[str] = None         # where postprocess writes {split}_predictions.txt
 
@@ -203,9 +206,13 @@ class TaggingTask(Task):
         labels = arrays.pop("tags")
         # Everything is precomputed: the pipeline only slices, shuffles and batches in-memory arrays.
         dataset = tf.data.Dataset.from_tensor_slices((arrays, labels))
+        window = self.config.group_by_length if split == "train" else 0
         dataset = inputs.shard_shuffle_batch(
-            dataset, training=split == "train", batch_size=batch_size, input_context=input_context,
+            dataset, training=split == "train", batch_size=batch_size * max(window, 1), input_context=input_context,
             shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
+        if window:
+            dataset = inputs.group_by_length(dataset, batch_size=batch_size, window_batches=window,
+                                             length_key="input_mask", seed=self.config.seed)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     # ------------------------------------------------------------------------------------ model

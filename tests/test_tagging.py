@@ -56,6 +56,18 @@ def test_trains_under_engine_and_scores_like_conlleval(tmp_path, head):
     assert 0.5 < results["word_accuracy"] <= 1.0
 
 
+def test_length_grouped_batches_give_the_loss_of_full_padding():
+    task = TaggingTask(tiny_config(max_seq_length=64, group_by_length=4))
+    model = task.build_model()
+    features, labels = next(iter(task.build_inputs("train", batch_size=8)))
+    width = features["input_word_ids"].shape[1]
+    # Word-piece tensors are cut to the batch's longest sentence; word-level ones keep their length.
+    assert width < 64 and features["word_mask"].shape[1] == labels.shape[1] == task.config.words_per_window
+    padded = {k: tf.pad(v, [[0, 0], [0, 64 - width]]) if k.startswith("input_") else v for k, v in features.items()}
+    np.testing.assert_allclose(task.per_example_loss(features, labels, model(features)).numpy(),
+                               task.per_example_loss(padded, labels, model(padded)).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_long_sentences_are_windowed_and_every_word_is_predicted(tmp_path):
     # 12 sub-tokens per window: most sentences need several windows.
     config = tiny_config(max_seq_length=12, max_eval_sentences=30, predictions_dir=str(tmp_path))
