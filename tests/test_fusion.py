@@ -3,6 +3,8 @@ and fresh on every call; fused activations equal the stock ones with their gradi
 it was applied to; and the fused model trains under the engine (mirrored + accumulation + XLA), traced once."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -52,6 +54,21 @@ def test_fused_activation_equals_stock_with_gradient():
     y, grad = _value_and_grad(layer, x)
     np.testing.assert_allclose(y, expected_y, atol=1e-6)
     np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
+
+
+def test_fused_activation_in_bf16_rounds_float32_math_once():
+    layer = tf_keras.layers.Activation("gelu", dtype="mixed_bfloat16")
+    x = tf.cast(tf.random.stateless_normal([64, 96], seed=[9, 10]) * 3, tf.bfloat16)
+    stock = layer(x)
+    fusion.fuse_elementwise(tf_keras.Sequential([layer]))
+    y = layer(x)
+    assert y.dtype == tf.bfloat16
+    x64 = x.numpy().astype(np.float64)
+    exact = 0.5 * x64 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    error = np.abs(y.numpy().astype(np.float64) - exact)
+    # One rounding to bf16 (8 significant bits): within half a unit in the last place, plus float32 noise.
+    assert np.all(error <= np.abs(exact) * 2.0 ** -8 + 1e-6)
+    assert error.mean() <= np.abs(stock.numpy().astype(np.float64) - exact).mean()
 
 
 def _value_and_grad(layer, x):
