@@ -11,8 +11,9 @@
 
 --task writes one SavedModel whose `serving_default` signature takes raw strings (see tasks/serving.py):
 the weights of --checkpoint (a launch.train --model_dir or a checkpoint prefix) in the model that the
-task flags describe; pass the task flags the model was trained with (--init_encoder, --max_seq_length,
---label_names, --text_columns, --head, ...). Loading it needs `import tensorflow_text`.
+task flags describe. --task and the task flags (--init_encoder, --max_seq_length, --label_names, --head, ...)
+default to those launch.train saved in the model_dir; flags given here win. Loading it needs
+`import tensorflow_text`.
 """
 from __future__ import annotations
 
@@ -107,6 +108,9 @@ def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str) ->
 
 def run(flag_values: flags.FlagValues) -> dict[str, str]:
     """Dispatches on the parsed flags: --encoder (TF Hub encoder + preprocessor) or --task (serving model)."""
+    if flag_values.checkpoint and flag_values.encoder is None:
+        from tasks import registry  # noqa: PLC0415 - TensorFlow loads after flag parsing
+        registry.fill_unset_flags(flag_values, flag_values.checkpoint)  # --task and task flags saved by launch.train
     if flag_values.task is not None:
         if flag_values.encoder is not None:
             raise app.UsageError("--encoder exports an encoder for TF Hub, --task a fine-tuned model: pass one")

@@ -1,6 +1,6 @@
 """Answers raw inputs with a fine-tuned model from a `launch.train` model_dir.
 
-  python -m launch.predict --task=sst2 --model_dir=runs/sst2_demo --text="a gripping, funny film"
+  python -m launch.predict --model_dir=runs/sst2_demo --text="a gripping, funny film"
   python -m launch.predict --task=conll_ner --model_dir=runs/conll_crf \\
       --text="Angela Merkel met Emmanuel Macron in Paris on Monday ."
   python -m launch.predict --task=squad --model_dir=runs/squad \\
@@ -10,9 +10,10 @@
 Inputs: `--text` (repeatable) or `--input_file` (one text per line; for sentence-pair classification
 the two texts separated by a tab) for sst2/classification/conll_ner; for squad `--question`/`--context`,
 or `--input_json`: a list of {"question", "context"[, "id"]} objects or a SQuAD v1.1 file (every
-question in it; the output then scores with the official evaluate-v1.1.py). The task flags
-(--max_seq_length, --head, --label_names, ...) must be those of training: a model that does not
-match the checkpoint is refused with the difference, never run with random weights.
+question in it; the output then scores with the official evaluate-v1.1.py). --task and the task flags
+(--max_seq_length, --head, --label_names, ...) default to those launch.train saved in the model_dir
+(model_flags.json); flags given here win. A model that does not match the checkpoint is refused with
+the difference, never run with random weights.
 
 Output: one JSON line per input on stdout; `--output_json` also writes them (squad: the official
 {id: answer} file). conll_ner entities carry character offsets into the input text.
@@ -35,8 +36,8 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("task", None, ["sst2", "classification", "conll_ner", "squad"], "Task the model was trained on.")
-flags.mark_flag_as_required("task")
+flags.DEFINE_enum("task", None, ["sst2", "classification", "conll_ner", "squad"],
+                  "Task the model was trained on (default: as saved by launch.train in --model_dir).")
 flags.DEFINE_string("model_dir", None, "A launch.train model_dir (latest checkpoint) or a checkpoint path.")
 flags.mark_flag_as_required("model_dir")
 flags.DEFINE_string("init_encoder", "minilm", "The encoder the model was trained from (sets its architecture).")
@@ -161,6 +162,13 @@ def restore_model(task, model_dir: str, values: dict):
 def main(argv):
     del argv
     from tasks import registry  # noqa: PLC0415
+    try:
+        registry.fill_unset_flags(FLAGS, FLAGS.model_dir)
+    except ValueError as error:
+        print(f"launch.predict: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if FLAGS.task is None:
+        raise app.UsageError(f"--task is needed: {FLAGS.model_dir} has no {registry.MODEL_FLAGS_FILE} from launch.train")
     predictor = PREDICTORS[FLAGS.task]
     records = predictor.read_inputs()
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in FLAGS.flag_values_dict().items()

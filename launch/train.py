@@ -141,7 +141,13 @@ def main(argv):
                             precision=FLAGS.precision, jit_compile=FLAGS.jit_compile,
                             fuse_elementwise=FLAGS.fuse_elementwise, seed=FLAGS.seed)
     trainer = Trainer(task, trainer_config, optimizer_config, runtime)
+    # The task and model flags go with the checkpoints, so launch.predict/export need only --model_dir: at once
+    # for a new run (usable while it trains), and for a resumed one after training (a resume that fails leaves
+    # model_dir untouched).
+    if not os.path.exists(os.path.join(FLAGS.model_dir, registry.MODEL_FLAGS_FILE)):
+        registry.save_model_flags(FLAGS.model_dir, FLAGS.task, task_values())
     metrics = trainer.train()
+    registry.save_model_flags(FLAGS.model_dir, FLAGS.task, task_values())
     if metrics:
         with open(os.path.join(FLAGS.model_dir, "eval_results.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=1)

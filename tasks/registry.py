@@ -6,6 +6,7 @@ is adding a field (and a flag of that name in launch/train.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -47,6 +48,47 @@ def _conll_ner_spec(**fixed) -> TaskSpec:
 MODEL_FLAGS = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
                "pooling", "iob2_constraints", "max_words", "casing_features", "doc_stride", "max_query_length",
                "n_best_size", "max_answer_length")
+
+# launch.train writes the task and its model flags here, so predict and export need only the model_dir.
+MODEL_FLAGS_FILE = "model_flags.json"
+
+
+def save_model_flags(model_dir: str, task: str, values: Mapping[str, Any]) -> str:
+    """Writes {task, model flags that were set} to model_dir/model_flags.json (atomically); returns its path."""
+    saved = {"task": task}
+    saved.update({k: list(v) if isinstance(v, tuple) else v
+                  for k, v in values.items() if k in MODEL_FLAGS and v is not None})
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, MODEL_FLAGS_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(saved, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def load_model_flags(checkpoint: str) -> dict:
+    """The flags launch.train saved for a model_dir or a checkpoint in it (also model_dir/best/ckpt-N); {} if none."""
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+    for candidate in (folder, os.path.dirname(folder)):
+        path = os.path.join(candidate, MODEL_FLAGS_FILE)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return json.load(f)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{path}: unreadable ({error}); pass the task flags instead") from error
+    return {}
+
+
+def fill_unset_flags(flag_values, checkpoint: str) -> dict:
+    """Sets every flag not given on the command line to the value saved with `checkpoint`; returns those set."""
+    filled = {}
+    for name, value in load_model_flags(checkpoint).items():
+        if name in flag_values and not flag_values[name].present:
+            flag_values[name].value = value
+            filled[name] = value
+    return filled
+
 
 SPECS: dict[str, Callable[[], TaskSpec]] = {
     "sst2": _classification_spec,

@@ -226,6 +226,17 @@ def test_launch_train_with_flagfile(sst2_slices, tiny_encoder_dir, tmp_path):
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
     assert any(name.startswith("events.out") for name in os.listdir(model_dir / "train"))
+    # The model flags are saved with the run, so launch.predict needs only --model_dir.
+    saved = json.load(open(model_dir / "model_flags.json"))
+    assert saved == {"task": "sst2", "init_encoder": tiny_encoder_dir, "max_seq_length": 32}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    predicted = subprocess.run([sys.executable, "-m", "launch.predict", f"--model_dir={model_dir}",
+                                "--text=a gorgeous , witty movie", "--text=dull"], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["a gorgeous , witty movie", "dull"]
+    assert all(r["label"] in (0, 1) and abs(sum(r["probabilities"]) - 1) < 1e-5 for r in rows)
 
     # An impossible batch geometry, or resuming with another one, is refused naming the flags, and the
     # saved run is untouched.
