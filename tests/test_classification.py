@@ -250,3 +250,44 @@ def test_launch_train_with_flagfile(sst2_slices, tiny_encoder_dir, tmp_path):
     assert changed.returncode != 0
     assert "global_batch_size: saved 8, now 10" in changed.stderr
     assert {name: os.path.getmtime(model_dir / name) for name in os.listdir(model_dir)} == before
+
+
+def test_soup_averages_runs_and_predicts_from_its_dir(sst2_slices, tiny_encoder_dir, tmp_path):
+    common = ["--task=sst2", f"--init_encoder={tiny_encoder_dir}", f"--train_data={sst2_slices['train']}",
+              f"--eval_data={sst2_slices['validation']}", "--precision=float32", "--global_batch_size=8",
+              "--train_steps=4", "--steps_per_loop=4", "--learning_rate=1e-3", "--max_seq_length=32"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+    def start(module, *args):
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    runs = [tmp_path / f"seed{seed}" for seed in (0, 1)]
+    other = tmp_path / "seq16"
+    processes = [start("launch.train", *common, f"--seed={seed}", f"--model_dir={run}") for seed, run in zip((0, 1), runs)]
+    processes.append(start("launch.train", *common, "--max_seq_length=16", f"--model_dir={other}"))
+    for p in processes:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+
+    soup_dir = tmp_path / "soup"
+    souped = start("launch.soup", f"--model_dirs={runs[0]},{runs[1]}", f"--output_dir={soup_dir}",
+                   f"--eval_data={sst2_slices['validation']}", "--precision=float32")
+    mismatch = start("launch.soup", f"--model_dirs={runs[0]},{other}", f"--output_dir={tmp_path / 'bad'}")
+    stdout, stderr = souped.communicate(timeout=600)
+    assert souped.returncode == 0, stderr[-3000:]
+    assert "final validation metrics: accuracy" in stdout
+    # The soup's weights are the mean of the runs' latest checkpoints, read here straight from the files.
+    readers = [tf.train.load_checkpoint(str(d)) for d in (*runs, soup_dir)]
+    names = [n for n in readers[-1].get_variable_to_shape_map() if n.startswith("model/") and "VARIABLE_VALUE" in n]
+    assert len(names) > 10
+    for name in names:
+        np.testing.assert_allclose(readers[2].get_tensor(name),
+                                   (readers[0].get_tensor(name) + readers[1].get_tensor(name)) / 2, atol=1e-6)
+    assert json.load(open(soup_dir / "model_flags.json")) == json.load(open(runs[0] / "model_flags.json"))
+    predicted = start("launch.predict", f"--model_dir={soup_dir}", "--text=a gorgeous , witty movie")
+    out, err = predicted.communicate(timeout=600)
+    assert predicted.returncode == 0 and json.loads(out)["label"] in (0, 1), err[-3000:]
+
+    _, stderr = mismatch.communicate(timeout=600)
+    assert mismatch.returncode == 1
+    assert "other model flags" in stderr and "max_seq_length: 32 vs 16" in stderr, stderr[-2000:]
