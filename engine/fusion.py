@@ -12,7 +12,8 @@ with probability 1 - rate (a uniform float32 draw >= rate; stock bf16 dropout dr
 coarse grid drops 10.14% instead of 10% at rate 0.1) and scaled by 1 / (1 - rate); the gradient uses
 the same mask. The draw is XLA's stateful RNG, fresh on every call, like the stock layer's. An
 Activation layer runs its own activation function, XLA-compiled (TensorFlow differentiates it), in
-float32 inside the kernel for 16-bit inputs.
+float32 inside the kernel for 16-bit inputs; one pinned to float32 under a mixed policy (Model Garden's
+FFN GELU) is switched to the 16-bit dtype, which gives the same values without the casts around it.
 
 `fuse_elementwise(model)` rebinds `call` on the model's own layer instances, not on the classes, so
 other models in the process, e.g. a `model.fit` baseline, keep the stock layers.
@@ -89,4 +90,11 @@ def fuse_elementwise(model: tf.Module) -> dict[str, int]:
         elif type(layer) is tf_keras.layers.Activation and layer.activation is not tf_keras.activations.linear:
             layer.call = functools.partial(_fused_activation_call, layer)
             counts["activation"] += 1
+            global_policy = tf_keras.mixed_precision.global_policy()
+            if layer.compute_dtype == "float32" and global_policy.compute_dtype in ("bfloat16", "float16"):
+                # Model Garden pins the FFN activation to float32 under mixed_bfloat16, so Keras casts its
+                # 16-bit input up and the next layer casts the output back down: two stock Cast passes over
+                # [batch, seq, 4 x hidden] each way. The kernel computes in float32 inside anyway, so taking
+                # and returning the 16-bit dtype gives the same values without those passes.
+                layer._set_dtype_policy(global_policy)  # pylint: disable=protected-access
     return counts

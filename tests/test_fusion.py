@@ -71,6 +71,36 @@ def test_fused_activation_in_bf16_rounds_float32_math_once():
     assert error.mean() <= np.abs(stock.numpy().astype(np.float64) - exact).mean()
 
 
+def test_fused_encoder_under_mixed_bfloat16_is_bit_identical_without_the_float32_round_trip():
+    """Model Garden pins GELU to float32 under mixed_bfloat16; fused, it takes bf16 and computes in float32 inside,
+    which must give exactly the stock values and gradients."""
+    config = encoders.BertConfig(**{**encoders.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.0,
+                                    "attention_probs_dropout_prob": 0.0})
+    ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
+    inputs = {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": tf.zeros_like(ids)}
+    tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        stock, fused = encoders.build_encoder(config), encoders.build_encoder(config)
+        stock(inputs), fused(inputs)
+        fused.set_weights(stock.get_weights())
+        activations = [layer for layer in fused.submodules if type(layer) is tf_keras.layers.Activation]
+        assert {layer.compute_dtype for layer in activations} == {"float32"}  # Model Garden's choice
+        assert fusion.fuse_elementwise(fused)["activation"] == len(activations) == config.num_hidden_layers
+        assert {layer.compute_dtype for layer in activations} == {"bfloat16"}
+
+        def output_and_grads(model):
+            with tf.GradientTape() as tape:
+                y = tf.cast(model(inputs, training=True)["sequence_output"], tf.float32)
+                loss = tf.reduce_sum(y * y)
+            grads = tape.gradient(loss, model.trainable_variables)
+            return [y.numpy()] + [tf.convert_to_tensor(g).numpy() for g in grads if g is not None]
+
+        for expected, got in zip(output_and_grads(stock), output_and_grads(fused)):
+            np.testing.assert_array_equal(got, expected)
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+
+
 def _value_and_grad(layer, x):
     with tf.GradientTape() as tape:
         tape.watch(x)
