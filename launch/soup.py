@@ -84,7 +84,8 @@ def main(argv):
         trainer = Trainer(task, TrainerConfig(model_dir=FLAGS.output_dir, train_steps=1, eval_split=eval_split,
                                               eval_batch_size=FLAGS.eval_batch_size),
                           runtime=RuntimeConfig(precision=FLAGS.precision))
-        shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if k != "task")
+        shown = " ".join(f"--{k}={','.join(v) if isinstance(v, list) else v}"
+                         for k, v in sorted(values.items()) if k != "task")
         paths = average_checkpoints(trainer.model, FLAGS.model_dirs, expected=f"--task={task_name} {shown}")
     except (ValueError, FileNotFoundError) as error:  # one clear line, no traceback
         print(f"launch.soup: error: {error}", file=sys.stderr, flush=True)

@@ -80,14 +80,11 @@ def load_model_flags(checkpoint: str) -> dict:
     return {}
 
 
-def fill_unset_flags(flag_values, checkpoint: str) -> dict:
-    """Sets every flag not given on the command line to the value saved with `checkpoint`; returns those set."""
-    filled = {}
+def fill_unset_flags(flag_values, checkpoint: str) -> None:
+    """Sets every flag not given on the command line to the value saved with `checkpoint`."""
     for name, value in load_model_flags(checkpoint).items():
         if name in flag_values and not flag_values[name].present:
             flag_values[name].value = value
-            filled[name] = value
-    return filled
 
 
 SPECS: dict[str, Callable[[], TaskSpec]] = {
