@@ -4,7 +4,8 @@
 
 after update n = 1, 2, ... (the optimizer's count, which like the learning-rate schedule includes skipped
 updates): TF1's tf.train.ExponentialMovingAverage with num_updates, so the first updates, far from the
-end point, soon stop counting. A skipped (non-finite) update leaves the average alone. Training updates the raw weights; evaluation and checkpoints use the average.
+end point, soon stop counting. A skipped (non-finite) update leaves the average alone. Training updates
+the raw weights; evaluation and checkpoints use the average.
 
 Why our own and not Model Garden's ExponentialMovingAverage optimizer: that one wraps a legacy Keras
 optimizer (ours is the new tf_keras AdamW) and swaps weights by adding and subtracting, which rounds;
