@@ -5,7 +5,6 @@ tasks use a softmax. Tokenization happens inside tf.data with tensorflow-text.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 from typing import Mapping, Optional, Sequence
 
@@ -15,7 +14,7 @@ import tf_keras
 
 from engine import inputs
 from engine.task import Task
-from tasks import encoders
+from tasks import encoders, textfiles
 from tasks.tokenization import WordPieceTokenizer
 
 
@@ -24,10 +23,13 @@ class ClassificationConfig:
     data_files: Mapping[str, str]                     # split name ("train", "validation", ...) -> TSV path
     encoder: encoders.EncoderInit = "minilm"
     vocab_file: Optional[str] = None                  # default: the encoder's own vocab
+    lower_case: bool = True                           # must match the vocab: False for cased encoders
     max_seq_length: int = 128
     text_columns: tuple = ("sentence",)               # one column, or two for sentence pairs
     label_column: str = "label"
-    label_names: tuple = ()                           # labels as strings; empty: integer labels 0..num_classes-1
+    # Label strings in class-id order (the file may also use the ids 0, 1, ..., see _label_ids); predictions
+    # answer with them. Empty: integer labels 0..num_classes-1, answered as "0", "1", ...
+    label_names: tuple = ()
     num_classes: int = 2
     head: str = "softmax"                             # "softmax", or "sigmoid" (binary only)
     # "cls": the encoder's pooled [CLS] output (BERT's recipe); "mean": the mean of the token vectors under
@@ -59,6 +61,11 @@ class ClassificationConfig:
     def classes(self) -> int:
         return len(self.label_names) or self.num_classes
 
+    @property
+    def answer_labels(self) -> tuple:
+        """What predict and the serving export answer for each class id: its name, else the id as a string."""
+        return tuple(self.label_names) or tuple(str(i) for i in range(self.num_classes))
+
 
 class MaskedMeanPooling(tf_keras.layers.Layer):
     """[B, T, H] token vectors, [B, T] mask -> [B, H]: the mean over the tokens the mask keeps."""
@@ -76,40 +83,57 @@ class Examples:
 
 
 def read_tsv(path: str, config: ClassificationConfig, *, require_labels: bool = True) -> Examples:
-    """Reads a headed TSV; every problem is reported with the file and line number."""
-    try:
-        f = open(path, encoding="utf-8", newline="")
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot open ({e.strerror})") from e
-    with f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if not header:
-            raise ValueError(f"{path}:1: empty file, expected a header line with columns "
-                             f"{list(config.text_columns) + [config.label_column]}")
-        columns = {name: i for i, name in enumerate(header)}
-        missing = [c for c in config.text_columns if c not in columns]
-        has_labels = config.label_column in columns
-        if require_labels and not has_labels:
-            missing.append(config.label_column)
-        if missing:
-            raise ValueError(f"{path}:1: missing column(s) {missing}; the header has {header}")
-        label_ids = {name: i for i, name in enumerate(config.label_names)}
-        texts = [[] for _ in config.text_columns]
-        labels = []
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
-            for column, values in zip(config.text_columns, texts):
-                values.append(row[columns[column]])
-            labels.append(_parse_label(row[columns[config.label_column]], label_ids, config, path, line)
-                          if has_labels else -1)
+    """Reads a headed TSV; every problem is reported with the file and line number (InputError).
+
+    Fields are split at tabs, with no quoting (as GLUE's TSVs are written): not the csv module, whose
+    131,072-character field limit would refuse a long document. A BOM and CRLF line ends are dropped."""
+    lines = textfiles.read_lines(path, missing="--train_data/--eval_data")
+    first = next(lines, None)
+    header = first[1].split("\t") if first and first[1] else None
+    if not header:
+        raise textfiles.InputError(path, 1, "empty file, expected a header line with columns "
+                                   f"{list(config.text_columns) + [config.label_column]}")
+    columns = {name: i for i, name in enumerate(header)}
+    missing = [c for c in config.text_columns if c not in columns]
+    has_labels = config.label_column in columns
+    if require_labels and not has_labels:
+        missing.append(config.label_column)
+    if missing:
+        raise textfiles.InputError(path, 1, f"missing column(s) {missing}; the header has {header}")
+    label_ids = _label_ids(config)
+    texts = [[] for _ in config.text_columns]
+    labels = []
+    for line, text in lines:
+        if not text:
+            continue
+        row = text.split("\t")
+        if len(row) != len(header):
+            raise textfiles.InputError(path, line, f"{len(row)} fields, the header has {len(header)}")
+        for column, values in zip(config.text_columns, texts):
+            values.append(row[columns[column]])
+        labels.append(_parse_label(row[columns[config.label_column]], label_ids, config, path, line)
+                      if has_labels else -1)
     if not labels:
-        raise ValueError(f"{path}: no examples after the header")
+        raise textfiles.InputError(path, None, "no examples after the header")
     return Examples(tuple(tuple(t) for t in texts), np.asarray(labels, np.int32))
+
+
+def _label_ids(config: ClassificationConfig) -> dict[str, int]:
+    """Label string -> class id: the label names, and also the ids "0", "1", ... as strings unless a name is
+    itself an integer (then "1" could mean either). So integer-labelled files such as GLUE's SST-2 can be given
+    names, which predictions and the serving export answer with."""
+    ids = {name: i for i, name in enumerate(config.label_names)}
+    if ids and not any(_is_int(name) for name in ids):
+        ids.update({str(i): i for i in range(len(ids))})
+    return ids
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_label(value: str, label_ids: Mapping[str, int], config: ClassificationConfig, path: str,
@@ -117,14 +141,15 @@ def _parse_label(value: str, label_ids: Mapping[str, int], config: Classificatio
     value = value.strip()
     if label_ids:
         if value not in label_ids:
-            raise ValueError(f"{path}:{line}: unknown label {value!r}; expected one of {list(label_ids)}")
+            raise textfiles.InputError(path, line, f"unknown label {value!r}; expected one of "
+                                       f"{list(config.label_names)}")
         return label_ids[value]
-    try:
-        label = int(value)
-    except ValueError:
-        raise ValueError(f"{path}:{line}: label {value!r} is not an integer (pass label names for string labels)")
+    if not _is_int(value):
+        raise textfiles.InputError(path, line, f"label {value!r} is not an integer (pass label names for string "
+                                   "labels)")
+    label = int(value)
     if not 0 <= label < config.num_classes:
-        raise ValueError(f"{path}:{line}: label {label} is outside 0..{config.num_classes - 1}")
+        raise textfiles.InputError(path, line, f"label {label} is outside 0..{config.num_classes - 1}")
     return label
 
 
@@ -143,7 +168,8 @@ class ClassificationTask(Task):
             vocab = self.config.vocab_file or encoders.vocab_file_for(self.config.encoder)
             if vocab is None:
                 raise ValueError("a randomly initialised encoder has no vocab: set ClassificationConfig.vocab_file")
-            self._tokenizer = WordPieceTokenizer(vocab, seq_length=self.config.max_seq_length)
+            self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
+                                                 seq_length=self.config.max_seq_length)
         return self._tokenizer
 
     def examples(self, split: str) -> Examples:
@@ -249,13 +275,12 @@ class ClassificationTask(Task):
     # ------------------------------------------------------------------------------------ predict
 
     def predict(self, model: tf_keras.Model, *texts: Sequence[str], batch_size: int = 64) -> tuple[list, np.ndarray]:
-        """Raw sentences (or pairs: two lists) -> (labels, [n, classes] probabilities)."""
+        """Raw sentences (or pairs: two lists) -> (labels as `config.answer_labels`, [n, classes] probabilities)."""
         probabilities = []
         for start in range(0, len(texts[0]), batch_size):
             batch = [tf.constant(list(t[start:start + batch_size])) for t in texts]
             probabilities.append(self.probabilities(model(self.tokenizer.encode(*batch), training=False)).numpy())
         probabilities = np.concatenate(probabilities)
         ids = probabilities.argmax(-1)
-        names = self.config.label_names or tuple(range(self.config.classes))
-        return [names[i] for i in ids], probabilities
+        return [self.config.answer_labels[i] for i in ids], probabilities
 

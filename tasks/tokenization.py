@@ -12,12 +12,15 @@ tests/test_tokenization.py checks ours are identical to HF `tokenizers` on SST-2
 """
 from __future__ import annotations
 
+import codecs
 import os
 from typing import Mapping, Sequence
 
 import tensorflow as tf
 import tensorflow_text as tf_text
 from official.nlp.modeling.layers import text_layers
+
+from tasks import textfiles
 
 # Words longer than this many characters (not bytes, unlike tf_text's max_bytes_per_word) become [UNK].
 MAX_CHARS_PER_WORD = 100
@@ -35,10 +38,23 @@ _KEEP = f"{_PUNCTUATION}|{_CJK}"
 
 
 def read_vocab(vocab_file: str) -> list[str]:
+    """The tokens of a vocab.txt, one a line (a BOM and CRLF line ends dropped)."""
     if not os.path.isfile(vocab_file):
         raise FileNotFoundError(f"vocab file not found: {vocab_file}")
-    with open(vocab_file, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    return [line for _, line in textfiles.read_lines(vocab_file)]
+
+
+def _vocab_table(vocab_file: str, vocab: Sequence[str]):
+    """What tf_text.WordpieceTokenizer looks tokens up in: the file itself when it is plain "token\n" lines
+    (then a SavedModel keeps it as an asset), else a table of the tokens `read_vocab` found, because the
+    file-backed table would keep a BOM in the first token and "\r" at the end of every token."""
+    with open(vocab_file, "rb") as f:
+        raw = f.read()
+    if not raw.startswith(codecs.BOM_UTF8) and b"\r" not in raw:
+        return vocab_file
+    initializer = tf.lookup.KeyValueTensorInitializer(
+        tf.constant(list(vocab)), tf.range(len(vocab), dtype=tf.int64))
+    return tf.lookup.StaticVocabularyTable(initializer, num_oov_buckets=1)
 
 
 class WordPieceTokenizer:
@@ -57,7 +73,7 @@ class WordPieceTokenizer:
         self.cls_id, self.sep_id = index["[CLS]"], index["[SEP]"]
         # Up to 4 UTF-8 bytes per character; the character limit itself is applied in `_words_to_pieces`.
         self._wordpiece = tf_text.WordpieceTokenizer(
-            vocab_file, token_out_type=tf.int32, unknown_token="[UNK]", max_bytes_per_word=4 * MAX_CHARS_PER_WORD)
+            _vocab_table(vocab_file, self.vocab), token_out_type=tf.int32, unknown_token="[UNK]", max_bytes_per_word=4 * MAX_CHARS_PER_WORD)
 
     @property
     def vocab_size(self) -> int:

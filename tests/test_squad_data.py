@@ -69,7 +69,7 @@ def test_answer_not_matching_answer_start_is_listed_and_skipped(tmp_path):
 
 def test_malformed_json_names_file_line_and_column(tmp_path):
     path = _write(tmp_path, '{"version": "1.1",\n  "data": [\n    {"title": "x",, }\n  ]}')
-    with pytest.raises(ValueError, match=r"squad\.json: malformed JSON at line 3 column 19"):
+    with pytest.raises(ValueError, match=r"squad\.json:3: malformed JSON at column 19"):
         squad_data.read_squad(path)
 
 
