@@ -20,18 +20,25 @@ class TaskSpec:
     default_files: Callable[[str], dict]       # data_dir -> {split: path}
     eval_split: str = "validation"
     fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # preset config values
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config values unless a flag sets them
 
 
-def _classification_spec(**fixed) -> TaskSpec:
+def _classification_spec(**defaults) -> TaskSpec:
     from tasks.classification import ClassificationConfig, ClassificationTask  # noqa: PLC0415 (lazy per task)
     return TaskSpec(ClassificationTask, ClassificationConfig,
                     lambda d: {"train": os.path.join(d, "sst2", "train.tsv"),
-                               "validation": os.path.join(d, "sst2", "dev.tsv")}, fixed=fixed)
+                               "validation": os.path.join(d, "sst2", "dev.tsv")}, defaults=defaults)
+
+
+def _sst2_spec() -> TaskSpec:
+    # GLUE's SST-2 labels are 0/1; predictions and the serving export answer with these names.
+    return _classification_spec(label_names=("negative", "positive"))
 
 
 def _squad_spec(**fixed) -> TaskSpec:
     from tasks.squad import SquadConfig, SquadTask  # noqa: PLC0415
-    # One JSON holds both splits (split by article, see tasks/squad_data.py): --squad_file, not data_files.
+    # No default files: --train_data/--eval_data if given, else one --squad_file (default dev-v1.1.json) that
+    # SquadConfig splits by article (tasks/squad_data.py).
     return TaskSpec(SquadTask, SquadConfig, lambda d: {}, fixed=fixed)
 
 
@@ -47,7 +54,7 @@ def _conll_ner_spec(**fixed) -> TaskSpec:
 # and name them when a checkpoint does not match.
 MODEL_FLAGS = ("init_encoder", "vocab_file", "max_seq_length", "text_columns", "label_names", "num_classes", "head",
                "pooling", "iob2_constraints", "max_words", "casing_features", "doc_stride", "max_query_length",
-               "n_best_size", "max_answer_length")
+               "n_best_size", "max_answer_length", "lower_case")
 
 # launch.train writes the task and its model flags here, so predict and export need only the model_dir.
 MODEL_FLAGS_FILE = "model_flags.json"
@@ -88,7 +95,7 @@ def fill_unset_flags(flag_values, checkpoint: str) -> None:
 
 
 SPECS: dict[str, Callable[[], TaskSpec]] = {
-    "sst2": _classification_spec,
+    "sst2": _sst2_spec,
     "classification": _classification_spec,
     "conll_ner": _conll_ner_spec,
     "squad": _squad_spec,
@@ -112,7 +119,8 @@ def build_task(name: str, values: Mapping[str, Any]) -> tuple[Task, str]:
     if values.get("eval_data"):
         files[spec.eval_split] = values["eval_data"]
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
-    kwargs = {k: v for k, v in values.items() if k in fields and v is not None and k != "data_files"}
+    kwargs = dict(spec.defaults)
+    kwargs.update({k: v for k, v in values.items() if k in fields and v is not None and k != "data_files"})
     kwargs.update(spec.fixed)
     if "init_encoder" in values and "encoder" in fields:
         kwargs["encoder"] = values["init_encoder"]

@@ -30,7 +30,10 @@ from tasks import encoders, squad_data, squad_metrics
 class SquadConfig:
     """SQuAD options; field names double as launch flag names (see tasks/registry.py)."""
     data_dir: str = dataclasses.field(default_factory=default_data_dir)
-    squad_file: Optional[str] = None        # default: <data_dir>/squad/dev-v1.1.json
+    # Split -> SQuAD v1.1-format JSON ("train", "validation"/"eval"; --train_data, --eval_data). With both, each
+    # file is read whole; otherwise the one file given, or squad_file, is split by article (squad_data).
+    data_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    squad_file: Optional[str] = None        # the one file to split; default: <data_dir>/squad/dev-v1.1.json
     encoder: encoders.EncoderInit = "minilm"
     vocab_file: Optional[str] = None        # default: the encoder's own vocab
     lower_case: bool = True
@@ -46,9 +49,25 @@ class SquadConfig:
     shuffle_buffer: int = 10000
     seed: int = 0
 
+    def __post_init__(self):
+        if self.squad_file and self.data_files:
+            raise ValueError("--squad_file (one file, split by article) or --train_data/--eval_data (a file per "
+                             "split), not both")
+
     @property
     def input_path(self) -> str:
-        return self.squad_file or os.path.join(self.data_dir, "squad", "dev-v1.1.json")
+        """The one file split by article when not both a training and an evaluation file are given."""
+        files = list(self.data_files.values())
+        return self.squad_file or (files[0] if len(files) == 1 else os.path.join(self.data_dir, "squad",
+                                                                                  "dev-v1.1.json"))
+
+    def source(self, split: str) -> tuple[str, str]:
+        """(file, part of it) that holds `split`: a split's own file whole ("all"), else `split` of input_path."""
+        split = squad_data.canonical_split(split)
+        files = {squad_data.canonical_split(k): v for k, v in self.data_files.items()}
+        if split != "all" and {"train", "eval"} <= set(files):
+            return files[split], "all"
+        return self.input_path, split
 
     @property
     def feature_settings(self) -> squad_data.FeatureSettings:
@@ -198,9 +217,17 @@ class SquadTask(Task):
         split = squad_data.canonical_split(split)
         if split not in self._features:
             cfg = self.config
-            self._features[split] = squad_data.cached_features(
-                cfg.input_path, split, vocab_file=self.vocab_file, lower_case=cfg.lower_case,
+            path, part = cfg.source(split)
+            features, record_path = squad_data.cached_features(
+                path, part, vocab_file=self.vocab_file, lower_case=cfg.lower_case,
                 settings=cfg.feature_settings, cache_dir=cfg.cache_dir, max_examples=cfg.max_examples)
+            self._features[split] = features, record_path
+            num_articles = features.data.num_articles
+            articles = squad_data.split_articles(part, num_articles, path)
+            shown = (f"all {num_articles} articles" if part == "all" else
+                     f"articles {articles.start + 1}-{articles.stop} of {num_articles} (one file split by article)")
+            print(f"squad | {split}: {path}, {shown}: {len(features.data.examples)} questions, "
+                  f"{features.num_features} windows", flush=True)
         return self._features[split]
 
     def num_examples(self, split: str) -> int:

@@ -242,3 +242,49 @@ def test_cache_key_follows_content_and_settings(tmp_path, vocab_file):
     with open(path, "a", encoding="utf-8") as f:
         f.write(" ")
     assert key != squad_data.cache_key(path, vocab_file, True, squad_data.FeatureSettings(), "all")
+
+
+# ------------------------------------------------------------------------ files per split (--task=squad)
+
+def _articles(prefix, count):
+    """`count` one-question articles; question ids "<prefix><article>" so each split's ids are known by hand."""
+    context = "Ada Lovelace wrote the first program in 1843."
+    return {"version": "1.1", "data": [
+        {"title": f"{prefix}{i}", "paragraphs": [{"context": context, "qas": [
+            {"id": f"{prefix}{i}", "question": f"Who wrote program {i}?",
+             "answers": [{"text": "Ada Lovelace", "answer_start": 0}]}]}]} for i in range(count)]}
+
+
+def _squad_ids(values, tmp_path):
+    from tasks import registry  # noqa: PLC0415
+    task, eval_split = registry.build_task("squad", dict(values, cache_dir=str(tmp_path / "cache"),
+                                                         max_seq_length=64, doc_stride=32, max_query_length=16))
+    return [[e.qas_id for e in task.features(split)[0].data.examples] for split in ("train", eval_split)]
+
+
+def test_train_data_and_eval_data_are_each_read_whole(tmp_path, capsys):
+    train = _write(tmp_path, _articles("train", 3), "tiny_train.json")  # fewer than the dev file's 38 + 1
+    evaluation = _write(tmp_path, _articles("eval", 1), "tiny_eval.json")
+    assert _squad_ids({"train_data": train, "eval_data": evaluation}, tmp_path) == [
+        ["train0", "train1", "train2"], ["eval0"]]
+    printed = capsys.readouterr().out
+    assert f"squad | train: {train}, all 3 articles: 3 questions" in printed
+    assert f"squad | eval: {evaluation}, all 1 articles: 1 questions" in printed
+
+
+def test_one_file_is_split_by_article_and_the_split_printed(tmp_path, capsys):
+    path = _write(tmp_path, _articles("a", 5), "five.json")
+    # The last fifth of the articles (at least one) is the evaluation split.
+    assert _squad_ids({"squad_file": path}, tmp_path) == [["a0", "a1", "a2", "a3"], ["a4"]]
+    assert _squad_ids({"train_data": path}, tmp_path) == [["a0", "a1", "a2", "a3"], ["a4"]]
+    printed = capsys.readouterr().out
+    assert f"squad | train: {path}, articles 1-4 of 5 (one file split by article): 4 questions" in printed
+    assert f"squad | eval: {path}, articles 5-5 of 5 (one file split by article): 1 questions" in printed
+
+
+def test_split_needs_two_articles_and_files_are_not_mixed(tmp_path):
+    one = _write(tmp_path, _articles("a", 1), "one.json")
+    with pytest.raises(ValueError, match=r"one\.json: one file is split by article .* it has 1\. Pass --train_data"):
+        _squad_ids({"squad_file": one}, tmp_path)
+    with pytest.raises(ValueError, match=r"--squad_file .* or --train_data/--eval_data .*, not both"):
+        _squad_ids({"squad_file": one, "train_data": one, "eval_data": one}, tmp_path)
