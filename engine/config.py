@@ -19,6 +19,7 @@ class RuntimeConfig:
     jit_compile: bool = False          # XLA for the forward/backward/accumulation function
     fuse_elementwise: bool = True      # the model's Dropout/Activation layers as small XLA kernels (engine/fusion.py)
     seed: int = 0
+    collective_timeout_secs: float = 0  # multi_worker_mirrored: fail a collective a peer never joins; 0: no limit
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -66,6 +67,7 @@ class TrainerConfig:
     eval_batch_size: int = 64
     eval_split: str = "validation"    # "" for no evaluation during training
     checkpoint_every_steps: int = 0    # 0: at every eval and at the end
+    checkpoint_every_secs: float = 600  # also save when this long has passed since the last save; 0: off
     max_to_keep: int = 3
     best_metric: str = ""              # e.g. "accuracy"; "" disables best-checkpoint tracking
     best_metric_mode: str = "max"

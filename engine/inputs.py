@@ -49,13 +49,38 @@ def train_iterator(strategy: tf.distribute.Strategy, dataset_fn: Callable, per_r
     return iter(strategy.distribute_datasets_from_function(fn))
 
 
+def pipeline_share(global_batches: tf.data.Dataset, input_context: tf.distribute.InputContext,
+                   per_replica_batch_size: int) -> tf.data.Dataset:
+    """From a stream of global batches (the same on every host), this input pipeline's per-replica batches.
+
+    Replica r of R gets rows [r*b, (r+1)*b) of every global batch, whichever host it lives on: so the global
+    batch of an update, and which replica sees which rows, are the same on one host with R devices as on R
+    hosts with one each (what makes a multi-worker run equal to a single-process one). Each pipeline's
+    replicas are consecutive (replica = pipeline * local + i), and tf.distribute hands consecutive
+    elements of a pipeline's dataset to its local replicas in order.
+    """
+    local = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+    rows = local * per_replica_batch_size
+    if input_context.num_input_pipelines == 1 and local == 1:
+        return global_batches
+    start = input_context.input_pipeline_id * rows
+
+    def take(*element):
+        element = element[0] if len(element) == 1 else element
+        return tf.nest.map_structure(lambda t: t[start:start + rows], element)
+    return global_batches.map(take).unbatch().batch(per_replica_batch_size, drop_remainder=True)
+
+
 def distribute_eval_inputs(strategy: tf.distribute.Strategy, dataset_fn: Callable, global_batch_size: int):
-    """Global batches padded to full size, then split evenly over replicas by the strategy."""
-    dataset = dataset_fn(batch_size=global_batch_size, input_context=None)
-    dataset = dataset.map(lambda f, l: pad_batch(f, l, global_batch_size))
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return strategy.experimental_distribute_dataset(dataset.with_options(options))
+    """Global batches padded to full size, split over all replicas of all hosts (every host reads them all:
+    evaluation sets are small, and every worker then runs the same number of batches)."""
+    per_replica = global_batch_size // strategy.num_replicas_in_sync
+
+    def fn(ctx: tf.distribute.InputContext):
+        dataset = dataset_fn(batch_size=global_batch_size, input_context=None)
+        dataset = dataset.map(lambda f, l: pad_batch(f, l, global_batch_size))
+        return pipeline_share(dataset, ctx, per_replica)
+    return strategy.distribute_datasets_from_function(fn)
 
 
 def shard_shuffle_batch(dataset: tf.data.Dataset, *, training: bool, batch_size: int,
@@ -63,15 +88,18 @@ def shard_shuffle_batch(dataset: tf.data.Dataset, *, training: bool, batch_size:
                         seed: int) -> tf.data.Dataset:
     """The batching the Task contract asks of `build_inputs`, for Tasks to share.
 
-    Shards by input pipeline (one per host); for training shuffles with a fixed seed (reshuffled
-    every epoch, still deterministic, which the resume logic relies on), repeats, and drops the
-    last partial batch; otherwise one ordered pass whose partial last batch the engine pads.
+    For training: shuffles with a fixed seed (reshuffled every epoch, still deterministic, which the
+    resume logic relies on), repeats, and batches the same global stream on every host; each host then
+    keeps its replicas' rows (`pipeline_share`): the global batch of an update does not depend on how
+    many hosts and devices share it. Otherwise one ordered pass whose partial last batch the engine pads.
     """
-    if input_context and input_context.num_input_pipelines > 1:
-        dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    if training:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    return dataset.batch(batch_size, drop_remainder=training)
+    if not training:
+        return dataset.batch(batch_size)
+    dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    if input_context is None:
+        return dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.batch(batch_size * input_context.num_replicas_in_sync, drop_remainder=True)
+    return pipeline_share(dataset, input_context, batch_size)
 
 
 def group_by_length(windows: tf.data.Dataset, *, batch_size: int, window_batches: int, length_key: str,

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import tensorflow as tf
 import tf_keras
 
+from engine import dropout
 from engine.averaging import WeightAverage
 from engine.task import Task
 
@@ -40,8 +41,9 @@ class TrainStep:
 
     def __init__(self, *, task: Task, model: tf_keras.Model, optimizer: tf_keras.optimizers.Optimizer,
                  grad_accum_steps: int, clip_norm: float | None, jit_compile: bool,
-                 weight_average: WeightAverage | None = None):
+                 weight_average: WeightAverage | None = None, seed: int = 0):
         self._task = task
+        self._seed = seed
         self._weight_average = weight_average
         self._model = model
         self._optimizer = optimizer
@@ -52,9 +54,9 @@ class TrainStep:
         # the optimizer's merge_call cannot live inside an XLA cluster under tf.distribute.
         self._accumulate = tf.function(self._accumulate_gradients, jit_compile=jit_compile)
 
-    def _micro_step(self, features, labels, global_weight):
+    def _micro_step(self, features, labels, global_weight, key):
         variables = self._model.trainable_variables
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, dropout.keys(key):
             outputs = self._model(features, training=True)
             per_example = tf.cast(self._task.per_example_loss(features, labels, outputs), tf.float32)
             weights = tf.cast(self._task.example_weights(features, labels), tf.float32)
@@ -65,17 +67,17 @@ class TrainStep:
         grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
         return loss, grads
 
-    def _accumulate_gradients(self, micro_features, micro_labels, global_weight):
+    def _accumulate_gradients(self, micro_features, micro_labels, global_weight, key):
         def micro_batch(i):
             return (tf.nest.map_structure(lambda t: t[i], micro_features),
                     tf.nest.map_structure(lambda t: t[i], micro_labels))
 
         if self._grad_accum_steps == 1:
-            return self._micro_step(*micro_batch(0), global_weight)
+            return self._micro_step(*micro_batch(0), global_weight, dropout.fold_in(key, 0))
         loss = tf.constant(0.0)
         grads = [tf.zeros_like(v) for v in self._model.trainable_variables]
         for i in tf.range(self._grad_accum_steps):
-            micro_loss, micro_grads = self._micro_step(*micro_batch(i), global_weight)
+            micro_loss, micro_grads = self._micro_step(*micro_batch(i), global_weight, dropout.fold_in(key, i))
             loss += micro_loss
             grads = [a + g for a, g in zip(grads, micro_grads)]
         return loss, grads
@@ -89,7 +91,9 @@ class TrainStep:
         global_weight = tf.maximum(global_weight, 1e-12)
         micro_features = split_micro_batches(features, self._grad_accum_steps)
         micro_labels = split_micro_batches(labels, self._grad_accum_steps)
-        loss, grads = self._accumulate(micro_features, micro_labels, global_weight)
+        # Dropout masks keyed by (seed, update, replica, micro-batch): a resumed run draws the same ones.
+        key = dropout.step_key(self._seed, self._optimizer.iterations, ctx.replica_id_in_sync_group)
+        loss, grads = self._accumulate(micro_features, micro_labels, global_weight, key)
         loss = ctx.all_reduce(SUM, loss)
         grads = ctx.all_reduce(SUM, grads)
         if self._loss_scaled:
@@ -162,7 +166,7 @@ def make_train_loop(strategy: tf.distribute.Strategy, step: TrainStep, *, stop_o
 
 def make_eval_step(strategy: tf.distribute.Strategy, task: Task, model: tf_keras.Model, metrics, *,
                    jit_compile: bool) -> Callable:
-    """A tf.function evaluating one padded global batch; returns per-replica `eval_outputs` plus loss sums."""
+    """A tf.function evaluating one padded global batch; returns its `eval_outputs` plus loss sums, gathered."""
     forward = tf.function(lambda features: model(features, training=False), jit_compile=jit_compile)
 
     def replica_step(features, labels, mask):
@@ -171,12 +175,15 @@ def make_eval_step(strategy: tf.distribute.Strategy, task: Task, model: tf_keras
         per_example = tf.cast(task.per_example_loss(features, labels, outputs), tf.float32)
         task.update_metrics(metrics, features, labels, outputs, mask)
         extra = task.eval_outputs(features, labels, outputs) or {}
-        return dict(extra, _loss_sum=tf.reduce_sum(per_example * weights), _weight_sum=tf.reduce_sum(weights),
-                    _mask=mask)
+        return dict(extra, _loss_sum=tf.reshape(tf.reduce_sum(per_example * weights), [1]),
+                    _weight_sum=tf.reshape(tf.reduce_sum(weights), [1]), _mask=mask)
 
     @tf.function
     def eval_step(batch):
         features, labels, mask = batch
-        return strategy.run(replica_step, args=(features, labels, mask))
+        outputs = strategy.run(replica_step, args=(features, labels, mask))
+        # All replicas' rows, of all workers, in replica order (= the global batch's order): every worker
+        # computes the same host-side metrics over the whole evaluation set.
+        return {name: strategy.gather(value, axis=0) for name, value in outputs.items()}
 
     return eval_step

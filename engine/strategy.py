@@ -26,8 +26,12 @@ def make_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
         devices = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
         return _mirrored(tuple(devices))
     if name == "multi_worker_mirrored":
-        # Cluster layout comes from TF_CONFIG, as on every multi-worker launcher.
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        # Cluster layout comes from TF_CONFIG, as on every multi-worker launcher. A crashed worker is noticed by
+        # the coordination service's heartbeats (seconds); the timeout also ends collectives that a live but
+        # stuck worker never joins.
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=config.collective_timeout_secs or None)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu or None)
         tf.config.experimental_connect_to_cluster(resolver)
@@ -53,3 +57,43 @@ def split_cpu(num_devices: int) -> None:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)])
+
+
+def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
+    """(is_chief, worker index). The chief is task "chief", else worker 0 (TF's rule); one process is chief."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True, 0
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    if not task_type:
+        return True, 0
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief), task_id
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    return getattr(strategy.extended, "_num_workers", 1) if isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy) else 1
+
+
+class Agreement:
+    """One decision for all workers: each passes its own flags, all get their OR (one tiny all-reduce).
+
+    Whatever changes the control flow (stop after a SIGTERM, a checkpoint due by the clock) must be the
+    same on every worker, or the others wait forever in the collective that one of them skipped."""
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        self._strategy = strategy
+        self._reduce = None
+        if num_workers(strategy) > 1:
+            @tf.function
+            def reduce(flags):
+                per_replica = strategy.run(tf.identity, args=(flags,))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)  # no MAX: SUM > 0
+            self._reduce = reduce
+
+    def any(self, *flags: bool) -> list[bool]:
+        if self._reduce is None:
+            return [bool(f) for f in flags]
+        agreed = self._reduce(tf.constant([1 if f else 0 for f in flags], tf.int32)).numpy()
+        return [bool(f) for f in agreed]

@@ -8,15 +8,18 @@ import tensorflow as tf
 
 
 class Summaries:
-    """One writer per phase under model_dir (train/, eval/), as TensorBoard expects."""
+    """One writer per phase under model_dir (train/, eval/), as TensorBoard expects; no-op writers off the chief
+    (under several workers every worker computes the same values, and only one should write them)."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, *, enabled: bool = True):
         self._dir = model_dir
+        self._enabled = enabled
         self._writers: dict[str, tf.summary.SummaryWriter] = {}
 
     def writer(self, phase: str) -> tf.summary.SummaryWriter:
         if phase not in self._writers:
-            self._writers[phase] = tf.summary.create_file_writer(os.path.join(self._dir, phase))
+            self._writers[phase] = (tf.summary.create_file_writer(os.path.join(self._dir, phase)) if self._enabled
+                                    else tf.summary.create_noop_writer())
         return self._writers[phase]
 
     def scalars(self, phase: str, step: int, values: Mapping[str, float]) -> None:

@@ -63,6 +63,9 @@ class Task:
         """Model FLOPs of one training example (forward + backward), for MFU; None if unknown."""
         return None
 
-    def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str) -> dict:
-        """Host-side metrics from the concatenated `eval_outputs` of a split (padding removed)."""
+    def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str, *, write_files: bool = True) -> dict:
+        """Host-side metrics from the concatenated `eval_outputs` of a split (padding removed).
+
+        Every worker of a multi-worker job gets all outputs and computes the same metrics; only one is asked
+        to `write_files` (predictions), through tf.io.gfile."""
         return {}

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
+import re
 import signal
 import threading
 import time
@@ -21,14 +21,24 @@ import tensorflow as tf
 import tf_keras
 from absl import logging
 
-from engine import averaging, checkpoints, fusion, inputs, optimization, precision, step as step_lib, summaries
+from engine import averaging, checkpoints, dropout, files, fusion, inputs, optimization, precision, summaries
+from engine import step as step_lib, strategy as strategy_lib
 from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
-from engine.strategy import make_strategy
 from engine.task import Task
 
 
 class NonFiniteError(FloatingPointError):
     """Raised under nonfinite_policy="raise"; the offending update was not applied."""
+
+
+class LostWorkerError(RuntimeError):
+    """Another worker of a multi-worker job crashed or became unreachable; restart all workers to resume."""
+
+
+# What a collective raises when a peer is gone: the coordination service's heartbeat check (seconds after a
+# crash), a closed socket, or the collective timeout (RuntimeConfig.collective_timeout_secs).
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                tf.errors.CancelledError)
 
 
 class Trainer:
@@ -40,8 +50,12 @@ class Trainer:
         self.config = config
         self.optimizer_config = optimizer_config
         self.runtime = runtime
-        self.strategy = strategy or make_strategy(runtime)
+        self.strategy = strategy or strategy_lib.make_strategy(runtime)
         self.num_replicas = self.strategy.num_replicas_in_sync
+        # Only the chief writes summaries and JSON files; checkpoint saves are collective (engine/checkpoints.py).
+        self.is_chief, self.worker_index = strategy_lib.worker_role(self.strategy)
+        self.num_workers = strategy_lib.num_workers(self.strategy)
+        self._agreement = strategy_lib.Agreement(self.strategy)
         # Checks the batch geometry before anything touches model_dir.
         self.per_replica_batch_size = config.per_replica_batch_size(self.num_replicas)
         self.precision = precision.resolve_precision(runtime.precision)
@@ -50,7 +64,9 @@ class Trainer:
 
         with self.strategy.scope():
             self.model = task.build_model()
-            self.fused_layers = fusion.fuse_elementwise(self.model) if runtime.fuse_elementwise else {}
+            # Dropout is always keyed (exact resume); fusion makes its kernel and the activations XLA islands.
+            self.fused_layers = (fusion.fuse_elementwise(self.model) if runtime.fuse_elementwise
+                                 else {"dropout": dropout.rebind(self.model, xla=False)})
             self.optimizer = optimization.make_optimizer(
                 optimizer_config, config.train_steps, loss_scale=self.precision == "mixed_float16")
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
@@ -62,7 +78,7 @@ class Trainer:
         self._train_iterator = None
         self._train_loop = None
         self._eval_step = None
-        self._summaries = summaries.Summaries(config.model_dir)
+        self._summaries = summaries.Summaries(config.model_dir, enabled=self.is_chief)
         self._preempted = threading.Event()
         self.train_history: list[dict] = []  # one dict per loop: step and the logged values
         self._first_loop = (0, 0.0)
@@ -90,21 +106,23 @@ class Trainer:
             # The input iterator is part of the state: a resumed run continues on the very next batch.
             self._train_iterator = inputs.train_iterator(self.strategy, dataset_fn, per_replica_batch)
             self.checkpoint.train_iterator = self._train_iterator
-        self.manager = tf.train.CheckpointManager(self.checkpoint, cfg.model_dir, max_to_keep=cfg.max_to_keep,
-                                                  step_counter=self.global_step)
-        restored = checkpoints.restore_latest(self.checkpoint, self.manager)
+        self.saver = checkpoints.Saver(self.checkpoint, cfg.model_dir, max_to_keep=cfg.max_to_keep,
+                                       is_chief=self.is_chief, worker_index=self.worker_index,
+                                       step_counter=self.global_step)
+        restored = checkpoints.restore_latest(self.checkpoint, self.saver.manager)
         if restored and self.weight_average is not None:
             with self.strategy.scope():
                 self.weight_average.swap()  # back to raw weights in the model, averages aside
         if not iterator_in_checkpoint:
             self._train_iterator = inputs.train_iterator(
                 self.strategy, dataset_fn, per_replica_batch, skip_updates=int(self.global_step.numpy()))
-        self.best = (checkpoints.BestCheckpoint(self.checkpoint, cfg.model_dir, cfg.best_metric, cfg.best_metric_mode)
+        self.best = (checkpoints.BestCheckpoint(self.checkpoint, cfg.model_dir, cfg.best_metric, cfg.best_metric_mode,
+                                                is_chief=self.is_chief, worker_index=self.worker_index)
                      if cfg.best_metric else None)
         self.train_step = step_lib.TrainStep(
             task=self.task, model=self.model, optimizer=self.optimizer, grad_accum_steps=cfg.grad_accum_steps,
             clip_norm=self.optimizer_config.clip_norm, jit_compile=self.runtime.jit_compile,
-            weight_average=self.weight_average)
+            weight_average=self.weight_average, seed=self.runtime.seed)
         self._train_loop = step_lib.make_train_loop(
             self.strategy, self.train_step, stop_on_nonfinite=cfg.nonfinite_policy == "raise")
         return restored
@@ -115,9 +133,8 @@ class Trainer:
         geometry = {"global_batch_size": cfg.global_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
                     "replicas": self.num_replicas}
         path = os.path.join(cfg.model_dir, "input_geometry.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
+        saved = files.read_json(path)
+        if saved is not None:
             changed = {k: (saved.get(k), v) for k, v in geometry.items() if saved.get(k) != v}
             if changed and tf.train.latest_checkpoint(cfg.model_dir):
                 described = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
@@ -125,10 +142,8 @@ class Trainer:
                     f"{cfg.model_dir} was trained with another input geometry ({described}); resuming would not "
                     "continue its data stream. Use the saved --global_batch_size/--grad_accum_steps/replicas or "
                     "a new --model_dir.")
-        os.makedirs(cfg.model_dir, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(geometry, f)
-        os.replace(path + ".tmp", path)
+        if self.is_chief and saved != geometry:
+            files.write_json(path, geometry)
 
     @property
     def train_loop_tracing_count(self) -> int:
@@ -137,6 +152,18 @@ class Trainer:
 
     def train(self) -> dict:
         """Trains to config.train_steps (resuming from model_dir), evaluating and saving as configured."""
+        try:
+            return self._train()
+        except _PEER_ERRORS as error:
+            if self.num_workers == 1:
+                raise
+            peers = sorted(set(re.findall(r"/job:\w+/(?:replica:\d+/)?task:\d+", str(error)))) or ["a peer"]
+            raise LostWorkerError(
+                f"worker {self.worker_index} lost contact with {', '.join(peers)} ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[-1][:200]}); the last checkpoint is "
+                f"{self.saver.latest_checkpoint}: restart all workers to resume from it") from error
+
+    def _train(self) -> dict:
         cfg = self.config
         restored = self._setup_training() if self._train_loop is None else None
         step = int(self.global_step.numpy())
@@ -144,6 +171,7 @@ class Trainer:
             print(f"resumed from {restored} at step {step}", flush=True)
         self._log_run_header(step)
         previous_handler = self._install_sigterm_handler()
+        self._last_save_time = time.monotonic()
         last_eval: dict = {}
         evals_without_improvement = 0
         try:
@@ -162,12 +190,18 @@ class Trainer:
                 if skipped and cfg.nonfinite_policy == "raise":
                     raise NonFiniteError(
                         f"non-finite loss or gradients at step {step} (the update was not applied; "
-                        f"last checkpoint: {self.manager.latest_checkpoint}). "
+                        f"last checkpoint: {self.saver.latest_checkpoint}). "
                         "Lower --learning_rate, check the input, or use --nonfinite_policy=skip.")
                 self._log_train(step, steps_done, skipped, float(loss_sum), float(grad_norm), seconds)
-                if self._preempted.is_set():
+                # One decision for all workers at this step boundary: a SIGTERM to any worker stops them all
+                # here, and a save due by the clock (each host's clock differs) happens on all or none.
+                stop, save_due_by_time = self._agreement.any(
+                    self._preempted.is_set(),
+                    cfg.checkpoint_every_secs and time.monotonic() - self._last_save_time >= cfg.checkpoint_every_secs)
+                if stop:
                     self._save(step)
-                    print(f"SIGTERM: saved {self.manager.latest_checkpoint} at step {step}; exiting", flush=True)
+                    print(f"SIGTERM: saved step {step} ({self.saver.latest_checkpoint or 'collective save'}); "
+                          "exiting", flush=True)
                     return last_eval
                 at_end = step >= cfg.train_steps
                 eval_due = at_end or (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
@@ -184,7 +218,8 @@ class Trainer:
                         print(f"early stopping at step {step}: {cfg.best_metric} did not improve for "
                               f"{evals_without_improvement} evaluations (best {self.best.best_value:.4f})", flush=True)
                         break
-                elif at_end or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+                elif (at_end or save_due_by_time or
+                      (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)):
                     self._save(step)
         finally:
             if previous_handler is not None:
@@ -194,7 +229,8 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         with self.averaged_weights():
-            self.manager.save(checkpoint_number=step)
+            self.saver.save(step)
+        self._last_save_time = time.monotonic()
 
     @contextlib.contextmanager
     def averaged_weights(self):
@@ -253,7 +289,7 @@ class Trainer:
         tokens = (f"global batch {cfg.global_batch_size} = {self.num_replicas} replicas x "
                   f"{cfg.grad_accum_steps} micro-batches x {self.per_replica_batch_size}")
         print(f"{self.task.name}: {params:,} parameters | {tokens} | precision {self.precision} | "
-              f"xla {self.runtime.jit_compile} | XLA-fused layers {self.fused_layers or 'off'} | "
+              f"xla {self.runtime.jit_compile} | XLA-fused layers {self.fused_layers if self.runtime.fuse_elementwise else 'off'} | "
               f"weight average {self.optimizer_config.ema_decay or 'off'} | "
               f"strategy {type(self.strategy).__name__}", flush=True)
         if step == 0:
@@ -282,7 +318,7 @@ class Trainer:
     def restore(self, path: Optional[str] = None) -> str:
         """Loads model weights only (for evaluation/prediction) from a checkpoint file or model_dir."""
         path = path or tf.train.latest_checkpoint(self.config.model_dir)
-        if path and os.path.isdir(path):
+        if path and tf.io.gfile.isdir(path):
             path = tf.train.latest_checkpoint(path)
         if not path:
             raise checkpoints.CheckpointError(f"no checkpoint found in {self.config.model_dir}")
@@ -305,9 +341,8 @@ class Trainer:
             metric.reset_state()
         gathered = defaultdict(list)
         for batch in dataset:
-            outputs = self._eval_step(batch)
-            for name, value in outputs.items():
-                gathered[name].extend(t.numpy() for t in self.strategy.experimental_local_results(value))
+            for name, value in self._eval_step(batch).items():
+                gathered[name].append(value.numpy())
         host = {}
         for name, parts in gathered.items():
             if name in ("_loss_sum", "_weight_sum"):
@@ -329,5 +364,5 @@ class Trainer:
         split = split or self.config.eval_split
         with self.averaged_weights():
             results, host = self.predict_outputs(split)
-        results.update(self.task.postprocess(host, split) or {})
+        results.update(self.task.postprocess(host, split, write_files=self.is_chief) or {})
         return results

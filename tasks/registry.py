@@ -6,10 +6,12 @@ is adding a field (and a flag of that name in launch/train.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Mapping
 
+import tensorflow as tf
+
+from engine import files
 from engine.task import Task
 
 
@@ -65,24 +67,20 @@ def save_model_flags(model_dir: str, task: str, values: Mapping[str, Any]) -> st
     saved = {"task": task}
     saved.update({k: list(v) if isinstance(v, tuple) else v
                   for k, v in values.items() if k in MODEL_FLAGS and v is not None})
-    os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, MODEL_FLAGS_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(saved, f, indent=1)
-    os.replace(path + ".tmp", path)
+    files.write_json(path, saved)
     return path
 
 
 def load_model_flags(checkpoint: str) -> dict:
     """The flags launch.train saved for a model_dir or a checkpoint in it (also model_dir/best/ckpt-N); {} if none."""
-    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+    folder = checkpoint if tf.io.gfile.isdir(checkpoint) else os.path.dirname(checkpoint)
     for candidate in (folder, os.path.dirname(folder)):
         path = os.path.join(candidate, MODEL_FLAGS_FILE)
-        if os.path.isfile(path):
+        if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
             try:
-                with open(path, encoding="utf-8") as f:
-                    return json.load(f)
-            except (OSError, ValueError) as error:
+                return files.read_json(path)
+            except (OSError, ValueError, tf.errors.OpError) as error:
                 raise ValueError(f"{path}: unreadable ({error}); pass the task flags instead") from error
     return {}
 

@@ -278,7 +278,7 @@ class SquadTask(Task):
         return {"start_logits": outputs["start_logits"], "end_logits": outputs["end_logits"],
                 "feature_index": labels["feature_index"]}
 
-    def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str) -> dict:
+    def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str, *, write_files: bool = True) -> dict:
         """Official EM/F1 of the split's questions, from the gathered window logits."""
         features, _ = self.features(split)
         predictions = decode_predictions(
@@ -286,7 +286,7 @@ class SquadTask(Task):
             n_best_size=self.config.n_best_size, max_answer_length=self.config.max_answer_length)
         self.last_predictions[split] = predictions
         predictions_dir = self.config.predictions_dir or self.config.model_dir
-        if predictions_dir:
+        if predictions_dir and write_files:
             write_predictions(os.path.join(predictions_dir, f"predictions_{split}.json"), predictions)
         gold = {e.qas_id: [text for text, _ in e.answers] for e in features.data.examples}
         return squad_metrics.evaluate(gold, predictions)
@@ -314,7 +314,8 @@ class SquadTask(Task):
 
 def write_predictions(path: str, predictions: Mapping[str, str]) -> None:
     """The official {question id: answer} JSON that evaluate-v1.1.py reads."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(predictions, f, ensure_ascii=False)
+    if os.path.dirname(path):
+        tf.io.gfile.makedirs(os.path.dirname(path))  # gfile: model_dir may be gs://
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(json.dumps(predictions, ensure_ascii=False))
     logging.info("wrote %d predictions to %s", len(predictions), path)

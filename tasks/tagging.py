@@ -263,7 +263,7 @@ class TaggingTask(Task):
     def eval_outputs(self, features, labels, outputs) -> Mapping[str, tf.Tensor]:
         return {"tags": outputs["tags"], "example_index": features["example_index"]}
 
-    def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str) -> dict:
+    def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str, *, write_files: bool = True) -> dict:
         """conlleval precision/recall/F1 (percent) over every word of the split; writes the predictions file."""
         data = self.split_data(split)
         index = host_outputs["example_index"]
@@ -272,7 +272,7 @@ class TaggingTask(Task):
         labels = self.config.labels
         predicted = [[labels[t] for t in sentence] for sentence in stitched]
         counts = span_metrics.evaluate([s.tags for s in data.sentences], predicted)
-        if self.config.predictions_dir:
+        if self.config.predictions_dir and write_files:
             self.write_predictions(os.path.join(self.config.predictions_dir, f"{split}_predictions.txt"),
                                    data.sentences, predicted)
         scores = counts.scores()
@@ -282,10 +282,11 @@ class TaggingTask(Task):
     @staticmethod
     def write_predictions(path: str, sentences: Sequence[conll.Sentence], predicted: Sequence[Sequence[str]]) -> None:
         """`WORD GOLD PRED` lines, blank line between sentences: input for `perl conlleval.pl < path`."""
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        if os.path.dirname(path):
+            tf.io.gfile.makedirs(os.path.dirname(path))  # gfile: the folder may be gs://
+        with tf.io.gfile.GFile(path, "w") as f:
             for sentence, tags in zip(sentences, predicted, strict=True):
-                f.writelines(span_metrics.conlleval_lines(sentence.words, sentence.tags, tags))
+                f.write("".join(span_metrics.conlleval_lines(sentence.words, sentence.tags, tags)))
 
     # ------------------------------------------------------------------------------------ predict
 

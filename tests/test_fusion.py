@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from engine import fusion
+from engine import dropout, fusion
 from engine_helpers import ToyTask, run_training
 from tasks import encoders
 
@@ -22,7 +22,7 @@ def test_keeps_one_minus_rate_scaled_and_gradient_uses_the_same_mask(dtype):
     upstream = tf.random.stateless_normal([1000, 1000], seed=[5, 6])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = fusion.dropout(x, rate)
+        y = dropout.dropout(x, rate)
         loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
     grad = tape.gradient(loss, x)
     y, x, grad = (np.asarray(tf.cast(t, tf.float32)) for t in (y, x, grad))
@@ -38,12 +38,12 @@ def test_keeps_one_minus_rate_scaled_and_gradient_uses_the_same_mask(dtype):
 
 def test_a_fresh_mask_on_every_call_and_rate_zero_is_identity():
     x = tf.ones([100_000])
-    first, second = (fusion.dropout(x, 0.5).numpy() != 0 for _ in range(2))
+    first, second = (dropout.dropout(x, 0.5).numpy() != 0 for _ in range(2))
     # Independent masks agree on about half the elements; a reused mask would agree everywhere.
     assert 0.45 < np.mean(first == second) < 0.55
-    np.testing.assert_array_equal(fusion.dropout(x, 0.0), x)
+    np.testing.assert_array_equal(dropout.dropout(x, 0.0), x)
     with pytest.raises(ValueError, match="rate"):
-        fusion.dropout(x, 1.0)
+        dropout.dropout(x, 1.0)
 
 
 def test_fused_activation_equals_stock_with_gradient():
