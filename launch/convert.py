@@ -14,7 +14,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tasks  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+from launch import errors  # noqa: E402
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -52,4 +54,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    errors.run(main)  # missing or mismatched files: one line, no traceback

@@ -25,6 +25,8 @@ import tasks  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 
 from absl import app, flags, logging  # noqa: E402
 
+from launch import common_flags, errors  # noqa: E402
+
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defined on demand, not at import, so tests can import several launchers (their names overlap)."""
@@ -33,8 +35,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("export_dir", None, "Output folder; gets encoder/ and preprocessor/ SavedModels.",
                         flag_values=flag_values)
     flags.DEFINE_string("vocab_file", None, "WordPiece vocab (default: the encoder's own).", flag_values=flag_values)
-    flags.DEFINE_bool("lower_case", True, "Whether the preprocessor lower-cases and strips accents (uncased "
-                      "models).", flag_values=flag_values)
+    common_flags.define_lower_case(flag_values)
     flags.DEFINE_integer("seq_length", 128, "The preprocessor's default sequence length (callers may override).",
                          flag_values=flag_values)
     flags.mark_flag_as_required("export_dir", flag_values=flag_values)
@@ -66,11 +67,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("max_answer_length", None, "squad: longest answer in tokens.", flag_values=flag_values)
 
 
-def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lower_case: bool = True,
+def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lower_case: bool | None = True,
                    seq_length: int = 128) -> dict[str, str]:
     """Exports `make_encoder(init)` and its preprocessor under `export_dir`; returns their paths."""
     from tasks import encoders, hub  # noqa: PLC0415 - TensorFlow loads after flag parsing
 
+    lower_case = True if lower_case is None else lower_case  # --lower_case unset: uncased, as MiniLM
     encoder, own_vocab = encoders.make_encoder(init)
     vocab_file = vocab_file or own_vocab
     if vocab_file is None:
@@ -86,10 +88,7 @@ def _task_values(flag_values: flags.FlagValues) -> dict:
     """The task flags as tasks.registry values (tuples for lists); unset flags keep the Task defaults."""
     from tasks.registry import MODEL_FLAGS  # noqa: PLC0415 - TensorFlow loads after flag parsing
     values = {name: flag_values[name].value for name in MODEL_FLAGS}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    if flag_values.task in ("squad", "conll_ner"):  # the classification tokenizer always lower-cases
-        values["lower_case"] = flag_values.lower_case
-    return values
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str) -> str:
@@ -131,15 +130,11 @@ def run(flag_values: flags.FlagValues) -> dict[str, str]:
 
 def main(argv: list[str]) -> None:
     del argv
-    try:
-        paths = run(flags.FLAGS)
-    except (ValueError, FileNotFoundError) as error:  # bad checkpoint/encoder/flags: one clear line, no traceback
-        print(f"launch.export: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    paths = run(flags.FLAGS)
     for name, path in paths.items():
         print(f"{name}: {path}", flush=True)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    errors.run(main)  # input, flag and checkpoint errors: one line, no traceback

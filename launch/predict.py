@@ -34,6 +34,8 @@ import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 
 from absl import app, flags  # noqa: E402
 
+from launch import common_flags, errors  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_enum("task", None, ["sst2", "classification", "conll_ner", "squad"],
@@ -58,7 +60,7 @@ flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"], "As in training."
 flags.DEFINE_bool("iob2_constraints", None, "conll_ner: as in training.")
 flags.DEFINE_integer("max_words", None, "conll_ner: as in training.")
 flags.DEFINE_bool("casing_features", None, "conll_ner: as in training.")
-flags.DEFINE_bool("lower_case", None, "conll_ner/squad: as in training (default: the Task's).")
+common_flags.define_lower_case()
 
 # --- squad
 flags.DEFINE_string("question", None, "squad: one question (with --context) instead of --input_json.")
@@ -81,12 +83,9 @@ def _read_texts() -> list[dict]:
         raise app.UsageError("give --text (repeatable) or --input_file, one of the two")
     if FLAGS.text:
         return [{"text": text} for text in FLAGS.text]
-    try:
-        with open(FLAGS.input_file, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    except (OSError, UnicodeDecodeError) as error:
-        raise app.UsageError(f"--input_file={FLAGS.input_file}: {error}") from error
-    return [{"text": line} for line in lines if line.strip()]
+    from tasks import textfiles  # noqa: PLC0415
+    return [{"text": line} for _, line in textfiles.read_lines(FLAGS.input_file, missing="--input_file")
+            if line.strip()]
 
 
 def _predict_classification(task, model, records: list[dict]) -> list[dict]:
@@ -153,8 +152,7 @@ def restore_model(task, model_dir: str, values: dict):
     from tasks.registry import MODEL_FLAGS  # noqa: PLC0415
     checkpoint = serving.resolve_checkpoint(model_dir)  # a missing checkpoint fails before a model is built
     model = task.build_model()
-    shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items())
-                     if v is not None and k in MODEL_FLAGS + ("lower_case",))
+    shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in MODEL_FLAGS)
     path = serving.restore(model, checkpoint, expected=f"--task={FLAGS.task} {shown}")
     return model, path
 
@@ -162,23 +160,15 @@ def restore_model(task, model_dir: str, values: dict):
 def main(argv):
     del argv
     from tasks import registry  # noqa: PLC0415
-    try:
-        registry.fill_unset_flags(FLAGS, FLAGS.model_dir)
-    except ValueError as error:
-        print(f"launch.predict: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    registry.fill_unset_flags(FLAGS, FLAGS.model_dir)
     if FLAGS.task is None:
         raise app.UsageError(f"--task is needed: {FLAGS.model_dir} has no {registry.MODEL_FLAGS_FILE} from launch.train")
     predictor = PREDICTORS[FLAGS.task]
     records = predictor.read_inputs()
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in FLAGS.flag_values_dict().items()
               if k not in ("model_dir", "predictions_dir", "text")}
-    try:
-        task, _ = registry.build_task(FLAGS.task, values)
-        model, path = restore_model(task, FLAGS.model_dir, values)
-    except (ValueError, FileNotFoundError) as error:  # bad checkpoint/flags: one clear line, no traceback
-        print(f"launch.predict: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    task, _ = registry.build_task(FLAGS.task, values)
+    model, path = restore_model(task, FLAGS.model_dir, values)
     print(f"{FLAGS.task}: {len(records)} inputs, weights from {path}", file=sys.stderr, flush=True)
     predictions = predictor.predict(task, model, records)
     for p in predictions:
@@ -189,4 +179,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)  # input, flag and checkpoint errors: one line, no traceback

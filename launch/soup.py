@@ -23,6 +23,8 @@ import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 
 from absl import app, flags  # noqa: E402
 
+from launch import errors  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("model_dirs", None, "launch.train model_dirs of the runs to average (two or more).")
 flags.DEFINE_string("output_dir", None, "Where the averaged model's checkpoint, flags and metrics go.")
@@ -75,21 +77,17 @@ def main(argv):
 
     if len(FLAGS.model_dirs) < 2:
         raise app.UsageError("--model_dirs: give two or more runs to average")
-    try:
-        values = shared_model_flags(FLAGS.model_dirs)
-        task_name = values["task"]
-        task_values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        task, eval_split = registry.build_task(
-            task_name, dict(task_values, data_dir=FLAGS.data_dir, eval_data=FLAGS.eval_data))
-        trainer = Trainer(task, TrainerConfig(model_dir=FLAGS.output_dir, train_steps=1, eval_split=eval_split,
-                                              eval_batch_size=FLAGS.eval_batch_size),
-                          runtime=RuntimeConfig(precision=FLAGS.precision))
-        shown = " ".join(f"--{k}={','.join(v) if isinstance(v, list) else v}"
-                         for k, v in sorted(values.items()) if k != "task")
-        paths = average_checkpoints(trainer.model, FLAGS.model_dirs, expected=f"--task={task_name} {shown}")
-    except (ValueError, FileNotFoundError) as error:  # one clear line, no traceback
-        print(f"launch.soup: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    values = shared_model_flags(FLAGS.model_dirs)
+    task_name = values["task"]
+    task_values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    task, eval_split = registry.build_task(
+        task_name, dict(task_values, data_dir=FLAGS.data_dir, eval_data=FLAGS.eval_data))
+    trainer = Trainer(task, TrainerConfig(model_dir=FLAGS.output_dir, train_steps=1, eval_split=eval_split,
+                                          eval_batch_size=FLAGS.eval_batch_size),
+                      runtime=RuntimeConfig(precision=FLAGS.precision))
+    shown = " ".join(f"--{k}={','.join(v) if isinstance(v, list) else v}"
+                     for k, v in sorted(values.items()) if k != "task")
+    paths = average_checkpoints(trainer.model, FLAGS.model_dirs, expected=f"--task={task_name} {shown}")
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=trainer.model), FLAGS.output_dir, max_to_keep=1)
     saved = manager.save(checkpoint_number=0)
     registry.save_model_flags(FLAGS.output_dir, task_name, values)
@@ -102,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)  # input, flag and checkpoint errors: one line, no traceback

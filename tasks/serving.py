@@ -118,7 +118,7 @@ class ClassificationServing(ServingModule):
         tokenizer = task.tokenizer
         super().__init__(model, tokenizer, name="classification_serving")
         config = task.config
-        names = tf.constant([str(n) for n in (config.label_names or range(config.classes))])
+        names = tf.constant(list(config.answer_labels))
         text = tf.TensorSpec([None], tf.string)
 
         def outputs(*texts):
