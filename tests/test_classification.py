@@ -82,6 +82,75 @@ def test_sentence_pairs_and_string_labels(tmp_path):
     assert tokens == ["[CLS]", "a", "man", "[SEP]", "a", "person", "[SEP]"]
 
 
+def test_integer_labels_with_label_names(tmp_path):
+    """GLUE files have 0/1 labels: given names, a file may use the names or the class ids, unless a name is itself
+    an integer (then "1" would be ambiguous and only names are accepted)."""
+    path = write(tmp_path / "ids.tsv", "sentence\tlabel\ngood\t1\nbad\tneg\nmeh\t0\n")
+    assert read_tsv(path, tiny_config({}, label_names=("neg", "pos"))).labels.tolist() == [1, 0, 0]
+    with pytest.raises(ValueError, match=r":2: unknown label '1'; expected one of \['2', '3'\]"):
+        read_tsv(path, tiny_config({}, label_names=("2", "3")))
+
+
+def test_lower_case_reaches_the_tokenizer_through_the_registry(tmp_path):
+    """A cased encoder's vocab: --lower_case=false must reach the classification tokenizer, whose packed ids are
+    then those of HF's cased BertWordPieceTokenizer ([CLS] a [SEP])."""
+    from tokenizers import BertWordPieceTokenizer  # noqa: PLC0415
+    from tasks import registry  # noqa: PLC0415
+    from test_tokenization import CASED, write_cased_vocab  # noqa: PLC0415
+    vocab = write_cased_vocab(tmp_path / "vocab.txt")
+    for lower_case in (False, True):
+        task, _ = registry.build_task("classification", {"vocab_file": vocab, "lower_case": lower_case,
+                                                         "max_seq_length": 64})
+        ids = task.tokenizer.encode(tf.constant(CASED))["input_word_ids"].numpy()
+        expected = BertWordPieceTokenizer(vocab, lowercase=lower_case).encode_batch(CASED)
+        for row, want in zip(ids, expected):
+            assert row[:len(want.ids)].tolist() == want.ids and not row[len(want.ids):].any()
+
+
+def test_lower_case_flag_has_one_definition_and_reaches_export():
+    from absl import flags  # noqa: PLC0415
+    from launch import common_flags, export  # noqa: PLC0415
+    shared, exported = flags.FlagValues(), flags.FlagValues()
+    common_flags.define_lower_case(shared)
+    export.define_flags(exported)
+    assert exported["lower_case"].help == shared["lower_case"].help and exported["lower_case"].default is None
+    exported(["export", "--export_dir=unused", "--task=sst2", "--lower_case=false"])
+    assert export._task_values(exported)["lower_case"] is False  # pylint: disable=protected-access
+
+
+def _export_and_serve(task, model, export_dir, sentences):
+    from tasks import serving  # noqa: PLC0415
+    serving.save(serving.serving_module(task, model), str(export_dir))
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    return {k: v.numpy() for k, v in serve(sentence=tf.constant(sentences)).items()}
+
+
+@pytest.mark.parametrize("task_name, values, names", [
+    ("sst2", {}, ["negative", "positive"]),
+    ("classification", {"label_names": ("bad", "ok", "great")}, ["bad", "ok", "great"]),
+    ("classification", {"num_classes": 3}, ["0", "1", "2"]),
+])
+def test_serving_export_answers_label_names(task_name, values, names, tmp_path):
+    """The serving signature's `label` is the class name (sst2: negative/positive), else the id as a string;
+    checked against the argmax of the model's own logits."""
+    from tasks import registry  # noqa: PLC0415
+    task, _ = registry.build_task(task_name, dict(values, init_encoder=TINY, vocab_file=VOCAB, max_seq_length=16))
+    assert task.config.answer_labels == tuple(names)
+    model = task.build_model()
+    sentences = ["a gorgeous , witty film", "dull and tedious", "the plot", "it is what it is", "great cast",
+                 "utterly awful", "fine", "so-so"]
+    # Centre the random head's logits on these sentences, so that they do not all get one class.
+    kernel, bias = model.get_layer("logits").get_weights()
+    model.get_layer("logits").set_weights([kernel * 100, bias * 0])
+    logits = model(task.tokenizer.encode(tf.constant(sentences)), training=False).numpy()
+    model.get_layer("logits").set_weights([kernel * 100, -logits.mean(0)])
+    served = _export_and_serve(task, model, tmp_path / "export", sentences)
+    logits = model(task.tokenizer.encode(tf.constant(sentences)), training=False).numpy()
+    expected = [names[i] for i in logits.argmax(-1)]
+    assert [label.decode() for label in served["label"]] == expected
+    assert served["label_id"].tolist() == logits.argmax(-1).tolist() and len(set(expected)) > 1
+
+
 # ------------------------------------------------------------------------------------ losses
 
 @pytest.mark.parametrize("head", ["softmax", "sigmoid"])
@@ -131,7 +200,7 @@ def test_trains_and_metrics_match_recomputation(sst2_slices, tmp_path):
     task = trainer.task
     dev = task.examples("validation")
     predicted, _ = task.predict(trainer.model, list(dev.texts[0]))
-    predicted, gold = np.array(predicted), dev.labels
+    predicted, gold = np.array([int(label) for label in predicted]), dev.labels  # no label names: "0", "1"
     tp = np.sum((predicted == 1) & (gold == 1))
     f1 = 2 * tp / (np.sum(predicted == 1) + np.sum(gold == 1))
     np.testing.assert_allclose(results["accuracy"], np.mean(predicted == gold), atol=1e-6)
@@ -236,7 +305,8 @@ def test_launch_train_with_flagfile(sst2_slices, tiny_encoder_dir, tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert [r["text"] for r in rows] == ["a gorgeous , witty movie", "dull"]
-    assert all(r["label"] in (0, 1) and abs(sum(r["probabilities"]) - 1) < 1e-5 for r in rows)
+    assert all(r["label"] == ["negative", "positive"][int(np.argmax(r["probabilities"]))] for r in rows)
+    assert all(abs(sum(r["probabilities"]) - 1) < 1e-5 for r in rows)
 
     # An impossible batch geometry, or resuming with another one, is refused naming the flags, and the
     # saved run is untouched.
@@ -286,7 +356,7 @@ def test_soup_averages_runs_and_predicts_from_its_dir(sst2_slices, tiny_encoder_
     assert json.load(open(soup_dir / "model_flags.json")) == json.load(open(runs[0] / "model_flags.json"))
     predicted = start("launch.predict", f"--model_dir={soup_dir}", "--text=a gorgeous , witty movie")
     out, err = predicted.communicate(timeout=600)
-    assert predicted.returncode == 0 and json.loads(out)["label"] in (0, 1), err[-3000:]
+    assert predicted.returncode == 0 and json.loads(out)["label"] in ("negative", "positive"), err[-3000:]
 
     _, stderr = mismatch.communicate(timeout=600)
     assert mismatch.returncode == 1

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from tasks.encoders import minilm_dir
 from tasks.tokenization import MAX_CHARS_PER_WORD, WordPieceTokenizer
 
-DATA_DIR = os.environ.get("DATA_DIR", "/work/shared/data")
+from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
 SEQ_LENGTH = 256
 
 TRICKY = [
@@ -91,3 +91,32 @@ def test_offsets_point_at_the_wordpieces(tokenizers):
     assert pieces[:4] == spans[:4] == ["the", "movie", "'", "s"]
     assert ids[4] == ours.unk_id and spans[4] == "x" * (MAX_CHARS_PER_WORD + 5)
     assert "".join(spans[5:]) == "unbelievablygood" and pieces[5:] == spans[5:]
+
+
+# ------------------------------------------------------------------------------------ cased vocabularies
+
+CASED = ["Angela Merkel met Emmanuel Macron in PARIS on Monday.", "Zürich's Café Ängström, naïve ÉCOLE",
+         "iPhone vs IPHONE vs iphone: McDonald's O'Neill", "ΣΑΣ Straße İstanbul ǅ Ⅻ"]
+
+
+def write_cased_vocab(path):
+    """A small cased WordPiece vocab: the special tokens, every character of CASED alone and as "##x", and a
+    few whole words in both cases, so that lower-casing or accent stripping changes the ids."""
+    characters = sorted({c for text in CASED for c in text if not c.isspace()})
+    words = ["Angela", "angela", "Merkel", "PARIS", "Paris", "paris", "Café", "cafe", "café", "iPhone", "iphone",
+             "##hone", "Zürich", "zurich", "##ström", "##strom", "É", "e", "ΣΑΣ", "σασ", "Straße"]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + characters + ["##" + c for c in characters]
+    path.write_text("".join(t + "\n" for t in dict.fromkeys(tokens)), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("lower_case", [False, True])
+def test_cased_vocab_matches_hf_bert_wordpiece(tmp_path, lower_case):
+    from tokenizers import BertWordPieceTokenizer  # noqa: PLC0415
+    vocab = write_cased_vocab(tmp_path / "cased_vocab.txt")
+    ours = WordPieceTokenizer(vocab, lower_case=lower_case)
+    theirs = BertWordPieceTokenizer(vocab, lowercase=lower_case)
+    _assert_same_ids(ours, theirs, CASED + TRICKY)
+    ids = ours.tokenize(tf.constant(["Paris paris PARIS Café"])).to_list()[0]
+    distinct = len(set(ids)) == 4  # cased: four different tokens; uncased: "paris" three times and "cafe"
+    assert distinct != lower_case, [ours.vocab[i] for i in ids]
