@@ -157,11 +157,15 @@ class Trainer:
         except _PEER_ERRORS as error:
             if self.num_workers == 1:
                 raise
-            peers = sorted(set(re.findall(r"/job:\w+/(?:replica:\d+/)?task:\d+", str(error)))) or ["a peer"]
+            text = str(error)
+            peers = sorted(set(re.sub(r"/replica:\d+", "", p) for p in re.findall(r"/job:\w+/\S*?task:\d+", text)))
+            # The first line that says what happened ("... tasks are unhealthy", "Connection reset by peer").
+            reasons = [line.strip() for line in text.splitlines()
+                       if re.search(r"aborted by|unhealthy|reset by peer|[Tt]imeout|timed out|closed", line)]
             raise LostWorkerError(
-                f"worker {self.worker_index} lost contact with {', '.join(peers)} ({type(error).__name__}: "
-                f"{str(error).strip().splitlines()[-1][:200]}); the last checkpoint is "
-                f"{self.saver.latest_checkpoint}: restart all workers to resume from it") from error
+                f"worker {self.worker_index} lost contact with {', '.join(peers) or 'another worker'} "
+                f"({type(error).__name__}: {(reasons or [text.strip().splitlines()[0]])[0][:160]}); the last "
+                f"checkpoint is {self.saver.latest_checkpoint}: restart all workers to resume from it") from error
 
     def _train(self) -> dict:
         cfg = self.config

@@ -7,7 +7,6 @@ Flags live here and nowhere else; they become frozen configs (field name = flag 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -16,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 
 from absl import app, flags, logging  # noqa: E402
+
+from launch import common_flags, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -28,6 +29,7 @@ flags.DEFINE_string("init_encoder", "minilm",
                     "Pretrained encoder: 'minilm' (bundled all-MiniLM-L6-v2), a Hugging Face folder, "
                     "a converted TF2 checkpoint folder, or a TF Hub handle/SavedModel path.")
 flags.DEFINE_string("vocab_file", None, "WordPiece vocab (default: the encoder's own).")
+common_flags.define_lower_case()
 flags.DEFINE_integer("max_seq_length", None, "Tokens per sequence (task default if unset).")
 flags.DEFINE_string("model_dir", None, "Checkpoints and TensorBoard logs; an existing run resumes.")
 flags.mark_flag_as_required("model_dir")
@@ -37,6 +39,11 @@ flags.DEFINE_enum("strategy", "default", ["default", "one_device", "mirrored", "
                   "tf.distribute strategy.")
 flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
 flags.DEFINE_integer("num_gpus", 0, "GPUs for --strategy=mirrored (0: all).")
+flags.DEFINE_integer("cpu_devices", 0, "Split the host CPU into this many logical devices (e.g. 2 with "
+                     "--strategy=mirrored tries data parallelism on a laptop; 0: one device).")
+flags.DEFINE_float("collective_timeout_secs", 0, "--strategy=multi_worker_mirrored: fail a collective that a "
+                   "worker never joins after this long (a crashed worker is detected within seconds anyway; 0: no "
+                   "limit).")
 flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
                   "auto: bf16 only where the hardware has it natively.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the forward/backward step (measure: helps on some CPUs).")
@@ -52,7 +59,10 @@ flags.DEFINE_float("train_epochs", None, "Epochs over the training set; sets --t
 flags.DEFINE_integer("steps_per_loop", 50, "Updates per compiled loop call (one log line each).")
 flags.DEFINE_integer("eval_every_steps", 0, "0: evaluate at the end only.")
 flags.DEFINE_integer("eval_batch_size", 64, "Evaluation batch (padded, exact).")
-flags.DEFINE_integer("checkpoint_every_steps", 0, "0: at every evaluation and at the end.")
+flags.DEFINE_integer("checkpoint_every_steps", 0, "Also save every this many steps (0: at every evaluation, the end, "
+                     "and by --checkpoint_every_secs).")
+flags.DEFINE_float("checkpoint_every_secs", 600, "Also save when this long has passed since the last save, so a "
+                   "hard kill loses at most that much (0: off).")
 flags.DEFINE_integer("max_to_keep", 3, "Latest checkpoints kept.")
 flags.DEFINE_string("best_metric", "", "Keep the best checkpoint by this eval metric (e.g. accuracy).")
 flags.DEFINE_enum("best_metric_mode", "max", ["max", "min"], "Whether larger best_metric is better.")
@@ -114,10 +124,20 @@ def task_values() -> dict:
 
 def main(argv):
     del argv
+    from engine import files, strategy as strategy_lib  # noqa: PLC0415
     from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig  # noqa: PLC0415
     from engine.trainer import Trainer  # noqa: PLC0415
     from tasks import registry  # noqa: PLC0415
 
+    runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
+                            precision=FLAGS.precision, jit_compile=FLAGS.jit_compile,
+                            fuse_elementwise=FLAGS.fuse_elementwise, seed=FLAGS.seed,
+                            collective_timeout_secs=FLAGS.collective_timeout_secs)
+    if FLAGS.cpu_devices:
+        strategy_lib.split_cpu(FLAGS.cpu_devices)
+    # First TF work of the program: MultiWorkerMirroredStrategy configures the collectives at startup and
+    # refuses once any other op (tokenizing for --train_epochs, say) has run.
+    strategy = strategy_lib.make_strategy(runtime)
     task, eval_split = registry.build_task(FLAGS.task, task_values())
     train_steps = FLAGS.train_steps
     if FLAGS.train_epochs:
@@ -131,30 +151,29 @@ def main(argv):
         model_dir=FLAGS.model_dir, train_steps=train_steps, global_batch_size=FLAGS.global_batch_size,
         grad_accum_steps=FLAGS.grad_accum_steps, steps_per_loop=FLAGS.steps_per_loop,
         eval_every_steps=FLAGS.eval_every_steps, eval_batch_size=FLAGS.eval_batch_size, eval_split=eval_split,
-        checkpoint_every_steps=FLAGS.checkpoint_every_steps, max_to_keep=FLAGS.max_to_keep,
-        best_metric=FLAGS.best_metric, best_metric_mode=FLAGS.best_metric_mode,
+        checkpoint_every_steps=FLAGS.checkpoint_every_steps, checkpoint_every_secs=FLAGS.checkpoint_every_secs,
+        max_to_keep=FLAGS.max_to_keep, best_metric=FLAGS.best_metric, best_metric_mode=FLAGS.best_metric_mode,
         early_stopping_patience=FLAGS.early_stopping_patience, nonfinite_policy=FLAGS.nonfinite_policy)
     optimizer_config = OptimizerConfig(learning_rate=FLAGS.learning_rate, warmup_steps=warmup,
                                        weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None,
                                        ema_decay=FLAGS.ema_decay)
-    runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
-                            precision=FLAGS.precision, jit_compile=FLAGS.jit_compile,
-                            fuse_elementwise=FLAGS.fuse_elementwise, seed=FLAGS.seed)
-    trainer = Trainer(task, trainer_config, optimizer_config, runtime)
+    trainer = Trainer(task, trainer_config, optimizer_config, runtime, strategy=strategy)
     # The task and model flags go with the checkpoints, so launch.predict/export need only --model_dir: at once
     # for a new run (usable while it trains), and for a resumed one after training (a resume that fails leaves
-    # model_dir untouched).
-    if not os.path.exists(os.path.join(FLAGS.model_dir, registry.MODEL_FLAGS_FILE)):
+    # model_dir untouched). Files other than checkpoints are the chief's alone.
+    flags_path = os.path.join(FLAGS.model_dir, registry.MODEL_FLAGS_FILE)
+    if trainer.is_chief and files.read_json(flags_path) is None:
         registry.save_model_flags(FLAGS.model_dir, FLAGS.task, task_values())
     metrics = trainer.train()
-    registry.save_model_flags(FLAGS.model_dir, FLAGS.task, task_values())
+    if trainer.is_chief:
+        registry.save_model_flags(FLAGS.model_dir, FLAGS.task, task_values())
     if metrics:
-        with open(os.path.join(FLAGS.model_dir, "eval_results.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=1)
+        if trainer.is_chief:
+            files.write_json(os.path.join(FLAGS.model_dir, "eval_results.json"), metrics)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
         print(f"final {eval_split} metrics: {summary}", flush=True)
     logging.info("done")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

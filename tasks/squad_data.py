@@ -372,7 +372,8 @@ def _int_feature(values: Iterable[int]) -> tf.train.Feature:
 
 
 def _write_tfrecord(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-    tmp = path + ".tmp"
+    # A name of this process's own: the workers of a multi-worker job on one host build the same cache at once.
+    tmp = f"{path}.tmp{os.getpid()}"
     with tf.io.TFRecordWriter(tmp) as writer:
         for i in range(len(arrays["feature_index"])):
             features = {k: _int_feature(np.atleast_1d(v[i])) for k, v in arrays.items()}
@@ -417,9 +418,9 @@ def cached_features(input_file: str, split: str, *, vocab_file: str, lower_case:
     tokenizer = OffsetTokenizer(vocab_file, lower_case=lower_case)
     features = build_features(read_squad(input_file, split, max_examples), tokenizer, settings)
     _write_tfrecord(record_path, features.arrays)
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+    with open(f"{meta_path}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
         json.dump(_meta_to_json(features), f)
-    os.replace(meta_path + ".tmp", meta_path)
+    os.replace(f"{meta_path}.tmp{os.getpid()}", meta_path)
     logging.info("cached %d SQuAD features of %s (%s) in %s", features.num_features, input_file, split, record_path)
     return features, record_path
 
