@@ -7,7 +7,8 @@ import pytest
 
 from tasks import conll, span_metrics
 
-DATA_DIR = os.environ.get("DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
+
 EVAL_DIR = os.path.join(DATA_DIR, "conll2003", "eval")
 
 

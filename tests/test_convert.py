@@ -16,7 +16,8 @@ from launch import convert as convert_launcher
 from tasks import convert, encoders
 from tasks.tokenization import WordPieceTokenizer
 
-DATA_DIR = os.environ.get("DATA_DIR", "/work/shared/data")
+from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
+
 TINY_SHAPES = dict(vocab_size=100, hidden_size=64, num_layers=2, intermediate_size=128)
 
 

@@ -12,7 +12,8 @@ import bert_numpy_reference as ref
 from tasks import encoders
 from tasks.tokenization import WordPieceTokenizer
 
-DATA_DIR = os.environ.get("DATA_DIR", "/work/shared/data")
+from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
+
 TINY = encoders.BertConfig.tiny(vocab_size=100)
 TINY_SHAPES = dict(vocab_size=100, hidden_size=64, num_layers=2, intermediate_size=128)
 

@@ -16,7 +16,8 @@ from tasks import encoders
 from tasks import hub as thub
 from tasks.tokenization import WordPieceTokenizer
 
-DATA_DIR = os.environ.get("DATA_DIR", "/work/shared/data")
+from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
+
 SEQ_LENGTH = 32
 TRICKY = ["Café déjà vu, naïve ﬁ ＡＢＣ", "tab\there\x07bell 東京 ΣΑΣ"]
 

@@ -131,22 +131,34 @@ def test_best_span_over_windows_uses_max_context_and_original_text():
     assert got == {"q": "spaces and\u200bmore"}  # the original characters, zero-width space included
 
 
+def _bert_is_max_context(windows, window, position):
+    """google-research/bert run_squad.py `_check_is_max_context`, per token: among the windows holding
+    `position`, the one with the largest min(left, right) context + 0.01 * length (the first on ties)."""
+    best_score, best_window = None, None
+    for index, (doc_start, doc_len, _) in enumerate(windows):
+        doc_end = doc_start + doc_len - 1
+        if doc_start <= position <= doc_end:
+            score = min(position - doc_start, doc_end - position) + 0.01 * doc_len
+            if best_score is None or score > best_score:
+                best_score, best_window = score, index
+    return best_window == window
+
+
 def test_decoding_matches_brute_force_on_random_logits():
     """With n-best as large as the sequence, the result must equal the best of all valid spans over all
-    windows, found by enumeration (token max-context rule included)."""
+    windows, found by enumeration (BERT's token max-context rule, re-implemented here, included)."""
     rng = np.random.default_rng(1)
     context = " ".join(f"w{i}" for i in range(40))
     offsets = _word_offsets(context)
     windows = [(s, l, 4) for s, l in squad_data.window_starts(40, 16, 8)]
     features = _features_for(context, offsets, windows)
-    masks = squad.max_context_masks(features.windows)
     for trial in range(25):
         start, end = rng.normal(size=[2, len(windows), 24])
         best = None
         for w, (doc_start, doc_len, seq_offset) in enumerate(windows):
             for i in range(doc_len):
                 for j in range(i, min(doc_len, i + 5)):
-                    if masks[w][i]:
+                    if _bert_is_max_context(windows, w, doc_start + i):
                         score = start[w, seq_offset + i] + end[w, seq_offset + j]
                         if best is None or score > best[0]:
                             best = (score, doc_start + i, doc_start + j)

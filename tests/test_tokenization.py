@@ -12,6 +12,7 @@ from tasks.encoders import minilm_dir
 from tasks.tokenization import MAX_CHARS_PER_WORD, WordPieceTokenizer
 
 from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
+
 SEQ_LENGTH = 256
 
 TRICKY = [
