@@ -73,7 +73,8 @@ class WordPieceTokenizer:
         self.cls_id, self.sep_id = index["[CLS]"], index["[SEP]"]
         # Up to 4 UTF-8 bytes per character; the character limit itself is applied in `_words_to_pieces`.
         self._wordpiece = tf_text.WordpieceTokenizer(
-            _vocab_table(vocab_file, self.vocab), token_out_type=tf.int32, unknown_token="[UNK]", max_bytes_per_word=4 * MAX_CHARS_PER_WORD)
+            _vocab_table(vocab_file, self.vocab), token_out_type=tf.int32, unknown_token="[UNK]",
+            max_bytes_per_word=4 * MAX_CHARS_PER_WORD)
 
     @property
     def vocab_size(self) -> int:
