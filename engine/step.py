@@ -83,7 +83,10 @@ class TrainStep:
         return loss, grads
 
     def __call__(self, features, labels):
-        """Runs one update in replica context; returns (loss, grad_norm, applied), equal on all replicas."""
+        """Runs one update in replica context; returns (loss, grad_norm, applied, overflow), equal on all replicas.
+
+        `overflow`: skipped as an ordinary fp16 loss-scale overflow (finite loss, non-finite scaled gradients,
+        a scale that can still drop), which the LossScaleOptimizer answers by halving the scale."""
         ctx = tf.distribute.get_replica_context()
         weights = tf.cast(self._task.example_weights(features, labels), tf.float32)
         global_weight = ctx.all_reduce(SUM, tf.reduce_sum(weights))
@@ -102,10 +105,13 @@ class TrainStep:
         if self._clip_norm:
             grads, _ = tf.clip_by_global_norm(grads, self._clip_norm, use_norm=grad_norm)
         applied = _all_finite(loss, grads)
+        overflow = tf.constant(False)
+        if self._loss_scaled:
+            overflow = tf.logical_not(applied) & tf.math.is_finite(loss) & (self._optimizer.loss_scale > 1.0)
         self._apply(grads, applied)
         if self._weight_average is not None:
             self._weight_average.update(self._optimizer.iterations, applied)
-        return loss, grad_norm, applied
+        return loss, grad_norm, applied, overflow
 
     def _apply(self, grads, should_apply):
         variables = self._model.trainable_variables
@@ -138,28 +144,32 @@ class TrainStep:
 def make_train_loop(strategy: tf.distribute.Strategy, step: TrainStep, *, stop_on_nonfinite: bool) -> Callable:
     """A tf.function running `num_steps` updates per call (the host talks to the device once per loop).
 
-    Returns (steps_done, loss_sum, last_grad_norm, skipped). With `stop_on_nonfinite` the loop ends at the
-    first non-finite update, so the host can stop and name the step.
+    Returns (steps_done, loss_sum, last_grad_norm, skipped, overflows); `overflows` counts the skipped updates
+    that were fp16 loss-scale overflows. With `stop_on_nonfinite` the loop ends at the first other non-finite
+    update, so the host can stop and name the step.
     """
     @tf.function
     def train_loop(iterator, num_steps):
         loss_sum = tf.constant(0.0)
         grad_norm = tf.constant(0.0)
         skipped = tf.constant(0, tf.int64)
+        overflows = tf.constant(0, tf.int64)
         steps_done = tf.constant(0, tf.int64)
         for _ in tf.range(num_steps):
             features, labels = next(iterator)
-            loss, norm, applied = strategy.run(step, args=(features, labels))
+            loss, norm, applied, overflow = strategy.run(step, args=(features, labels))
             # Values are identical on every replica after the all-reduce: take the first.
             loss = strategy.experimental_local_results(loss)[0]
             grad_norm = strategy.experimental_local_results(norm)[0]
             applied = strategy.experimental_local_results(applied)[0]
+            overflow = strategy.experimental_local_results(overflow)[0]
             steps_done += 1
             loss_sum += tf.where(applied, loss, 0.0)
             skipped += tf.cast(tf.logical_not(applied), tf.int64)
-            if stop_on_nonfinite and not applied:
+            overflows += tf.cast(overflow, tf.int64)
+            if stop_on_nonfinite and not applied and not overflow:
                 break
-        return steps_done, loss_sum, grad_norm, skipped
+        return steps_done, loss_sum, grad_norm, skipped, overflows
 
     return train_loop
 

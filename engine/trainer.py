@@ -183,20 +183,21 @@ class Trainer:
                 num_steps = self._steps_until_boundary(step)
                 self._maybe_profile(step, num_steps, start=True)
                 start = time.perf_counter()
-                steps_done, loss_sum, grad_norm, skipped = self._train_loop(
+                steps_done, loss_sum, grad_norm, skipped, overflows = self._train_loop(
                     self._train_iterator, tf.constant(num_steps, tf.int32))
                 steps_done = int(steps_done)  # blocks until the loop has finished
                 seconds = time.perf_counter() - start
                 self._maybe_profile(step, num_steps, start=False)
                 step += steps_done
                 self.global_step.assign(step)
-                skipped = int(skipped)
-                if skipped and cfg.nonfinite_policy == "raise":
+                skipped, overflows = int(skipped), int(overflows)
+                # fp16 loss-scale overflows are routine (the scale halves and training goes on); others are not.
+                if skipped > overflows and cfg.nonfinite_policy == "raise":
                     raise NonFiniteError(
                         f"non-finite loss or gradients at step {step} (the update was not applied; "
                         f"last checkpoint: {self.saver.latest_checkpoint}). "
                         "Lower --learning_rate, check the input, or use --nonfinite_policy=skip.")
-                self._log_train(step, steps_done, skipped, float(loss_sum), float(grad_norm), seconds)
+                self._log_train(step, steps_done, skipped, overflows, float(loss_sum), float(grad_norm), seconds)
                 # One decision for all workers at this step boundary: a SIGTERM to any worker stops them all
                 # here, and a save due by the clock (each host's clock differs) happens on all or none.
                 stop, save_due_by_time = self._agreement.any(
@@ -261,8 +262,8 @@ class Trainer:
                 limit = min(limit, every - step % every)
         return limit
 
-    def _log_train(self, step: int, steps_done: int, skipped: int, loss_sum: float, grad_norm: float,
-                   seconds: float) -> None:
+    def _log_train(self, step: int, steps_done: int, skipped: int, overflows: int, loss_sum: float,
+                   grad_norm: float, seconds: float) -> None:
         applied = steps_done - skipped
         values = {
             "loss": loss_sum / applied if applied else float("nan"),
@@ -274,6 +275,7 @@ class Trainer:
         }
         if isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
             values["loss_scale"] = float(self.optimizer.loss_scale)
+            values["loss_scale_overflows"] = overflows
         flops = self.task.train_flops_per_example()
         if flops and self._peak_flops:
             values["mfu"] = flops * values["examples/sec"] / self._peak_flops

@@ -129,9 +129,46 @@ def test_weight_average_matches_numpy_and_is_what_checkpoints_hold(tmp_path, str
 def test_nonfinite_skip_policy_counts_and_keeps_weights(tmp_path):
     # Batches from step 3 on contain NaN inputs: those updates are skipped and counted.
     trainer = run_training(lambda: ToyTask(nan_from_step=2), global_batch_size=16, train_steps=4,
-                           steps_per_loop=1, model_dir=str(tmp_path))
+                           steps_per_loop=1, model_dir=str(tmp_path / "four"))
     assert [h["skipped_updates"] for h in trainer.train_history] == [0, 0, 1, 1]
-    assert all(np.isfinite(w).all() for w in trainer.model.get_weights())
+    # The skipped updates left the weights exactly where the first two put them.
+    two_steps = run_training(lambda: ToyTask(nan_from_step=2), global_batch_size=16, train_steps=2,
+                             steps_per_loop=1, model_dir=str(tmp_path / "two"))
+    for got, want in zip(trainer.model.get_weights(), two_steps.model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+class HugeInputToyTask(ToyTask):
+    """Inputs 1e3 times larger: gradients of ~1e3, which overflow float16 once multiplied by the initial loss
+    scale (2**15); the LossScaleOptimizer must skip and halve the scale until they fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.x = self.x * 1e3
+
+
+def test_fp16_loss_scale_overflow_is_skipped_and_lowers_the_scale_even_under_raise_policy(tmp_path):
+    try:
+        trainer = run_training(HugeInputToyTask, global_batch_size=16, train_steps=3, steps_per_loop=1,
+                               precision="mixed_float16", nonfinite_policy="raise", model_dir=str(tmp_path))
+        initial = [np.array(w) for w in Trainer(HugeInputToyTask(), trainer.config).model.get_weights()]
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    history = trainer.train_history
+    assert [h["skipped_updates"] for h in history] == [1, 1, 1]
+    assert [h["loss_scale_overflows"] for h in history] == [1, 1, 1]
+    assert [h["loss_scale"] for h in history] == [2.0 ** 14, 2.0 ** 13, 2.0 ** 12]
+    for got, want in zip(trainer.model.get_weights(), initial):  # nothing applied
+        np.testing.assert_array_equal(got, want)
+
+
+def test_fp16_nonfinite_loss_still_stops_under_raise_policy(tmp_path):
+    try:
+        with pytest.raises(NonFiniteError, match="at step 3"):
+            run_training(lambda: ToyTask(nan_from_step=2), global_batch_size=16, train_steps=4, steps_per_loop=4,
+                         precision="mixed_float16", nonfinite_policy="raise", model_dir=str(tmp_path))
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
 
 
 def test_nonfinite_raise_policy_names_step_and_keeps_checkpoint(tmp_path):
@@ -188,7 +225,9 @@ def test_mixed_precision_trains(tmp_path, precision):
     losses = [h["loss"] for h in trainer.train_history]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     if precision == "mixed_float16":
-        assert trainer.train_history[-1]["loss_scale"] > 0
+        # No overflow on this small model: the dynamic scale stays at its initial 2**15 and nothing is skipped.
+        assert [h["loss_scale"] for h in trainer.train_history] == [2.0 ** 15] * 2
+        assert sum(h["skipped_updates"] for h in trainer.train_history) == 0
     with trainer.averaged_weights():
         averaged = [np.array(w) for w in trainer.model.get_weights()]
     assert all(np.isfinite(w).all() for w in averaged)
