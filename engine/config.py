@@ -73,7 +73,7 @@ class TrainerConfig:
     best_metric_mode: str = "max"
     early_stopping_patience: int = 0   # evaluations without improvement of best_metric; 0: never stop early
     nonfinite_policy: str = "skip"     # "skip": skip the update and count it; "raise": stop naming the step
-    profile_steps: tuple = ()          # (first, last) step of a profiler trace; () for none
+    profile_steps: tuple = ()          # (first, last) step of a profiler trace, from 1 (model_dir/train); () for none
 
     def __post_init__(self):
         positive = ("train_steps", "global_batch_size", "grad_accum_steps", "steps_per_loop", "eval_batch_size")
@@ -90,6 +90,10 @@ class TrainerConfig:
             raise ValueError(f"--best_metric_mode={self.best_metric_mode!r}: expected 'max' or 'min'")
         if self.early_stopping_patience and not self.best_metric:
             raise ValueError("--early_stopping_patience needs --best_metric")
+        steps = self.profile_steps
+        if steps and not (len(steps) == 2 and 1 <= steps[0] <= steps[1]):
+            raise ValueError(f"--profile_steps={','.join(map(str, steps))}: expected START,END with "
+                             "1 <= START <= END (steps count from 1), e.g. 10,15")
 
     def per_replica_batch_size(self, num_replicas: int) -> int:
         """Examples one replica sees per micro-batch; checks the geometry divides evenly."""

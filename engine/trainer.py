@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -45,8 +45,12 @@ class Trainer:
     """Runs any Task: `Trainer(task, TrainerConfig(...)).train()`."""
 
     def __init__(self, task: Task, config: TrainerConfig, optimizer_config: OptimizerConfig = OptimizerConfig(),
-                 runtime: RuntimeConfig = RuntimeConfig(), *, strategy: Optional[tf.distribute.Strategy] = None):
+                 runtime: RuntimeConfig = RuntimeConfig(), *, strategy: Optional[tf.distribute.Strategy] = None,
+                 hparams: Optional[Mapping[str, Any]] = None):
+        """`hparams`: what describes the run beyond the configs (the launch flags), for TensorBoard's HParams
+        dashboard, where it is shown with the configs' fields."""
         self.task = task
+        self._hparams = dict(hparams or {})
         self.config = config
         self.optimizer_config = optimizer_config
         self.runtime = runtime
@@ -82,9 +86,9 @@ class Trainer:
         self._preempted = threading.Event()
         self.train_history: list[dict] = []  # one dict per loop: step and the logged values
         self._first_loop = (0, 0.0)
-        # MFU needs the device's peak; measured once (about a second) only if the Task can count its FLOPs.
-        self._peak_flops = (precision.matmul_gflops(tf.bfloat16 if "bfloat16" in self.precision else tf.float32) * 1e9
-                            if task.train_flops_per_example() and not tf.config.list_logical_devices("GPU") else None)
+        self._rate = summaries.RecentRate()  # for the console line's ETA
+        self._profiling = 0  # while a trace runs: the step it started at
+        self._peak_flops: Optional[float] = None  # measured when training is set up
 
     # ----------------------------------------------------------------------------------- training
 
@@ -92,6 +96,11 @@ class Trainer:
         """Builds checkpointing, input and the compiled loop; restores the latest checkpoint. Returns its path."""
         cfg = self.config
         self._check_input_geometry()
+        # MFU needs the device's peak; measured once (about a second) only if the Task can count its FLOPs, and
+        # only for training (an evaluation-only Trainer, as launch.evaluate's, never pays for it).
+        if self.task.train_flops_per_example() and not tf.config.list_logical_devices("GPU"):
+            self._peak_flops = precision.matmul_gflops(
+                tf.bfloat16 if "bfloat16" in self.precision else tf.float32) * 1e9
         with self.strategy.scope():
             self.optimizer.build(self.model.trainable_variables)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, global_step=self.global_step)
@@ -227,6 +236,9 @@ class Trainer:
                       (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)):
                     self._save(step)
         finally:
+            if self._profiling:  # an error inside the profiled steps: keep what was traced
+                tf.profiler.experimental.stop()
+                self._profiling = 0
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
             self._summaries.close()
@@ -260,6 +272,10 @@ class Trainer:
         for every in (cfg.eval_every_steps, cfg.checkpoint_every_steps):
             if every:
                 limit = min(limit, every - step % every)
+        # A profile covers whole loops: one ends before the first profiled step and one at the last.
+        for end in ((cfg.profile_steps[0] - 1, cfg.profile_steps[1]) if cfg.profile_steps else ()):
+            if end > step:
+                limit = min(limit, end - step)
         return limit
 
     def _log_train(self, step: int, steps_done: int, skipped: int, overflows: int, loss_sum: float,
@@ -287,7 +303,11 @@ class Trainer:
             values["compile_seconds"] = max(first_seconds - first_steps * seconds / steps_done, 0.0)
         self.train_history.append(dict(values, step=step))
         self._summaries.scalars("train", step, values)
-        summaries.log_line("train", step, values)
+        rate = self._rate.mark(step, steps_done, seconds)
+        eta = (self.config.train_steps - step) / rate if rate else None
+        # `train | step: N |` stays first: tests and scripts look for it.
+        progress = summaries.progress_fields(step, self.config.train_steps, eta)
+        summaries.log_line("train", step, dict(progress, **values))
 
     def _log_run_header(self, step: int) -> None:
         cfg = self.config
@@ -303,15 +323,26 @@ class Trainer:
                                     for k, v in dataclasses.asdict(c).items())
             self._summaries.text("train", 0, "config", config_text)
             self._summaries.scalars("train", 0, {"parameters": float(params)})
+            hparams = {k: v for c in (cfg, self.optimizer_config, self.runtime)
+                       for k, v in dataclasses.asdict(c).items()}
+            hparams.update(self._hparams)  # launch flags win: the names a user typed
+            self._summaries.hparams(hparams)
 
     def _maybe_profile(self, step: int, num_steps: int, *, start: bool) -> None:
-        if not self.config.profile_steps:
+        """A profiler trace of the loops covering steps profile_steps = (first, last), counted from 1, into
+        model_dir/train/plugins/profile (TensorBoard's Profile tab, with tensorboard-plugin-profile), as Keras'
+        TensorBoard callback writes it. `step` is the step before the loop of `num_steps`. Chief only."""
+        if not self.config.profile_steps or not self.is_chief:
             return
         first, last = self.config.profile_steps
-        if start and step < first <= step + num_steps:
-            tf.profiler.experimental.start(os.path.join(self.config.model_dir, "profile"))
-        elif not start and step < last <= step + num_steps:
+        if start and not self._profiling and step < last and step + num_steps >= first:
+            tf.profiler.experimental.start(os.path.join(self.config.model_dir, "train"))
+            self._profiling = step + 1
+        elif not start and self._profiling and step + num_steps >= last:
             tf.profiler.experimental.stop()
+            print(f"profiled steps {self._profiling}-{step + num_steps} into "
+                  f"{os.path.join(self.config.model_dir, 'train', 'plugins', 'profile')}", flush=True)
+            self._profiling = 0
 
     def _install_sigterm_handler(self):
         """SIGTERM (preemption, `kill`) sets a flag; the loop saves a checkpoint at its end and exits."""
@@ -346,9 +377,11 @@ class Trainer:
         for metric in self.metrics:
             metric.reset_state()
         gathered = defaultdict(list)
-        for batch in dataset:
+        progress = summaries.BatchProgress("eval", self._eval_batches(split))  # a line per ~10 s, if that long
+        for done, batch in enumerate(dataset, 1):
             for name, value in self._eval_step(batch).items():
                 gathered[name].append(value.numpy())
+            progress.update(done)
         host = {}
         for name, parts in gathered.items():
             if name in ("_loss_sum", "_weight_sum"):
@@ -362,6 +395,11 @@ class Trainer:
         weight = host.pop("_weight_sum", 0.0)
         results["loss"] = host.pop("_loss_sum", 0.0) / weight if weight else float("nan")
         return results, host
+
+    def _eval_batches(self, split: str) -> Optional[int]:
+        """Global batches in one evaluation of `split` (for progress output), if the Task counts its examples."""
+        num_examples = getattr(self.task, "num_examples", None)
+        return -(-num_examples(split) // self.config.eval_batch_size) if num_examples else None
 
     def evaluate(self, split: Optional[str] = None) -> dict:
         """Metrics on a split: in-graph metrics, mean loss, and the Task's host-side postprocess.

@@ -1,0 +1,119 @@
+"""What a user watching a run sees: the console line's progress and ETA, evaluation progress, and in TensorBoard
+the run's settings as hparams (read back with the hparams plugin's own parsing) and a profiler trace of the
+requested steps (found where TensorBoard's profile plugin looks)."""
+import os
+
+import pytest
+from tensorboard.backend.event_processing import event_accumulator, plugin_asset_util
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+from engine import summaries
+from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
+from engine.strategy import make_strategy
+from engine.trainer import Trainer
+from engine_helpers import ToyTask
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_duration_and_progress_fields():
+    assert [summaries.format_duration(s) for s in (0, 4.6, 59.4, 60, 192, 3599, 3600, 7500, 86400 + 3 * 3600)] == [
+        "0s", "5s", "59s", "1m00s", "3m12s", "59m59s", "1h00m", "2h05m", "1d03h"]
+    assert summaries.progress_fields(120, 600, 192.0) == {"progress": "120/600 (20%)", "eta": "3m12s"}
+    assert summaries.progress_fields(599, 600, None) == {"progress": "599/600 (99%)"}  # floor: 100% only at the end
+    assert summaries.progress_fields(600, 600, 0.0) == {"progress": "600/600 (100%)", "eta": "0s"}
+
+
+def test_train_line_keeps_its_prefix_for_parsers():
+    values = dict(summaries.progress_fields(120, 600, 192.0), loss=0.4123, **{"steps/sec": 3.14159})
+    line = summaries.format_line("train", 120, values)
+    assert line == "train | step: 120 | progress: 120/600 (20%) | eta: 3m12s | loss: 0.4123 | steps/sec: 3.142"
+    # What tests/launch_jobs.py and others parse.
+    assert line.startswith("train | step: 120 |") and line.split()[3] == "120"
+
+
+def test_recent_rate_is_over_the_last_loops_and_the_first_loop_stands_in_at_first():
+    clock = FakeClock()
+    rate = summaries.RecentRate(window=2, clock=clock)
+    clock.now += 10
+    assert rate.mark(10, 10, loop_seconds=10.0) == pytest.approx(1.0)  # the first loop's own rate (with tracing)
+    clock.now += 2
+    assert rate.mark(20, 10, loop_seconds=2.0) == pytest.approx(5.0)   # now from loop ends: 10 steps in 2 s
+    clock.now += 3  # an evaluation happened in between: wall clock counts it
+    assert rate.mark(30, 10, loop_seconds=2.0) == pytest.approx(20 / 5)
+    clock.now += 2
+    assert rate.mark(40, 10, loop_seconds=2.0) == pytest.approx(20 / 5)  # window 2: loops 3 and 4 only
+    clock.now += 2
+    assert rate.mark(50, 10, loop_seconds=2.0) == pytest.approx(20 / 4)
+
+
+def test_batch_progress_prints_at_most_every_ten_seconds(capsys):
+    clock = FakeClock()
+    progress = summaries.BatchProgress("eval", 100, clock=clock)
+    printed = []
+    for done in range(1, 101):
+        clock.now += 0.5  # 2 batches/s: 50 s in all
+        line = progress.update(done)
+        if line:
+            printed.append(line)
+    assert printed == ["eval | batch: 20/100 (20%) | eta: 40s", "eval | batch: 40/100 (40%) | eta: 30s",
+                       "eval | batch: 60/100 (60%) | eta: 20s", "eval | batch: 80/100 (80%) | eta: 10s",
+                       "eval | batch: 100/100 (100%) | eta: 0s"]
+    assert capsys.readouterr().out.splitlines() == printed
+    quick = summaries.BatchProgress("eval", None, clock=clock)
+    assert [quick.update(i) for i in range(1, 50)] == [None] * 49  # a short pass says nothing
+    clock.now += 11
+    assert quick.update(50) == "eval | batch: 50"
+
+
+def test_hparams_profile_and_console_progress_of_a_run(tmp_path, capsys):
+    """12 steps in loops of 5, a trace of steps 3-7: loops end at 2 and 7 so that the trace holds exactly those."""
+    model_dir = str(tmp_path / "run")
+    config = TrainerConfig(model_dir=model_dir, train_steps=12, global_batch_size=8, steps_per_loop=5,
+                           eval_split="validation", eval_every_steps=0, profile_steps=(3, 7))
+    runtime = RuntimeConfig(precision="float32")
+    trainer = Trainer(ToyTask(), config, OptimizerConfig(learning_rate=1e-2), runtime,
+                      strategy=make_strategy(runtime), hparams={"task": "toy", "max_seq_length": 16, "head": None})
+    trainer.train()
+    assert [h["step"] for h in trainer.train_history] == [2, 7, 12]
+    out = capsys.readouterr().out
+    train_lines = [line for line in out.splitlines() if line.startswith("train | step:")]
+    assert [line.split(" | ")[2] for line in train_lines] == [
+        "progress: 2/12 (16%)", "progress: 7/12 (58%)", "progress: 12/12 (100%)"]
+    assert all(" | eta: " in line for line in train_lines)
+    assert f"profiled steps 3-7 into {os.path.join(model_dir, 'train', 'plugins', 'profile')}" in out
+
+    # The trace, where TensorBoard's profile plugin looks for it: <run>/plugins/profile/<session>/*.xplane.pb.
+    sessions = plugin_asset_util.ListAssets(os.path.join(model_dir, "train"), "profile")
+    assert len(sessions) == 1, sessions
+    traced = os.listdir(os.path.join(model_dir, "train", "plugins", "profile", sessions[0].rstrip("/")))
+    assert any(name.endswith(".xplane.pb") for name in traced), traced
+
+    # The hparams session is model_dir itself; its subfolders' scalars are the metrics (eval/accuracy, ...).
+    root = event_accumulator.EventAccumulator(model_dir)
+    root.Reload()
+    content = root.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    assert list(content) == [hparams_metadata.SESSION_START_INFO_TAG]
+    start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+    values = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+    assert values["task"] == "toy" and values["max_seq_length"] == 16 and values["head"] == "None"
+    assert values["learning_rate"] == pytest.approx(1e-2) and values["train_steps"] == 12
+    assert values["global_batch_size"] == 8 and values["precision"] == "float32"
+    assert values["profile_steps"] == "(3, 7)" and values["model_dir"] == model_dir
+    evaluation = event_accumulator.EventAccumulator(os.path.join(model_dir, "eval"))
+    evaluation.Reload()
+    assert {"accuracy", "loss", "host_accuracy"} <= set(evaluation.Tags()["tensors"])
+    assert [e.step for e in evaluation.Tensors("accuracy")] == [12]
+
+
+def test_profile_steps_are_checked():
+    with pytest.raises(ValueError, match="--profile_steps=0,5"):
+        TrainerConfig(model_dir="x", train_steps=10, profile_steps=(0, 5))
+    with pytest.raises(ValueError, match="--profile_steps=6,5"):
+        TrainerConfig(model_dir="x", train_steps=10, profile_steps=(6, 5))
