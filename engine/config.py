@@ -7,6 +7,7 @@ from typing import Optional
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 NONFINITE_POLICIES = ("skip", "raise")
+OPTIMIZERS = ("adamw", "lamb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,8 @@ class RuntimeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warmup then linear decay, as in BERT fine-tuning."""
+    """AdamW (or LAMB) with linear warmup then linear decay, as in BERT fine-tuning."""
+    optimizer: str = "adamw"           # "adamw" | "lamb" (layer-wise trust ratio, for large global batches)
     learning_rate: float = 5e-5
     warmup_steps: int = 0
     decay_steps: Optional[int] = None  # None: decay to end_learning_rate over the whole run
@@ -45,8 +47,18 @@ class OptimizerConfig:
     ema_decay: Optional[float] = None
     # Regexes of variable names that get no weight decay (LayerNorm scales/offsets and biases, as in BERT).
     exclude_from_weight_decay: tuple = ("layer_norm", "LayerNorm", "bias")
+    # Layer-wise learning-rate decay: encoder layer l of L (0-based) learns at decay^(L - l) times the rate, the
+    # embeddings at decay^(L + 1), everything else (head, pooler) at 1. None: off. Layers and embeddings are
+    # found by these regexes on variable names (defaults: Model Garden's BertEncoderV2; group 1 = layer index).
+    layer_decay: Optional[float] = None
+    layer_pattern: str = r"transformer/layer_(\d+)/"
+    embedding_pattern: str = r"(word_embeddings|position_embedding|type_embeddings|embeddings/layer_norm)/"
 
     def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"--layer_decay={self.layer_decay}: expected a value in (0, 1], e.g. 0.9")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate={self.learning_rate}: must be > 0")
         if self.warmup_steps < 0:

@@ -1,11 +1,16 @@
-"""AdamW with BERT's weight-decay exclusions and linear warmup then linear decay.
+"""AdamW or LAMB with BERT's weight-decay exclusions, optional layer-wise learning-rate decay, and linear
+warmup then linear decay.
 
-Uses tf_keras' AdamW (decoupled weight decay, as BERT's AdamWeightDecay) and Model Garden's
-LinearWarmup schedule. Clipping is not done by the optimizer: the engine clips the global norm
-once, after averaging over micro-batches and replicas.
+AdamW is tf_keras' (decoupled weight decay, as BERT's AdamWeightDecay); LAMB is ours (below, and why);
+the schedule is Model Garden's LinearWarmup. Clipping is not done by the optimizer: the engine clips the
+global norm once, after averaging over micro-batches and replicas.
 """
 from __future__ import annotations
 
+import re
+from typing import Optional, Sequence
+
+import tensorflow as tf
 import tf_keras
 from official.modeling.optimization import lr_schedule
 
@@ -24,14 +29,190 @@ def make_learning_rate(config: OptimizerConfig, train_steps: int):
     return schedule
 
 
+def layer_decay_multipliers(names: Sequence[str], decay: float, *, layer_pattern: str,
+                            embedding_pattern: str) -> list[float]:
+    """Learning-rate factor per variable name: decay^(L - l) for encoder layer l (0-based) of L,
+    decay^(L + 1) for the embeddings, 1 for everything else (the head, and the pooler above the top layer).
+
+    Layers are found by `layer_pattern`, whose first group is the layer index (Model Garden's BertEncoderV2:
+    ".../transformer/layer_3/..."); L is the largest index + 1."""
+    layers = [re.search(layer_pattern, name) for name in names]
+    indices = [int(m.group(1)) for m in layers if m]
+    if not indices:
+        raise ValueError(f"--layer_decay={decay}: no variable name matches the encoder layer pattern "
+                         f"{layer_pattern!r} (e.g. {names[0] if names else 'no variables'!r})")
+    num_layers = max(indices) + 1
+    factors = []
+    for name, layer in zip(names, layers):
+        if layer:
+            factors.append(decay ** (num_layers - int(layer.group(1))))
+        elif re.search(embedding_pattern, name):
+            factors.append(decay ** (num_layers + 1))
+        else:
+            factors.append(1.0)
+    return factors
+
+
+class _LayerwiseLearningRate:
+    """Per-variable learning-rate factors for new-style tf_keras optimizers, fixed when the optimizer is built.
+
+    Call `set_layer_decay` before `build`, like `exclude_from_weight_decay`. The factors are Python floats
+    keyed by variable, so the compiled update carries one constant per variable and nothing enters the
+    checkpoint: a resumed run recomputes them from the same names."""
+
+    _layer_decay: Optional[tuple] = None
+    _multipliers: Optional[dict] = None
+
+    def set_layer_decay(self, decay: Optional[float], *, layer_pattern: str, embedding_pattern: str) -> None:
+        self._layer_decay = (decay, layer_pattern, embedding_pattern) if decay and decay != 1.0 else None
+
+    def build(self, var_list):
+        if self._multipliers is None:
+            factors = [1.0] * len(var_list)
+            if self._layer_decay is not None:
+                decay, layer_pattern, embedding_pattern = self._layer_decay
+                factors = layer_decay_multipliers([v.name for v in var_list], decay, layer_pattern=layer_pattern,
+                                                  embedding_pattern=embedding_pattern)
+            # Plain dicts, not tracked: nothing of this goes into the checkpoint.
+            self._multipliers = self._no_dependency({self._var_key(v): f for v, f in zip(var_list, factors)})
+            self._multiplier_names = self._no_dependency({v.name: f for v, f in zip(var_list, factors)})
+        super().build(var_list)
+
+    @property
+    def learning_rate_multipliers(self) -> dict[str, float]:
+        """{variable name: factor}, after `build` (for logs and tests)."""
+        return dict(self._multiplier_names)
+
+    def _multiplier(self, variable) -> float:
+        return (self._multipliers or {}).get(self._var_key(variable), 1.0)
+
+
+class LayerwiseAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
+    """tf_keras' AdamW whose learning rate (for the Adam step and the decoupled decay) is scaled per variable.
+
+    AdamW reads `self.learning_rate` inside `update_step` and `_apply_weight_decay`; both run one variable
+    at a time, so the property returns the scaled rate while that variable is being updated."""
+
+    _scale: Optional[float] = None
+
+    @property
+    def learning_rate(self):
+        rate = tf_keras.optimizers.AdamW.learning_rate.fget(self)
+        return rate if self._scale is None else rate * self._scale
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        tf_keras.optimizers.AdamW.learning_rate.fset(self, value)
+
+    def update_step(self, gradient, variable):
+        self._scale = self._multiplier(variable)
+        try:
+            super().update_step(gradient, variable)
+        finally:
+            self._scale = None
+
+    def _apply_weight_decay(self, variables):
+        # The stock method, with the scale of each variable set while its decay is built.
+        def apply(distribution, variables):
+            for variable in variables:
+                if not self._use_weight_decay(variable):
+                    continue
+
+                def decay(component, scale=self._multiplier(variable)):
+                    self._scale = scale
+                    try:
+                        rate = tf.cast(self.learning_rate, component.dtype)
+                    finally:
+                        self._scale = None
+                    component.assign_sub(component * tf.cast(self.weight_decay, component.dtype) * rate)
+                distribution.extended.update(variable, decay, group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)
+
+
+class LAMB(_LayerwiseLearningRate, tf_keras.optimizers.Optimizer):
+    """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes").
+
+    Per variable w with gradient g, at update t:
+        m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2,   m^ = m / (1 - b1^t),   v^ = v / (1 - b2^t)
+        u = m^ / (sqrt(v^) + eps) + weight_decay * w
+        r = ||w|| / ||u||  (1 if either norm is 0)
+        w = w - lr * r * u
+    Variables excluded from weight decay (LayerNorm, biases) get neither the decay nor the trust ratio
+    (r = 1): what Model Garden's LAMB does when exclude_from_layer_adaptation is not given.
+
+    Why not Model Garden's `official/modeling/optimization/lamb.py`, which computes the same: it is a tf_keras
+    *legacy* optimizer. The engine builds its optimizer before the first step (`build(vars)`, so a checkpoint
+    can restore the moments before any update), applies in replica context with
+    `skip_gradients_aggregation=True`, and wraps it in the new LossScaleOptimizer for float16; the legacy
+    class has none of these (lazy slots, `experimental_aggregate_gradients`, the legacy loss-scale wrapper)
+    and would checkpoint its slots in another layout than AdamW's. So this is the same update as a
+    new-style Optimizer, beside tf_keras' AdamW.
+    """
+
+    def __init__(self, learning_rate=0.001, weight_decay: float = 0.0, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-6, name: str = "LAMB", **kwargs):
+        # The base class's own weight decay is applied before the update; LAMB's is part of the update.
+        super().__init__(name=name, weight_decay=None, **kwargs)
+        self._learning_rate = self._build_learning_rate(learning_rate)
+        self.lamb_weight_decay = weight_decay
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+
+    def build(self, var_list):
+        super().build(var_list)
+        if getattr(self, "_built", False):
+            return
+        self._built = True
+        self._momentums = [self.add_variable_from_reference(model_variable=v, variable_name="m") for v in var_list]
+        self._velocities = [self.add_variable_from_reference(model_variable=v, variable_name="v") for v in var_list]
+
+    def update_step(self, gradient, variable):
+        dtype = variable.dtype
+        gradient = tf.convert_to_tensor(gradient)  # the engine's gradients are dense; IndexedSlices become dense
+        rate = tf.cast(self.learning_rate, dtype) * self._multiplier(variable)
+        step = tf.cast(self.iterations + 1, dtype)
+        index = self._index_dict[self._var_key(variable)]
+        m, v = self._momentums[index], self._velocities[index]
+        m.assign(self.beta_1 * m + (1.0 - self.beta_1) * gradient)
+        v.assign(self.beta_2 * v + (1.0 - self.beta_2) * tf.square(gradient))
+        m_hat = m / (1.0 - tf.pow(tf.cast(self.beta_1, dtype), step))
+        v_hat = v / (1.0 - tf.pow(tf.cast(self.beta_2, dtype), step))
+        update = m_hat / (tf.sqrt(v_hat) + self.epsilon)
+        if self._use_weight_decay(variable):
+            if self.lamb_weight_decay:
+                update += self.lamb_weight_decay * variable
+            w_norm, u_norm = tf.norm(variable), tf.norm(update)
+            ratio = tf.where((w_norm > 0.0) & (u_norm > 0.0), w_norm / tf.maximum(u_norm, 1e-30), 1.0)
+            update *= ratio
+        variable.assign_sub(rate * update)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"learning_rate": self._serialize_hyperparameter(self._learning_rate),
+                       "weight_decay": self.lamb_weight_decay, "beta_1": self.beta_1, "beta_2": self.beta_2,
+                       "epsilon": self.epsilon})
+        return config
+
+
 def make_optimizer(config: OptimizerConfig, train_steps: int, *, loss_scale: bool) -> tf_keras.optimizers.Optimizer:
     """Builds the optimizer; wraps it in a dynamic LossScaleOptimizer for float16."""
-    optimizer = tf_keras.optimizers.AdamW(
+    options = dict(
         learning_rate=make_learning_rate(config, train_steps), weight_decay=config.weight_decay,
         beta_1=config.beta_1, beta_2=config.beta_2, epsilon=config.epsilon,
         # The engine compiles the step itself; the optimizer's own per-variable XLA is not wanted on CPU.
         jit_compile=False)
+    if config.optimizer == "lamb":
+        optimizer = LAMB(**options)
+    elif config.layer_decay:
+        optimizer = LayerwiseAdamW(**options)
+    else:
+        optimizer = tf_keras.optimizers.AdamW(**options)
     optimizer.exclude_from_weight_decay(var_names=list(config.exclude_from_weight_decay))
+    if isinstance(optimizer, _LayerwiseLearningRate):
+        optimizer.set_layer_decay(config.layer_decay, layer_pattern=config.layer_pattern,
+                                  embedding_pattern=config.embedding_pattern)
     if loss_scale:
         optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer, dynamic=True)
     return optimizer

@@ -70,9 +70,13 @@ flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many evaluat
 flags.DEFINE_enum("nonfinite_policy", "skip", ["skip", "raise"], "Non-finite loss/gradients: skip or stop.")
 
 # --- optimizer
+flags.DEFINE_enum("optimizer", "adamw", ["adamw", "lamb"], "adamw, or lamb for large global batches (a per-layer "
+                  "trust ratio ||w|| / ||update||; same weight-decay exclusions).")
 flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate.")
+flags.DEFINE_float("layer_decay", None, "Layer-wise learning-rate decay, e.g. 0.9: encoder layer l of L learns at "
+                   "decay^(L - l) times --learning_rate, the embeddings at decay^(L + 1), the head at 1 (default off).")
 flags.DEFINE_integer("warmup_steps", None, "Linear warmup updates (default 10% of train_steps).")
-flags.DEFINE_float("weight_decay", 0.01, "AdamW decoupled weight decay (not on LayerNorm and biases).")
+flags.DEFINE_float("weight_decay", 0.01, "AdamW/LAMB decoupled weight decay (not on LayerNorm and biases).")
 flags.DEFINE_float("clip_norm", 1.0, "Clip the global gradient norm (0: off).")
 flags.DEFINE_float("ema_decay", None, "Keep an exponential moving average of the weights with this decay (e.g. "
                    "0.999) and evaluate, checkpoint and export it instead of the last weights.")
@@ -154,7 +158,8 @@ def main(argv):
         checkpoint_every_steps=FLAGS.checkpoint_every_steps, checkpoint_every_secs=FLAGS.checkpoint_every_secs,
         max_to_keep=FLAGS.max_to_keep, best_metric=FLAGS.best_metric, best_metric_mode=FLAGS.best_metric_mode,
         early_stopping_patience=FLAGS.early_stopping_patience, nonfinite_policy=FLAGS.nonfinite_policy)
-    optimizer_config = OptimizerConfig(learning_rate=FLAGS.learning_rate, warmup_steps=warmup,
+    optimizer_config = OptimizerConfig(optimizer=FLAGS.optimizer, layer_decay=FLAGS.layer_decay,
+                                       learning_rate=FLAGS.learning_rate, warmup_steps=warmup,
                                        weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None,
                                        ema_decay=FLAGS.ema_decay)
     trainer = Trainer(task, trainer_config, optimizer_config, runtime, strategy=strategy)

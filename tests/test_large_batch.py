@@ -1,0 +1,180 @@
+"""LAMB and layer-wise learning-rate decay: the update against NumPy, the factors against the formula,
+training under the default and mirrored strategies, and resuming with the optimizer state."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from engine import optimization
+from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
+from engine.strategy import make_strategy
+from engine.trainer import Trainer
+from engine_helpers import ToyTask
+from tasks import encoders
+
+B1, B2, EPS = 0.9, 0.999, 1e-6
+
+
+def lamb_reference(weights, grads_per_step, *, lr, weight_decay, excluded):
+    """LAMB in float64 NumPy, straight from the paper / Model Garden's lamb.py."""
+    w, m, v = weights.astype(np.float64), 0.0, 0.0
+    for t, g in enumerate(grads_per_step, start=1):
+        g = g.astype(np.float64)
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g * g
+        m_hat, v_hat = m / (1 - B1 ** t), v / (1 - B2 ** t)
+        update = m_hat / (np.sqrt(v_hat) + EPS)
+        ratio = 1.0
+        if not excluded:  # excluded from weight decay: no decay and no trust ratio (Model Garden's default)
+            update = update + weight_decay * w
+            w_norm, u_norm = np.linalg.norm(w), np.linalg.norm(update)
+            ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+        w = w - lr * ratio * update
+    return w
+
+
+def make(config: OptimizerConfig):
+    return optimization.make_optimizer(config, train_steps=10, loss_scale=False)
+
+
+def constant_lr(**kwargs):
+    return OptimizerConfig(learning_rate=0.05, warmup_steps=0, decay_steps=10 ** 6, end_learning_rate=0.05, **kwargs)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_lamb_matches_numpy(weight_decay, num_steps):
+    rng = np.random.default_rng(0)
+    # name -> (initial value, excluded from decay and trust ratio)
+    cases = {
+        "dense/kernel": (rng.normal(size=(4, 3)), False),
+        "dense/bias": (rng.normal(size=(3,)), True),
+        "encoder/layer_norm/gamma": (1 + 0.1 * rng.normal(size=(3,)), True),
+        "zero/kernel": (np.zeros((2, 3)), False),          # ||w|| = 0: trust ratio 1
+        "no_gradient/kernel": (rng.normal(size=(3, 2)), False),  # g = 0: ||u|| = 0 without decay, ratio 1
+    }
+    variables = [tf.Variable(value.astype(np.float32), name=name) for name, (value, _) in cases.items()]
+    grads = [[rng.normal(size=v.shape).astype(np.float32) * (0.0 if "no_gradient" in v.name else 1.0)
+              for v in variables] for _ in range(num_steps)]
+    optimizer = make(constant_lr(optimizer="lamb", weight_decay=weight_decay))
+    assert isinstance(optimizer, optimization.LAMB)
+    optimizer.build(variables)
+    for step_grads in grads:
+        optimizer.apply_gradients(zip([tf.constant(g) for g in step_grads], variables),
+                                  skip_gradients_aggregation=True)
+    for i, (name, (value, excluded)) in enumerate(cases.items()):
+        expected = lamb_reference(value, [g[i] for g in grads], lr=0.05, weight_decay=weight_decay, excluded=excluded)
+        np.testing.assert_allclose(variables[i].numpy(), expected, rtol=2e-5, atol=1e-6, err_msg=name)
+    assert int(optimizer.iterations) == num_steps
+
+
+def test_layer_decay_factors_follow_the_formula_for_bert_encoder_v2():
+    encoder = encoders.build_encoder(encoders.BertConfig.tiny())  # 2 layers
+    encoder(encoders.dummy_inputs())
+    head = tf_keras.layers.Dense(2, name="logits")
+    head(tf.zeros([1, 64]))  # built in its name scope: "logits/kernel:0"
+    variables = encoder.trainable_variables + head.trainable_variables
+    decay, num_layers = 0.5, 2
+
+    def expected(name):
+        for layer in range(num_layers):
+            if f"/transformer/layer_{layer}/" in name:
+                return decay ** (num_layers - layer)
+        if any(part in name for part in ("word_embeddings", "position_embedding", "type_embeddings",
+                                         "embeddings/layer_norm")):
+            return decay ** (num_layers + 1)
+        assert "pooler" in name or name.startswith("logits/"), name
+        return 1.0
+
+    for kind in ("adamw", "lamb"):
+        optimizer = make(constant_lr(optimizer=kind, layer_decay=decay))
+        optimizer.build(variables)
+        factors = optimizer.learning_rate_multipliers
+        assert factors == {v.name: expected(v.name) for v in variables}
+        assert sorted(set(factors.values())) == [0.125, 0.25, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "lamb"])
+def test_layer_decay_scales_each_variables_update(kind):
+    """The first update is linear in the learning rate (decay and trust ratio included), so with layer decay
+    each variable moves by its factor times what it moves without."""
+    encoder = encoders.build_encoder(encoders.BertConfig.tiny(vocab_size=50))
+    encoder(encoders.dummy_inputs())
+    head = tf_keras.layers.Dense(2, name="logits")
+    head(tf.zeros([1, 64]))  # built in its name scope: "logits/kernel:0"
+    variables = encoder.trainable_variables + head.trainable_variables
+    initial = [v.numpy() for v in variables]
+    rng = np.random.default_rng(1)
+    grads = [tf.constant(rng.normal(size=v.shape).astype(np.float32)) for v in variables]
+
+    def deltas(layer_decay):
+        for v, value in zip(variables, initial):
+            v.assign(value)
+        optimizer = make(constant_lr(optimizer=kind, weight_decay=0.1, layer_decay=layer_decay))
+        optimizer.build(variables)
+        optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
+        return [v.numpy() - value for v, value in zip(variables, initial)], optimizer
+
+    plain, _ = deltas(None)
+    decayed, optimizer = deltas(0.8)
+    factors = optimizer.learning_rate_multipliers
+    assert min(factors.values()) == pytest.approx(0.8 ** 3)
+    for v, a, b in zip(variables, plain, decayed):
+        np.testing.assert_allclose(b, factors[v.name] * a, rtol=1e-4, atol=1e-8, err_msg=v.name)
+
+
+def test_layer_decay_without_encoder_layers_is_a_clear_error():
+    optimizer = make(constant_lr(layer_decay=0.9))
+    with pytest.raises(ValueError, match=r"--layer_decay=0.9: no variable name matches"):
+        optimizer.build([tf.Variable(tf.zeros([2]), name="dense/kernel")])
+
+
+def test_optimizer_config_checks_values():
+    with pytest.raises(ValueError, match="--optimizer='sgd'"):
+        OptimizerConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="--layer_decay=1.5"):
+        OptimizerConfig(layer_decay=1.5)
+
+
+# ------------------------------------------------------------------------------------ in the Trainer
+
+def train(model_dir, *, train_steps, strategy="default", precision="float32", grad_accum_steps=1):
+    config = TrainerConfig(model_dir=str(model_dir), train_steps=train_steps, global_batch_size=16,
+                           grad_accum_steps=grad_accum_steps, steps_per_loop=1, eval_split="",
+                           checkpoint_every_steps=1)
+    runtime = RuntimeConfig(strategy=strategy, precision=precision)
+    optimizer = OptimizerConfig(optimizer="lamb", learning_rate=0.02, warmup_steps=0, decay_steps=10 ** 6,
+                                end_learning_rate=0.02, clip_norm=None)
+    trainer = Trainer(ToyTask(shuffle=True), config, optimizer, runtime, strategy=make_strategy(runtime))
+    trainer.train()
+    return [h["loss"] for h in trainer.train_history], [w.copy() for w in trainer.model.get_weights()], trainer
+
+
+def test_trainer_with_lamb_default_mirrored_and_resume(tmp_path):
+    losses, weights, trainer = train(tmp_path / "plain", train_steps=6)
+    assert isinstance(trainer.optimizer, optimization.LAMB)
+    assert losses[-1] < losses[0]
+    assert trainer.train_loop_tracing_count == 1
+    # Two replicas x two micro-batches: the same global batch, so the same LAMB updates.
+    mirrored_losses, mirrored_weights, _ = train(tmp_path / "mirrored", train_steps=6, strategy="mirrored",
+                                                 grad_accum_steps=2)
+    np.testing.assert_allclose(mirrored_losses, losses, atol=1e-5)
+    for a, b in zip(weights, mirrored_weights):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    # Stop after 3 updates, resume to 6: the moments come back from the checkpoint (without them the
+    # continuation would differ), and the run equals the uninterrupted one.
+    first, _, first_trainer = train(tmp_path / "resumed", train_steps=3)
+    saved = dict(tf.train.list_variables(first_trainer.saver.latest_checkpoint))
+    moments = [name for name in saved if name.startswith("optimizer/_variables/")]  # m and v of each variable
+    assert len(moments) == 2 * len(first_trainer.model.trainable_variables)
+    second, resumed_weights, _ = train(tmp_path / "resumed", train_steps=6)
+    np.testing.assert_allclose(first + second, losses, atol=1e-6)
+    for a, b in zip(weights, resumed_weights):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_trainer_with_lamb_under_float16_loss_scaling(tmp_path):
+    losses, _, trainer = train(tmp_path, train_steps=4, precision="mixed_float16")
+    assert isinstance(trainer.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+    assert isinstance(trainer.optimizer.inner_optimizer, optimization.LAMB)
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
