@@ -232,7 +232,9 @@ class Trainer:
                         print(f"early stopping at step {step}: {cfg.best_metric} did not improve for "
                               f"{evals_without_improvement} evaluations (best {self.best.best_value:.4f})", flush=True)
                         break
-                elif (at_end or save_due_by_time or
+                # Without an eval split (launch.train --mode=train: a sidecar evaluates), still save where an
+                # evaluation would have been, so the sidecar sees the same checkpoints.
+                elif (eval_due or save_due_by_time or
                       (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)):
                     self._save(step)
         finally:
@@ -303,7 +305,7 @@ class Trainer:
             values["compile_seconds"] = max(first_seconds - first_steps * seconds / steps_done, 0.0)
         self.train_history.append(dict(values, step=step))
         self._summaries.scalars("train", step, values)
-        rate = self._rate.mark(step, steps_done, seconds)
+        rate = self._rate.mark(step)
         eta = (self.config.train_steps - step) / rate if rate else None
         # `train | step: N |` stays first: tests and scripts look for it.
         progress = summaries.progress_fields(step, self.config.train_steps, eta)

@@ -68,6 +68,12 @@ flags.DEFINE_string("best_metric", "", "Keep the best checkpoint by this eval me
 flags.DEFINE_enum("best_metric_mode", "max", ["max", "min"], "Whether larger best_metric is better.")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many evaluations without improvement.")
 flags.DEFINE_enum("nonfinite_policy", "skip", ["skip", "raise"], "Non-finite loss/gradients: skip or stop.")
+flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train"],
+                  "train_and_eval: evaluate at --eval_every_steps and the end. train: no evaluation here (checkpoints "
+                  "are still saved at those steps), for an evaluation sidecar: launch.evaluate --mode=continuous_eval "
+                  "(e.g. on a TPU VM, whose devices should only train).")
+flags.DEFINE_list("profile_steps", None, "START,END: a profiler trace of steps START to END (from 1) into "
+                  "model_dir/train/plugins/profile, for TensorBoard's Profile tab (tensorboard-plugin-profile).")
 
 # --- optimizer
 flags.DEFINE_enum("optimizer", "adamw", ["adamw", "lamb"], "adamw, or lamb for large global batches (a per-layer "
@@ -150,25 +156,43 @@ def main(argv):
         print(f"{FLAGS.train_epochs} epochs of {num_examples} examples = {train_steps} updates", flush=True)
     if not train_steps:
         raise app.UsageError("set --train_steps or --train_epochs")
+    train_only = FLAGS.mode == "train"
+    if train_only and (FLAGS.best_metric or FLAGS.early_stopping_patience):
+        print("--mode=train does not evaluate: --best_metric and --early_stopping_patience are left to the "
+              "evaluation sidecar (launch.evaluate --mode=continuous_eval --best_metric=...)", flush=True)
+    try:
+        profile_steps = tuple(int(s) for s in FLAGS.profile_steps or ())
+    except ValueError:
+        raise ValueError(f"--profile_steps={','.join(FLAGS.profile_steps)}: expected two step numbers, "
+                         "START,END") from None
     warmup = FLAGS.warmup_steps if FLAGS.warmup_steps is not None else int(0.1 * train_steps)
     trainer_config = TrainerConfig(
         model_dir=FLAGS.model_dir, train_steps=train_steps, global_batch_size=FLAGS.global_batch_size,
         grad_accum_steps=FLAGS.grad_accum_steps, steps_per_loop=FLAGS.steps_per_loop,
-        eval_every_steps=FLAGS.eval_every_steps, eval_batch_size=FLAGS.eval_batch_size, eval_split=eval_split,
+        eval_every_steps=FLAGS.eval_every_steps, eval_batch_size=FLAGS.eval_batch_size,
+        eval_split="" if train_only else eval_split,
         checkpoint_every_steps=FLAGS.checkpoint_every_steps, checkpoint_every_secs=FLAGS.checkpoint_every_secs,
-        max_to_keep=FLAGS.max_to_keep, best_metric=FLAGS.best_metric, best_metric_mode=FLAGS.best_metric_mode,
-        early_stopping_patience=FLAGS.early_stopping_patience, nonfinite_policy=FLAGS.nonfinite_policy)
+        max_to_keep=FLAGS.max_to_keep, best_metric="" if train_only else FLAGS.best_metric,
+        best_metric_mode=FLAGS.best_metric_mode,
+        early_stopping_patience=0 if train_only else FLAGS.early_stopping_patience,
+        nonfinite_policy=FLAGS.nonfinite_policy, profile_steps=profile_steps)
     optimizer_config = OptimizerConfig(optimizer=FLAGS.optimizer, layer_decay=FLAGS.layer_decay,
                                        learning_rate=FLAGS.learning_rate, warmup_steps=warmup,
                                        weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None,
                                        ema_decay=FLAGS.ema_decay)
-    trainer = Trainer(task, trainer_config, optimizer_config, runtime, strategy=strategy)
+    # The flags set (absl's own aside) as TensorBoard hparams, beside the configs they became.
+    own_flags = {f.name for module, defined in FLAGS.flags_by_module_dict().items() if not module.startswith("absl.")
+                 for f in defined}
+    hparams = {k: v for k, v in task_values().items() if k in own_flags and v is not None}
+    trainer = Trainer(task, trainer_config, optimizer_config, runtime, strategy=strategy, hparams=hparams)
     # The task and model flags go with the checkpoints, so launch.predict/export need only --model_dir: at once
     # for a new run (usable while it trains), and for a resumed one after training (a resume that fails leaves
     # model_dir untouched). Files other than checkpoints are the chief's alone.
     flags_path = os.path.join(FLAGS.model_dir, registry.MODEL_FLAGS_FILE)
     if trainer.is_chief and files.read_json(flags_path) is None:
         registry.save_model_flags(FLAGS.model_dir, FLAGS.task, task_values())
+    if trainer.is_chief:  # where the run ends, for an evaluation sidecar (launch.evaluate reads this file)
+        files.write_json(os.path.join(FLAGS.model_dir, "train_steps.json"), {"train_steps": train_steps})
     metrics = trainer.train()
     if trainer.is_chief:
         registry.save_model_flags(FLAGS.model_dir, FLAGS.task, task_values())

@@ -1,0 +1,272 @@
+"""Evaluates launch.train checkpoints: one checkpoint, or every checkpoint of a run as it trains (a sidecar).
+
+  python -m launch.evaluate --checkpoint=runs/sst2                      # its latest checkpoint, validation split
+  python -m launch.evaluate --checkpoint=runs/ner/ckpt-1200 --split=test
+  python -m launch.evaluate --checkpoint=runs/sst2/best --eval_data=other_dev.tsv --eval_name=other
+  python -m launch.evaluate --mode=continuous_eval --model_dir=gs://bucket/runs/sst2 --best_metric=accuracy
+
+One checkpoint (`--mode=eval`, the default): prints `eval | step: N | <metrics>` (the line launch.train prints
+for an evaluation) and writes the metrics as JSON (`--output_json`, default
+`<checkpoint folder>/<eval_name>_<split>-<step>.json`).
+
+A sidecar (`--mode=continuous_eval`), beside `launch.train --mode=train` (a TPU VM's devices train, another
+machine evaluates, as with Model Garden's continuous_eval): waits for the checkpoints of --model_dir
+(`tf.train.checkpoints_iterator`) and evaluates each once, oldest first (one kept after a newer one appeared is
+not skipped), writing TensorBoard summaries at the checkpoint's step into model_dir/<eval_name> (default
+model_dir/eval, beside train/), the latest results to model_dir/<eval_name>/eval_results.json (a restarted
+sidecar resumes after that step) and, with --best_metric, the best checkpoint to model_dir/best (with another
+--eval_name: model_dir/<eval_name>/best). It exits 0 after evaluating the final step's checkpoint (--train_steps,
+default the one launch.train saved in model_dir/train_steps.json) or when no new checkpoint has appeared for
+--timeout_secs. Keep --max_to_keep of the training large enough that checkpoints outlive their evaluation.
+
+--task and the flags that shape the model default to those launch.train saved with the run (model_flags.json);
+data flags (--eval_data, --data_dir, ...) and --class_weights (the eval loss) are not saved: pass them again.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
+
+from absl import app, flags  # noqa: E402
+
+from launch import common_flags, errors  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+TRAIN_STEPS_FILE = "train_steps.json"  # written by launch.train: {"train_steps": N}
+
+flags.DEFINE_enum("mode", "eval", ["eval", "continuous_eval"],
+                  "eval: one checkpoint (--checkpoint). continuous_eval: every new checkpoint of --model_dir, until "
+                  "the final one or --timeout_secs without a new one.")
+flags.DEFINE_string("checkpoint", None, "--mode=eval: a checkpoint (runs/x/ckpt-400, runs/x/best/ckpt-300) or a "
+                    "launch.train model_dir (its latest checkpoint).")
+flags.DEFINE_string("model_dir", None, "--mode=continuous_eval: the launch.train model_dir to follow.")
+flags.DEFINE_string("split", None, "Split to evaluate (default: the task's evaluation split, `validation`; "
+                    "conll_ner also has `test`).")
+flags.DEFINE_string("eval_name", "eval", "Name of this evaluation: its TensorBoard folder model_dir/<eval_name> "
+                    "and results file names (e.g. eval_test for a second sidecar on --split=test).")
+flags.DEFINE_string("output_json", None, "--mode=eval: where to write the metrics (default "
+                    "<checkpoint folder>/<eval_name>_<split>-<step>.json).")
+flags.DEFINE_float("timeout_secs", 3600, "--mode=continuous_eval: stop when no new checkpoint appeared for this long.")
+flags.DEFINE_integer("train_steps", None, "--mode=continuous_eval: the final step; stop after evaluating its "
+                     "checkpoint (default: as launch.train saved it in model_dir/train_steps.json).")
+flags.DEFINE_string("best_metric", "", "--mode=continuous_eval: keep the best checkpoint by this metric (e.g. "
+                    "accuracy) in model_dir/best.")
+flags.DEFINE_enum("best_metric_mode", "max", ["max", "min"], "Whether larger --best_metric is better.")
+flags.DEFINE_integer("eval_batch_size", 64, "Evaluation batch (padded, exact).")
+
+# --- where and how (as launch.train)
+flags.DEFINE_enum("strategy", "default", ["default", "one_device", "mirrored", "multi_worker_mirrored", "tpu"],
+                  "tf.distribute strategy (multi_worker_mirrored: --mode=eval only).")
+flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
+flags.DEFINE_integer("num_gpus", 0, "GPUs for --strategy=mirrored (0: all).")
+flags.DEFINE_integer("cpu_devices", 0, "Split the host CPU into this many logical devices.")
+flags.DEFINE_float("collective_timeout_secs", 0, "--strategy=multi_worker_mirrored: fail a collective that a worker "
+                   "never joins after this long (0: no limit).")
+flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+                  "As in training: auto uses bf16 only where the hardware has it natively.")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the evaluation step.")
+flags.DEFINE_bool("fuse_elementwise", True, "Run the model's Dropout and Activation layers as small XLA kernels.")
+
+# --- the task (default: as saved by launch.train with the run); names and meanings as in launch.train
+flags.DEFINE_enum("task", None, ["sst2", "classification", "conll_ner", "squad"],
+                  "Task the model was trained on (default: as saved by launch.train).")
+flags.DEFINE_string("data_dir", None, "Folder with sst2/, squad/, conll2003/ (default $DATA_DIR or ../shared/data).")
+flags.DEFINE_string("eval_data", None, "File to evaluate on, in place of the split's default file.")
+flags.DEFINE_string("init_encoder", "minilm", "The encoder the model was trained from (sets its architecture).")
+flags.DEFINE_string("vocab_file", None, "WordPiece vocab (default: the encoder's own).")
+common_flags.define_lower_case()
+flags.DEFINE_integer("max_seq_length", None, "As in training.")
+flags.DEFINE_list("text_columns", None, "classification: as in training.")
+flags.DEFINE_string("label_column", None, "classification: TSV column with the label.")
+flags.DEFINE_list("label_names", None, "classification: as in training.")
+flags.DEFINE_integer("num_classes", None, "classification: as in training.")
+flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"], "As in training.")
+flags.DEFINE_enum("pooling", None, ["cls", "mean"], "classification: as in training.")
+flags.DEFINE_list("class_weights", None, "classification: as in training (they weight the eval loss).")
+flags.DEFINE_bool("iob2_constraints", None, "conll_ner: as in training.")
+flags.DEFINE_integer("max_words", None, "conll_ner: as in training.")
+flags.DEFINE_bool("casing_features", None, "conll_ner: as in training.")
+flags.DEFINE_integer("max_eval_sentences", None, "conll_ner: first N evaluation sentences (smoke runs).")
+flags.DEFINE_string("squad_file", None, "squad: as in training (one file split by article).")
+flags.DEFINE_integer("doc_stride", None, "squad: as in training.")
+flags.DEFINE_integer("max_query_length", None, "squad: as in training.")
+flags.DEFINE_integer("n_best_size", None, "squad: start and end candidates per window when decoding.")
+flags.DEFINE_integer("max_answer_length", None, "squad: longest answer in tokens.")
+flags.DEFINE_integer("max_examples", None, "squad: first N questions of each split (smoke runs).")
+flags.DEFINE_string("cache_dir", None, "squad: feature cache (default ~/.cache/bert_engine/squad).")
+flags.DEFINE_string("predictions_dir", None, "squad, conll_ner: where prediction files go (squad: default the run).")
+
+_OWN_FLAGS = ("mode", "checkpoint", "split", "eval_name", "output_json", "timeout_secs", "train_steps",
+              "best_metric", "best_metric_mode", "verbose_errors")
+
+
+def checkpoint_step(path: str) -> int:
+    """The training step of a checkpoint: the N of ckpt-N (the Trainer saves step N so), else its global_step."""
+    import tensorflow as tf  # noqa: PLC0415
+    found = re.search(r"-(\d+)$", path)
+    if found:
+        return int(found.group(1))
+    try:
+        return int(tf.train.load_checkpoint(path).get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+    except (tf.errors.OpError, ValueError, KeyError):
+        return 0
+
+
+def kept_checkpoints(model_dir: str) -> list[str]:
+    """The checkpoints model_dir's CheckpointManager keeps, oldest first (as full paths)."""
+    import tensorflow as tf  # noqa: PLC0415
+    state = tf.train.get_checkpoint_state(model_dir)
+    paths = list(state.all_model_checkpoint_paths) if state else []
+    return [p if os.path.isabs(p) or "://" in p else os.path.join(model_dir, p) for p in paths]
+
+
+class Evaluator:
+    """The engine's Trainer used for evaluation only: build the Task's model once, then restore and evaluate."""
+
+    def __init__(self, strategy, run_dir: str, first_checkpoint: str):
+        from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
+        from engine.trainer import Trainer  # noqa: PLC0415
+        from tasks import registry, serving  # noqa: PLC0415
+
+        registry.fill_unset_flags(FLAGS, first_checkpoint)
+        if FLAGS.task is None:
+            raise app.UsageError(f"--task is needed: {first_checkpoint} has no {registry.MODEL_FLAGS_FILE} from "
+                                 "launch.train beside it")
+        values = {}
+        for name, value in FLAGS.flag_values_dict().items():
+            if name in _OWN_FLAGS:
+                continue
+            if isinstance(value, list):
+                value = tuple(float(v) for v in value) if name == "class_weights" else tuple(value)
+            values[name] = value
+        values["model_dir"] = run_dir  # squad writes predictions_<split>.json there unless --predictions_dir
+        task, eval_split = registry.build_task(FLAGS.task, values)
+        self.split = FLAGS.split or eval_split
+        config = TrainerConfig(model_dir=run_dir, train_steps=1, global_batch_size=FLAGS.eval_batch_size,
+                               eval_batch_size=FLAGS.eval_batch_size, eval_split=self.split)
+        runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
+                                precision=FLAGS.precision, jit_compile=FLAGS.jit_compile,
+                                fuse_elementwise=FLAGS.fuse_elementwise,
+                                collective_timeout_secs=FLAGS.collective_timeout_secs)
+        self.trainer = Trainer(task, config, runtime=runtime, strategy=strategy)
+        # Once: refuse a checkpoint of another model (Trainer.restore loads whatever matches, for speed).
+        shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in registry.MODEL_FLAGS)
+        serving.restore(self.trainer.model, first_checkpoint, expected=f"--task={FLAGS.task} {shown}")
+
+    def evaluate(self, checkpoint: str) -> tuple[int, dict]:
+        """(step, metrics) of one checkpoint on the split; prints the line launch.train prints for an evaluation."""
+        from engine import summaries  # noqa: PLC0415
+        path = self.trainer.restore(checkpoint)
+        step = checkpoint_step(path)
+        metrics = self.trainer.evaluate(self.split)
+        summaries.log_line("eval", step, metrics)
+        return step, metrics
+
+
+def _make_strategy():
+    from engine import strategy as strategy_lib  # noqa: PLC0415
+    from engine.config import RuntimeConfig  # noqa: PLC0415
+    if FLAGS.cpu_devices:
+        strategy_lib.split_cpu(FLAGS.cpu_devices)
+    # First TF work of the program, as in launch.train (MultiWorkerMirroredStrategy requires it).
+    return strategy_lib.make_strategy(RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
+                                                    collective_timeout_secs=FLAGS.collective_timeout_secs))
+
+
+def evaluate_once(strategy) -> dict:
+    import tensorflow as tf  # noqa: PLC0415
+    from engine import files  # noqa: PLC0415
+    from tasks import serving  # noqa: PLC0415
+    if not FLAGS.checkpoint:
+        raise app.UsageError("--mode=eval needs --checkpoint (a checkpoint or a launch.train model_dir)")
+    path = serving.resolve_checkpoint(FLAGS.checkpoint)  # a missing checkpoint fails before a model is built
+    run_dir = FLAGS.checkpoint if tf.io.gfile.isdir(FLAGS.checkpoint) else os.path.dirname(path)
+    evaluator = Evaluator(strategy, run_dir, path)
+    step, metrics = evaluator.evaluate(path)
+    if evaluator.trainer.is_chief:
+        output = FLAGS.output_json or os.path.join(os.path.dirname(path),
+                                                   f"{FLAGS.eval_name}_{evaluator.split}-{step}.json")
+        files.write_json(output, dict(metrics, step=step, checkpoint=path, split=evaluator.split))
+        print(f"wrote {output}", flush=True)
+    return metrics
+
+
+def final_step(model_dir: str) -> Optional[int]:
+    """--train_steps, else what launch.train saved (read each time: a resumed run may train longer)."""
+    from engine import files  # noqa: PLC0415
+    if FLAGS.train_steps:
+        return FLAGS.train_steps
+    saved = files.read_json(os.path.join(model_dir, TRAIN_STEPS_FILE))
+    return saved.get("train_steps") if saved else None
+
+
+def evaluate_continuously(strategy) -> None:
+    import tensorflow as tf  # noqa: PLC0415
+    from engine import checkpoints, files, strategy as strategy_lib, summaries  # noqa: PLC0415
+    model_dir = FLAGS.model_dir
+    if not model_dir:
+        raise app.UsageError("--mode=continuous_eval needs --model_dir (the launch.train run to follow)")
+    if strategy_lib.num_workers(strategy) > 1:
+        raise ValueError("--mode=continuous_eval runs on one host (workers would see checkpoints at different "
+                         "times); use --strategy=mirrored or tpu, or --mode=eval per checkpoint")
+    results_path = os.path.join(model_dir, FLAGS.eval_name, "eval_results.json")
+    last_step = (files.read_json(results_path) or {}).get("step", -1)  # a restarted sidecar goes on after it
+    if last_step >= 0:
+        print(f"{results_path}: checkpoints up to step {last_step} were evaluated; waiting for newer ones", flush=True)
+    evaluator = best = writer = None
+    print(f"waiting for checkpoints in {model_dir} (timeout {FLAGS.timeout_secs:g} s)", flush=True)
+    for _ in tf.train.checkpoints_iterator(model_dir, timeout=FLAGS.timeout_secs):
+        # Every kept checkpoint newer than the last evaluated, oldest first: the iterator yields only the
+        # newest, and several may have appeared during one evaluation.
+        pending = sorted((checkpoint_step(p), p) for p in kept_checkpoints(model_dir))
+        for step, path in pending:
+            if step <= last_step:
+                continue
+            if evaluator is None:
+                evaluator = Evaluator(strategy, model_dir, path)
+                is_chief, worker = evaluator.trainer.is_chief, evaluator.trainer.worker_index
+                writer = summaries.Summaries(model_dir, enabled=is_chief)
+                if FLAGS.best_metric:
+                    best_dir = model_dir if FLAGS.eval_name == "eval" else os.path.join(model_dir, FLAGS.eval_name)
+                    best = checkpoints.BestCheckpoint(tf.train.Checkpoint(model=evaluator.trainer.model), best_dir,
+                                                      FLAGS.best_metric, FLAGS.best_metric_mode, is_chief=is_chief,
+                                                      worker_index=worker)
+            try:
+                step, metrics = evaluator.evaluate(path)
+            except tf.errors.NotFoundError as error:  # removed by the trainer's max_to_keep meanwhile
+                print(f"warning: {path} was deleted before it could be evaluated ({str(error).splitlines()[0][:200]}); "
+                      "keep more with launch.train --max_to_keep", flush=True)
+                continue
+            last_step = step
+            writer.scalars(FLAGS.eval_name, step, metrics)
+            if best is not None and best.update(step, metrics):
+                print(f"best {FLAGS.best_metric} so far: {best.best_value:.4f} at step {step}", flush=True)
+            if evaluator.trainer.is_chief:
+                files.write_json(results_path, dict(metrics, step=step, checkpoint=path, split=evaluator.split))
+            final = final_step(model_dir)
+            if final is not None and step >= final:
+                print(f"evaluated the final checkpoint (step {step} of {final}); done", flush=True)
+                writer.close()
+                return
+    if writer is not None:
+        writer.close()
+    print(f"no new checkpoint in {model_dir} for {FLAGS.timeout_secs:g} s; done", flush=True)
+
+
+def main(argv):
+    del argv
+    strategy = _make_strategy()
+    if FLAGS.mode == "eval":
+        evaluate_once(strategy)
+    else:
+        evaluate_continuously(strategy)
+
+
+if __name__ == "__main__":
+    errors.run(main)
