@@ -1,4 +1,4 @@
-"""absl-flag programs: train, evaluate, predict, export, convert."""
+"""absl-flag programs: train, evaluate (one checkpoint, or a sidecar following a run), predict, export, convert, soup."""
 import os
 
 # Same reason as engine/__init__.py: Keras 2 for TF Hub and Model Garden, set before TensorFlow loads.
