@@ -102,6 +102,43 @@ def shard_shuffle_batch(dataset: tf.data.Dataset, *, training: bool, batch_size:
     return pipeline_share(dataset, input_context, batch_size)
 
 
+def bucket_widths(full_length: int, multiple: int = 16) -> tuple[int, ...]:
+    """The sequence widths `group_by_length` can produce: multiples of `multiple` up to, and ending at,
+    `full_length`. Known before training, so XLA (and a TPU) compiles the step at most once per width."""
+    return tuple(range(multiple, full_length, multiple)) + (full_length,)
+
+
+def check_static_shapes(element_spec, *, task_name: str, sequence_axis: int = 1) -> None:
+    """Refuses training batches whose shapes are not from a small set known in advance (on TPU: XLA compiles
+    the step once per input shape, and a shape that differs from batch to batch recompiles for minutes).
+
+    Every dimension must be static except axis `sequence_axis` of rank >= 2 tensors, which the engine's
+    `group_by_length` cuts to one of `bucket_widths(max_seq_length)`."""
+    problems = []
+
+    def visit(path, spec):
+        if isinstance(spec, dict):
+            for key in sorted(spec):
+                visit(f"{path}[{key!r}]", spec[key])
+        elif isinstance(spec, (tuple, list)):
+            for i, item in enumerate(spec):
+                visit(f"{path}[{i}]", item)
+        elif spec.shape.rank is None:
+            problems.append(f"{path} has unknown rank")
+        else:
+            for axis, size in enumerate(spec.shape):
+                if size is None and not (axis == sequence_axis and spec.shape.rank >= 2):
+                    what = "the batch dimension (batch with drop_remainder=True)" if axis == 0 else f"dimension {axis}"
+                    problems.append(f"{path} has shape {spec.shape} with unknown {what}")
+
+    visit("batch", element_spec)
+    if problems:
+        raise ValueError(
+            f"task {task_name!r}: on TPU every training batch needs a static shape (XLA compiles one program per "
+            f"shape), but {'; '.join(problems)}. Pad to fixed lengths and batch with drop_remainder=True "
+            "(engine.inputs.shard_shuffle_batch, and group_by_length for sequence widths from a fixed bucket list).")
+
+
 def group_by_length(windows: tf.data.Dataset, *, batch_size: int, window_batches: int, length_key: str,
                     multiple: int = 16, seed: int = 0) -> tf.data.Dataset:
     """Training batches of similar-length sequences, each cut to its longest sequence.
@@ -109,7 +146,8 @@ def group_by_length(windows: tf.data.Dataset, *, batch_size: int, window_batches
     `windows` yields (features, labels) of `batch_size * window_batches` examples padded to one fixed
     length, with `features[length_key]` the 0/1 padding mask. Each window is sorted by length (stably,
     so the stream stays deterministic and resumable) and split into batches; each batch is cut to its
-    longest sequence rounded up to `multiple` (a handful of shapes, so XLA compiles a handful of times);
+    longest sequence rounded up to `multiple` (the widths of `bucket_widths`: XLA, and a TPU, compiles the
+    step at most once per width; the batch dimension stays static);
     then the batches are shuffled so lengths do not arrive in order. On short-sentence data such as
     SST-2 (13 word-pieces on average, padded to 64) this computes about 3x fewer tokens; what is cut is
     padding only, which the attention mask already ignores. (tf.data's bucket_by_sequence_length needs

@@ -33,11 +33,17 @@ def make_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
             timeout_seconds=config.collective_timeout_secs or None)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "tpu":
+        # --tpu=local on a TPU VM (the chips are on this host), a TPU name or grpc:// address otherwise; empty:
+        # TF's own lookup ($TPU_NAME, then the GCE metadata server).
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu or None)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"--strategy={name!r} is not known")
+
+
+def is_tpu(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
 
 
 @functools.lru_cache(maxsize=None)

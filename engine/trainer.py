@@ -110,6 +110,10 @@ class Trainer:
             self.checkpoint.weight_average = self.weight_average
         dataset_fn = functools.partial(self.task.build_inputs, "train")
         per_replica_batch = self.per_replica_batch_size * cfg.grad_accum_steps
+        if strategy_lib.is_tpu(self.strategy):
+            # A TPU compiles the step once per input shape: refuse, before any compile, shapes not from a fixed set.
+            inputs.check_static_shapes(dataset_fn(batch_size=per_replica_batch, input_context=None).element_spec,
+                                       task_name=self.task.name)
         iterator_in_checkpoint = inputs.is_default_strategy(self.strategy)
         if iterator_in_checkpoint:
             # The input iterator is part of the state: a resumed run continues on the very next batch.
