@@ -107,11 +107,14 @@ class RecentRate:
 
 class BatchProgress:
     """Prints `eval | batch: 30/120 (25%) | eta: 1m02s` at most every `every_secs` during a long pass over
-    batches (silent for passes shorter than that). `total` may be None (then batches done only)."""
+    batches (silent for passes shorter than that). `total` may be None (then batches done only); `unit` names
+    what is counted; `file` (default stdout) lets a library keep a program's stdout for its results."""
 
-    def __init__(self, phase: str, total: Optional[int], *, every_secs: float = 10.0, clock=time.monotonic):
-        self._phase, self._total, self._every = phase, total, every_secs
+    def __init__(self, phase: str, total: Optional[int], *, unit: str = "batch", every_secs: float = 10.0,
+                 clock=time.monotonic, file=None):
+        self._phase, self._total, self._unit, self._every = phase, total, unit, every_secs
         self._clock = clock
+        self._file = file
         self._start = self._last = clock()
 
     def update(self, done: int) -> Optional[str]:
@@ -122,9 +125,10 @@ class BatchProgress:
         self._last = now
         if self._total:
             rate = done / (now - self._start)
-            fields = progress_fields(done, self._total, (self._total - done) / rate if rate else None, name="batch")
+            fields = progress_fields(done, self._total, (self._total - done) / rate if rate else None,
+                                     name=self._unit)
         else:
-            fields = {"batch": str(done)}
+            fields = {self._unit: str(done)}
         line = " | ".join([self._phase] + [f"{k}: {v}" for k, v in fields.items()])
-        print(line, flush=True)
+        print(line, file=self._file, flush=True)
         return line

@@ -41,6 +41,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from engine import summaries
 from tasks import textfiles, tokenization
 
 EVAL_ARTICLE_FRACTION = 0.2
@@ -226,8 +227,11 @@ class OffsetTokenizer:
         self.wordpiece = tokenization.WordPieceTokenizer(vocab_file, lower_case=False)
         self.cls_id, self.sep_id, self.pad_id = self.wordpiece.cls_id, self.wordpiece.sep_id, self.wordpiece.pad_id
 
-    def tokenize(self, texts: Sequence[str], batch_size: int = 512) -> list[TokenizedText]:
+    def tokenize(self, texts: Sequence[str], batch_size: int = 512, *, progress: Optional[str] = None,
+                 unit: str = "texts tokenized") -> list[TokenizedText]:
+        """`progress`: a label under which a long run reports `unit` done every ~10 s (on stderr)."""
         out: list[TokenizedText] = []
+        meter = summaries.BatchProgress(progress, len(texts), unit=unit, file=sys.stderr) if progress else None
         for begin in range(0, len(texts), batch_size):
             chunk = texts[begin:begin + batch_size]
             normalized = [normalize_with_map(t, self.lower_case) for t in chunk]
@@ -244,6 +248,8 @@ class OffsetTokenizer:
                     char_start=byte_to_char[s].astype(np.int32) if hi > lo else np.zeros([0], np.int32),
                     # end is exclusive: the character owning the token's last byte, plus one.
                     char_end=(byte_to_char[e - 1] + 1).astype(np.int32) if hi > lo else np.zeros([0], np.int32)))
+            if meter:
+                meter.update(len(out))
         return out
 
 
@@ -298,11 +304,16 @@ def window_starts(num_tokens: int, max_tokens: int, doc_stride: int) -> list[tup
         start += min(length, doc_stride)
 
 
-def build_features(data: SquadData, tokenizer: OffsetTokenizer,
-                   settings: FeatureSettings = FeatureSettings()) -> SquadFeatures:
-    """Tokenizes contexts and questions and cuts every example into labelled windows."""
-    context_tokens = tokenizer.tokenize(data.contexts)
-    question_tokens = tokenizer.tokenize([e.question for e in data.examples])
+def build_features(data: SquadData, tokenizer: OffsetTokenizer, settings: FeatureSettings = FeatureSettings(), *,
+                   name: str = "squad") -> SquadFeatures:
+    """Tokenizes contexts and questions and cuts every example into labelled windows.
+
+    A large file (SQuAD train: 87,599 questions, minutes) reports its progress on stderr every ~10 s under `name`;
+    stderr, so that launch.predict's stdout stays its JSON lines."""
+    context_tokens = tokenizer.tokenize(data.contexts, progress=name, unit="contexts tokenized")
+    question_tokens = tokenizer.tokenize([e.question for e in data.examples], progress=name,
+                                         unit="questions tokenized")
+    meter = summaries.BatchProgress(name, len(data.examples), unit="questions windowed", file=sys.stderr)
     seq_len = settings.max_seq_length
     columns: dict[str, list] = {k: [] for k in (
         "input_word_ids", "input_mask", "input_type_ids", "start_positions", "end_positions")}
@@ -334,6 +345,7 @@ def build_features(data: SquadData, tokenizer: OffsetTokenizer,
             columns["start_positions"].append(start)
             columns["end_positions"].append(end)
             windows.append((example_index, doc_start, doc_len, seq_offset))
+        meter.update(example_index + 1)
     arrays = {k: np.asarray(v, np.int32).reshape([len(windows), -1] if k.startswith("input") else [len(windows)])
               for k, v in columns.items()}
     arrays["feature_index"] = np.arange(len(windows), dtype=np.int32)
@@ -371,13 +383,16 @@ def _int_feature(values: Iterable[int]) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
 
 
-def _write_tfrecord(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+def _write_tfrecord(path: str, arrays: Mapping[str, np.ndarray], name: str = "squad") -> None:
     # A name of this process's own: the workers of a multi-worker job on one host build the same cache at once.
     tmp = f"{path}.tmp{os.getpid()}"
+    total = len(arrays["feature_index"])
+    meter = summaries.BatchProgress(name, total, unit="windows cached", file=sys.stderr)
     with tf.io.TFRecordWriter(tmp) as writer:
-        for i in range(len(arrays["feature_index"])):
+        for i in range(total):
             features = {k: _int_feature(np.atleast_1d(v[i])) for k, v in arrays.items()}
             writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+            meter.update(i + 1)
     os.replace(tmp, path)  # atomic: a crashed run never leaves a half cache that looks complete
 
 
@@ -416,8 +431,9 @@ def cached_features(input_file: str, split: str, *, vocab_file: str, lower_case:
             return _meta_from_json(json.load(f)), record_path
     os.makedirs(cache_dir, exist_ok=True)
     tokenizer = OffsetTokenizer(vocab_file, lower_case=lower_case)
-    features = build_features(read_squad(input_file, split, max_examples), tokenizer, settings)
-    _write_tfrecord(record_path, features.arrays)
+    name = f"squad features of {os.path.basename(input_file)} ({split})"
+    features = build_features(read_squad(input_file, split, max_examples), tokenizer, settings, name=name)
+    _write_tfrecord(record_path, features.arrays, name=name)
     with open(f"{meta_path}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
         json.dump(_meta_to_json(features), f)
     os.replace(f"{meta_path}.tmp{os.getpid()}", meta_path)

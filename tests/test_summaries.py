@@ -1,6 +1,7 @@
 """What a user watching a run sees: the console line's progress and ETA, evaluation progress, and in TensorBoard
 the run's settings as hparams (read back with the hparams plugin's own parsing) and a profiler trace of the
 requested steps (found where TensorBoard's profile plugin looks)."""
+import functools
 import os
 
 import pytest
@@ -117,3 +118,29 @@ def test_profile_steps_are_checked():
         TrainerConfig(model_dir="x", train_steps=10, profile_steps=(0, 5))
     with pytest.raises(ValueError, match="--profile_steps=6,5"):
         TrainerConfig(model_dir="x", train_steps=10, profile_steps=(6, 5))
+
+
+def test_squad_feature_building_reports_progress_on_stderr(monkeypatch, capsys, tmp_path):
+    """Every update printed (the interval set to 0 s): tokenization, windowing and the cache write report on
+    stderr, keeping stdout for a program's results (launch.predict's JSON lines)."""
+    from tasks import encoders, squad_data  # noqa: PLC0415
+    monkeypatch.setattr(squad_data.summaries, "BatchProgress",
+                        functools.partial(summaries.BatchProgress, every_secs=0))
+    contexts = [f"The city number {i} was founded in {1800 + i} by settlers." for i in range(600)]
+    data = squad_data.data_from_pairs([f"When was city {i} founded?" for i in range(600)], contexts)
+    tokenizer = squad_data.OffsetTokenizer(os.path.join(encoders.minilm_dir(), "vocab.txt"))
+    features = squad_data.build_features(data, tokenizer, squad_data.FeatureSettings(max_seq_length=32),
+                                         name="squad features of toy.json (train)")
+    squad_data._write_tfrecord(str(tmp_path / "toy.tfrecord"), features.arrays, name="squad features of toy.json")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert [line.split(" | ")[1].split(" (")[0] for line in lines if "tokenized" in line] == [
+        "contexts tokenized: 512/600", "contexts tokenized: 600/600",
+        "questions tokenized: 512/600", "questions tokenized: 600/600"]
+    windowed = [line for line in lines if "questions windowed" in line]
+    assert len(windowed) == 600 and windowed[-1].startswith(
+        "squad features of toy.json (train) | questions windowed: 600/600 (100%) | eta: 0s")
+    cached = [line for line in lines if "windows cached" in line]
+    assert cached[-1].startswith(f"squad features of toy.json | windows cached: {features.num_features}/"
+                                 f"{features.num_features} (100%)")
