@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
@@ -16,9 +16,12 @@ class RuntimeConfig:
     strategy: str = "default"
     tpu: str = ""                      # TPU name or address, for strategy="tpu"
     num_gpus: int = 0                  # for "mirrored": 0 means all visible devices
-    precision: str = "float32"         # "auto" picks bf16 only where the hardware has it natively
+    precision: str = "float32"         # "auto": bf16 on TPU and Ampere+ GPUs, fp16 on older GPUs, CPU: bf16 if native
     jit_compile: bool = False          # XLA for the forward/backward/accumulation function
-    fuse_elementwise: bool = True      # the model's Dropout/Activation layers as small XLA kernels (engine/fusion.py)
+    # The model's Dropout/Activation layers as small XLA kernels (engine/fusion.py): True, False, or "auto" (on for
+    # the CPU, where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway).
+    fuse_elementwise: Union[bool, str] = "auto"
+    peak_tflops: float = 0.0           # MFU's peak per GPU/TPU device (or per host CPU); 0: datasheet table / measured
     seed: int = 0
     collective_timeout_secs: float = 0  # multi_worker_mirrored: fail a collective a peer never joins; 0: no limit
 
@@ -27,6 +30,10 @@ class RuntimeConfig:
             raise ValueError(f"--precision={self.precision!r}: expected one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy={self.strategy!r}: expected one of {STRATEGIES}")
+        if self.fuse_elementwise not in (True, False, "auto"):
+            raise ValueError(f"--fuse_elementwise={self.fuse_elementwise!r}: expected true, false or auto")
+        if self.peak_tflops < 0:
+            raise ValueError(f"--peak_tflops={self.peak_tflops}: must be >= 0 (0: the built-in table)")
 
 
 @dataclasses.dataclass(frozen=True)

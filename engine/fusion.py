@@ -25,6 +25,16 @@ import tf_keras
 from engine import dropout
 
 
+def resolve_fuse_elementwise(setting) -> bool:
+    """RuntimeConfig.fuse_elementwise: True, False, or "auto" = on for the CPU, where it was measured (above),
+    off on GPUs and TPUs. A TPU runs the whole step as one XLA program anyway (islands inside it are simply
+    inlined); on GPUs cuDNN/cuBLAS and TensorFlow's grappler already fuse matmul+bias+activation, and XLA
+    (--jit_compile) fuses the elementwise rest; the CPU-tuned islands were not measured there."""
+    if setting == "auto":
+        return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    return bool(setting)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(activation):
     def in_float32(x):

@@ -69,7 +69,8 @@ class Trainer:
         with self.strategy.scope():
             self.model = task.build_model()
             # Dropout is always keyed (exact resume); fusion makes its kernel and the activations XLA islands.
-            self.fused_layers = (fusion.fuse_elementwise(self.model) if runtime.fuse_elementwise
+            self.fuse_elementwise = fusion.resolve_fuse_elementwise(runtime.fuse_elementwise)  # "auto": CPU only
+            self.fused_layers = (fusion.fuse_elementwise(self.model) if self.fuse_elementwise
                                  else {"dropout": dropout.rebind(self.model, xla=False)})
             self.optimizer = optimization.make_optimizer(
                 optimizer_config, config.train_steps, loss_scale=self.precision == "mixed_float16")
@@ -98,9 +99,12 @@ class Trainer:
         self._check_input_geometry()
         # MFU needs the device's peak; measured once (about a second) only if the Task can count its FLOPs, and
         # only for training (an evaluation-only Trainer, as launch.evaluate's, never pays for it).
-        if self.task.train_flops_per_example() and not tf.config.list_logical_devices("GPU"):
-            self._peak_flops = precision.matmul_gflops(
-                tf.bfloat16 if "bfloat16" in self.precision else tf.float32) * 1e9
+        if self.task.train_flops_per_example():
+            # A GPU/TPU's datasheet peak times its devices, or this CPU's measured one; None for an unknown device.
+            self._peak_flops, peak_text = precision.peak_flops(
+                self.precision, num_replicas=self.num_replicas, num_workers=self.num_workers,
+                override_tflops=self.runtime.peak_tflops)
+            logging.info("MFU peak: %s", peak_text)
         with self.strategy.scope():
             self.optimizer.build(self.model.trainable_variables)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, global_step=self.global_step)
@@ -321,7 +325,7 @@ class Trainer:
         tokens = (f"global batch {cfg.global_batch_size} = {self.num_replicas} replicas x "
                   f"{cfg.grad_accum_steps} micro-batches x {self.per_replica_batch_size}")
         print(f"{self.task.name}: {params:,} parameters | {tokens} | precision {self.precision} | "
-              f"xla {self.runtime.jit_compile} | XLA-fused layers {self.fused_layers if self.runtime.fuse_elementwise else 'off'} | "
+              f"xla {self.runtime.jit_compile} | XLA-fused layers {self.fused_layers if self.fuse_elementwise else 'off'} | "
               f"weight average {self.optimizer_config.ema_decay or 'off'} | "
               f"strategy {type(self.strategy).__name__}", flush=True)
         if step == 0:

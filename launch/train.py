@@ -45,10 +45,30 @@ flags.DEFINE_float("collective_timeout_secs", 0, "--strategy=multi_worker_mirror
                    "worker never joins after this long (a crashed worker is detected within seconds anyway; 0: no "
                    "limit).")
 flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
-                  "auto: bf16 only where the hardware has it natively.")
+                  "auto: mixed_bfloat16 on TPU and on Ampere+ GPUs, mixed_float16 on older GPUs, on the CPU bf16 only "
+                  "where it is native (else float32).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the forward/backward step (measure: helps on some CPUs).")
-flags.DEFINE_bool("fuse_elementwise", True, "Run the model's Dropout and Activation layers as small XLA kernels "
-                  "(faster on CPU; see engine/fusion.py).")
+
+
+class _BoolOrAutoParser(flags.BooleanParser):
+    """A boolean flag (--x, --nox, --x=false) that also takes --x=auto."""
+
+    def parse(self, argument):
+        if isinstance(argument, str) and argument.strip().lower() == "auto":
+            return "auto"
+        return super().parse(argument)
+
+    def flag_type(self):
+        return "bool or auto"
+
+
+flags.DEFINE_flag(flags.Flag(
+    _BoolOrAutoParser(), flags.ArgumentSerializer(), "fuse_elementwise", "auto",
+    "Run the model's Dropout and Activation layers as small XLA kernels (engine/fusion.py). auto: on for the CPU, "
+    "where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", boolean=True))
+flags.DEFINE_float("peak_tflops", 0, "MFU: peak dense TFLOP/s of one GPU or TPU device (or of one host's CPU) for the "
+                   "run's precision (0: a built-in table of A100/H100/V100/T4 and TPU v2-v6e, or the CPU's measured "
+                   "matmul peak; unknown devices report no MFU).")
 flags.DEFINE_integer("seed", 0, "Initialisation and shuffling seed.")
 
 # --- loop
@@ -141,7 +161,7 @@ def main(argv):
 
     runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
                             precision=FLAGS.precision, jit_compile=FLAGS.jit_compile,
-                            fuse_elementwise=FLAGS.fuse_elementwise, seed=FLAGS.seed,
+                            fuse_elementwise=FLAGS.fuse_elementwise, peak_tflops=FLAGS.peak_tflops, seed=FLAGS.seed,
                             collective_timeout_secs=FLAGS.collective_timeout_secs)
     if FLAGS.cpu_devices:
         strategy_lib.split_cpu(FLAGS.cpu_devices)
