@@ -27,6 +27,10 @@ from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
 from engine.task import Task
 
 
+# Where the run ends ({"train_steps": N}), for an evaluation sidecar (launch.evaluate --mode=continuous_eval).
+TRAIN_STEPS_FILE = "train_steps.json"
+
+
 class NonFiniteError(FloatingPointError):
     """Raised under nonfinite_policy="raise"; the offending update was not applied."""
 
@@ -130,6 +134,10 @@ class Trainer:
         if restored and self.weight_average is not None:
             with self.strategy.scope():
                 self.weight_average.swap()  # back to raw weights in the model, averages aside
+        if self.is_chief:  # only now: a resume that fails (geometry, corrupt checkpoint) leaves model_dir untouched
+            path = os.path.join(cfg.model_dir, TRAIN_STEPS_FILE)
+            if (files.read_json(path) or {}).get("train_steps") != cfg.train_steps:
+                files.write_json(path, {"train_steps": cfg.train_steps})
         if not iterator_in_checkpoint:
             self._train_iterator = inputs.train_iterator(
                 self.strategy, dataset_fn, per_replica_batch, skip_updates=int(self.global_step.numpy()))

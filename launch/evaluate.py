@@ -38,8 +38,6 @@ from launch import common_flags, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-TRAIN_STEPS_FILE = "train_steps.json"  # written by launch.train: {"train_steps": N}
-
 flags.DEFINE_enum("mode", "eval", ["eval", "continuous_eval"],
                   "eval: one checkpoint (--checkpoint). continuous_eval: every new checkpoint of --model_dir, until "
                   "the final one or --timeout_secs without a new one.")
@@ -200,6 +198,7 @@ def evaluate_once(strategy) -> dict:
 def final_step(model_dir: str) -> Optional[int]:
     """--train_steps, else what launch.train saved (read each time: a resumed run may train longer)."""
     from engine import files  # noqa: PLC0415
+    from engine.trainer import TRAIN_STEPS_FILE  # noqa: PLC0415
     if FLAGS.train_steps:
         return FLAGS.train_steps
     saved = files.read_json(os.path.join(model_dir, TRAIN_STEPS_FILE))

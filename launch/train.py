@@ -200,9 +200,10 @@ def main(argv):
                                        learning_rate=FLAGS.learning_rate, warmup_steps=warmup,
                                        weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm or None,
                                        ema_decay=FLAGS.ema_decay)
-    # The flags set (absl's own aside) as TensorBoard hparams, beside the configs they became.
-    own_flags = {f.name for module, defined in FLAGS.flags_by_module_dict().items() if not module.startswith("absl.")
-                 for f in defined}
+    # This program's flags that have a value (not absl's or TensorFlow's own) as TensorBoard hparams, beside the
+    # configs they became. absl files the flags of `python -m launch.train` under the script's path.
+    own_flags = {f.name for module, defined in FLAGS.flags_by_module_dict().items()
+                 if module == sys.argv[0] or module.startswith("launch.") for f in defined}
     hparams = {k: v for k, v in task_values().items() if k in own_flags and v is not None}
     trainer = Trainer(task, trainer_config, optimizer_config, runtime, strategy=strategy, hparams=hparams)
     # The task and model flags go with the checkpoints, so launch.predict/export need only --model_dir: at once
@@ -211,8 +212,6 @@ def main(argv):
     flags_path = os.path.join(FLAGS.model_dir, registry.MODEL_FLAGS_FILE)
     if trainer.is_chief and files.read_json(flags_path) is None:
         registry.save_model_flags(FLAGS.model_dir, FLAGS.task, task_values())
-    if trainer.is_chief:  # where the run ends, for an evaluation sidecar (launch.evaluate reads this file)
-        files.write_json(os.path.join(FLAGS.model_dir, "train_steps.json"), {"train_steps": train_steps})
     metrics = trainer.train()
     if trainer.is_chief:
         registry.save_model_flags(FLAGS.model_dir, FLAGS.task, task_values())

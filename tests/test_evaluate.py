@@ -134,11 +134,28 @@ def test_sidecar_stops_when_no_checkpoint_comes_for_the_timeout(followed_run):
     assert code == 0 and f"no new checkpoint in {followed_run['never']} for 1 s; done" in output, output[-3000:]
 
 
+@pytest.mark.slow
+def test_launch_train_shows_its_flags_as_hparams(followed_run):
+    """The HParams dashboard's session is model_dir: this program's flags that have a value and the configs'
+    fields, not the flags TensorFlow's own modules define."""
+    from tensorboard.plugins.hparams import metadata  # noqa: PLC0415
+    events = event_accumulator.EventAccumulator(str(followed_run["run_dir"]))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+    start = metadata.parse_session_start_info_plugin_data(content)
+    values = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+    assert values["task"] == "sst2" and values["max_seq_length"] == 16 and values["mode"] == "train_and_eval"
+    assert values["eval_data"].endswith("dev.tsv") and values["warmup_steps"] == 3  # a config's derived value
+    assert "hbm_oom_exit" not in values and "head" not in values  # TensorFlow's flags; flags left unset
+
+
 def test_without_an_eval_split_checkpoints_are_still_saved_at_the_eval_steps(tmp_path):
-    """launch.train --mode=train passes no eval split: a sidecar must still find checkpoints at the eval steps."""
+    """launch.train --mode=train passes no eval split: a sidecar must still find checkpoints at the eval steps, and
+    the final step in train_steps.json."""
     trainer = run_training(ToyTask, global_batch_size=8, train_steps=10, steps_per_loop=3, eval_every_steps=4,
                            checkpoint_every_secs=0, max_to_keep=10, model_dir=str(tmp_path))
     paths = tf.train.get_checkpoint_state(str(tmp_path)).all_model_checkpoint_paths
     assert [os.path.basename(p) for p in paths] == ["ckpt-4", "ckpt-8", "ckpt-10"]
     assert not tf.io.gfile.exists(str(tmp_path / "eval"))
     assert [h["step"] for h in trainer.train_history] == [3, 4, 7, 8, 10]
+    assert json.loads(_read(tmp_path / "train_steps.json")) == {"train_steps": 10}  # where the sidecar stops
