@@ -74,17 +74,18 @@ class Saver:
 
 
 class BestCheckpoint:
-    """Keeps one checkpoint of the best evaluation so far in model_dir/best, with its metrics as JSON.
+    """Keeps one checkpoint of the best evaluation so far in model_dir/best (or model_dir/<folder>), with its
+    metrics as JSON.
 
     Every worker takes the same decision (evaluation results are gathered from all workers, and the best
     value so far is read from the same file), so all join the collective save."""
 
     def __init__(self, checkpoint: tf.train.Checkpoint, model_dir: str, metric: str, mode: str, *,
-                 is_chief: bool = True, worker_index: int = 0):
+                 is_chief: bool = True, worker_index: int = 0, folder: str = "best"):
         self.metric = metric
         self._mode = mode
         self._is_chief = is_chief
-        directory = os.path.join(model_dir, "best")
+        directory = os.path.join(model_dir, folder)
         self._saver = Saver(checkpoint, directory, max_to_keep=1, is_chief=is_chief, worker_index=worker_index)
         self._json = os.path.join(directory, "best_metrics.json")
         saved = files.read_json(self._json) or {}

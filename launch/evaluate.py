@@ -15,7 +15,7 @@ machine evaluates, as with Model Garden's continuous_eval): waits for the checkp
 not skipped), writing TensorBoard summaries at the checkpoint's step into model_dir/<eval_name> (default
 model_dir/eval, beside train/), the latest results to model_dir/<eval_name>/eval_results.json (a restarted
 sidecar resumes after that step) and, with --best_metric, the best checkpoint to model_dir/best (with another
---eval_name: model_dir/<eval_name>/best). It exits 0 after evaluating the final step's checkpoint (--train_steps,
+--eval_name: model_dir/best_<eval_name>). It exits 0 after evaluating the final step's checkpoint (--train_steps,
 default the one launch.train saved in model_dir/train_steps.json) or when no new checkpoint has appeared for
 --timeout_secs. Keep --max_to_keep of the training large enough that checkpoints outlive their evaluation.
 
@@ -54,7 +54,7 @@ flags.DEFINE_float("timeout_secs", 3600, "--mode=continuous_eval: stop when no n
 flags.DEFINE_integer("train_steps", None, "--mode=continuous_eval: the final step; stop after evaluating its "
                      "checkpoint (default: as launch.train saved it in model_dir/train_steps.json).")
 flags.DEFINE_string("best_metric", "", "--mode=continuous_eval: keep the best checkpoint by this metric (e.g. "
-                    "accuracy) in model_dir/best.")
+                    "accuracy) in model_dir/best (model_dir/best_<eval_name> for another --eval_name).")
 flags.DEFINE_enum("best_metric_mode", "max", ["max", "min"], "Whether larger --best_metric is better.")
 flags.DEFINE_integer("eval_batch_size", 64, "Evaluation batch (padded, exact).")
 
@@ -183,8 +183,15 @@ def evaluate_once(strategy) -> dict:
     from tasks import serving  # noqa: PLC0415
     if not FLAGS.checkpoint:
         raise app.UsageError("--mode=eval needs --checkpoint (a checkpoint or a launch.train model_dir)")
-    path = serving.resolve_checkpoint(FLAGS.checkpoint)  # a missing checkpoint fails before a model is built
-    run_dir = FLAGS.checkpoint if tf.io.gfile.isdir(FLAGS.checkpoint) else os.path.dirname(path)
+    # A missing checkpoint fails before a model is built. tf.io.gfile: the model_dir may be gs://.
+    if tf.io.gfile.isdir(FLAGS.checkpoint):
+        run_dir, path = FLAGS.checkpoint, tf.train.latest_checkpoint(FLAGS.checkpoint)
+        if not path:
+            raise FileNotFoundError(f"--checkpoint={FLAGS.checkpoint}: no checkpoint in this folder (expected a "
+                                    "launch.train --model_dir, or a checkpoint prefix such as <model_dir>/ckpt-100)")
+    else:
+        path = serving.resolve_checkpoint(FLAGS.checkpoint)
+        run_dir = os.path.dirname(path)
     evaluator = Evaluator(strategy, run_dir, path)
     step, metrics = evaluator.evaluate(path)
     if evaluator.trainer.is_chief:
@@ -193,6 +200,11 @@ def evaluate_once(strategy) -> dict:
         files.write_json(output, dict(metrics, step=step, checkpoint=path, split=evaluator.split))
         print(f"wrote {output}", flush=True)
     return metrics
+
+
+def best_folder() -> str:
+    """model_dir/best for the evaluation named eval (where launch.train keeps its own), else best_<eval_name>."""
+    return "best" if FLAGS.eval_name == "eval" else f"best_{FLAGS.eval_name}"
 
 
 def final_step(model_dir: str) -> Optional[int]:
@@ -231,11 +243,10 @@ def evaluate_continuously(strategy) -> None:
                 evaluator = Evaluator(strategy, model_dir, path)
                 is_chief, worker = evaluator.trainer.is_chief, evaluator.trainer.worker_index
                 writer = summaries.Summaries(model_dir, enabled=is_chief)
-                if FLAGS.best_metric:
-                    best_dir = model_dir if FLAGS.eval_name == "eval" else os.path.join(model_dir, FLAGS.eval_name)
-                    best = checkpoints.BestCheckpoint(tf.train.Checkpoint(model=evaluator.trainer.model), best_dir,
-                                                      FLAGS.best_metric, FLAGS.best_metric_mode, is_chief=is_chief,
-                                                      worker_index=worker)
+                if FLAGS.best_metric:  # in model_dir/best(_<eval_name>): predict, export, evaluate find the flags
+                    best = checkpoints.BestCheckpoint(
+                        tf.train.Checkpoint(model=evaluator.trainer.model), model_dir, FLAGS.best_metric,
+                        FLAGS.best_metric_mode, is_chief=is_chief, worker_index=worker, folder=best_folder())
             try:
                 step, metrics = evaluator.evaluate(path)
             except tf.errors.NotFoundError as error:  # removed by the trainer's max_to_keep meanwhile
@@ -260,6 +271,9 @@ def evaluate_continuously(strategy) -> None:
 
 def main(argv):
     del argv
+    if not re.fullmatch(r"[\w.-]+", FLAGS.eval_name) or FLAGS.eval_name == "train":
+        raise ValueError(f"--eval_name={FLAGS.eval_name!r}: expected a folder name other than train (letters, "
+                         "digits, _ . -), e.g. eval_test")
     strategy = _make_strategy()
     if FLAGS.mode == "eval":
         evaluate_once(strategy)

@@ -104,24 +104,27 @@ def test_sidecar_evaluates_every_checkpoint_once_like_training_did(followed_run)
     final = eval_results(run_dir)  # what launch.train wrote for its final evaluation, full precision
     assert {k: results[k] for k in final} == pytest.approx(final, abs=1e-6)
     accuracy = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("accuracy")}
-    best = json.loads(_read(run_dir / "sidecar" / "best" / "best_metrics.json"))
+    best = json.loads(_read(run_dir / "best_sidecar" / "best_metrics.json"))
     assert best["step"] == max(STEPS, key=lambda s: (accuracy[s], -s))
-    assert tf.train.latest_checkpoint(str(run_dir / "sidecar" / "best")).endswith(f"ckpt-{best['step']}")
+    assert tf.train.latest_checkpoint(str(run_dir / "best_sidecar")).endswith(f"ckpt-{best['step']}")
 
 
 @pytest.mark.slow
 def test_one_checkpoint_and_a_missing_one(followed_run, workspace, tmp_path):
+    """The sidecar's best checkpoint (a folder: its latest; its flags from the run beside it) evaluated once."""
     run_dir, train_output = followed_run["run_dir"], followed_run["train"]
     logs = {name: str(tmp_path / f"{name}.log") for name in ("once", "missing")}
-    once = _evaluate([f"--checkpoint={run_dir / 'ckpt-20'}", *_data_args(workspace)], logs["once"])
+    once = _evaluate([f"--checkpoint={run_dir / 'best_sidecar'}", *_data_args(workspace)], logs["once"])
     missing = _evaluate([f"--checkpoint={tmp_path / 'nothing' / 'ckpt-5'}"], logs["missing"])
     codes = [once.wait(JOB_TIMEOUT_SECS), missing.wait(JOB_TIMEOUT_SECS)]
     output = _read(logs["once"])
     assert codes[0] == 0, output[-3000:]
-    assert _eval_lines(output) == {20: _eval_lines(train_output)[20]}  # what launch.train printed at step 20
-    written = json.loads(_read(run_dir / "eval_validation-20.json"))
-    assert written["step"] == 20 and written["checkpoint"] == str(run_dir / "ckpt-20")
-    assert f"eval | step: 20 | accuracy: {written['accuracy']:.4g} |" in output
+    best = json.loads(_read(run_dir / "best_sidecar" / "best_metrics.json"))
+    step = best["step"]
+    assert _eval_lines(output) == {step: _eval_lines(train_output)[step]}  # what launch.train printed then
+    written = json.loads(_read(run_dir / "best_sidecar" / f"eval_validation-{step}.json"))
+    assert written["checkpoint"] == str(run_dir / "best_sidecar" / f"ckpt-{step}") and written["step"] == step
+    assert {k: written[k] for k in best} == pytest.approx(best, abs=1e-6)
     errors = [line for line in _read(logs["missing"]).splitlines() if line.startswith("launch.evaluate:")]
     assert codes[1] == 1 and errors == [
         f"launch.evaluate: error: checkpoint '{tmp_path / 'nothing' / 'ckpt-5'}': no such folder or checkpoint "
