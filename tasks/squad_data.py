@@ -97,7 +97,7 @@ def split_articles(split: str, num_articles: int, path: str = "the SQuAD file") 
 
 
 def _require_file(path: str) -> None:
-    if not os.path.isfile(path):
+    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):  # gfile: gs:// data on a TPU VM
         raise FileNotFoundError(f"SQuAD file not found: {path} (set --data_dir or --squad_file)")
 
 
@@ -358,7 +358,7 @@ def build_features(data: SquadData, tokenizer: OffsetTokenizer, settings: Featur
 
 def _file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with tf.io.gfile.GFile(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -142,3 +142,16 @@ def test_real_conll2003_is_iob2_and_read_unchanged(caplog):
                 for previous, tag in zip(("O",) + sentence.tags, sentence.tags):
                     assert not tag.startswith("I-") or previous in ("B-" + tag[2:], tag), (path, sentence)
     assert not caplog.records
+
+
+def test_files_on_tensorflow_file_systems_are_read_through_gfile():
+    """gs:// on a TPU VM; ram:// (TF's in-memory file system) stands in for it here."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    tf.io.gfile.makedirs("ram://textfiles")
+    with tf.io.gfile.GFile("ram://textfiles/a.tsv", "w") as f:
+        f.write("\ufeffsentence\tlabel\r\nhello\t1\r\n")
+    assert list(textfiles.read_lines("ram://textfiles/a.tsv")) == [(1, "sentence\tlabel"), (2, "hello\t1")]
+    assert textfiles.read_text("ram://textfiles/a.tsv").startswith("sentence")
+    with pytest.raises(FileNotFoundError, match=r"ram://textfiles/none.tsv: cannot open .*\(--train_data\)"):
+        list(textfiles.read_lines("ram://textfiles/none.tsv", missing="--train_data"))
