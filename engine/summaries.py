@@ -54,7 +54,8 @@ class Summaries:
 
 
 def format_line(phase: str, step: int, values: Mapping[str, float]) -> str:
-    """`train | step: 1200 | steps/sec: 3.1 | loss: 0.41` (Orbit's style)."""
+    """`train | step: 1200 | progress: 1200/6000 (20%) | eta: 3m12s | loss: 0.41 | ...` (Orbit's style: a line per
+    loop, `phase | step: N` first, then `name: value` fields in the order given)."""
     parts = [phase, f"step: {step}"]
     for name, value in values.items():
         parts.append(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")

@@ -27,7 +27,8 @@ from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
 from engine.task import Task
 
 
-# Where the run ends ({"train_steps": N}), for an evaluation sidecar (launch.evaluate --mode=continuous_eval).
+# Where the run ends, for an evaluation sidecar (launch.evaluate --mode=continuous_eval): {"train_steps": N}, plus
+# "stopped_at": step after early stopping.
 TRAIN_STEPS_FILE = "train_steps.json"
 
 
@@ -136,7 +137,7 @@ class Trainer:
                 self.weight_average.swap()  # back to raw weights in the model, averages aside
         if self.is_chief:  # only now: a resume that fails (geometry, corrupt checkpoint) leaves model_dir untouched
             path = os.path.join(cfg.model_dir, TRAIN_STEPS_FILE)
-            if (files.read_json(path) or {}).get("train_steps") != cfg.train_steps:
+            if files.read_json(path) != {"train_steps": cfg.train_steps}:
                 files.write_json(path, {"train_steps": cfg.train_steps})
         if not iterator_in_checkpoint:
             self._train_iterator = inputs.train_iterator(
@@ -247,6 +248,9 @@ class Trainer:
                     if cfg.early_stopping_patience and evals_without_improvement >= cfg.early_stopping_patience:
                         print(f"early stopping at step {step}: {cfg.best_metric} did not improve for "
                               f"{evals_without_improvement} evaluations (best {self.best.best_value:.4f})", flush=True)
+                        if self.is_chief:  # a sidecar stops after this checkpoint instead of waiting for its timeout
+                            files.write_json(os.path.join(cfg.model_dir, TRAIN_STEPS_FILE),
+                                             {"train_steps": cfg.train_steps, "stopped_at": step})
                         break
                 # Without an eval split (launch.train --mode=train: a sidecar evaluates), still save where an
                 # evaluation would have been, so the sidecar sees the same checkpoints.

@@ -208,13 +208,14 @@ def best_folder() -> str:
 
 
 def final_step(model_dir: str) -> Optional[int]:
-    """--train_steps, else what launch.train saved (read each time: a resumed run may train longer)."""
+    """--train_steps, else what launch.train saved: its train_steps, or the step it stopped early at (read each
+    time: a resumed run may train longer)."""
     from engine import files  # noqa: PLC0415
     from engine.trainer import TRAIN_STEPS_FILE  # noqa: PLC0415
     if FLAGS.train_steps:
         return FLAGS.train_steps
-    saved = files.read_json(os.path.join(model_dir, TRAIN_STEPS_FILE))
-    return saved.get("train_steps") if saved else None
+    saved = files.read_json(os.path.join(model_dir, TRAIN_STEPS_FILE)) or {}
+    return saved.get("stopped_at", saved.get("train_steps"))
 
 
 def evaluate_continuously(strategy) -> None:
@@ -261,7 +262,7 @@ def evaluate_continuously(strategy) -> None:
                 files.write_json(results_path, dict(metrics, step=step, checkpoint=path, split=evaluator.split))
             final = final_step(model_dir)
             if final is not None and step >= final:
-                print(f"evaluated the final checkpoint (step {step} of {final}); done", flush=True)
+                print(f"evaluated the final checkpoint (step {step}); done", flush=True)
                 writer.close()
                 return
     if writer is not None:

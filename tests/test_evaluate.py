@@ -84,7 +84,7 @@ def test_sidecar_evaluates_every_checkpoint_once_like_training_did(followed_run)
     run_dir, train_output = followed_run["run_dir"], followed_run["train"]
     sidecar_output, sidecar_code = followed_run["sidecar"]
     assert sidecar_code == 0, sidecar_output[-3000:]
-    assert f"evaluated the final checkpoint (step {STEPS[-1]} of {STEPS[-1]}); done" in sidecar_output
+    assert f"evaluated the final checkpoint (step {STEPS[-1]}); done" in sidecar_output
     sidecar_lines, train_lines = _eval_lines(sidecar_output), _eval_lines(train_output)
     assert sorted(sidecar_lines) == list(STEPS) and all(len(v) == 1 for v in sidecar_lines.values()), sidecar_lines
     # The same model and data: the very line launch.train printed for its evaluation of that step.
@@ -162,3 +162,13 @@ def test_without_an_eval_split_checkpoints_are_still_saved_at_the_eval_steps(tmp
     assert not tf.io.gfile.exists(str(tmp_path / "eval"))
     assert [h["step"] for h in trainer.train_history] == [3, 4, 7, 8, 10]
     assert json.loads(_read(tmp_path / "train_steps.json")) == {"train_steps": 10}  # where the sidecar stops
+
+
+def test_early_stopping_tells_the_sidecar_where_the_run_ended(tmp_path):
+    """A sidecar of a run that stopped early would otherwise wait for its timeout (train_steps never comes)."""
+    run_training(ToyTask, global_batch_size=8, train_steps=50, eval_every_steps=1, eval_split="validation",
+                 best_metric="accuracy", early_stopping_patience=1, learning_rate=1e-9, model_dir=str(tmp_path))
+    assert json.loads(_read(tmp_path / "train_steps.json")) == {"train_steps": 50, "stopped_at": 2}
+    # Resumed, it trains on (the early-stopping count starts afresh): the stop no longer holds.
+    run_training(ToyTask, global_batch_size=8, train_steps=3, model_dir=str(tmp_path))
+    assert json.loads(_read(tmp_path / "train_steps.json")) == {"train_steps": 3}
