@@ -204,7 +204,8 @@ def main(argv):
     # configs they became. absl files the flags of `python -m launch.train` under the script's path.
     own_flags = {f.name for module, defined in FLAGS.flags_by_module_dict().items()
                  if module == sys.argv[0] or module.startswith("launch.") for f in defined}
-    hparams = {k: v for k, v in task_values().items() if k in own_flags and v is not None}
+    hparams = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v  # lists as the command line takes them
+               for k, v in task_values().items() if k in own_flags and v is not None}
     trainer = Trainer(task, trainer_config, optimizer_config, runtime, strategy=strategy, hparams=hparams)
     # The task and model flags go with the checkpoints, so launch.predict/export need only --model_dir: at once
     # for a new run (usable while it trains), and for a resumed one after training (a resume that fails leaves

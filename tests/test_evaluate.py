@@ -63,7 +63,8 @@ def followed_run(workspace, tmp_path_factory):
     train_args = dict(task="sst2", init_encoder=workspace["encoder"], train_data=workspace["train"],
                       eval_data=workspace["dev"], max_seq_length=16, global_batch_size=8, train_steps=STEPS[-1],
                       steps_per_loop=5, eval_every_steps=10, eval_batch_size=24, learning_rate=1e-3,
-                      precision="float32", group_by_length=0, seed=3, max_to_keep=5, model_dir=str(run_dir))
+                      precision="float32", group_by_length=0, seed=3, max_to_keep=5, model_dir=str(run_dir),
+                      label_names="negative,positive")
     job = Job([f"--{k}={v}" for k, v in train_args.items()], folder, "train")
     train_codes = job.wait()
     codes = {}
@@ -149,6 +150,7 @@ def test_launch_train_shows_its_flags_as_hparams(followed_run):
     values = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
     assert values["task"] == "sst2" and values["max_seq_length"] == 16 and values["mode"] == "train_and_eval"
     assert values["eval_data"].endswith("dev.tsv") and values["warmup_steps"] == 3  # a config's derived value
+    assert values["label_names"] == "negative,positive"  # a list flag, as the command line takes it
     assert "hbm_oom_exit" not in values and "head" not in values  # TensorFlow's flags; flags left unset
 
 
