@@ -146,6 +146,9 @@ class Evaluator:
         values["model_dir"] = run_dir  # squad writes predictions_<split>.json there unless --predictions_dir
         task, eval_split = registry.build_task(FLAGS.task, values)
         self.split = FLAGS.split or eval_split
+        if FLAGS.eval_data and self.split != eval_split:
+            raise ValueError(f"--eval_data replaces the {eval_split} split's file; it does not go with "
+                             f"--split={self.split} (give one of the two)")
         config = TrainerConfig(model_dir=run_dir, train_steps=1, global_batch_size=FLAGS.eval_batch_size,
                                eval_batch_size=FLAGS.eval_batch_size, eval_split=self.split)
         runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
