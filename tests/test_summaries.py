@@ -81,7 +81,7 @@ def test_hparams_profile_and_console_progress_of_a_run(tmp_path, capsys):
     runtime = RuntimeConfig(precision="float32")
     trainer = Trainer(ToyTask(), config, OptimizerConfig(learning_rate=1e-2), runtime,
                       strategy=make_strategy(runtime), hparams={"task": "toy", "max_seq_length": 16, "head": None})
-    trainer.train()
+    final_eval = trainer.train()
     assert [h["step"] for h in trainer.train_history] == [2, 7, 12]
     out = capsys.readouterr().out
     train_lines = [line for line in out.splitlines() if line.startswith("train | step:")]
@@ -111,6 +111,38 @@ def test_hparams_profile_and_console_progress_of_a_run(tmp_path, capsys):
     evaluation.Reload()
     assert {"accuracy", "loss", "host_accuracy"} <= set(evaluation.Tags()["tensors"])
     assert [e.step for e in evaluation.Tensors("accuracy")] == [12]
+
+    # What the HParams dashboard shows for a --logdir holding the run: one session, model_dir, with the final
+    # metrics of its train/ and eval/ folders (the plugin's own handlers over TensorBoard's data provider).
+    session = _hparams_dashboard(str(tmp_path))
+    assert session["sessions"] == ["run"] and session["hparams"]["task"] == "toy"
+    final = trainer.train_history[-1]
+    assert session["metrics"][("eval", "accuracy")] == (pytest.approx(final_eval["accuracy"]), 12)
+    assert session["metrics"][("train", "loss")] == (pytest.approx(final["loss"]), 12)
+
+
+def _hparams_dashboard(logdir: str) -> dict:
+    """The HParams plugin's experiment and (single) session group for `logdir`: hparams, sessions, and each metric's
+    (value, step) as the dashboard's table shows it."""
+    from tensorboard import context  # noqa: PLC0415
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer  # noqa: PLC0415
+    from tensorboard.plugins import base_plugin  # noqa: PLC0415
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups  # noqa: PLC0415
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(logdir)
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, logdir)
+    backend = backend_context.Context(base_plugin.TBContext(logdir=logdir, multiplexer=multiplexer,
+                                                            data_provider=provider))
+    request = api_pb2.ListSessionGroupsRequest(
+        start_index=0, slice_size=10, aggregation_type=api_pb2.AGGREGATION_AVG,
+        allowed_statuses=[api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_RUNNING])
+    groups = list_session_groups.Handler(context.RequestContext(), backend, "", request).run().session_groups
+    assert len(groups) == 1, groups
+    group = groups[0]
+    return {"sessions": [s.name for s in group.sessions],
+            "hparams": {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in group.hparams.items()},
+            "metrics": {(m.name.group, m.name.tag): (m.value, m.training_step) for m in group.metric_values}}
 
 
 def test_profile_steps_are_checked():
