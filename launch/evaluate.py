@@ -233,6 +233,10 @@ def evaluate_continuously(strategy) -> None:
     results_path = os.path.join(model_dir, FLAGS.eval_name, "eval_results.json")
     last_step = (files.read_json(results_path) or {}).get("step", -1)  # a restarted sidecar goes on after it
     if last_step >= 0:
+        final = final_step(model_dir)
+        if final is not None and last_step >= final:
+            print(f"{results_path}: the final checkpoint (step {last_step}) was evaluated already; done", flush=True)
+            return
         print(f"{results_path}: checkpoints up to step {last_step} were evaluated; waiting for newer ones", flush=True)
     evaluator = best = writer = None
     print(f"waiting for checkpoints in {model_dir} (timeout {FLAGS.timeout_secs:g} s)", flush=True)

@@ -111,13 +111,16 @@ def test_sidecar_evaluates_every_checkpoint_once_like_training_did(followed_run)
 
 
 @pytest.mark.slow
-def test_one_checkpoint_and_a_missing_one(followed_run, workspace, tmp_path):
-    """The sidecar's best checkpoint (a folder: its latest; its flags from the run beside it) evaluated once."""
+def test_one_checkpoint_a_missing_one_and_a_restarted_sidecar(followed_run, workspace, tmp_path):
+    """The sidecar's best checkpoint (a folder: its latest; its flags from the run beside it) evaluated once; the
+    sidecar restarted after the end evaluates nothing again."""
     run_dir, train_output = followed_run["run_dir"], followed_run["train"]
-    logs = {name: str(tmp_path / f"{name}.log") for name in ("once", "missing")}
+    logs = {name: str(tmp_path / f"{name}.log") for name in ("once", "missing", "again")}
     once = _evaluate([f"--checkpoint={run_dir / 'best_sidecar'}", *_data_args(workspace)], logs["once"])
     missing = _evaluate([f"--checkpoint={tmp_path / 'nothing' / 'ckpt-5'}"], logs["missing"])
-    codes = [once.wait(JOB_TIMEOUT_SECS), missing.wait(JOB_TIMEOUT_SECS)]
+    again = _evaluate(["--mode=continuous_eval", f"--model_dir={run_dir}", "--eval_name=sidecar",
+                       "--timeout_secs=240", *_data_args(workspace)], logs["again"])
+    codes = [once.wait(JOB_TIMEOUT_SECS), missing.wait(JOB_TIMEOUT_SECS), again.wait(JOB_TIMEOUT_SECS)]
     output = _read(logs["once"])
     assert codes[0] == 0, output[-3000:]
     best = json.loads(_read(run_dir / "best_sidecar" / "best_metrics.json"))
@@ -130,6 +133,9 @@ def test_one_checkpoint_and_a_missing_one(followed_run, workspace, tmp_path):
     assert codes[1] == 1 and errors == [
         f"launch.evaluate: error: checkpoint '{tmp_path / 'nothing' / 'ckpt-5'}': no such folder or checkpoint "
         "(expected a launch.train --model_dir or a prefix with a ckpt-5.index file)"], errors
+    again = _read(logs["again"])
+    assert codes[2] == 0 and "the final checkpoint (step 30) was evaluated already; done" in again, again[-3000:]
+    assert not _eval_lines(again)
 
 
 @pytest.mark.slow
