@@ -69,7 +69,8 @@ flags.DEFINE_float("collective_timeout_secs", 0, "--strategy=multi_worker_mirror
 flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
                   "As in training: auto uses bf16 only where the hardware has it natively.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the evaluation step.")
-flags.DEFINE_bool("fuse_elementwise", True, "Run the model's Dropout and Activation layers as small XLA kernels.")
+flags.DEFINE_enum("fuse_elementwise", "auto", ["auto", "true", "false"], "As in launch.train: the model's Dropout "
+                  "and Activation layers as small XLA kernels (auto: on for the CPU, off on GPU/TPU).")
 
 # --- the task (default: as saved by launch.train with the run); names and meanings as in launch.train
 flags.DEFINE_enum("task", None, ["sst2", "classification", "conll_ner", "squad"],
@@ -153,7 +154,7 @@ class Evaluator:
                                eval_batch_size=FLAGS.eval_batch_size, eval_split=self.split)
         runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
                                 precision=FLAGS.precision, jit_compile=FLAGS.jit_compile,
-                                fuse_elementwise=FLAGS.fuse_elementwise,
+                                fuse_elementwise={"true": True, "false": False}.get(FLAGS.fuse_elementwise, "auto"),
                                 collective_timeout_secs=FLAGS.collective_timeout_secs)
         self.trainer = Trainer(task, config, runtime=runtime, strategy=strategy)
         # Once: refuse a checkpoint of another model (Trainer.restore loads whatever matches, for speed).
