@@ -180,16 +180,18 @@ class EngineRunner:
     kind = "engine"
 
     def __init__(self, task, batch_size: int, precision: str, jit: bool, steps_per_loop: int,
-                 fused: bool = True):
+                 fused: bool = True, grad_accum_steps: int = 1):
         import tf_keras  # noqa: PLC0415
         from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
         from engine.trainer import Trainer  # noqa: PLC0415
 
-        self.name = "engine" + (" xla" if jit else "") + ("" if fused else " unfused")
+        self.name = ("engine" + (" xla" if jit else "") + ("" if fused else " unfused")
+                     + (f" accum {grad_accum_steps}x{batch_size // grad_accum_steps}" if grad_accum_steps > 1 else ""))
         self.precision, self.jit = precision, jit
         self._model_dir = tempfile.mkdtemp(prefix="engine_vs_fit_")
         config = TrainerConfig(model_dir=self._model_dir, train_steps=10 ** 9, global_batch_size=batch_size,
-                               steps_per_loop=steps_per_loop, eval_split="")
+                               steps_per_loop=steps_per_loop, eval_split="",
+                               grad_accum_steps=grad_accum_steps)
         try:
             self.trainer = Trainer(task, config, optimizer_config(),
                                    RuntimeConfig(precision=precision, jit_compile=jit, fuse_elementwise=fused))

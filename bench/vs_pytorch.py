@@ -1,0 +1,435 @@
+"""Our engine against `model.fit` and PyTorch + Hugging Face, training and serving, in one interleaved run.
+
+  python bench/vs_pytorch.py --data_dir=../shared/data --rounds=5 --output=/tmp/bench.md   # `make bench`
+  python bench/vs_pytorch.py --quick --rounds=1 --steps=1 --eval_examples=16 --latency_calls=2   # smoke run
+
+Why: the peer users would pick instead of this engine is PyTorch with Transformers, not `model.fit`; and
+training steps are only half of it: evaluation, prediction and serving are what users run most.
+
+Same weights everywhere: all-MiniLM-L6-v2 (the bundled safetensors; our side converts them, the peer loads
+them as BertForSequenceClassification), with the classifier head copied from our model into the peer's
+(the bench prints the largest logit difference, and how many sentences HF's tokenizer encodes to other
+ids than ours). `--quick`: a tiny random encoder (2 x 64), seq 32, batch 8, for smoke runs.
+
+Training (seq 128, batch 32, the same real SST-2 batches pre-tokenized by our tokenizer, AdamW lr 2e-5,
+weight decay 0.01 except LayerNorm/bias, global-norm clip 1.0), in every --precisions policy:
+  engine:  engine.trainer.Trainer's compiled loop (steps_per_loop = --steps, XLA-fused elementwise layers,
+           the default on this CPU); plus "engine accum KxM": K micro-batches of M = batch / K, same global batch
+  fit:     `model.compile(AdamW)` + `model.fit`, steps_per_execution 1 (4 is no faster: bench/RESULTS.md)
+  pytorch: eager, and `torch.compile` (--torch_compile), bf16 by `torch.autocast`; torch's fused AdamW
+Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, raw strings in):
+  Trainer.evaluate (tf.data tokenization + compiled eval step + metrics), the launch.predict path
+  (`task.predict` on the model restored as launch.predict restores it), and the raw-string SavedModel
+  that launch.export writes (batch --serving_batch_size throughput; batch 1 latency over --latency_calls
+  sentences); against the peer in `torch.inference_mode` with HF's fast tokenizer on the same sentences,
+  padded to 128 as our side always pads ("pad 128": the same work) and to the batch's longest ("pad
+  longest": HF's usual `padding=True`, less work for short sentences).
+
+Timing: everything is built and warmed up first (never timed); then every round times each configuration
+once, in an order reversed every other round. Tables give medians over rounds; a ratio is the median over
+rounds of the same-round ratio (other jobs' load drifts between rounds far more than within one), with the
+per-round values listed. Examples per CPU-second (process CPU time) are a cross-check under contention.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
+
+from absl import app, flags  # noqa: E402
+
+import engine_vs_fit  # noqa: E402
+
+FLAGS = flags.FLAGS
+# Shared with engine_vs_fit (it defines them on import): --data_dir, --steps, --rounds, --precisions, --quick,
+# --num_examples, --output; other defaults here. Its --fit_steps_per_execution/--jit/--*_fusion are not used.
+FLAGS.set_default("steps", 2)
+FLAGS.set_default("rounds", 5)
+FLAGS.set_default("num_examples", 256)
+flags.DEFINE_bool("fit", True, "Time model.fit.")
+flags.DEFINE_bool("pytorch", True, "Time the PyTorch + HF peer (needs `pip install -e .[bench]`).")
+flags.DEFINE_bool("torch_compile", True, "Also time torch.compile (slow to compile: minutes on 2 cores).")
+flags.DEFINE_integer("grad_accum_steps", 4, "The engine with this many micro-batches per update, in the first "
+                     "precision, against one batch (0 or 1: not measured).")
+flags.DEFINE_integer("eval_examples", 256, "SST-2 dev sentences for evaluation/prediction/serving (0: none).")
+flags.DEFINE_integer("serving_batch_size", 32, "Batch size of evaluation, prediction and batched serving.")
+flags.DEFINE_integer("latency_calls", 32, "Batch-1 serving calls per configuration and round.")
+
+NO_PEER = "PyTorch peer: skipped, the bench extra is not installed (pip install -e '.[bench]'): {}"
+
+
+# ------------------------------------------------------------------------------------ evaluation runners
+
+class Timed:
+    """An evaluation/serving configuration: `run()` returns (examples, wall s, CPU s); `latencies` (s) for batch 1."""
+
+    def __init__(self, group: str, name: str, fn, examples: int, *, per_call=None):
+        self.group, self.name, self.kind = group, name, "torch" if name.startswith("pytorch") else "ours"
+        self._fn, self.examples, self._per_call = fn, examples, per_call
+        self.latencies: list[float] = []
+
+    def run(self) -> tuple[int, float, float]:
+        start = time.perf_counter(), time.process_time()
+        if self._per_call is None:
+            self._fn()
+        else:
+            for item in self._per_call:
+                t = time.perf_counter()
+                self._fn(item)
+                self.latencies.append(time.perf_counter() - t)
+        return self.examples, time.perf_counter() - start[0], time.process_time() - start[1]
+
+
+def _write_eval_tsv(data_dir: str, count: int, folder: str) -> tuple[str, list[str], list[int]]:
+    """The first `count` SST-2 dev rows in a scratch TSV (outside the repo), and their sentences and labels."""
+    with open(os.path.join(data_dir, "sst2", "dev.tsv"), encoding="utf-8") as f:
+        header, *rows = f.read().splitlines()
+    rows = rows[:count]
+    path = os.path.join(folder, "dev.tsv")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join([header] + rows) + "\n")
+    pairs = [row.split("\t") for row in rows]
+    return path, [p[0] for p in pairs], [int(p[1]) for p in pairs]
+
+
+def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, batch_size: int, latency_calls: int,
+                  folder: str, peer_model_fn=None) -> tuple[list, list, object]:
+    """Our evaluation/serving configurations (and the peer's with `peer_model_fn(keras_model)`); returns
+    (configurations, check lines, the Trainer holding the model)."""
+    import numpy as np  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+    import tf_keras  # noqa: PLC0415
+    from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
+    from engine.trainer import Trainer  # noqa: PLC0415
+    from tasks import encoders, serving  # noqa: PLC0415
+    from tasks.classification import ClassificationConfig, ClassificationTask  # noqa: PLC0415
+
+    path, sentences, labels = _write_eval_tsv(data_dir, eval_examples, folder)
+    vocab_file = os.path.join(encoders.minilm_dir(), "vocab.txt")
+    task = ClassificationTask(ClassificationConfig(
+        data_files={"validation": path}, encoder=encoder_init, vocab_file=vocab_file,
+        max_seq_length=setup.seq_length))
+    trainer = Trainer(task, TrainerConfig(model_dir=os.path.join(folder, "run"), train_steps=1,
+                                          global_batch_size=batch_size, eval_batch_size=batch_size),
+                      engine_vs_fit.optimizer_config(), RuntimeConfig(precision="float32"))
+    tf_keras.mixed_precision.set_global_policy("float32")
+    # launch.predict and launch.export restore a checkpoint into a freshly built model: do the same.
+    prefix = tf.train.Checkpoint(model=trainer.model).write(os.path.join(folder, "ckpt", "ckpt"))
+    model = task.build_model()
+    serving.restore(model, prefix, expected="bench")
+    export_dir = serving.save(serving.serving_module(task, model), os.path.join(folder, "serving"))
+    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+
+    batches = [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]
+    singles = sentences[:latency_calls]
+    n = len(sentences)
+    configs = [
+        Timed("evaluate", "Trainer.evaluate", trainer.evaluate, n),
+        Timed("predict", "launch.predict path (task.predict)", lambda: task.predict(model, sentences,
+                                                                                   batch_size=batch_size), n),
+        Timed(f"serving batch {batch_size}", f"SavedModel batch {batch_size}",
+              lambda: [serve(sentence=tf.constant(b))["probabilities"].numpy() for b in batches], n),
+        Timed("serving batch 1", "SavedModel batch 1",
+              lambda s: serve(sentence=tf.constant([s]))["probabilities"].numpy(), len(singles), per_call=singles),
+    ]
+    _, ours = task.predict(model, sentences, batch_size=batch_size)
+    checks = [f"evaluation sentences: the first {n} of SST-2 dev; our evaluate accuracy "
+              f"{trainer.evaluate()['accuracy']:.4f} (an untrained head: a consistency check only)"]
+    if peer_model_fn is not None:
+        import pytorch_peer  # noqa: PLC0415
+        peer = peer_model_fn(trainer.model)
+        for padding, label in (("max_length", f"pad {setup.seq_length}"), ("longest", "pad longest")):
+            clf = pytorch_peer.Classifier(peer, encoders.minilm_dir(), max_length=setup.seq_length, padding=padding)
+
+            def evaluate(clf=clf):
+                probabilities = clf.predict(sentences, batch_size)
+                return float(np.mean(probabilities.argmax(-1) == np.asarray(labels)))
+            for group in ("evaluate", "predict", f"serving batch {batch_size}"):
+                # One timing serves all three groups (the peer's evaluate and predict are the same loop);
+                # it is timed once per round, in the first group, and reused for the others.
+                configs.append(Timed(group, f"pytorch inference_mode {label}", evaluate, n))
+            configs.append(Timed("serving batch 1", f"pytorch inference_mode {label}",
+                                 lambda s, clf=clf: clf.probabilities([s]), len(singles), per_call=singles))
+            if padding == "max_length":
+                theirs = clf.predict(sentences, batch_size)
+                ids_ours = task.tokenizer.encode(tf.constant(sentences))["input_word_ids"].numpy()
+                ids_theirs = clf.encode(sentences)["input_ids"].numpy()
+                same_ids = int(np.sum(np.all(ids_ours == ids_theirs, axis=1)))
+                checks.append(f"same weights: HF tokenizer gives our token ids for {same_ids}/{n} sentences; "
+                              f"largest probability difference ours vs peer {np.max(np.abs(ours - theirs)):.2e}")
+    return configs, checks, trainer
+
+
+# ------------------------------------------------------------------------------------ the run
+
+def _paired(a: list, b: list) -> tuple[float, list]:
+    per_round = [x / y for x, y in zip(a, b)]
+    return statistics.median(per_round), per_round
+
+
+def _ratio_line(label: str, a: list, b: list, cpu: tuple | None = None) -> str:
+    ratio, per_round = _paired(a, b)
+    text = f"{label} = {ratio:.3f} (rounds: {', '.join(f'{r:.2f}' for r in per_round)})"
+    if cpu:
+        text += f" (per CPU-s: {_paired(*cpu)[0]:.3f})"
+    return text
+
+
+def _cpu_description() -> str:
+    from engine import precision as precision_lib  # noqa: PLC0415
+    name = precision_lib.cpu_model_name()
+    return (f"{name}, {os.cpu_count()} cores, native bf16 (avx512_bf16/amx_bf16): "
+            f"{'yes' if precision_lib.cpu_has_native_bf16() else 'no'}")
+
+
+def _load() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "load: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds: int, fit: bool = True,
+                  pytorch: bool = True, torch_compile: bool = True, grad_accum_steps: int = 4,
+                  num_examples: int = 256, eval_examples: int = 256, serving_batch_size: int = 32,
+                  latency_calls: int = 32, output: str | None = None, command: str = "") -> dict:
+    """The whole benchmark; returns {"train", "serving", "lines", "markdown"}."""
+    import dataclasses  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+    from tasks import encoders  # noqa: PLC0415
+
+    started = time.perf_counter()
+    setup = engine_vs_fit.make_setup(quick, num_examples)
+    encoder_init = setup.encoder if quick else "minilm"
+    flops = engine_vs_fit.train_flops_per_example(setup)
+    header = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+        "CPU": _cpu_description(),
+        "load at start": _load(),
+        "model": (f"{'tiny random encoder' if quick else 'all-MiniLM-L6-v2'} ({setup.encoder.num_hidden_layers} layers, "
+                  f"hidden {setup.encoder.hidden_size}), softmax head; seq {setup.seq_length}, batch {setup.batch_size}"),
+        "timing": f"{rounds} interleaved rounds; training windows of {steps} steps after untimed warm-up calls",
+    }
+    lines: list[str] = []
+    have_torch, why = (False, "--nopytorch")
+    if pytorch:
+        import pytorch_peer  # noqa: PLC0415  (imports no torch by itself)
+        have_torch, why = pytorch_peer.available()
+    if have_torch:
+        header["peer"] = why
+        pytorch_peer.set_threads()
+    else:
+        header["peer"] = NO_PEER.format(why)
+    for k, v in header.items():
+        print(f"{k}: {v}", flush=True)
+
+    folder = tempfile.mkdtemp(prefix="vs_pytorch_")
+    train_task = engine_vs_fit.make_task(dataclasses.replace(setup, encoder=encoder_init), data_dir)
+    opt = engine_vs_fit.optimizer_config()
+
+    def peer_model(keras_model):
+        if quick:
+            return pytorch_peer.from_config(setup.encoder, keras_model)
+        return pytorch_peer.load_classifier(encoders.minilm_dir(), keras_model)
+
+    # --- configurations (all built before any timing)
+    serving_configs, checks = [], []
+    if eval_examples:
+        serving_configs, checks, eval_trainer = build_serving(
+            setup, encoder_init, data_dir, eval_examples=eval_examples, batch_size=serving_batch_size,
+            latency_calls=latency_calls, folder=folder, peer_model_fn=peer_model if have_torch else None)
+    runners = []
+    for precision in precisions:
+        if fit:
+            runners.append(engine_vs_fit.FitRunner(train_task, setup.batch_size, precision, 1, False))
+        runners.append(engine_vs_fit.EngineRunner(train_task, setup.batch_size, precision, False, steps))
+        if grad_accum_steps > 1 and precision == precisions[0]:
+            runners.append(engine_vs_fit.EngineRunner(train_task, setup.batch_size, precision, False, steps,
+                                                      grad_accum_steps=grad_accum_steps))
+        if have_torch:
+            head_model = runners[-1].trainer.model if not fit else runners[0].model
+            for compiled in ([False, True] if torch_compile else [False]):
+                runners.append(pytorch_peer.TrainRunner(
+                    peer_model(head_model), train_task.features, train_task.labels, batch_size=setup.batch_size,
+                    precision=precision, compile_model=compiled, clip_norm=opt.clip_norm,
+                    optimizer_kwargs=dict(learning_rate=opt.learning_rate, weight_decay=opt.weight_decay,
+                                          beta_1=opt.beta_1, beta_2=opt.beta_2, epsilon=opt.epsilon)))
+    for line in checks:
+        print(line, flush=True)
+
+    # --- warm-up: tracing, XLA islands, torch.compile; a one-step probe drops hopeless configurations
+    windows = {r: [] for r in runners}
+    probe = {}
+    for runner in runners:
+        start = time.perf_counter()
+        runner.run(1)
+        probe[runner] = (1, *runner.run(1))
+        print(f"warm-up | {runner.precision} | {runner.name} | {time.perf_counter() - start:.1f} s, then one step "
+              f"{probe[runner][1]:.2f} s", flush=True)
+    contenders = []
+    for runner in runners:
+        fastest = min(probe[r][1] for r in runners if r.precision == runner.precision)
+        if probe[runner][1] > engine_vs_fit.SLOW_FACTOR * fastest:
+            windows[runner] = [probe[runner], (1, *runner.run(1))]
+            print(f"not a contender ({probe[runner][1] / fastest:.1f}x slower): {runner.precision} | {runner.name}")
+        else:
+            contenders.append(runner)
+    timed_serving = [c for c in serving_configs if c.kind == "ours" or c.group in ("evaluate", "serving batch 1")]
+    for config in timed_serving:
+        start = time.perf_counter()
+        config.run()
+        config.latencies.clear()
+        print(f"warm-up | {config.group} | {config.name} | {time.perf_counter() - start:.1f} s", flush=True)
+    serving_samples = {c: [] for c in serving_configs}
+    peaks = {"float32": (0.0, 0.0), "bfloat16": (0.0, 0.0)}
+
+    # --- interleaved rounds
+    try:
+        for round_index in range(rounds):
+            order = 1 if round_index % 2 == 0 else -1
+            for runner in contenders[::order]:
+                wall, cpu = runner.run(steps)
+                windows[runner].append((steps, wall, cpu))
+                print(f"round {round_index} | {runner.precision} | {runner.name} | "
+                      f"{steps * setup.batch_size / wall:.2f} examples/s | "
+                      f"{steps * setup.batch_size / cpu:.2f} examples/CPU-s", flush=True)
+            for config in timed_serving[::order]:
+                sample = config.run()
+                serving_samples[config].append(sample)
+                print(f"round {round_index} | {config.group} | {config.name} | {sample[0] / sample[1]:.2f} "
+                      f"examples/s", flush=True)
+            for config in serving_configs:  # the peer's shared timings, copied into the other groups
+                if config not in timed_serving:
+                    twin = next(c for c in timed_serving if c.name == config.name and c.group == "evaluate")
+                    serving_samples[config].append(serving_samples[twin][-1])
+            for name, dtype in (("float32", tf.float32), ("bfloat16", tf.bfloat16)):
+                peaks[name] = tuple(max(a, b) for a, b in zip(peaks[name], engine_vs_fit.matmul_peak_gflops(dtype)))
+    finally:
+        for runner in runners:
+            runner.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    header["load at end"] = _load()
+    header["matmul peak (best over rounds)"] = (f"fp32 {peaks['float32'][0]:.0f} GFLOP/s, "
+                                               f"bf16 {peaks['bfloat16'][0]:.0f} GFLOP/s")
+    header["wall time"] = f"{time.perf_counter() - started:.0f} s"
+
+    # --- training summary
+    train_rows = []
+    for runner in runners:
+        samples = windows[runner]
+        wall = [s * setup.batch_size / w for s, w, _ in samples]
+        cpu = [s * setup.batch_size / c for s, _, c in samples]
+        peak = peaks["bfloat16" if "bfloat16" in runner.precision else "float32"][0] * 1e9
+        train_rows.append(dict(runner=runner, precision=runner.precision, config=runner.name, wall_samples=wall,
+                               cpu_samples=cpu, wall=statistics.median(wall), cpu=statistics.median(cpu),
+                               mfu=flops * statistics.median(wall) / peak if peak else float("nan"),
+                               contender=runner in contenders))
+
+    def row(precision, name):
+        return next((r for r in train_rows if r["precision"] == precision and r["config"] == name), None)
+
+    def paired_line(label, a, b):
+        if not a["contender"] or not b["contender"]:
+            return f"{label} = {a['wall'] / b['wall']:.3f} (ratio of medians: one side had only probe steps)"
+        return _ratio_line(label, a["wall_samples"], b["wall_samples"], (a["cpu_samples"], b["cpu_samples"]))
+
+    targets = []
+    for precision in precisions:
+        eng = row(precision, "engine")
+        peers = [r for r in train_rows if r["precision"] == precision and r["runner"].kind in ("fit", "torch")]
+        for peer in peers:
+            lines.append(paired_line(f"{precision}: engine / {peer['config']}", eng, peer))
+        torch_rows = [r for r in peers if r["runner"].kind == "torch"]
+        if torch_rows:
+            best_torch = max(torch_rows, key=lambda r: r["wall"])
+            lines.append(paired_line(f"{precision}: engine / best pytorch ({best_torch['config']})", eng, best_torch))
+        if peers:
+            best_peer = max(peers, key=lambda r: r["wall"])
+            lines.append(paired_line(f"{precision}: engine / best peer ({best_peer['config']})", eng, best_peer))
+            goal = 1.15 if precision == "float32" else 1.3
+            value = float(lines[-1].split(" = ")[1].split()[0])
+            targets.append(f"training {precision}: engine / best peer >= {goal}: {value:.3f} "
+                           f"{'MET' if value >= goal else 'MISSED'}" + ("" if torch_rows else " (no PyTorch rows)"))
+        accum = next((r for r in train_rows if r["precision"] == precision and " accum " in r["config"]), None)
+        if accum:
+            lines.append(paired_line(f"{precision}: {accum['config']} / engine (same global batch)", accum, eng))
+            value = float(lines[-1].split(" = ")[1].split()[0])
+            targets.append(f"gradient accumulation: {accum['config']} / engine >= 0.95: {value:.3f} "
+                           f"{'MET' if value >= 0.95 else 'MISSED'}")
+    fit32 = row("float32", "fit spe=1")
+    for precision in precisions[1:]:
+        if fit32 and row(precision, "engine"):
+            lines.append(paired_line(f"{precision}: engine / float32 fit spe=1", row(precision, "engine"), fit32))
+
+    # --- evaluation and serving summary
+    serving_rows = []
+    for config in serving_configs:
+        samples = serving_samples[config]
+        wall = [e / w for e, w, _ in samples]
+        cpu = [e / c for e, _, c in samples]
+        entry = dict(config=config, group=config.group, name=config.name, wall_samples=wall, cpu_samples=cpu,
+                     wall=statistics.median(wall) if wall else float("nan"),
+                     cpu=statistics.median(cpu) if cpu else float("nan"))
+        if config.latencies:
+            lat = sorted(config.latencies)
+            entry["p50"], entry["p99"] = (1e3 * lat[len(lat) // 2], 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))])
+        serving_rows.append(entry)
+    for group in dict.fromkeys(r["group"] for r in serving_rows):
+        ours = next(r for r in serving_rows if r["group"] == group and r["config"].kind == "ours")
+        theirs = [r for r in serving_rows if r["group"] == group and r["config"].kind == "torch"]
+        for peer in theirs:
+            lines.append(_ratio_line(f"{group}: {ours['name']} / {peer['name']}", ours["wall_samples"],
+                                     peer["wall_samples"], (ours["cpu_samples"], peer["cpu_samples"])))
+        if theirs:
+            best = max(theirs, key=lambda r: r["wall"])
+            value, _ = _paired(ours["wall_samples"], best["wall_samples"])
+            targets.append(f"{group}: {ours['name']} / best pytorch ({best['name']}) >= 1.2: {value:.3f} "
+                           f"{'MET' if value >= 1.2 else 'MISSED'}")
+
+    text = markdown(header, train_rows, serving_rows, checks, lines, targets)
+    print("\n" + text, flush=True)
+    if output:
+        with open(output, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return {"train": train_rows, "serving": serving_rows, "lines": lines, "targets": targets, "markdown": text}
+
+
+def markdown(header, train_rows, serving_rows, checks, lines, targets) -> str:
+    out = [f"- {k}: {v}" for k, v in header.items()] + [f"- {c}" for c in checks] + [""]
+    out += ["| precision | training configuration | examples/s (median) | per round | examples/CPU-s | MFU |",
+            "| --- | --- | ---: | --- | ---: | ---: |"]
+    for r in train_rows:
+        out.append(f"| {r['precision']} | {r['config']} | {r['wall']:.2f} | "
+                   f"{' / '.join(f'{x:.1f}' for x in r['wall_samples'])} | {r['cpu']:.2f} | {100 * r['mfu']:.1f}% |")
+    if serving_rows:
+        out += ["", "| float32 | evaluation / serving configuration | examples/s (median) | per round | "
+                "examples/CPU-s | batch-1 latency p50 / p99 |", "| --- | --- | ---: | --- | ---: | ---: |"]
+        for r in serving_rows:
+            latency = f"{r['p50']:.1f} / {r['p99']:.1f} ms" if "p50" in r else ""
+            out.append(f"| {r['group']} | {r['name']} | {r['wall']:.2f} | "
+                       f"{' / '.join(f'{x:.1f}' for x in r['wall_samples'])} | {r['cpu']:.2f} | {latency} |")
+    out += [""] + [f"- ratio | {line}" for line in lines] + [""] + [f"- target | {t}" for t in targets]
+    return "\n".join(out + [""])
+
+
+def main(argv):
+    del argv
+    run_benchmark(quick=FLAGS.quick, data_dir=FLAGS.data_dir, precisions=FLAGS.precisions, steps=FLAGS.steps,
+                  rounds=FLAGS.rounds, fit=FLAGS.fit, pytorch=FLAGS.pytorch, torch_compile=FLAGS.torch_compile,
+                  grad_accum_steps=FLAGS.grad_accum_steps, num_examples=FLAGS.num_examples,
+                  eval_examples=FLAGS.eval_examples, serving_batch_size=FLAGS.serving_batch_size,
+                  latency_calls=FLAGS.latency_calls, output=FLAGS.output, command=" ".join(["python"] + sys.argv))
+
+
+if __name__ == "__main__":
+    app.run(main)
