@@ -39,8 +39,14 @@ sst2-soup: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Engine vs model.fit vs PyTorch + HF (training fp32/bf16, gradient accumulation, evaluate/predict/serving),
+# interleaved rounds in one process. The PyTorch rows need the bench extra: `$(PY) -m pip install torch==2.13.0`
+# (the CPU wheel), then `$(PY) -m pip install -e '.[bench]'`; without it the bench says so and times the rest.
+# BENCH_FLAGS e.g. '--rounds=1 --steps=1 --eval_examples=32' for a quick look, '--notorch_compile' to skip
+# torch.compile (minutes of compiling on 2 cores).
+BENCH_FLAGS ?= --rounds=5 --steps=2
 bench: setup
-	$(PY) bench/engine_vs_fit.py --data_dir=$(DATA_DIR)
+	$(PY) bench/vs_pytorch.py --data_dir=$(DATA_DIR) $(BENCH_FLAGS)
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(RUN_DIR)
