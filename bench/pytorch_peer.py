@@ -6,8 +6,8 @@ hold the same weights (checked: logits agree). Training: the same pre-tokenized 
 tokenizer's ids), AdamW with the engine's hyperparameters (lr 2e-5 constant, betas 0.9/0.999, eps 1e-6,
 weight decay 0.01 except LayerNorm and biases, global-norm clip 1.0), fp32 or bf16 autocast, eager or
 `torch.compile`. Inference: `torch.inference_mode`, raw sentences tokenized by HF's fast tokenizer over
-the same vocab (MiniLM's tokenizer.json; same ids as ours, checked), padded to max_length (the engine's fixed shape) or to the
-batch's longest sentence (HF's usual `padding=True`).
+the same vocab (MiniLM's tokenizer.json; same ids as ours, checked), padded to max_length (the engine's
+fixed shape) or to the batch's longest sentence (HF's usual `padding=True`).
 
 Only this file imports torch: the engine, tasks and launchers never do. `available()` says whether the
 `bench` extra is installed (`pip install -e .[bench]`).

@@ -216,8 +216,9 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
         "CPU": _cpu_description(),
         "load at start": _load(),
-        "model": (f"{'tiny random encoder' if quick else 'all-MiniLM-L6-v2'} ({setup.encoder.num_hidden_layers} layers, "
-                  f"hidden {setup.encoder.hidden_size}), softmax head; seq {setup.seq_length}, batch {setup.batch_size}"),
+        "model": (f"{'tiny random encoder' if quick else 'all-MiniLM-L6-v2'} "
+                  f"({setup.encoder.num_hidden_layers} layers, hidden {setup.encoder.hidden_size}), softmax head; "
+                  f"seq {setup.seq_length}, batch {setup.batch_size}"),
         "timing": f"{rounds} interleaved rounds; training windows of {steps} steps after untimed warm-up calls",
     }
     lines: list[str] = []
