@@ -50,20 +50,8 @@ flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mi
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the forward/backward step (measure: helps on some CPUs).")
 
 
-class _BoolOrAutoParser(flags.BooleanParser):
-    """A boolean flag (--x, --nox, --x=false) that also takes --x=auto."""
-
-    def parse(self, argument):
-        if isinstance(argument, str) and argument.strip().lower() == "auto":
-            return "auto"
-        return super().parse(argument)
-
-    def flag_type(self):
-        return "bool or auto"
-
-
 flags.DEFINE_flag(flags.Flag(
-    _BoolOrAutoParser(), flags.ArgumentSerializer(), "fuse_elementwise", "auto",
+    common_flags.BoolOrAutoParser(), flags.ArgumentSerializer(), "fuse_elementwise", "auto",
     "Run the model's Dropout and Activation layers as small XLA kernels (engine/fusion.py). auto: on for the CPU, "
     "where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", boolean=True))
 flags.DEFINE_float("peak_tflops", 0, "MFU: peak dense TFLOP/s of one GPU or TPU device (or of one host's CPU) for the "

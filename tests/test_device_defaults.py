@@ -64,8 +64,9 @@ def test_runtime_config_fuse_elementwise_values():
 
 
 def test_fuse_elementwise_flag_takes_bool_syntax_and_auto():
-    from launch.train import _BoolOrAutoParser  # noqa: PLC0415
-    parser = _BoolOrAutoParser()
+    # From common_flags: importing launch.train here would define its flags a second time in this process.
+    from launch.common_flags import BoolOrAutoParser  # noqa: PLC0415
+    parser = BoolOrAutoParser()
     assert [parser.parse(v) for v in ("auto", "AUTO", "true", "false", "1", "0")] == ["auto", "auto", 1, 0, 1, 0]
     with pytest.raises(ValueError):
         parser.parse("sometimes")
