@@ -337,7 +337,8 @@ class Trainer:
         tokens = (f"global batch {cfg.global_batch_size} = {self.num_replicas} replicas x "
                   f"{cfg.grad_accum_steps} micro-batches x {self.per_replica_batch_size}")
         print(f"{self.task.name}: {params:,} parameters | {tokens} | precision {self.precision} | "
-              f"xla {self.runtime.jit_compile} | XLA-fused layers {self.fused_layers if self.fuse_elementwise else 'off'} | "
+              f"xla {self.runtime.jit_compile} | "
+              f"XLA-fused layers {self.fused_layers if self.fuse_elementwise else 'off'} | "
               f"weight average {self.optimizer_config.ema_decay or 'off'} | "
               f"strategy {type(self.strategy).__name__}", flush=True)
         if step == 0:
