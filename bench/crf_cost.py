@@ -29,8 +29,8 @@ import tensorflow as tf  # noqa: E402
 
 from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
-from tasks import crf  # noqa: E402
-from tasks.tagging import TaggingConfig, TaggingTask  # noqa: E402
+from tasks.ner import crf  # noqa: E402
+from tasks.ner.task import TaggingConfig, TaggingTask  # noqa: E402
 
 
 def cpu_model() -> str:

@@ -93,7 +93,7 @@ def make_task(setup: Setup, data_dir: str):
     """A ClassificationTask (random-init encoder) whose training input is in-memory, pre-tokenized tensors."""
     import tensorflow as tf  # noqa: PLC0415
     from tasks import encoders  # noqa: PLC0415
-    from tasks.classification import ClassificationConfig, ClassificationTask  # noqa: PLC0415
+    from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
 
     class InMemoryTask(ClassificationTask):
         """Tokenizes once; fit and the engine then read the same tensors, so input costs them alike."""

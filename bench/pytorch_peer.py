@@ -1,7 +1,7 @@
 """The PyTorch + Hugging Face peer for bench/vs_pytorch.py: what users would run instead of this engine.
 
 `BertForSequenceClassification` loaded from the same all-MiniLM-L6-v2 safetensors the engine's "minilm"
-encoder converts (tasks/encoders.py), with the classifier head copied from our Keras model, so both sides
+encoder converts (tasks/encoders/bert.py), with the classifier head copied from our Keras model, so both sides
 hold the same weights (checked: logits agree). Training: the same pre-tokenized SST-2 batches (our
 tokenizer's ids), AdamW with the engine's hyperparameters (lr 2e-5 constant, betas 0.9/0.999, eps 1e-6,
 weight decay 0.01 except LayerNorm and biases, global-norm clip 1.0), fp32 or bf16 autocast, eager or
@@ -37,7 +37,7 @@ def set_threads(num_threads: int | None = None) -> None:
 
 def load_classifier(model_dir: str, keras_model=None, num_labels: int = 2):
     """HF BertForSequenceClassification from `model_dir` (config.json + model.safetensors); with `keras_model`
-    (tasks.classification's model), its `logits` Dense layer becomes the classifier, so the weights match."""
+    (tasks.classification.task's model), its `logits` Dense layer becomes the classifier, so the weights match."""
     from transformers import BertForSequenceClassification, logging as hf_logging  # noqa: PLC0415
 
     verbosity = hf_logging.get_verbosity()

@@ -90,7 +90,7 @@ def run_once(task, precision: str) -> dict:
 def main(argv):
     del argv
     from engine import precision as precision_lib  # noqa: PLC0415
-    from tasks import squad  # noqa: PLC0415
+    from tasks.squad import task as squad  # noqa: PLC0415
 
     base = squad.SquadTask(squad.SquadConfig(encoder=FLAGS.encoder, max_seq_length=FLAGS.seq_length))
     features, record_path = base.features("train")  # build the cache before anything is timed

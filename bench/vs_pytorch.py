@@ -110,8 +110,10 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     import tf_keras  # noqa: PLC0415
     from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
     from engine.trainer import Trainer  # noqa: PLC0415
-    from tasks import encoders, serving  # noqa: PLC0415
-    from tasks.classification import ClassificationConfig, ClassificationTask  # noqa: PLC0415
+    from tasks import encoders  # noqa: PLC0415
+    from engine import checkpoints  # noqa: PLC0415
+    from tasks import serving  # noqa: PLC0415
+    from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
 
     path, sentences, labels = _write_eval_tsv(data_dir, eval_examples, folder)
     vocab_file = os.path.join(encoders.minilm_dir(), "vocab.txt")
@@ -125,8 +127,8 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     # launch.predict and launch.export restore a checkpoint into a freshly built model: do the same.
     prefix = tf.train.Checkpoint(model=trainer.model).write(os.path.join(folder, "ckpt", "ckpt"))
     model = task.build_model()
-    serving.restore(model, prefix, expected="bench")
-    export_dir = serving.save(serving.serving_module(task, model), os.path.join(folder, "serving"))
+    checkpoints.restore_model(model, prefix, expected="bench")
+    export_dir = serving.save(task.serving_module(model), os.path.join(folder, "serving"))
     serve = tf.saved_model.load(export_dir).signatures["serving_default"]
 
     batches = [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]

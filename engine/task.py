@@ -69,3 +69,7 @@ class Task:
         Every worker of a multi-worker job gets all outputs and computes the same metrics; only one is asked
         to `write_files` (predictions), through tf.io.gfile."""
         return {}
+
+    def serving_module(self, model: tf_keras.Model) -> tf.Module:
+        """A tf.Module with a `serve` tf.function and `signatures()`, for `tf.saved_model.save` (launch.export)."""
+        raise NotImplementedError(f"task {type(self).__name__} has no serving export")

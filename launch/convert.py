@@ -37,7 +37,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def run(flag_values: flags.FlagValues) -> str:
     """Converts as the parsed flags say; returns the written checkpoint prefix."""
-    from tasks import convert  # noqa: PLC0415 - after absl parsed the flags, so --help is fast
+    from tasks.encoders import convert  # noqa: PLC0415 - after absl parsed the flags, so --help is fast
 
     converter = {"hf": convert.convert_hf, "tf1": convert.convert_tf1}[flag_values["from"].value]
     prefix = converter(flag_values.checkpoint, flag_values.output_dir, bert_config=flag_values.bert_config,

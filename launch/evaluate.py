@@ -131,7 +131,8 @@ class Evaluator:
     def __init__(self, strategy, run_dir: str, first_checkpoint: str):
         from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
         from engine.trainer import Trainer  # noqa: PLC0415
-        from tasks import registry, serving  # noqa: PLC0415
+        from tasks import registry  # noqa: PLC0415
+        from engine import checkpoints  # noqa: PLC0415
 
         registry.fill_unset_flags(FLAGS, first_checkpoint)
         if FLAGS.task is None:
@@ -159,7 +160,7 @@ class Evaluator:
         self.trainer = Trainer(task, config, runtime=runtime, strategy=strategy)
         # Once: refuse a checkpoint of another model (Trainer.restore loads whatever matches, for speed).
         shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in registry.MODEL_FLAGS)
-        serving.restore(self.trainer.model, first_checkpoint, expected=f"--task={FLAGS.task} {shown}")
+        checkpoints.restore_model(self.trainer.model, first_checkpoint, expected=f"--task={FLAGS.task} {shown}")
 
     def evaluate(self, checkpoint: str) -> tuple[int, dict]:
         """(step, metrics) of one checkpoint on the split; prints the line launch.train prints for an evaluation."""
@@ -184,7 +185,7 @@ def _make_strategy():
 def evaluate_once(strategy) -> dict:
     import tensorflow as tf  # noqa: PLC0415
     from engine import files  # noqa: PLC0415
-    from tasks import serving  # noqa: PLC0415
+    from engine import checkpoints  # noqa: PLC0415
     if not FLAGS.checkpoint:
         raise app.UsageError("--mode=eval needs --checkpoint (a checkpoint or a launch.train model_dir)")
     # A missing checkpoint fails before a model is built. tf.io.gfile: the model_dir may be gs://.
@@ -194,7 +195,7 @@ def evaluate_once(strategy) -> dict:
             raise FileNotFoundError(f"--checkpoint={FLAGS.checkpoint}: no checkpoint in this folder (expected a "
                                     "launch.train --model_dir, or a checkpoint prefix such as <model_dir>/ckpt-100)")
     else:
-        path = serving.resolve_checkpoint(FLAGS.checkpoint)
+        path = checkpoints.resolve_checkpoint(FLAGS.checkpoint)
         run_dir = os.path.dirname(path)
     evaluator = Evaluator(strategy, run_dir, path)
     step, metrics = evaluator.evaluate(path)

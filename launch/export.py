@@ -9,7 +9,7 @@
 --encoder writes EXPORT_DIR/encoder (use with hub.KerasLayer(..., trainable=True)) and EXPORT_DIR/preprocessor
 (raw strings in; `tokenize` and `bert_pack_inputs` as TF Hub's bert_en_uncased_preprocess).
 
---task writes one SavedModel whose `serving_default` signature takes raw strings (see tasks/serving.py):
+--task writes one SavedModel whose `serving_default` signature takes raw strings (see tasks/*/serving.py):
 the weights of --checkpoint (a launch.train --model_dir or a checkpoint prefix) in the model that the
 task flags describe. --task and the task flags (--init_encoder, --max_seq_length, --label_names, --head, ...)
 default to those launch.train saved in the model_dir; flags given here win. Loading it needs
@@ -70,7 +70,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lower_case: bool | None = True,
                    seq_length: int = 128) -> dict[str, str]:
     """Exports `make_encoder(init)` and its preprocessor under `export_dir`; returns their paths."""
-    from tasks import encoders, hub  # noqa: PLC0415 - TensorFlow loads after flag parsing
+    from tasks import encoders  # noqa: PLC0415 - TensorFlow loads after flag parsing
+    from tasks.encoders import hub
 
     lower_case = True if lower_case is None else lower_case  # --lower_case unset: uncased, as MiniLM
     encoder, own_vocab = encoders.make_encoder(init)
@@ -93,15 +94,17 @@ def _task_values(flag_values: flags.FlagValues) -> dict:
 
 def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str) -> str:
     """Builds Task `task` from launch `values`, loads `checkpoint` into its model, writes the serving SavedModel."""
-    from tasks import registry, serving  # noqa: PLC0415 - TensorFlow loads after flag parsing
+    from tasks import registry  # noqa: PLC0415 - TensorFlow loads after flag parsing
+    from engine import checkpoints  # noqa: PLC0415
+    from tasks import serving  # noqa: PLC0415
 
-    serving.resolve_checkpoint(checkpoint)  # a missing checkpoint fails before any model is built
+    checkpoints.resolve_checkpoint(checkpoint)  # a missing checkpoint fails before any model is built
     built, _ = registry.build_task(task, values)
     model = built.build_model()
     shown = [f"--{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in sorted(values.items()) if v is not None]
-    path = serving.restore(model, checkpoint, expected=f"--task={task} ({' '.join(shown)})")
+    path = checkpoints.restore_model(model, checkpoint, expected=f"--task={task} ({' '.join(shown)})")
     logging.info("export | task: %s | weights: %s", task, path)
-    serving.save(serving.serving_module(built, model), export_dir)
+    serving.save(built.serving_module(model), export_dir)
     return export_dir
 
 

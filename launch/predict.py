@@ -117,7 +117,7 @@ def _read_squad_inputs() -> list[dict]:
         return [{"id": "0", "question": FLAGS.question, "context": FLAGS.context}]
     if not FLAGS.input_json:
         raise app.UsageError("give --question and --context, or --input_json")
-    from tasks import squad_data  # noqa: PLC0415
+    from tasks.squad import data as squad_data  # noqa: PLC0415
     raw = squad_data.load_json(FLAGS.input_json)
     if isinstance(raw, dict) and "data" in raw:  # a SQuAD file: every question, ids kept
         return [{"id": qa["id"], "question": qa["question"], "context": paragraph["context"]}
@@ -134,7 +134,7 @@ def _predict_squad(task, model, records: list[dict]) -> list[dict]:
 
 
 def _write_squad(predictions: list[dict], path: str) -> None:
-    from tasks.squad import write_predictions  # noqa: PLC0415
+    from tasks.squad.task import write_predictions  # noqa: PLC0415
     write_predictions(path, {p["id"]: p["answer"] for p in predictions})  # the official {id: answer} format
 
 
@@ -148,12 +148,12 @@ PREDICTORS: dict[str, Predictor] = {
 
 def restore_model(task, model_dir: str, values: dict):
     """Builds the Task's model and loads the weights the Trainer saved, refusing any architecture mismatch."""
-    from tasks import serving  # noqa: PLC0415
+    from engine import checkpoints  # noqa: PLC0415
     from tasks.registry import MODEL_FLAGS  # noqa: PLC0415
-    checkpoint = serving.resolve_checkpoint(model_dir)  # a missing checkpoint fails before a model is built
+    checkpoint = checkpoints.resolve_checkpoint(model_dir)  # a missing checkpoint fails before a model is built
     model = task.build_model()
     shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in MODEL_FLAGS)
-    path = serving.restore(model, checkpoint, expected=f"--task={FLAGS.task} {shown}")
+    path = checkpoints.restore_model(model, checkpoint, expected=f"--task={FLAGS.task} {shown}")
     return model, path
 
 

@@ -58,10 +58,10 @@ def shared_model_flags(model_dirs: list[str]) -> dict:
 def average_checkpoints(model, model_dirs: list[str], expected: str) -> list[str]:
     """Loads each run's latest `model` weights (architecture-checked) and sets `model` to their mean."""
     import numpy as np  # noqa: PLC0415
-    from tasks import serving  # noqa: PLC0415
+    from engine import checkpoints  # noqa: PLC0415
     total, paths = None, []
     for model_dir in model_dirs:
-        paths.append(serving.restore(model, serving.resolve_checkpoint(model_dir), expected=expected))
+        paths.append(checkpoints.restore_model(model, checkpoints.resolve_checkpoint(model_dir), expected=expected))
         weights = [np.asarray(w, np.float64) for w in model.get_weights()]
         total = weights if total is None else [t + w for t, w in zip(total, weights)]
     model.set_weights([t / len(model_dirs) for t in total])

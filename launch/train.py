@@ -95,7 +95,7 @@ flags.DEFINE_float("clip_norm", 1.0, "Clip the global gradient norm (0: off).")
 flags.DEFINE_float("ema_decay", None, "Keep an exponential moving average of the weights with this decay (e.g. "
                    "0.999) and evaluate, checkpoint and export it instead of the last weights.")
 
-# --- classification (field names of tasks.classification.ClassificationConfig)
+# --- classification (field names of tasks.classification.task.ClassificationConfig)
 flags.DEFINE_list("text_columns", None, "TSV column(s) with the text: one, or two for sentence pairs.")
 flags.DEFINE_string("label_column", None, "TSV column with the label.")
 flags.DEFINE_list("label_names", None, "String labels in class-id order (default: integer labels).")
@@ -111,7 +111,7 @@ flags.DEFINE_integer("group_by_length", None, "classification, conll_ner: sort t
 
 # --- task-specific flags of other tasks go below this line (field names of their config dataclasses)
 
-# --- conll_ner (field names of tasks.tagging.TaggingConfig; also uses --head, --predictions_dir)
+# --- conll_ner (field names of tasks.ner.task.TaggingConfig; also uses --head, --predictions_dir)
 flags.DEFINE_bool("iob2_constraints", None, "conll_ner CRF: forbid I-X after anything but B-X/I-X (default on).")
 flags.DEFINE_integer("max_words", None, "conll_ner: words per window (default max_seq_length - 2).")
 flags.DEFINE_bool("casing_features", None, "conll_ner: add a word-shape embedding (capitalisation) to the word-piece "
@@ -119,7 +119,7 @@ flags.DEFINE_bool("casing_features", None, "conll_ner: add a word-shape embeddin
 flags.DEFINE_integer("max_train_sentences", None, "conll_ner: first N training sentences (smoke runs).")
 flags.DEFINE_integer("max_eval_sentences", None, "conll_ner: first N evaluation sentences (smoke runs).")
 
-# --- squad (field names of tasks.squad.SquadConfig)
+# --- squad (field names of tasks.squad.task.SquadConfig)
 flags.DEFINE_string("squad_file", None, "SQuAD v1.1 JSON (default <data_dir>/squad/dev-v1.1.json, split by article).")
 flags.DEFINE_integer("doc_stride", None, "SQuAD: tokens between the starts of overlapping context windows.")
 flags.DEFINE_integer("max_query_length", None, "SQuAD: question tokens kept.")

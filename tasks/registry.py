@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from engine import files
 from engine.task import Task
+from tasks import textfiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,7 @@ class TaskSpec:
 
 
 def _classification_spec(**defaults) -> TaskSpec:
-    from tasks.classification import ClassificationConfig, ClassificationTask  # noqa: PLC0415 (lazy per task)
+    from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415 (lazy per task)
     return TaskSpec(ClassificationTask, ClassificationConfig,
                     lambda d: {"train": os.path.join(d, "sst2", "train.tsv"),
                                "validation": os.path.join(d, "sst2", "dev.tsv")}, defaults=defaults)
@@ -38,14 +39,14 @@ def _sst2_spec() -> TaskSpec:
 
 
 def _squad_spec(**fixed) -> TaskSpec:
-    from tasks.squad import SquadConfig, SquadTask  # noqa: PLC0415
+    from tasks.squad.task import SquadConfig, SquadTask  # noqa: PLC0415
     # No default files: --train_data/--eval_data if given, else one --squad_file (default dev-v1.1.json) that
-    # SquadConfig splits by article (tasks/squad_data.py).
+    # SquadConfig splits by article (tasks/squad/data.py).
     return TaskSpec(SquadTask, SquadConfig, lambda d: {}, fixed=fixed)
 
 
 def _conll_ner_spec(**fixed) -> TaskSpec:
-    from tasks.tagging import TaggingConfig, TaggingTask  # noqa: PLC0415
+    from tasks.ner.task import TaggingConfig, TaggingTask  # noqa: PLC0415
     return TaskSpec(TaggingTask, TaggingConfig,
                     lambda d: {split: os.path.join(d, "conll2003", name) for split, name in
                                (("train", "train.txt"), ("validation", "valid.txt"), ("test", "test.txt"))},
@@ -100,18 +101,12 @@ SPECS: dict[str, Callable[[], TaskSpec]] = {
 }
 
 
-def default_data_dir() -> str:
-    """$DATA_DIR, else ../shared/data beside the repository (where the project's data lives)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.environ.get("DATA_DIR") or os.path.join(os.path.dirname(repo), "shared", "data")
-
-
 def build_task(name: str, values: Mapping[str, Any]) -> tuple[Task, str]:
     """Builds Task `name` from launch values (flag name -> value); returns (task, eval split name)."""
     if name not in SPECS:
         raise ValueError(f"--task={name!r}: expected one of {sorted(SPECS)}")
     spec = SPECS[name]()
-    files = spec.default_files(values.get("data_dir") or default_data_dir())
+    files = spec.default_files(values.get("data_dir") or textfiles.default_data_dir())
     if values.get("train_data"):
         files["train"] = values["train_data"]
     if values.get("eval_data"):

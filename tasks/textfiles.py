@@ -9,6 +9,7 @@ name the file and line of bytes that are not UTF-8.
 from __future__ import annotations
 
 import codecs
+import os
 from typing import IO, Iterator, Optional
 
 
@@ -66,3 +67,9 @@ def read_text(path: str, *, missing: str = "") -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise _not_utf8(path, raw.count(b"\n", 0, error.start) + 1, raw, error) from None
+
+
+def default_data_dir() -> str:
+    """$DATA_DIR, else ../shared/data beside the repository (where the project's data lives)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tasks/ is at the top of the repository
+    return os.environ.get("DATA_DIR") or os.path.join(os.path.dirname(repo), "shared", "data")

@@ -10,7 +10,7 @@ import dataclasses  # noqa: E402
 import conftest  # noqa: E402,F401  (environment and two logical CPUs)
 from engine_helpers import run_training  # noqa: E402
 from tasks import encoders  # noqa: E402
-from tasks.classification import ClassificationConfig, ClassificationTask  # noqa: E402
+from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: E402
 
 train_file, model_dir, train_steps, seq_length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 BATCH = 16

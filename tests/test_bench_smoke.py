@@ -76,8 +76,8 @@ def test_vs_pytorch_engine_side_prints_its_ratio_lines(tmp_path):
 
 
 def test_engine_tasks_and_launchers_never_import_torch():
-    code = ("import sys\nimport engine.trainer, tasks.classification, tasks.squad, tasks.tagging, tasks.serving, "
-            "tasks.hub, launch.train\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = ("import sys\nimport engine.trainer, tasks.classification.task, tasks.squad.task, tasks.ner.task, tasks.serving, "
+            "tasks.encoders.hub, tasks.squad.serving, tasks.ner.serving, launch.train\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"

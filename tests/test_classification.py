@@ -14,7 +14,7 @@ from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
 from engine import inputs
 from engine_helpers import one_update_weights, run_training
 from tasks import encoders
-from tasks.classification import ClassificationConfig, ClassificationTask, read_tsv
+from tasks.classification.task import ClassificationConfig, ClassificationTask, read_tsv
 
 SST2 = os.path.join(DATA_DIR, "sst2")
 VOCAB = os.path.join(encoders.minilm_dir(), "vocab.txt")
@@ -120,7 +120,7 @@ def test_lower_case_flag_has_one_definition_and_reaches_export():
 
 def _export_and_serve(task, model, export_dir, sentences):
     from tasks import serving  # noqa: PLC0415
-    serving.save(serving.serving_module(task, model), str(export_dir))
+    serving.save(task.serving_module(model), str(export_dir))
     serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
     return {k: v.numpy() for k, v in serve(sentence=tf.constant(sentences)).items()}
 

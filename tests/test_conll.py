@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tasks import conll, span_metrics
+from tasks.ner import conll, span_metrics
 
 from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
 

@@ -13,8 +13,9 @@ from safetensors.numpy import load_file
 
 import bert_numpy_reference as ref
 from launch import convert as convert_launcher
-from tasks import convert, encoders
-from tasks.tokenization import WordPieceTokenizer
+from tasks.encoders import convert
+from tasks import encoders
+from tasks.encoders.tokenization import WordPieceTokenizer
 
 from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks import crf
+from tasks.ner import crf
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC"]  # 4 tags, one I- tag so IOB2 constraints bite
 

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 import bert_numpy_reference as ref
 from tasks import encoders
-from tasks.tokenization import WordPieceTokenizer
+from tasks.encoders.tokenization import WordPieceTokenizer
 
 from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
 

@@ -13,8 +13,8 @@ import tf_keras
 
 from launch import export as export_launcher
 from tasks import encoders
-from tasks import hub as thub
-from tasks.tokenization import WordPieceTokenizer
+from tasks.encoders import hub as thub
+from tasks.encoders.tokenization import WordPieceTokenizer
 
 from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
 

@@ -15,7 +15,7 @@ from engine.trainer import Trainer
 from conftest import DATA_DIR
 from engine_helpers import ToyTask
 from tasks import encoders
-from tasks.classification import ClassificationConfig, ClassificationTask
+from tasks.classification.task import ClassificationConfig, ClassificationTask
 
 B1, B2, EPS = 0.9, 0.999, 1e-6
 

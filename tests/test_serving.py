@@ -14,10 +14,12 @@ from absl import flags
 from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
 from engine_helpers import run_training
 from launch import export as export_launcher
-from tasks import conll, encoders, squad_data
-from tasks.classification import ClassificationConfig, ClassificationTask
-from tasks.squad import SquadConfig, SquadTask
-from tasks.tagging import TaggingConfig, TaggingTask
+from tasks.ner import conll
+from tasks import encoders
+from tasks.squad import data as squad_data
+from tasks.classification.task import ClassificationConfig, ClassificationTask
+from tasks.squad.task import SquadConfig, SquadTask
+from tasks.ner.task import TaggingConfig, TaggingTask
 
 TRICKY = ["Café déjà vu, naïve ﬁ ＡＢＣ", "tab\there\x07bell 東京 ΣΑΣ", "", "U.S. O'Neill 1996-08-22 ."]
 EXPECTED_SIGNATURES = {

@@ -9,9 +9,12 @@ import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 import pytest
 
-from tasks import squad, squad_data, squad_metrics
+from tasks import textfiles
+from tasks.squad import data as squad_data
+from tasks.squad import metrics as squad_metrics
+from tasks.squad import task as squad
 
-DATA_DIR = squad.default_data_dir()
+DATA_DIR = textfiles.default_data_dir()
 DEV_FILE = os.path.join(DATA_DIR, "squad", "dev-v1.1.json")
 OFFICIAL_SCRIPT = os.path.join(DATA_DIR, "squad", "evaluate-v1.1.py")
 

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks import encoders, squad_data, tokenization
-from tasks.squad import default_data_dir
+from tasks import encoders
+from tasks.squad import cache as squad_cache
+from tasks.squad import data as squad_data
+from tasks.encoders import tokenization
+from tasks.textfiles import default_data_dir
 
 DEV_FILE = os.path.join(default_data_dir(), "squad", "dev-v1.1.json")
 
@@ -78,7 +81,7 @@ def test_missing_file_is_a_clear_error(tmp_path, vocab_file):
     with pytest.raises(FileNotFoundError, match=r"SQuAD file not found: .*nowhere\.json \(set --data_dir"):
         squad_data.read_squad(missing)
     with pytest.raises(FileNotFoundError, match=r"SQuAD file not found"):
-        squad_data.cached_features(missing, "train", vocab_file=vocab_file, cache_dir=str(tmp_path))
+        squad_cache.cached_features(missing, "train", vocab_file=vocab_file, cache_dir=str(tmp_path))
 
 
 def test_missing_fields_are_a_clear_error(tmp_path):
@@ -212,21 +215,21 @@ def test_window_starts_cover_the_end_exactly():
 
 def test_second_run_reads_the_cache_and_not_the_tokenizer(tmp_path, vocab_file, monkeypatch):
     settings = squad_data.FeatureSettings(max_seq_length=128, doc_stride=64)
-    first, path = squad_data.cached_features(DEV_FILE, "train", vocab_file=vocab_file, settings=settings,
+    first, path = squad_cache.cached_features(DEV_FILE, "train", vocab_file=vocab_file, settings=settings,
                                              cache_dir=str(tmp_path), max_examples=20)
     assert not first.from_cache
 
     def fail(*args, **kwargs):
         raise AssertionError("re-tokenized although the cache exists")
     monkeypatch.setattr(squad_data, "build_features", fail)
-    second, path2 = squad_data.cached_features(DEV_FILE, "train", vocab_file=vocab_file, settings=settings,
+    second, path2 = squad_cache.cached_features(DEV_FILE, "train", vocab_file=vocab_file, settings=settings,
                                                cache_dir=str(tmp_path), max_examples=20)
     assert second.from_cache and path2 == path
     assert second.windows.tolist() == first.windows.tolist()
     assert [e.qas_id for e in second.data.examples] == [e.qas_id for e in first.data.examples]
     assert [t.char_end.tolist() for t in second.context_tokens] == [t.char_end.tolist() for t in first.context_tokens]
     # The TFRecord holds exactly the arrays that were built.
-    parse = squad_data.parse_batch_fn(128)
+    parse = squad_cache.parse_batch_fn(128)
     features, labels = next(iter(tf.data.TFRecordDataset(path).batch(1000).map(parse)))
     for name, value in {**features, **labels}.items():
         np.testing.assert_array_equal(value.numpy(), first.arrays[name], err_msg=name)
@@ -235,13 +238,13 @@ def test_second_run_reads_the_cache_and_not_the_tokenizer(tmp_path, vocab_file, 
 def test_cache_key_follows_content_and_settings(tmp_path, vocab_file):
     path = _write(tmp_path, _one_article("Ada wrote.", [
         {"id": "q", "question": "Who?", "answers": [{"text": "Ada", "answer_start": 0}]}]))
-    key = squad_data.cache_key(path, vocab_file, True, squad_data.FeatureSettings(), "all")
-    assert key == squad_data.cache_key(path, vocab_file, True, squad_data.FeatureSettings(), "all")
-    assert key != squad_data.cache_key(path, vocab_file, True, squad_data.FeatureSettings(doc_stride=64), "all")
-    assert key != squad_data.cache_key(path, vocab_file, True, squad_data.FeatureSettings(), "train")
+    key = squad_cache.cache_key(path, vocab_file, True, squad_data.FeatureSettings(), "all")
+    assert key == squad_cache.cache_key(path, vocab_file, True, squad_data.FeatureSettings(), "all")
+    assert key != squad_cache.cache_key(path, vocab_file, True, squad_data.FeatureSettings(doc_stride=64), "all")
+    assert key != squad_cache.cache_key(path, vocab_file, True, squad_data.FeatureSettings(), "train")
     with open(path, "a", encoding="utf-8") as f:
         f.write(" ")
-    assert key != squad_data.cache_key(path, vocab_file, True, squad_data.FeatureSettings(), "all")
+    assert key != squad_cache.cache_key(path, vocab_file, True, squad_data.FeatureSettings(), "all")
 
 
 # ------------------------------------------------------------------------ files per split (--task=squad)

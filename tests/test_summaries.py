@@ -155,7 +155,9 @@ def test_profile_steps_are_checked():
 def test_squad_feature_building_reports_progress_on_stderr(monkeypatch, capsys, tmp_path):
     """Every update printed (the interval set to 0 s): tokenization, windowing and the cache write report on
     stderr, keeping stdout for a program's results (launch.predict's JSON lines)."""
-    from tasks import encoders, squad_data  # noqa: PLC0415
+    from tasks import encoders  # noqa: PLC0415
+    from tasks.squad import cache as squad_cache  # noqa: PLC0415
+    from tasks.squad import data as squad_data
     monkeypatch.setattr(squad_data.summaries, "BatchProgress",
                         functools.partial(summaries.BatchProgress, every_secs=0))
     contexts = [f"The city number {i} was founded in {1800 + i} by settlers." for i in range(600)]
@@ -163,7 +165,7 @@ def test_squad_feature_building_reports_progress_on_stderr(monkeypatch, capsys, 
     tokenizer = squad_data.OffsetTokenizer(os.path.join(encoders.minilm_dir(), "vocab.txt"))
     features = squad_data.build_features(data, tokenizer, squad_data.FeatureSettings(max_seq_length=32),
                                          name="squad features of toy.json (train)")
-    squad_data._write_tfrecord(str(tmp_path / "toy.tfrecord"), features.arrays, name="squad features of toy.json")
+    squad_cache._write_tfrecord(str(tmp_path / "toy.tfrecord"), features.arrays, name="squad features of toy.json")
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()

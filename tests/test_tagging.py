@@ -11,8 +11,9 @@ import tensorflow as tf
 
 from conftest import DATA_DIR
 from engine_helpers import one_update_weights, run_training
-from tasks import conll, encoders
-from tasks.tagging import TaggingConfig, TaggingTask
+from tasks.ner import conll
+from tasks import encoders
+from tasks.ner.task import TaggingConfig, TaggingTask
 
 CONLLEVAL = os.path.join(DATA_DIR, "conll2003", "eval", "conlleval.pl")
 VOCAB = os.path.join(encoders.minilm_dir(), "vocab.txt")
@@ -143,7 +144,7 @@ def test_predict_returns_entities_with_character_offsets():
 
 
 def test_in_graph_word_shapes_equal_the_python_ones_on_every_conll_word():
-    from tasks import serving  # noqa: PLC0415
+    from tasks.ner import serving  # noqa: PLC0415
     words = sorted({w for s in conll.read_conll(os.path.join(DATA_DIR, "conll2003", "train.txt")) for w in s.words})
     words += ["Ångström", "ǅemal", "東京", "ÉCOLE", "éCOLE", "Ⓐ", ""]
     expected = [conll.word_shape(w) for w in words]
@@ -172,12 +173,12 @@ def test_casing_features_reach_the_encoder():
 
 
 def test_casing_features_default_to_uncased_model_garden_encoders_only():
-    from tasks.tagging import uses_casing_features  # noqa: PLC0415
+    from tasks.ner.task import uses_casing_features  # noqa: PLC0415
     model_garden, hub_layer = encoders.build_encoder(encoders.BertConfig.tiny()), tf.keras.layers.Layer()
     assert uses_casing_features(tiny_config(), model_garden)
     assert not uses_casing_features(tiny_config(lower_case=False), model_garden)  # a cased encoder sees case
     assert not uses_casing_features(tiny_config(), hub_layer)  # a hub.KerasLayer takes no input embeddings
     assert not uses_casing_features(tiny_config(casing_features=False), model_garden)
     with pytest.raises(ValueError, match="casing_features needs a Model Garden encoder"):
-        from tasks.tagging import TaggingModel  # noqa: PLC0415
+        from tasks.ner.task import TaggingModel  # noqa: PLC0415
         TaggingModel(hub_layer, tiny_config(casing_features=True))

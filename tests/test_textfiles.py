@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR
-from tasks import conll, encoders, squad_data, textfiles
-from tasks.classification import ClassificationConfig, read_tsv
-from tasks.tokenization import WordPieceTokenizer, read_vocab
+from tasks.ner import conll
+from tasks import encoders
+from tasks.squad import data as squad_data
+from tasks import textfiles
+from tasks.classification.task import ClassificationConfig, read_tsv
+from tasks.encoders.tokenization import WordPieceTokenizer, read_vocab
 
 BOM = "\ufeff".encode("utf-8")
 VOCAB = os.path.join(encoders.minilm_dir(), "vocab.txt")

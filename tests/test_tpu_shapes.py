@@ -16,7 +16,7 @@ from engine import inputs, strategy as strategy_lib
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, run_training
 from tasks import encoders
-from tasks.classification import ClassificationConfig, ClassificationTask
+from tasks.classification.task import ClassificationConfig, ClassificationTask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

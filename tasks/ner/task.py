@@ -22,9 +22,9 @@ import tf_keras
 
 from engine import inputs
 from engine.task import Task
-from tasks.registry import default_data_dir  # one definition of where data lives
-from tasks import conll, crf, encoders, span_metrics
-from tasks.tokenization import WordPieceTokenizer
+from tasks import encoders, textfiles
+from tasks.encoders.tokenization import WordPieceTokenizer
+from tasks.ner import conll, crf, span_metrics
 
 ENCODER_INPUTS = ("input_word_ids", "input_mask", "input_type_ids")
 SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "valid": "valid.txt", "dev": "valid.txt",
@@ -194,7 +194,7 @@ class TaggingTask(Task):
             return self.config.data_files[split]
         if split not in SPLIT_FILES:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
-        return os.path.join(self.config.data_dir or default_data_dir(), "conll2003", SPLIT_FILES[split])
+        return os.path.join(self.config.data_dir or textfiles.default_data_dir(), "conll2003", SPLIT_FILES[split])
 
     def num_examples(self, split: str) -> int:
         """Windows in a split (what one epoch of batches covers; used by launch --train_epochs)."""
@@ -289,6 +289,11 @@ class TaggingTask(Task):
                 f.write("".join(span_metrics.conlleval_lines(sentence.words, sentence.tags, tags)))
 
     # ------------------------------------------------------------------------------------ predict
+
+    def serving_module(self, model: tf_keras.Model) -> tf.Module:
+        """Raw strings in, this Task's answer out (see tasks/ner/serving.py)."""
+        from tasks.ner.serving import TaggingServing  # noqa: PLC0415 - tensorflow-text ops load only for an export
+        return TaggingServing(self, model)
 
     def predict(self, model: TaggingModel, texts: Sequence[str], *, batch_size: int = 32) -> list[list[Entity]]:
         """Raw texts -> entities with character offsets (one list per text; each text is one sentence)."""

@@ -18,8 +18,8 @@ import tf_keras
 from official.nlp.modeling.layers import text_layers
 from official.nlp.tools import export_tfhub_lib
 
-from tasks import encoders
-from tasks.tokenization import WordPieceTokenizer
+from tasks.encoders import bert
+from tasks.encoders.tokenization import WordPieceTokenizer
 
 ENCODER_INPUTS = ("input_word_ids", "input_mask", "input_type_ids")
 ENCODER_OUTPUTS = ("pooled_output", "sequence_output", "encoder_outputs")
@@ -39,7 +39,7 @@ def _load(handle: str, what: str):
 def _load_encoder(handle: str):
     loaded = _load(handle, "TF Hub encoder")
     try:
-        outputs = loaded(encoders.dummy_inputs())
+        outputs = loaded(bert.dummy_inputs())
         found = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
     except Exception as error:  # noqa: BLE001 - any failure means: not a BERT encoder interface
         found = f"a call that fails ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
@@ -73,7 +73,7 @@ def make_hub_encoder(handle: str, trainable: bool = True) -> tuple[hub.KerasLaye
     loaded = _load_encoder(handle)
     layer = hub.KerasLayer(loaded, trainable=trainable, name="hub_encoder")
     vocab_file = hub_vocab_file(handle, loaded)
-    encoders.check_vocab(layer, vocab_file)
+    bert.check_vocab(layer, vocab_file)
     return layer, vocab_file
 
 
@@ -111,7 +111,7 @@ def save_encoder(encoder: tf_keras.layers.Layer, export_path: str, *, vocab_file
     BertEncoder from its own config and restores a checkpoint into it), so this repeats its recipe:
     a functional model with dict inputs/outputs + `default`, the vocab as an asset, `do_lower_case`.
     """
-    encoders.check_vocab(encoder, vocab_file)
+    bert.check_vocab(encoder, vocab_file)
     inputs = {name: tf_keras.Input(shape=(None,), dtype=tf.int32, name=name) for name in ENCODER_INPUTS}
     outputs = dict(encoder(inputs))
     outputs["default"] = outputs["pooled_output"]

@@ -28,7 +28,7 @@ CONLL2003_COLUMNS = 4  # WORD POS CHUNK NER
 
 # Word shapes for uncased encoders, which never see capitalisation, the strongest single NER cue
 # ("Apple" vs "apple", "US" vs "us"). 0 is [CLS]/[SEP]/padding. Defined on Unicode categories Lu/Ll
-# so that the in-graph version in tasks/serving.py (RE2 \p{Lu}/\p{Ll}) computes the same thing.
+# so that the in-graph version in tasks/ner/serving.py (RE2 \p{Lu}/\p{Ll}) computes the same thing.
 SHAPE_NONE, SHAPE_NO_LETTERS, SHAPE_LOWER, SHAPE_UPPER, SHAPE_TITLE, SHAPE_MIXED = range(6)
 NUM_SHAPES = 6
 

@@ -5,7 +5,7 @@ under mixed precision, padding masked out. The loss per example is the mean of t
 cross-entropies. Evaluation brings every window's logits to the host; `decode_predictions` picks
 the best valid span of each question over all its windows and cuts the answer out of the original
 context, and `squad_metrics` scores it with the official EM/F1 rules. Data, splits and the feature
-cache are in `squad_data` (its docstring says why the dev file is split by article).
+cache are in data.py and cache.py (its docstring says why the dev file is split by article).
 """
 from __future__ import annotations
 
@@ -21,15 +21,16 @@ import tf_keras
 
 from engine import inputs
 from engine.task import Task
-from tasks.registry import default_data_dir  # one definition of where data lives
-from tasks import encoders, squad_data, squad_metrics
-
+from tasks import encoders, textfiles
+from tasks.squad import cache as squad_cache
+from tasks.squad import data as squad_data
+from tasks.squad import metrics as squad_metrics
 
 
 @dataclasses.dataclass(frozen=True)
 class SquadConfig:
     """SQuAD options; field names double as launch flag names (see tasks/registry.py)."""
-    data_dir: str = dataclasses.field(default_factory=default_data_dir)
+    data_dir: str = dataclasses.field(default_factory=textfiles.default_data_dir)
     # Split -> SQuAD v1.1-format JSON ("train", "validation"/"eval"; --train_data, --eval_data). With both, each
     # file is read whole; otherwise the one file given, or squad_file, is split by article (squad_data).
     data_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -218,7 +219,7 @@ class SquadTask(Task):
         if split not in self._features:
             cfg = self.config
             path, part = cfg.source(split)
-            features, record_path = squad_data.cached_features(
+            features, record_path = squad_cache.cached_features(
                 path, part, vocab_file=self.vocab_file, lower_case=cfg.lower_case,
                 settings=cfg.feature_settings, cache_dir=cfg.cache_dir, max_examples=cfg.max_examples)
             self._features[split] = features, record_path
@@ -253,7 +254,7 @@ class SquadTask(Task):
         dataset = inputs.shard_shuffle_batch(
             dataset, training=squad_data.canonical_split(split) == "train", batch_size=batch_size,
             input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
-        dataset = dataset.map(squad_data.parse_batch_fn(self.config.max_seq_length),
+        dataset = dataset.map(squad_cache.parse_batch_fn(self.config.max_seq_length),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -290,6 +291,11 @@ class SquadTask(Task):
             write_predictions(os.path.join(predictions_dir, f"predictions_{split}.json"), predictions)
         gold = {e.qas_id: [text for text, _ in e.answers] for e in features.data.examples}
         return squad_metrics.evaluate(gold, predictions)
+
+    def serving_module(self, model: tf_keras.Model) -> tf.Module:
+        """Raw strings in, this Task's answer out (see tasks/squad/serving.py)."""
+        from tasks.squad.serving import SquadServing  # noqa: PLC0415 - tensorflow-text ops load only for an export
+        return SquadServing(self, model)
 
     def predict(self, model: tf_keras.Model, questions: Sequence[str], contexts: Sequence[str], *,
                 batch_size: int = 16) -> list[str]:

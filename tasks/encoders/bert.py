@@ -14,7 +14,7 @@ import json
 import os
 import re
 import sysconfig
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -104,7 +104,6 @@ def minilm_dir() -> str:
         f"(looked in {candidates})")
 
 
-EncoderInit = Union[BertConfig, str]
 """A `BertConfig` (random init), "minilm", or a path/handle with pretrained weights (see `make_encoder`)."""
 
 # Tensors that checkpoints carry next to the encoder and that we deliberately drop: pre-training heads,
@@ -250,12 +249,12 @@ def load_tf1_weights(encoder: tf_keras.layers.Layer, checkpoint_prefix: str) -> 
     assign_weights(encoder, tensors, origin=f"TF1 checkpoint {checkpoint_prefix}", ignore=_IGNORED_TF1)
 
 
-def _build(encoder: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
+def build_variables(encoder: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
     encoder(dummy_inputs())  # creates the variables, so weights can be assigned or restored into them
     return encoder
 
 
-def _checkpoint_prefix(directory: str) -> str | None:
+def checkpoint_prefix(directory: str) -> str | None:
     """The checkpoint in `directory`: the `checkpoint` state file's latest, else the only `*.index` file."""
     latest = tf.train.latest_checkpoint(directory)
     if latest:
@@ -266,7 +265,7 @@ def _checkpoint_prefix(directory: str) -> str | None:
     return os.path.join(directory, indexes[0].removesuffix(".index")) if indexes else None
 
 
-def _vocab_file(directory: str) -> str:
+def vocab_file_in(directory: str) -> str:
     path = os.path.join(directory, "vocab.txt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: expected the WordPiece vocab.txt next to the weights")
@@ -288,12 +287,12 @@ def check_vocab(encoder: tf_keras.layers.Layer, vocab_file: str) -> None:
                          "rows; the vocab and the weights do not belong together")
 
 
-def _from_checkpoint_dir(directory: str, prefix: str) -> tf_keras.layers.Layer:
+def from_checkpoint_dir(directory: str, prefix: str) -> tf_keras.layers.Layer:
     """A TF1 (`bert/...` names) or TF2 (`tf.train.Checkpoint(encoder=...)`) checkpoint + bert_config.json."""
     config_file = os.path.join(directory, "bert_config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{directory}: has checkpoint {prefix} but no bert_config.json describing it")
-    encoder = _build(build_encoder(BertConfig.from_json_file(config_file)))
+    encoder = build_variables(build_encoder(BertConfig.from_json_file(config_file)))
     names = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
     if "_CHECKPOINTABLE_OBJECT_GRAPH" not in names:  # name-based: a TF1 checkpoint
         load_tf1_weights(encoder, prefix)
@@ -306,65 +305,6 @@ def _from_checkpoint_dir(directory: str, prefix: str) -> tf_keras.layers.Layer:
                          f"{error}") from None
     status.expect_partial()  # e.g. a training checkpoint's optimizer slots
     return encoder
-
-
-def _is_hub_handle(init: str) -> bool:
-    return init.startswith(("https://", "http://", "gs://")) or os.path.isfile(os.path.join(init, "saved_model.pb"))
-
-
-def vocab_file_for(init: EncoderInit) -> str | None:
-    """The WordPiece vocab that belongs to `init`, found without building the encoder; None for a BertConfig.
-
-    Tasks tokenize their data before (or without) building the model, so they need this cheaply.
-    """
-    if isinstance(init, BertConfig):
-        return None
-    if init == "minilm":
-        return os.path.join(minilm_dir(), "vocab.txt")
-    if _is_hub_handle(init):
-        from tasks import hub  # noqa: PLC0415 - tasks.hub imports this module
-        return hub.hub_vocab_file(init)
-    return _vocab_file(init)
-
-
-def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
-    """Returns (encoder, vocab_file) for `init`; the encoder is built and maps the dict of int32 [batch, seq]
-    `input_word_ids`, `input_mask`, `input_type_ids` to `sequence_output`, `pooled_output`, `encoder_outputs`.
-
-    `init` is one of:
-      * a `BertConfig`: random initialisation, vocab_file None;
-      * "minilm": the bundled all-MiniLM-L6-v2 (`minilm_dir()`);
-      * a HF folder: config.json + model.safetensors + vocab.txt;
-      * a checkpoint folder: bert_config.json + vocab.txt + a TF1 google-research/bert checkpoint or the
-        TF2 `tf.train.Checkpoint(encoder=...)` written by `tasks.convert`;
-      * a TF Hub handle (https:// URL) or SavedModel folder: a trainable hub.KerasLayer, vocab from its
-        `vocab_file` asset (see tasks.hub).
-    """
-    if isinstance(init, BertConfig):
-        return _build(build_encoder(init)), None
-    if not isinstance(init, str):
-        raise TypeError(f"encoder init must be a BertConfig or a str, got {type(init).__name__}")
-    directory = minilm_dir() if init == "minilm" else init
-    if _is_hub_handle(init):
-        from tasks import hub  # noqa: PLC0415 - tasks.hub imports this module
-        return hub.make_hub_encoder(init)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"encoder {init!r}: expected a BertConfig, 'minilm', a TF Hub https:// handle or "
-                                "a folder with pretrained weights, but no such folder exists")
-    if os.path.isfile(os.path.join(directory, "model.safetensors")):
-        config_file = os.path.join(directory, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{directory}: has model.safetensors but no config.json describing it")
-        encoder = _build(build_encoder(BertConfig.from_json_file(config_file)))
-        load_hf_weights(encoder, os.path.join(directory, "model.safetensors"))
-    elif (prefix := _checkpoint_prefix(directory)) is not None:
-        encoder = _from_checkpoint_dir(directory, prefix)
-    else:
-        raise ValueError(f"encoder {init!r}: expected model.safetensors + config.json (HF), a checkpoint + "
-                         f"bert_config.json, or saved_model.pb (TF Hub); found {sorted(os.listdir(directory))[:20]}")
-    vocab_file = _vocab_file(directory)
-    check_vocab(encoder, vocab_file)
-    return encoder, vocab_file
 
 
 def bert_train_flops_per_example(encoder: tf_keras.layers.Layer, seq_length: int) -> float | None:

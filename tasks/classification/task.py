@@ -15,7 +15,7 @@ import tf_keras
 from engine import inputs
 from engine.task import Task
 from tasks import encoders, textfiles
-from tasks.tokenization import WordPieceTokenizer
+from tasks.encoders.tokenization import WordPieceTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +273,11 @@ class ClassificationTask(Task):
                 metric.update_state(labels, predictions, sample_weight=mask)
 
     # ------------------------------------------------------------------------------------ predict
+
+    def serving_module(self, model: tf_keras.Model) -> tf.Module:
+        """Raw strings in, this Task's answer out (see tasks/classification/serving.py)."""
+        from tasks.classification.serving import ClassificationServing  # noqa: PLC0415 - tensorflow-text ops load only for an export
+        return ClassificationServing(self, model)
 
     def predict(self, model: tf_keras.Model, *texts: Sequence[str], batch_size: int = 64) -> tuple[list, np.ndarray]:
         """Raw sentences (or pairs: two lists) -> (labels as `config.answer_labels`, [n, classes] probabilities)."""

@@ -13,13 +13,13 @@ import dataclasses
 from typing import Iterable, Iterator, Sequence
 
 
-def _split_tag(tag: str) -> tuple[str, str]:
+def split_tag(tag: str) -> tuple[str, str]:
     """`B-ORG` -> (`B`, `ORG`); split at the first hyphen like conlleval's `^([^-]*)-(.*)$`."""
     prefix, hyphen, entity_type = tag.partition("-")
     return (prefix, entity_type) if hyphen else (tag, "")
 
 
-def _end_of_chunk(prev_tag: str, tag: str, prev_type: str, entity_type: str) -> bool:
+def end_of_chunk(prev_tag: str, tag: str, prev_type: str, entity_type: str) -> bool:
     """Did a chunk end between the previous and the current word? (conlleval's endOfChunk)"""
     end = (prev_tag, tag) in {("B", "B"), ("B", "O"), ("I", "B"), ("I", "O"), ("E", "E"), ("E", "I"), ("E", "O")}
     if prev_tag not in ("O", ".") and prev_type != entity_type:
@@ -27,7 +27,7 @@ def _end_of_chunk(prev_tag: str, tag: str, prev_type: str, entity_type: str) -> 
     return end or prev_tag in ("]", "[")
 
 
-def _start_of_chunk(prev_tag: str, tag: str, prev_type: str, entity_type: str) -> bool:
+def start_of_chunk(prev_tag: str, tag: str, prev_type: str, entity_type: str) -> bool:
     """Did a chunk start between the previous and the current word? (conlleval's startOfChunk)"""
     start = (prev_tag, tag) in {("B", "B"), ("I", "B"), ("O", "B"), ("O", "I"), ("E", "E"), ("E", "I"), ("O", "E")}
     if tag not in ("O", ".") and prev_type != entity_type:
@@ -55,10 +55,10 @@ class ChunkCounts:
         last_gold, last_gold_type, last_pred, last_pred_type = "O", "", "O", ""
         # The trailing (O, O) is the sentence boundary: conlleval closes every chunk there.
         for gold_tag, pred_tag, is_boundary in [(g, p, False) for g, p in zip(gold, predicted)] + [("O", "O", True)]:
-            gold_prefix, gold_type = _split_tag(gold_tag)
-            pred_prefix, pred_type = _split_tag(pred_tag)
-            gold_end = _end_of_chunk(last_gold, gold_prefix, last_gold_type, gold_type)
-            pred_end = _end_of_chunk(last_pred, pred_prefix, last_pred_type, pred_type)
+            gold_prefix, gold_type = split_tag(gold_tag)
+            pred_prefix, pred_type = split_tag(pred_tag)
+            gold_end = end_of_chunk(last_gold, gold_prefix, last_gold_type, gold_type)
+            pred_end = end_of_chunk(last_pred, pred_prefix, last_pred_type, pred_type)
             if in_correct:
                 if gold_end and pred_end and last_pred_type == last_gold_type:
                     in_correct = False
@@ -66,8 +66,8 @@ class ChunkCounts:
                     self.correct_by_type[last_gold_type] += 1
                 elif gold_end != pred_end or pred_type != gold_type:
                     in_correct = False
-            gold_start = _start_of_chunk(last_gold, gold_prefix, last_gold_type, gold_type)
-            pred_start = _start_of_chunk(last_pred, pred_prefix, last_pred_type, pred_type)
+            gold_start = start_of_chunk(last_gold, gold_prefix, last_gold_type, gold_type)
+            pred_start = start_of_chunk(last_pred, pred_prefix, last_pred_type, pred_type)
             if gold_start and pred_start and pred_type == gold_type:
                 in_correct = True
             if gold_start:
@@ -131,11 +131,11 @@ def extract_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     spans: list[tuple[str, int, int]] = []
     begin, last_prefix, last_type = None, "O", ""
     for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, entity_type = _split_tag(tag)
-        if begin is not None and _end_of_chunk(last_prefix, prefix, last_type, entity_type):
+        prefix, entity_type = split_tag(tag)
+        if begin is not None and end_of_chunk(last_prefix, prefix, last_type, entity_type):
             spans.append((last_type, begin, i))
             begin = None
-        if i < len(tags) and _start_of_chunk(last_prefix, prefix, last_type, entity_type):
+        if i < len(tags) and start_of_chunk(last_prefix, prefix, last_type, entity_type):
             begin = i
         last_prefix, last_type = prefix, entity_type
     return spans

@@ -1,0 +1,8 @@
+"""Extractive question answering on SQuAD v1.1-format files.
+
+  data.py     reading SQuAD JSON, offset-keeping tokenization, doc_stride windows, answer positions
+  cache.py    the features as a TFRecord + JSON, keyed by the file, vocab, settings and code
+  task.py     the span head and loss, evaluation (n-best decoding of each window's logits), `predict`
+  metrics.py  EM and F1 exactly as the official evaluate-v1.1.py
+  serving.py  question, context -> answer in the graph: windows, max-context and n-best in TensorFlow ops
+"""
