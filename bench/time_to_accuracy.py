@@ -1,0 +1,148 @@
+"""Issue 14, time to accuracy: `make demo`'s recipe run by the engine and by PyTorch + HF, back to back.
+
+  python bench/time_to_accuracy.py --data_dir=../shared/data --rounds=1     # `make bench-tta` (ROUNDS=1)
+  python bench/time_to_accuracy.py --rounds=2    # ours, peer, then peer, ours: the order alternates by round
+
+Each side is a fresh process timed from outside, start to exit, so its wall time is the whole time to its
+dev accuracy (start-up, data, training, both evaluations):
+  ours:  python -m launch.train --flagfile=configs/sst2_demo.flags --data_dir=D --model_dir=<scratch>
+         (accuracy from the run's eval_results.json)
+  peer:  python bench/pytorch_sst2_demo.py --data_dir=D --output_json=<scratch>  (the same recipe in PyTorch)
+The target: the same dev accuracy (within 0.5 points) and our wall time <= 0.8x the peer's. The load average
+before each run is printed: on a machine shared with other jobs, the rounds say more than any one of them.
+The peer needs the bench extra (`pip install -e '.[bench]'`); without it this says so and stops.
+Nothing is written into the repository; --work_dir holds the runs (a new temporary folder by default).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_SCRIPT = os.path.join("bench", "pytorch_sst2_demo.py")
+NO_PEER = ("PyTorch side: NOT RUN, the bench extra is not installed ({missing} does not import in {python}). "
+           "Install it with `{python} -m pip install torch==2.13.0` (the CPU wheel), then "
+           "`{python} -m pip install -e '.[bench]'`, and run `make bench-tta` again.")
+
+
+def missing_peer_modules() -> list[str]:
+    return [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+
+
+def load_average() -> str:
+    try:
+        return " ".join(open("/proc/loadavg", encoding="utf-8").read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def run(name: str, command: list[str], log_path: str) -> float:
+    """Runs `command` from the repository root with its output in `log_path`; returns its wall seconds."""
+    print(f"{name}: load average {load_average()} | {shlex.join(command)}", flush=True)
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        code = subprocess.call(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - start
+    if code != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = f.read()[-3000:]
+        raise SystemExit(f"{name} failed (exit {code}) after {wall:.0f}s; end of {log_path}:\n{tail}")
+    return wall
+
+
+def summary_lines(log_path: str) -> list[str]:
+    """The lines of a run's log worth repeating: its final metrics, time split and throughput."""
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        return [line.rstrip() for line in f if line.startswith(("final ", "time |", "examples/s"))]
+
+
+def run_ours(args, folder: str) -> dict:
+    model_dir = os.path.join(folder, "ours")
+    command = [sys.executable, "-m", "launch.train", f"--flagfile={args.flagfile}", f"--data_dir={args.data_dir}",
+               f"--model_dir={model_dir}"] + shlex.split(args.ours_flags)
+    log = os.path.join(folder, "ours.log")
+    wall = run("ours", command, log)
+    with open(os.path.join(model_dir, "eval_results.json"), encoding="utf-8") as f:
+        accuracy = json.load(f)["accuracy"]
+    return {"accuracy": accuracy, "wall": wall, "lines": summary_lines(log)}
+
+
+def run_peer(args, folder: str) -> dict:
+    output = os.path.join(folder, "peer.json")
+    command = [sys.executable, PEER_SCRIPT, f"--data_dir={args.data_dir}", f"--output_json={output}"] + \
+        shlex.split(args.peer_flags)
+    log = os.path.join(folder, "peer.log")
+    wall = run("peer", command, log)
+    with open(output, encoding="utf-8") as f:
+        result = json.load(f)
+    return {"accuracy": result["accuracy"], "wall": wall, "lines": summary_lines(log), "time": result["time"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", default=os.environ.get("DATA_DIR") or os.path.join(
+        os.path.dirname(REPO_ROOT), "shared", "data"))
+    parser.add_argument("--rounds", type=int, default=1, help="Rounds; the order alternates: ours first in odd ones.")
+    parser.add_argument("--flagfile", default="configs/sst2_demo.flags", help="Our recipe (the peer's defaults match "
+                        "configs/sst2_demo.flags; change both together).")
+    parser.add_argument("--ours_flags", default="", help="Extra launch.train flags (e.g. for a smoke run).")
+    parser.add_argument("--peer_flags", default="", help="Extra bench/pytorch_sst2_demo.py flags.")
+    parser.add_argument("--work_dir", default=None, help="Scratch folder for the runs (default: a new temporary one).")
+    args = parser.parse_args(argv)
+
+    missing = missing_peer_modules()
+    if missing:
+        print(NO_PEER.format(missing=" and ".join(missing), python=sys.executable), flush=True)
+        return 1
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="tta_")
+    print(f"time to accuracy | {cpu_model()}, {os.cpu_count()} CPUs | data {args.data_dir} | runs in {work_dir}",
+          flush=True)
+    rounds = []
+    for r in range(args.rounds):
+        folder = os.path.join(work_dir, f"round{r + 1}")
+        os.makedirs(folder, exist_ok=True)
+        order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
+        results = {}
+        for side in order:
+            results[side] = (run_ours if side == "ours" else run_peer)(args, folder)
+            for line in results[side]["lines"]:
+                print(f"  {side}: {line}", flush=True)
+        ours, peer = results["ours"], results["peer"]
+        ratio = ours["wall"] / peer["wall"]
+        rounds.append((ours, peer, ratio))
+        print(f"round {r + 1} | ours: accuracy {100 * ours['accuracy']:.2f}%, {ours['wall']:.0f}s | "
+              f"pytorch: accuracy {100 * peer['accuracy']:.2f}%, {peer['wall']:.0f}s | "
+              f"ours / pytorch wall = {ratio:.2f}", flush=True)
+    ratios = [r[2] for r in rounds]
+    gaps = [100 * (o["accuracy"] - p["accuracy"]) for o, p, _ in rounds]
+    ratio = statistics.median(ratios)
+    print(f"ours / pytorch wall time to accuracy: median {ratio:.2f} over {len(ratios)} round(s) "
+          f"({', '.join(f'{x:.2f}' for x in ratios)}); accuracy ours - pytorch: "
+          f"{', '.join(f'{g:+.2f}' for g in gaps)} points", flush=True)
+    same_accuracy = all(abs(g) <= 0.5 for g in gaps)
+    print(f"target | same accuracy (within 0.5 points): {'yes' if same_accuracy else 'NO'} | "
+          f"ours <= 0.8x pytorch's wall: {'yes' if ratio <= 0.8 else 'NO'} ({ratio:.2f}x)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
