@@ -11,6 +11,7 @@ import pytest
 
 from tasks import textfiles
 from tasks.squad import data as squad_data
+from tasks.squad import decoding
 from tasks.squad import metrics as squad_metrics
 from tasks.squad import task as squad
 
@@ -134,6 +135,66 @@ def test_best_span_over_windows_uses_max_context_and_original_text():
     assert got == {"q": "spaces and\u200bmore"}  # the original characters, zero-width space included
 
 
+def test_ties_go_to_the_first_pair_and_the_earlier_window_whatever_the_row_order():
+    features = _features_for(CONTEXT, _word_offsets(CONTEXT), [(0, 6, 3), (4, 6, 3)])  # tokens 0-5 and 4-9
+    start, end = np.full([2, 12], -9.0), np.full([2, 12], -9.0)
+    # Window 1: "alpha" .. "beta" and "gamma" .. "gamma" both score 2; the better-ranked start is
+    # "alpha" (equal start logits: the lower position ranks first), so its pair wins.
+    start[0, 3 + 0] = start[0, 3 + 2] = 1.0
+    end[0, 3 + 1] = end[0, 3 + 2] = 1.0
+    # Window 2: "theta" (token 7, max context here) .. "theta" also scores 2: the earlier window wins,
+    # given in either row order.
+    start[1, 3 + 3] = end[1, 3 + 3] = 1.0
+    for rows in ([0, 1], [1, 0]):
+        assert squad.decode_predictions(start[rows], end[rows], np.array(rows), features) == {"q": "alpha beta"}
+    # One more on window 2 and it wins.
+    start[1, 3 + 3] = 1.5
+    assert squad.decode_predictions(start, end, np.array([0, 1]), features) == {"q": "theta"}
+
+
+def test_answers_crossing_a_window_edge_come_from_the_window_holding_them_whole():
+    # Windows [0, 6) and [4, 10). "delta" .. "eta" (tokens 3-6) would score 7, but no window holds both.
+    features = _features_for(CONTEXT, _word_offsets(CONTEXT), [(0, 6, 3), (4, 6, 3)])
+    start, end = np.full([2, 12], -9.0), np.full([2, 12], -9.0)
+    start[0, 3 + 3] = 4.0             # "delta" starts in window 1 (the only one holding it) ...
+    end[0, 3 + 5] = 1.0               # ... whose last token is "zeta": "delta epsilon zeta" scores 5
+    end[1, 3 + 2] = 3.0               # "eta" ends in window 2, where "delta" is not a token
+    start[1, 3 + 1] = 2.5             # "zeta" (max context in window 2) .. "eta": 5.5
+    assert squad.decode_predictions(start, end, np.array([0, 1]), features) == {"q": "zeta eta"}
+    start[1, 3 + 1] = 1.5             # now 4.5 < 5: the cut-off span of window 1 wins
+    assert squad.decode_predictions(start, end, np.array([0, 1]), features) == {"q": "delta epsilon zeta"}
+
+
+def test_max_answer_length_and_the_exhaustive_fallback():
+    features = _features_for(CONTEXT, _word_offsets(CONTEXT), [(0, 10, 3)])
+    start, end = np.zeros([1, 16]), np.zeros([1, 16])
+    start[0, 3 + 1], end[0, 3 + 8] = 9.0, 9.0    # "beta" .. "iota": 8 tokens
+    start[0, 3 + 6], end[0, 3 + 7] = 0.5, 1.0    # "eta theta": 2 tokens, score 1.5 ("eta" .. "iota": 9.5)
+    start[0, 3 + 2], end[0, 3 + 3] = 1.0, 0.5    # "gamma delta": score 1.5
+    assert squad.decode_predictions(start, end, np.array([0]), features, max_answer_length=8) == {
+        "q": "beta gamma delta epsilon zeta eta theta iota"}
+    # 7 tokens at most: beta .. iota is out; "beta" .. "theta" (9 + 1) beats "beta" .. "delta" (9 + 0.5).
+    assert squad.decode_predictions(start, end, np.array([0]), features, max_answer_length=7) == {
+        "q": "beta gamma delta epsilon zeta eta theta"}
+    # n_best_size=1: the only pair (beta, iota) is invalid, so every span is searched: "beta" + its best end
+    # within 2 tokens; "beta" .. "gamma" (9 + 0) ties "beta" alone (9 + 0) and the first end wins.
+    assert squad.decode_predictions(start, end, np.array([0]), features, n_best_size=1, max_answer_length=2) == {
+        "q": "beta"}
+    end[0, 3 + 2] = 0.5
+    assert squad.decode_predictions(start, end, np.array([0]), features, n_best_size=1, max_answer_length=2) == {
+        "q": "beta gamma"}
+
+
+def test_questions_without_windows_or_context_get_no_answer():
+    features = _features_for(CONTEXT, _word_offsets(CONTEXT), [(0, 10, 3)])
+    assert squad.decode_predictions(np.zeros([0, 16]), np.zeros([0, 16]), np.zeros([0], np.int32), features) == {}
+    # A window without context tokens (an empty context): nothing to choose, no answer.
+    spans = decoding.best_spans(np.zeros([1, 8], np.float32), np.zeros([1, 8], np.float32), window_example=[0],
+                                doc_start=[0], doc_len=[0], seq_offset=[3], num_examples=2, n_best_size=20,
+                                max_answer_length=30)
+    assert spans.found.numpy().tolist() == [False, False] and spans.first.numpy().tolist() == [0, 0]
+
+
 def _bert_is_max_context(windows, window, position):
     """google-research/bert run_squad.py `_check_is_max_context`, per token: among the windows holding
     `position`, the one with the largest min(left, right) context + 0.01 * length (the first on ties)."""
@@ -147,13 +208,17 @@ def _bert_is_max_context(windows, window, position):
     return best_window == window
 
 
+# BERT's windows over 40 tokens, 16 per window, stride 8 (written out: the oracle must not call data.py).
+WINDOWS_40 = [(0, 16, 4), (8, 16, 4), (16, 16, 4), (24, 16, 4)]
+
+
 def test_decoding_matches_brute_force_on_random_logits():
     """With n-best as large as the sequence, the result must equal the best of all valid spans over all
     windows, found by enumeration (BERT's token max-context rule, re-implemented here, included)."""
     rng = np.random.default_rng(1)
     context = " ".join(f"w{i}" for i in range(40))
     offsets = _word_offsets(context)
-    windows = [(s, l, 4) for s, l in squad_data.window_starts(40, 16, 8)]
+    windows = WINDOWS_40
     features = _features_for(context, offsets, windows)
     for trial in range(25):
         start, end = rng.normal(size=[2, len(windows), 24])
@@ -166,8 +231,8 @@ def test_decoding_matches_brute_force_on_random_logits():
                         if best is None or score > best[0]:
                             best = (score, doc_start + i, doc_start + j)
         expected = context[offsets[best[1]][0]:offsets[best[2]][1]]
-        got = squad.decode_predictions(start, end, np.arange(len(windows)), features, n_best_size=24,
-                                       max_answer_length=5)
+        rows = rng.permutation(len(windows))
+        got = squad.decode_predictions(start[rows], end[rows], rows, features, n_best_size=24, max_answer_length=5)
         assert got == {"q": expected}, trial
         # The default n-best of 20 still never returns an invalid span.
         got20 = squad.decode_predictions(start, end, np.arange(len(windows)), features, max_answer_length=5)
@@ -175,11 +240,16 @@ def test_decoding_matches_brute_force_on_random_logits():
 
 
 def test_max_context_prefers_the_centred_window():
-    windows = np.asarray([(0, 0, 6, 3), (0, 3, 6, 3)], np.int32)  # tokens 0-5 and 3-8
-    first, second = squad.max_context_masks(windows)
+    # Windows of tokens 0-5 and 3-8 of one question (example, doc_start, doc_len).
+    first, second = decoding.max_context([0, 0], [0, 3], [6, 6], num_examples=1, seq_length=8).numpy()
     # Token 3: 3 left/2 right in window 1 (min 2) vs 0 left in window 2 -> window 1; token 5 -> window 2.
-    assert first.tolist() == [True, True, True, True, True, False]  # token 4 ties: earlier window
-    assert second.tolist() == [False, False, True, True, True, True]
+    assert first.tolist() == [True, True, True, True, True, False, False, False]  # token 4 ties: earlier window
+    assert second.tolist() == [False, False, True, True, True, True, False, False]
+    oracle = [[_bert_is_max_context(WINDOWS_40, w, s + t) if t < n else False for t in range(20)]
+              for w, (s, n, _) in enumerate(WINDOWS_40)]
+    windows = np.array(WINDOWS_40)
+    got = decoding.max_context(np.zeros(4, np.int32), windows[:, 0], windows[:, 1], num_examples=1, seq_length=20)
+    assert got.numpy().tolist() == oracle
 
 
 # ------------------------------------------------------------------------------ model and engine
@@ -249,16 +319,7 @@ def test_training_under_the_engine_lowers_the_loss_and_scores_with_the_official_
     assert set(predictions) == {e.qas_id for e in features.data.examples}
     for example in features.data.examples:
         assert predictions[example.qas_id] in features.data.contexts[example.context_index]
-    with open(DEV_FILE, encoding="utf-8") as f:
-        dataset = json.load(f)
-    for article in dataset["data"]:
-        for paragraph in article["paragraphs"]:
-            paragraph["qas"] = [qa for qa in paragraph["qas"] if qa["id"] in predictions]
-    (tmp_path / "subset.json").write_text(json.dumps(dataset), encoding="utf-8")
-    run = subprocess.run([sys.executable, OFFICIAL_SCRIPT, str(tmp_path / "subset.json"),
-                          os.path.join(predictions_dir, "predictions_validation.json")],
-                         capture_output=True, text=True, check=True)
-    official = json.loads(run.stdout)
+    official = _official_scores(os.path.join(predictions_dir, "predictions_validation.json"), predictions, tmp_path)
     assert results["exact_match"] == pytest.approx(official["exact_match"], abs=1e-9)
     assert results["f1"] == pytest.approx(official["f1"], abs=1e-9)
 
@@ -268,6 +329,44 @@ def test_training_under_the_engine_lowers_the_loss_and_scores_with_the_official_
     answers = task.predict(trainer.model, [e.question for e in examples],
                            [features.data.contexts[e.context_index] for e in examples])
     assert answers == [predictions[e.qas_id] for e in examples]
+
+
+def _official_scores(predictions_path, predictions, tmp_path) -> dict:
+    """evaluate-v1.1.py on the dev questions that have a prediction."""
+    with open(DEV_FILE, encoding="utf-8") as f:
+        dataset = json.load(f)
+    for article in dataset["data"]:
+        for paragraph in article["paragraphs"]:
+            paragraph["qas"] = [qa for qa in paragraph["qas"] if qa["id"] in predictions]
+    (tmp_path / "subset.json").write_text(json.dumps(dataset), encoding="utf-8")
+    run = subprocess.run([sys.executable, OFFICIAL_SCRIPT, str(tmp_path / "subset.json"), str(predictions_path)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(run.stdout)
+
+
+def test_decoding_the_gold_positions_scores_near_100_with_the_official_script(cache_dir, tmp_path):
+    """Logits peaked at each window's labelled answer positions, decoded over many overlapping windows
+    (short windows, so most questions have several), scored by evaluate-v1.1.py on the written file."""
+    task = _tiny_task(cache_dir, max_seq_length=64, doc_stride=24, max_query_length=16, max_examples=120)
+    features, _ = task.features("validation")
+    assert features.num_features > 4 * len(features.data.examples)
+    starts, ends, index = [], [], []
+    for _, labels in task.build_inputs("validation", batch_size=64):
+        for positions, rows in ((labels["start_positions"], starts), (labels["end_positions"], ends)):
+            logits = np.full([len(positions), 64], -10.0, np.float32)
+            logits[np.arange(len(positions)), positions.numpy()] = 10.0  # position 0 ([CLS]): not in the window
+            rows.append(logits)
+        index.append(labels["feature_index"].numpy())
+    order = np.random.default_rng(0).permutation(features.num_features)  # rows in any order
+    host = {"start_logits": np.concatenate(starts)[order], "end_logits": np.concatenate(ends)[order],
+            "feature_index": np.concatenate(index)[order]}
+    task.config = dataclasses.replace(task.config, predictions_dir=str(tmp_path))
+    results = task.postprocess(host, "validation")
+    predictions = task.last_predictions["validation"]
+    assert len(predictions) == len(features.data.examples)
+    official = _official_scores(tmp_path / "predictions_validation.json", predictions, tmp_path)
+    assert results == pytest.approx(official, abs=1e-9)
+    assert official["exact_match"] > 95 and official["f1"] > 97, official
 
 
 def _assert_same_update(reference, other):

@@ -1,21 +1,20 @@
 """SQuAD's serving signature: question, context -> answer, score, start, end, decoded in the graph."""
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from tasks import serving
 from tasks.encoders.tokenization import WordPieceTokenizer
+from tasks.squad import decoding
 
 class SquadServing(serving.ServingModule):
     """question, context -> answer, score, start, end: SquadTask.predict in the graph.
 
-    Every step of the host path is reproduced: HF-normalisation character by character with a
-    byte -> character map (squad_data.normalize_with_map), WordPiece of the normalised text, question
-    cut to max_query_length, BERT's doc_stride windows, one model call over all windows of the batch,
-    max-context masks, n-best start/end candidates, the exhaustive fallback, best window per question,
-    and the answer cut out of the original context.
+    The host path's windowing is reproduced from raw strings: HF-normalisation character by character
+    with a byte -> character map (squad_data.normalize_with_map), WordPiece of the normalised text,
+    question cut to max_query_length, BERT's doc_stride windows, one model call over all windows of the
+    batch; the span choice is decoding.best_spans itself, and the answer is cut out of the original context.
     """
 
     def __init__(self, task, model: tf_keras.Model):
@@ -93,70 +92,14 @@ class SquadServing(serving.ServingModule):
         outputs = self.model({"input_word_ids": input_ids, "input_mask": input_mask, "input_type_ids": type_ids},
                              training=False)
 
-        # Logits in context coordinates [windows, seq_length]: position t is context token doc_start + t.
-        t = tf.range(seq_length)[tf.newaxis]
-        in_doc = t < doc_len[:, tf.newaxis]
-        at = tf.minimum(seq_offset[:, tf.newaxis] + t, seq_length - 1)
-        minus_inf = tf.constant(-np.inf, tf.float64)
-        starts = tf.where(in_doc, tf.cast(tf.gather(outputs["start_logits"], at, batch_dims=1), tf.float64), minus_inf)
-        ends = tf.where(in_doc, tf.cast(tf.gather(outputs["end_logits"], at, batch_dims=1), tf.float64), minus_inf)
-
-        # Max context (squad.max_context_masks): each context token counts only in the window where
-        # min(left, right) + 0.01 * length is largest, the earlier window on ties.
-        token_window = tf.cast(tf.ragged.range(doc_len).value_rowids(), tf.int32)
-        token_t = tf.cast(tf.ragged.range(doc_len).flat_values, tf.int32)
-        token_len = tf.gather(doc_len, token_window)
-        token_id = tf.gather(window_first_token, token_window) + token_t
-        score = (tf.cast(tf.minimum(token_t, token_len - 1 - token_t), tf.float64)
-                 + 0.01 * tf.cast(token_len, tf.float64))
-        owner, _ = serving.segment_first_best(score, tf.ones_like(score, tf.bool), token_id, tf.size(doc_ids.flat_values))
-        is_max = tf.equal(tf.gather(owner, token_id), tf.range(tf.size(token_id)))
-        max_context = tf.RaggedTensor.from_value_rowids(is_max, tf.cast(token_window, tf.int64),
-                                                        tf.cast(num_windows, tf.int64))
-        max_context = max_context.to_tensor(False, shape=[None, seq_length])
-
-        # n-best (squad.best_spans): top n starts and ends among context tokens, valid pairs, best sum;
-        # ties keep the first pair in (start rank, end rank) order.
-        k = min(cfg.n_best_size, seq_length)
-        start_values, start_at = tf.math.top_k(starts, k)
-        end_values, end_at = tf.math.top_k(ends, k)
-        start_ok = (start_values > minus_inf) & tf.gather(max_context, start_at, batch_dims=1)
-        end_ok = end_values > minus_inf
-        first, last = start_at[:, :, tf.newaxis], end_at[:, tf.newaxis, :]
-        pair_ok = (start_ok[:, :, tf.newaxis] & end_ok[:, tf.newaxis, :] & (first <= last)
-                   & (last < first + cfg.max_answer_length))
-        pair_score = tf.reshape(start_values[:, :, tf.newaxis] + end_values[:, tf.newaxis, :], [-1, k * k])
-        pair_ok = tf.reshape(pair_ok, [-1, k * k])
-        best_pair = serving.first_argmax(tf.where(pair_ok, pair_score, minus_inf))
-        nbest_score = tf.gather(pair_score, best_pair, batch_dims=1)
-        nbest_first = tf.gather(start_at, best_pair // k, batch_dims=1)
-        nbest_last = tf.gather(end_at, best_pair % k, batch_dims=1)
-        has_nbest = tf.reduce_any(pair_ok, axis=1)
-
-        # Exhaustive fallback (squad._exhaustive_best_span) for questions without any valid n-best pair.
-        band = t[:, :, tf.newaxis] + tf.range(cfg.max_answer_length)[tf.newaxis, tf.newaxis]  # [1, seq, A]
-        band_ok = band < doc_len[:, tf.newaxis, tf.newaxis]
-        band_ends = tf.where(band_ok, tf.gather(ends, tf.minimum(band, seq_length - 1)[0], axis=1), minus_inf)
-        band_best = serving.first_argmax(band_ends)
-        fallback_scores = starts + tf.reduce_max(band_ends, axis=-1)
-        fallback_ok = max_context & in_doc
-        fallback_first = serving.first_argmax(tf.where(fallback_ok, fallback_scores, minus_inf))
-        fallback_score = tf.gather(fallback_scores, fallback_first, batch_dims=1)
-        fallback_last = fallback_first + tf.gather(band_best, fallback_first, batch_dims=1)
-        has_fallback = tf.reduce_any(fallback_ok, axis=1)
-
-        # Best window per question: n-best spans if any window has one, else the fallback.
-        any_nbest = tf.math.unsorted_segment_max(tf.cast(has_nbest, tf.int32), window_example, num_examples) > 0
-        use_nbest = tf.gather(any_nbest, window_example)
-        window_score = tf.where(use_nbest, nbest_score, fallback_score)
-        window_ok = tf.where(use_nbest, has_nbest, has_fallback)
-        winner, best_score = serving.segment_first_best(window_score, window_ok, window_example, num_examples)
-        found = winner >= 0
-        winner = tf.maximum(winner, 0)
-        span_first = tf.gather(tf.where(use_nbest, nbest_first, fallback_first), winner)
-        span_last = tf.gather(tf.where(use_nbest, nbest_last, fallback_last), winner)
-        first_token = tf.gather(window_first_token, winner) + span_first  # index into all contexts' tokens
-        last_token = first_token + span_last - span_first
+        # The span choice (decoding.py, as evaluation and SquadTask.predict): max context, n-best, fallback.
+        spans = decoding.best_spans(
+            outputs["start_logits"], outputs["end_logits"], window_example=window_example, doc_start=doc_start,
+            doc_len=doc_len, seq_offset=seq_offset, num_examples=num_examples, n_best_size=cfg.n_best_size,
+            max_answer_length=cfg.max_answer_length)
+        found, best_score = spans.found, spans.score
+        first_token = doc_row_start + spans.first  # index into all contexts' tokens
+        last_token = doc_row_start + spans.last
         # Questions without any span (an empty context) answer "" at offsets -1; indices are clipped so
         # the gathers stay in range for them.
         def safe(values, index):
@@ -169,5 +112,3 @@ class SquadServing(serving.ServingModule):
         answer = tf.where(found, tf.strings.substr(context, byte_start, byte_end - byte_start, unit="BYTE"), "")
         return {"answer": answer, "score": tf.cast(best_score, tf.float32), "start": char_start, "end": char_end}
 
-
-# ------------------------------------------------------------------------------------------ tagging

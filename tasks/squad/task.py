@@ -3,8 +3,9 @@
 The model is an encoder plus one Dense(2) on every token: a start and an end logit, float32 even
 under mixed precision, padding masked out. The loss per example is the mean of the start and end
 cross-entropies. Evaluation brings every window's logits to the host; `decode_predictions` picks
-the best valid span of each question over all its windows and cuts the answer out of the original
-context, and `squad_metrics` scores it with the official EM/F1 rules. Data, splits and the feature
+the best valid span of each question over all its windows with decoding.py (the same TensorFlow
+function the serving export runs in its graph) and cuts the answer out of the original context, and
+`squad_metrics` scores it with the official EM/F1 rules. Data, splits and the feature
 cache are in data.py and cache.py (its docstring says why the dev file is split by article).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from engine.task import Task
 from tasks import encoders, textfiles
 from tasks.squad import cache as squad_cache
 from tasks.squad import data as squad_data
+from tasks.squad import decoding
 from tasks.squad import metrics as squad_metrics
 
 
@@ -100,102 +102,35 @@ class SpanLogits(tf_keras.layers.Layer):
 # Post-processing
 # ----------------------------------------------------------------------------------------------
 
-def max_context_masks(windows: np.ndarray) -> list[np.ndarray]:
-    """Per window, whether each of its context tokens has its most context in this window.
-
-    A token in several overlapping windows is scored only where min(left, right) context is largest
-    (BERT's `_check_is_max_context`; ties go to the earlier window), so it is not picked from a window
-    where it sits at the edge with little context.
-    """
-    masks: list[Optional[np.ndarray]] = [None] * len(windows)
-    by_example: dict[int, list[int]] = {}
-    for i, (example_index, *_rest) in enumerate(windows):
-        by_example.setdefault(int(example_index), []).append(i)
-    for rows in by_example.values():
-        num_tokens = max(int(windows[r, 1] + windows[r, 2]) for r in rows)
-        best_score = np.full(num_tokens, -np.inf)
-        best_row = np.full(num_tokens, -1)
-        for r in rows:  # in window order: strict > keeps the earlier window on ties
-            start, length = int(windows[r, 1]), int(windows[r, 2])
-            positions = np.arange(start, start + length)
-            score = np.minimum(positions - start, start + length - 1 - positions) + 0.01 * length
-            better = score > best_score[positions]
-            best_score[positions[better]] = score[better]
-            best_row[positions[better]] = r
-        for r in rows:
-            start, length = int(windows[r, 1]), int(windows[r, 2])
-            masks[r] = best_row[start:start + length] == r
-    return masks
-
-
-def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, *, seq_offset: int, doc_len: int,
-               is_max_context: np.ndarray, n_best_size: int, max_answer_length: int) -> list[tuple[float, int, int]]:
-    """Valid (score, first, last) spans of one window, best first; first/last index its context tokens.
-
-    Candidates are the n-best start and n-best end positions *among context tokens*, so [CLS], the
-    question, [SEP] and padding can never be chosen; pairs with last < first, longer than
-    `max_answer_length` or starting at a token without max context are dropped.
-    """
-    starts = np.asarray(start_logits[seq_offset:seq_offset + doc_len], np.float64)
-    ends = np.asarray(end_logits[seq_offset:seq_offset + doc_len], np.float64)
-    start_candidates = [i for i in np.argsort(-starts, kind="stable")[:n_best_size] if is_max_context[i]]
-    end_candidates = np.argsort(-ends, kind="stable")[:n_best_size]
-    spans = [(starts[i] + ends[j], int(i), int(j)) for i in start_candidates for j in end_candidates
-             if i <= j < i + max_answer_length]
-    return sorted(spans, key=lambda s: -s[0])[:n_best_size]
-
-
-def _exhaustive_best_span(start_logits: np.ndarray, end_logits: np.ndarray, *, seq_offset: int, doc_len: int,
-                          is_max_context: np.ndarray, max_answer_length: int) -> Optional[tuple[float, int, int]]:
-    """Best valid span by brute force: the fallback when no n-best pair of any window is valid."""
-    starts = start_logits[seq_offset:seq_offset + doc_len]
-    ends = end_logits[seq_offset:seq_offset + doc_len]
-    best = None
-    for i in np.nonzero(is_max_context)[0]:
-        last = min(doc_len, i + max_answer_length)
-        j = i + int(np.argmax(ends[i:last]))
-        score = float(starts[i] + ends[j])
-        if best is None or score > best[0]:
-            best = (score, int(i), int(j))
-    return best
-
-
 def decode_predictions(start_logits: np.ndarray, end_logits: np.ndarray, feature_index: np.ndarray,
                        features: squad_data.SquadFeatures, *, n_best_size: int = 20,
                        max_answer_length: int = 30) -> dict[str, str]:
-    """{question id: answer text}: the best-scoring valid span over all windows of each question.
+    """{question id: answer text}: each question's best valid span over its windows (squad/decoding.py).
 
     Rows may come in any order (replicas interleave them): `feature_index` says which window each
-    row is. Questions none of whose windows are present get no prediction.
+    row is; they are put back in window order, which decides ties. Questions none of whose windows
+    are present get no prediction.
     """
-    windows = features.windows
-    masks = max_context_masks(windows)
-    best: dict[int, tuple[float, int, int, int]] = {}  # example -> (score, window, first, last)
-    rows_of_example: dict[int, list[int]] = {}
-    for row, window in enumerate(np.asarray(feature_index).tolist()):
-        example_index, _, doc_len, seq_offset = (int(v) for v in windows[window])
-        rows_of_example.setdefault(example_index, []).append(row)
-        spans = best_spans(start_logits[row], end_logits[row], seq_offset=seq_offset, doc_len=doc_len,
-                           is_max_context=masks[window], n_best_size=n_best_size, max_answer_length=max_answer_length)
-        if spans and (example_index not in best or spans[0][0] > best[example_index][0]):
-            best[example_index] = (spans[0][0], window, spans[0][1], spans[0][2])
-    for example_index, rows in rows_of_example.items():
-        if example_index in best:
-            continue
-        for row in rows:
-            window = int(feature_index[row])
-            span = _exhaustive_best_span(start_logits[row], end_logits[row], seq_offset=int(windows[window, 3]),
-                                         doc_len=int(windows[window, 2]), is_max_context=masks[window],
-                                         max_answer_length=max_answer_length)
-            if span and (example_index not in best or span[0] > best[example_index][0]):
-                best[example_index] = (span[0], window, span[1], span[2])
+    feature_index = np.asarray(feature_index)
+    order = np.argsort(feature_index, kind="stable")
+    windows = features.windows[feature_index[order]]
+    num_examples = len(features.data.examples)
+    all_windows = tf.constant(features.windows)
+    is_max_context = tf.gather(decoding.max_context(  # max context among all windows of the split
+        all_windows[:, 0], all_windows[:, 1], all_windows[:, 2], num_examples, np.shape(start_logits)[1]),
+        feature_index[order])
+    spans = decoding.best_spans(
+        tf.constant(np.asarray(start_logits)[order]), tf.constant(np.asarray(end_logits)[order]),
+        window_example=windows[:, 0], doc_start=windows[:, 1], doc_len=windows[:, 2], seq_offset=windows[:, 3],
+        num_examples=num_examples, n_best_size=n_best_size, max_answer_length=max_answer_length,
+        is_max_context=is_max_context)
     predictions = {}
-    for example_index, (_, window, first, last) in best.items():
+    for example_index in np.flatnonzero(spans.found.numpy()):
         example = features.data.examples[example_index]
         tokens = features.context_tokens[example.context_index]
-        doc_start = int(windows[window, 1])
+        first, last = int(spans.first[example_index]), int(spans.last[example_index])
         context = features.data.contexts[example.context_index]
-        predictions[example.qas_id] = context[tokens.char_start[doc_start + first]:tokens.char_end[doc_start + last]]
+        predictions[example.qas_id] = context[tokens.char_start[first]:tokens.char_end[last]]
     return predictions
 
 
