@@ -3,9 +3,10 @@ import os
 import random
 import subprocess
 
+import numpy as np
 import pytest
 
-from tasks.ner import conll, span_metrics
+from tasks.ner import conll, decoding, span_metrics
 
 from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
 
@@ -51,8 +52,31 @@ def test_windows_cover_every_word_within_budget_and_owners_are_unique():
         for begin, end in windows:
             assert end - begin <= max_words
             assert end - begin == 1 or sum(counts[begin:end]) <= max_pieces
-        owners = conll.window_owners(windows, len(counts))
-        assert all(windows[o][0] <= w < windows[o][1] for w, o in enumerate(owners))
+        owned = decoding.owned_words([0] * len(windows), [b for b, _ in windows], [e for _, e in windows],
+                                     [0, len(counts)]).to_list()
+        owners = [[i for i, (begin, _) in enumerate(windows) if w - begin in range(len(owned[i]))
+                   and owned[i][w - begin]] for w in range(len(counts))]
+        assert owners == [[_most_context_owner(windows, len(counts), w)] for w in range(len(counts))]
+
+
+def _most_context_owner(windows, num_words, word):
+    """The window where `word` has the most context, min(left, right), a window edge at the sentence edge
+    counting as unlimited; the first on ties."""
+    def context(begin, end):
+        left = word - begin if begin > 0 else num_words
+        right = end - 1 - word if end < num_words else num_words
+        return min(left, right)
+    holding = [i for i, (begin, end) in enumerate(windows) if begin <= word < end]
+    return max(holding, key=lambda i: (context(*windows[i]), -i))
+
+
+def test_owned_words_hand_made():
+    # Sentence of 10 words in windows [0, 6), [3, 9), [6, 10); a second sentence of 2 words in one window.
+    owned = decoding.owned_words([0, 0, 0, 1], [0, 3, 6, 0], [6, 9, 10, 2], [0, 10, 12]).to_list()
+    # Word 3: min(3, 2) = 2 in window 0 vs min(0, 5) = 0 in window 1. Word 4: 1 vs 1, the earlier window.
+    # Word 5: 0 vs 2. Word 6: 2 in window 1 vs 0 in window 2. Word 7: 1 vs 1, and word 8: 0 vs 2.
+    assert owned == [[True] * 5 + [False], [False, False, True, True, True, False], [False, False, True, True],
+                     [True, True]]
 
 
 def test_long_sentence_is_windowed_and_every_word_stitched_back():
@@ -142,9 +166,67 @@ def test_span_metrics_match_conlleval_reference_output_on_chunking_sample():
     assert span_metrics.evaluate(gold, predicted).report() == expected
 
 
-def test_extract_spans_follow_conlleval_chunking():
-    tags = ["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-ORG", "I-MISC", "B-MISC", "B-MISC"]
-    assert span_metrics.extract_spans(tags) == [("PER", 0, 2), ("LOC", 3, 5), ("ORG", 5, 6), ("MISC", 6, 7),
-                                                ("MISC", 7, 8), ("MISC", 8, 9)]
-    counts = span_metrics.evaluate([tags], [tags])
-    assert counts.gold_chunks == len(span_metrics.extract_spans(tags))
+def _entities(sentences, labels=conll.CONLL2003_LABELS):
+    """decoding.entities of tag-string sentences as [(type, first word, end word exclusive)] per sentence."""
+    rules = decoding.chunk_rules(labels)
+    splits = np.cumsum([0] + [len(tags) for tags in sentences])
+    found = decoding.entities(np.array([labels.index(t) for tags in sentences for t in tags], np.int32), splits,
+                              rules)
+    spans = [[] for _ in sentences]
+    for sentence, first, last, tag in zip(*(v.numpy().tolist() for v in found)):
+        spans[sentence].append((rules.types[tag], first - splits[sentence], last + 1 - splits[sentence]))
+    return spans
+
+
+def test_entities_follow_conlleval_chunking_by_hand():
+    assert _entities([["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-ORG", "I-MISC", "B-MISC", "B-MISC"]]) == [[
+        ("PER", 0, 2),     # B I
+        ("LOC", 3, 5),     # I- after O opens a chunk
+        ("ORG", 5, 6),     # a type change ends it
+        ("MISC", 6, 7),    # I-MISC after B-ORG: a new chunk
+        ("MISC", 7, 8), ("MISC", 8, 9)]]  # B after B: two chunks
+    # Sentence ends close chunks: an I- at the start of the next sentence is a new entity; empty sentences
+    # have none; a whole-sentence entity ends at the last word.
+    assert _entities([["O", "B-LOC", "I-LOC"], [], ["I-LOC", "I-ORG"], ["B-PER"], ["O", "O"]]) == [
+        [("LOC", 1, 3)], [], [("LOC", 0, 1), ("ORG", 1, 2)], [("PER", 0, 1)], []]
+    assert _entities([]) == []
+    with pytest.raises(ValueError, match="IOB2"):
+        decoding.chunk_rules(("B-PER", "O"))  # tag id 0 pads sentences: it must be O
+
+
+def test_entities_scored_by_exact_match_equal_conlleval_pl():
+    """Chunks from decoding.entities, counted as correct when gold and prediction have the same (type, first,
+    last), give conlleval.pl's phrase counts, precision, recall and F1 on perturbed real predictions."""
+    sentences = conll.read_conll(os.path.join(DATA_DIR, "conll2003", "valid.txt"))[:600]
+    rng = random.Random(2)
+    predictions = [_perturb(s.tags, rng) for s in sentences]
+    gold_spans, predicted_spans = _entities([s.tags for s in sentences]), _entities(predictions)
+    found = sum(map(len, predicted_spans))
+    gold = sum(map(len, gold_spans))
+    correct = sum(len(set(g) & set(p)) for g, p in zip(gold_spans, predicted_spans))
+    text = "".join(line for s, p in zip(sentences, predictions)
+                   for line in span_metrics.conlleval_lines(s.words, s.tags, p))
+    header = _perl_conlleval(text).splitlines()
+    assert header[0].endswith(f"with {gold} phrases; found: {found} phrases; correct: {correct}.")
+    precision, recall = 100 * correct / found, 100 * correct / gold
+    f1 = 2 * precision * recall / (precision + recall)
+    assert f"precision: {precision:6.2f}%; recall: {recall:6.2f}%; FB1: {f1:6.2f}" in header[1]
+    assert 20 < f1 < 95
+
+
+def test_entities_across_window_boundaries_come_from_the_owning_windows():
+    """A 12-word sentence in windows of at most 5 words: stitching takes each word's tag from its owner only
+    (the other windows' tags for it are wrong on purpose) and entities cross the cuts."""
+    words = tuple(f"w{i}" for i in range(12))
+    tags = ("B-PER", "I-PER", "I-PER", "I-PER", "O", "B-ORG", "I-ORG", "I-ORG", "I-ORG", "I-ORG", "O", "B-LOC")
+    pieces = {w: [100 + i] for i, w in enumerate(words)}
+    arrays, sources = conll.encode_sentences([conll.Sentence(words, tags)], pieces, labels=conll.CONLL2003_LABELS,
+                                             max_seq_length=7, max_words=5, cls_id=1, sep_id=2, pad_id=0)
+    assert len(sources) >= 3 and all(s.num_words <= 5 for s in sources)
+    assert sum(s.num_words for s in sources) > len(words)  # windows overlap
+    wrong = np.where(arrays["owned_mask"] == 1, arrays["tags"], conll.CONLL2003_LABELS.index("B-MISC"))
+    order = np.arange(len(sources))[::-1]  # rows in any order
+    stitched = conll.stitch(wrong[order], arrays["owned_mask"][order], order, sources, [len(words)])
+    labels = conll.CONLL2003_LABELS
+    assert [labels[t] for t in stitched[0]] == list(tags)
+    assert _entities([[labels[t] for t in stitched[0]]]) == [[("PER", 0, 4), ("ORG", 5, 10), ("LOC", 11, 12)]]

@@ -9,7 +9,8 @@ fast, deterministic, and trivially checkpointable.
 Sentences longer than one sequence are never cut: they become overlapping windows, and every
 word is *owned* by the window in which it has the most context on both sides (the SQuAD
 doc-stride rule). Only owned words are scored, so stitching the owned words of all windows back
-together yields exactly one prediction per word of the sentence.
+together yields exactly one prediction per word of the sentence. Ownership and stitching are
+decoding.py's TensorFlow functions, shared with predict and the serving export.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from tasks import textfiles
+from tasks.ner import decoding
 
 CONLL2003_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
 CONLL2003_COLUMNS = 4  # WORD POS CHUNK NER
@@ -143,25 +145,6 @@ def plan_windows(piece_counts: Sequence[int], *, max_pieces: int, max_words: int
     return windows
 
 
-def window_owners(windows: Sequence[tuple[int, int]], num_words: int) -> list[int]:
-    """For each word, the window where it has the most context: max over windows of min(left, right).
-
-    A window edge that is also the sentence edge counts as unlimited context (nothing is missing).
-    """
-    owners = []
-    for word in range(num_words):
-        best, best_context = -1, -1
-        for index, (begin, end) in enumerate(windows):
-            if not begin <= word < end:
-                continue
-            left = word - begin if begin > 0 else num_words
-            right = end - 1 - word if end < num_words else num_words
-            if min(left, right) > best_context:
-                best, best_context = index, min(left, right)
-        owners.append(best)
-    return owners
-
-
 @dataclasses.dataclass(frozen=True)
 class WindowSource:
     """Where a window's words come from: sentence `sentence`, words `[begin, begin + num_words)`."""
@@ -185,16 +168,16 @@ def encode_sentences(sentences: Sequence[Sentence], word_pieces: Mapping[str, Se
     if overlap_pieces is None:
         overlap_pieces = max_pieces // 2
     tag_index = {tag: i for i, tag in enumerate(labels)}
-    rows: list[tuple[Sentence, int, int, int, list[bool]]] = []
     sources: list[WindowSource] = []
     for sentence_index, sentence in enumerate(sentences):
         counts = [len(word_pieces[w]) for w in sentence.words]
-        windows = plan_windows(counts, max_pieces=max_pieces, max_words=max_words, overlap_pieces=overlap_pieces)
-        owners = window_owners(windows, len(sentence.words))
-        for window_index, (begin, end) in enumerate(windows):
-            owned = [owners[w] == window_index for w in range(begin, end)]
-            rows.append((sentence, sentence_index, begin, end, owned))
+        for begin, end in plan_windows(counts, max_pieces=max_pieces, max_words=max_words,
+                                       overlap_pieces=overlap_pieces):
             sources.append(WindowSource(sentence_index, begin, end - begin))
+    # Which window scores each word: decoding.owned_words, as predict and the serving export decide it.
+    owned_rows = decoding.owned_words(*_window_arrays(sources), sentence_splits(sentences)).to_list()
+    rows = [(sentences[s.sentence], s.sentence, s.begin, s.begin + s.num_words, owned)
+            for s, owned in zip(sources, owned_rows)]
 
     n = len(rows)
     sequence_arrays = ("input_word_ids", "input_mask", "input_type_ids", "input_case_ids")
@@ -222,24 +205,34 @@ def encode_sentences(sentences: Sequence[Sentence], word_pieces: Mapping[str, Se
     return arrays, sources
 
 
+def sentence_splits(sentences: Sequence[Sentence]) -> np.ndarray:
+    """[sentences + 1] int32: where each sentence's words start among all sentences' words."""
+    return np.cumsum([0] + [len(s.words) for s in sentences], dtype=np.int64).astype(np.int32)
+
+
+def _window_arrays(sources: Sequence[WindowSource]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sentence, begin, end) [windows] int32."""
+    table = np.array([(s.sentence, s.begin, s.begin + s.num_words) for s in sources], np.int32).reshape(-1, 3)
+    return table[:, 0], table[:, 1], table[:, 2]
+
+
 def stitch(predicted: np.ndarray, owned_mask: np.ndarray, example_index: np.ndarray,
            sources: Sequence[WindowSource], sentence_lengths: Sequence[int]) -> list[list[int]]:
-    """Per-sentence word tag ids from per-window predictions [N, max_words], using owned words only.
+    """Per-sentence word tag ids from per-window predictions [N, max_words] (decoding.stitch), owned words only.
 
     Raises if any word of any sentence ends up without a prediction (e.g. a window went missing),
     because a silently unscored word would inflate F1.
     """
-    stitched = [[-1] * length for length in sentence_lengths]
-    for row, window in enumerate(example_index):
-        source = sources[int(window)]
-        for slot in range(source.num_words):
-            if owned_mask[row, slot]:
-                stitched[source.sentence][source.begin + slot] = int(predicted[row, slot])
-    for sentence_index, tags in enumerate(stitched):
-        if -1 in tags:
-            raise ValueError(f"sentence {sentence_index}: word {tags.index(-1)} got no prediction; "
-                             "were all windows of the split evaluated?")
-    return stitched
+    window_sentence, window_begin, _ = _window_arrays([sources[int(i)] for i in example_index])
+    splits = np.cumsum([0] + list(sentence_lengths), dtype=np.int64).astype(np.int32)
+    tags = decoding.stitch(np.asarray(predicted), np.asarray(owned_mask), window_sentence, window_begin,
+                           splits).numpy()
+    missing = np.flatnonzero(tags < 0)
+    if missing.size:
+        sentence_index = int(np.searchsorted(splits, missing[0], side="right") - 1)
+        raise ValueError(f"sentence {sentence_index}: word {int(missing[0] - splits[sentence_index])} got no "
+                         "prediction; were all windows of the split evaluated?")
+    return [tags[splits[i]:splits[i + 1]].tolist() for i in range(len(sentence_lengths))]
 
 
 def word_pieces_for(words: Iterable[str], tokenize: Callable[[list[str]], list[list[int]]],

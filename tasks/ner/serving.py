@@ -1,15 +1,12 @@
 """NER's serving signature: text -> entities (text, type, character offsets), CRF or softmax in the graph."""
 from __future__ import annotations
 
-from typing import Sequence
-
-import numpy as np
 import tensorflow as tf
 import tensorflow_text as tf_text
 import tf_keras
 
 from tasks import serving
-from tasks.ner import conll, span_metrics
+from tasks.ner import conll, decoding
 
 # CoNLL word splitting as tasks.ner.task._WORD (`\w+(?:[.'’-]\w+)*|[^\w\s]`) in RE2 syntax. RE2's \w and \s
 # are ASCII-only; these classes are Python's Unicode ones (identical on the Basic Multilingual Plane; a few
@@ -72,23 +69,6 @@ def plan_windows(counts: tf.Tensor, row_splits: tf.Tensor, *, max_pieces: int, m
     return sentences.stack(), begins.stack(), ends.stack()
 
 
-def _chunk_tables(labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """conlleval's start/end-of-chunk rules as [previous tag, tag] boolean tables (span_metrics)."""
-    # span_metrics' own rule functions, so the tables cannot drift from the host path.
-    split_tag, start_of_chunk, end_of_chunk = (
-        span_metrics.split_tag, span_metrics.start_of_chunk, span_metrics.end_of_chunk)
-    split = [split_tag(label) for label in labels]
-    starts = np.array([[start_of_chunk(p, c, pt, ct) for c, ct in split] for p, pt in split])
-    ends = np.array([[end_of_chunk(p, c, pt, ct) for c, ct in split] for p, pt in split])
-    outside = np.array([prefix == "O" for prefix, _ in split])
-    # The vectorised extraction below relies on chunks never overlapping: a chunk starts only where the
-    # previous one (if any) ends, and a chunk ends only where a new one starts or an O follows. True for
-    # IOB2 label sets; refuse anything else rather than extract entities differently from the host path.
-    if not (np.all(~starts | ends | outside[:, None]) and np.all(~ends | starts | outside[None, :])):
-        raise ValueError(f"labels {list(labels)}: the serving export supports IOB2 label sets (O, B-X, I-X)")
-    return starts, ends
-
-
 def word_shapes(words: tf.Tensor) -> tf.Tensor:
     """conll.word_shape in-graph, on the same Unicode categories (RE2's \\p{Lu} and \\p{Ll})."""
     has_upper = tf.strings.regex_full_match(words, r"(?s).*\p{Lu}.*")
@@ -113,9 +93,8 @@ class TaggingServing(serving.ServingModule):
         self._config, self._tokenizer = config, tokenizer
         self._max_pieces = config.max_seq_length - 2
         self._max_words = config.words_per_window
-        starts, ends = _chunk_tables(config.labels)
-        self._start_table, self._end_table = tf.constant(starts), tf.constant(ends)
-        self._types = tf.constant([span_metrics.split_tag(label)[1] for label in config.labels])
+        self._rules = decoding.chunk_rules(config.labels)
+        self._types = tf.constant(self._rules.types)
         self.serve = tf.function(self._entities, input_signature=[tf.TensorSpec([None], tf.string)])
 
     def _entities(self, text: tf.Tensor) -> dict:
@@ -141,7 +120,7 @@ class TaggingServing(serving.ServingModule):
         word_pieces = tf.concat([word_pieces, unk], axis=1)
         counts = tf.cast(word_pieces.row_lengths(), tf.int32)
 
-        # Windows (conll.plan_windows) and the window owning each word (conll.window_owners).
+        # Windows (conll.plan_windows) and the window owning each word (decoding.owned_words).
         window_sentence, window_begin, window_end = plan_windows(
             counts, word_splits, max_pieces=self._max_pieces, max_words=max_words,
             overlap_pieces=self._max_pieces // 2)
@@ -153,13 +132,7 @@ class TaggingServing(serving.ServingModule):
         word_in_sentence = tf.gather(window_begin, slot_window) + slot
         slot_sentence = tf.gather(window_sentence, slot_window)
         slot_word = tf.gather(word_splits, slot_sentence) + word_in_sentence
-        length = tf.gather(sentence_length, slot_sentence)
-        left = tf.where(tf.gather(window_begin, slot_window) > 0, slot, length)
-        right = tf.where(tf.gather(window_end, slot_window) < length,
-                         tf.gather(window_end, slot_window) - 1 - word_in_sentence, length)
-        owner, _ = serving.segment_first_best(tf.minimum(left, right), tf.ones_like(slot, tf.bool), slot_word,
-                                       tf.size(counts))
-        owned = tf.equal(tf.gather(owner, slot_word), tf.range(tf.size(slot_word)))
+        owned = decoding.owned_words(window_sentence, window_begin, window_end, word_splits)
 
         # Model features (conll.encode_sentences): [CLS] pieces of the window's words [SEP].
         window_pieces = tf.gather(word_pieces, slots.with_flat_values(slot_word)).merge_dims(1, 2)
@@ -188,30 +161,14 @@ class TaggingServing(serving.ServingModule):
             features["input_case_ids"] = case_ids.to_tensor(0, shape=[None, seq_length])
         window_tags = self.model(features, training=False)["tags"]
 
-        # Stitch the owned words back into sentences (conll.stitch), padded with O.
-        slot_tags = tf.gather_nd(window_tags, tf.stack([slot_window, slot], axis=1))
-        word_tags = tf.scatter_nd(tf.boolean_mask(slot_word, owned)[:, tf.newaxis], tf.boolean_mask(slot_tags, owned),
-                                  [tf.size(counts)])
-        tags = tf.RaggedTensor.from_row_splits(word_tags, words.row_splits).to_tensor(0)
-        tags = tf.pad(tags, [[0, 0], [0, 1]])  # a trailing O closes every chunk, as conlleval's boundary
-        width = tf.shape(tags)[1]
-
-        # Chunks (span_metrics.extract_spans): start where the start rule fires, end at the next end rule.
-        previous = tf.pad(tags[:, :-1], [[0, 0], [1, 0]])
-        pairs = tf.stack([previous, tags], axis=-1)
-        index = tf.range(width)[tf.newaxis]
-        chunk_start = tf.gather_nd(self._start_table, pairs) & (index < sentence_length[:, tf.newaxis])
-        chunk_end = tf.gather_nd(self._end_table, pairs)
-        later_end = chunk_end[:, tf.newaxis, :] & (index[:, tf.newaxis, :] > index[:, :, tf.newaxis])
-        next_end = tf.reduce_min(tf.where(later_end, index[:, tf.newaxis, :], width), axis=-1)
-        where = tf.cast(tf.where(chunk_start), tf.int32)  # [entities, (row, first word)] in row-major order
-        row, first = where[:, 0], where[:, 1]
-        last = tf.gather_nd(next_end, where) - 1
-        first_word = tf.gather(word_splits, row) + first
-        last_word = tf.gather(word_splits, row) + last
+        # Stitching and entities: decoding.stitch and decoding.entities, as evaluation and TaggingTask.predict.
+        owned_mask = owned.to_tensor(False, shape=[None, max_words])
+        word_tags = decoding.stitch(window_tags, owned_mask, window_sentence, window_begin, word_splits)
+        found = decoding.entities(word_tags, word_splits, self._rules)
+        row, first_word, last_word = found.sentence, found.first, found.last
         byte_start, byte_stop = tf.gather(word_begin, first_word), tf.gather(word_end, last_word)
         entity_text = tf.strings.substr(tf.gather(text, row), byte_start, byte_stop - byte_start, unit="BYTE")
-        entity_type = tf.gather(self._types, tf.gather_nd(tags, where))
+        entity_type = tf.gather(self._types, found.tag)
         entities = lambda values: tf.RaggedTensor.from_value_rowids(  # noqa: E731
             values, tf.cast(row, tf.int64), tf.cast(num_texts, tf.int64))
         return {"num_entities": tf.cast(entities(row).row_lengths(), tf.int32),

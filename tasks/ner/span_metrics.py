@@ -4,7 +4,8 @@ A line-by-line port of its chunk logic (`startOfChunk`/`endOfChunk`, the "correc
 sentence boundaries as `O`), not a reinterpretation: conlleval has quirks a clean span matcher
 would not reproduce, e.g. an `I-X` after `O` or after `B-Y` opens a new chunk, and these decide
 the reported numbers for imperfect (unconstrained) predictions. `report` prints the same text
-as the Perl script, so the two can be compared byte for byte.
+as the Perl script, so the two can be compared byte for byte. Entities for predict and serving are
+decoding.py's, from these same start/end rules.
 """
 from __future__ import annotations
 
@@ -124,21 +125,6 @@ def evaluate(gold_sentences: Iterable[Sequence[str]], predicted_sentences: Itera
     for gold, predicted in zip(gold_sentences, predicted_sentences, strict=True):
         counts.update(gold, predicted)
     return counts
-
-
-def extract_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """Chunks of one sentence as `(type, first_word, end_word_exclusive)`, delimited as conlleval does."""
-    spans: list[tuple[str, int, int]] = []
-    begin, last_prefix, last_type = None, "O", ""
-    for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, entity_type = split_tag(tag)
-        if begin is not None and end_of_chunk(last_prefix, prefix, last_type, entity_type):
-            spans.append((last_type, begin, i))
-            begin = None
-        if i < len(tags) and start_of_chunk(last_prefix, prefix, last_type, entity_type):
-            begin = i
-        last_prefix, last_type = prefix, entity_type
-    return spans
 
 
 def conlleval_lines(words: Sequence[str], gold: Sequence[str], predicted: Sequence[str]) -> Iterator[str]:

@@ -24,7 +24,7 @@ from engine import inputs
 from engine.task import Task
 from tasks import encoders, textfiles
 from tasks.encoders.tokenization import WordPieceTokenizer
-from tasks.ner import conll, crf, span_metrics
+from tasks.ner import conll, crf, decoding, span_metrics
 
 ENCODER_INPUTS = ("input_word_ids", "input_mask", "input_type_ids")
 SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "valid": "valid.txt", "dev": "valid.txt",
@@ -308,12 +308,15 @@ class TaggingTask(Task):
             for start in range(0, len(data.sources), batch_size)]) if data.sources else np.zeros([0, 1], np.int32)
         stitched = conll.stitch(predicted, arrays["owned_mask"], arrays["example_index"], data.sources,
                                 [len(s.words) for s in data.sentences])
+        # Entities: decoding.entities, the chunking the serving export runs in its graph.
+        splits = conll.sentence_splits(data.sentences)
+        rules = decoding.chunk_rules(self.config.labels)
+        found = decoding.entities(np.array([t for tags in stitched for t in tags], np.int32), splits, rules)
         results: list[list[Entity]] = [[] for _ in texts]
-        for i, tag_ids in zip(nonempty, stitched):
-            tags = [self.config.labels[t] for t in tag_ids]
-            for entity_type, first, end in span_metrics.extract_spans(tags):
-                start, stop = word_spans[i][first][0], word_spans[i][end - 1][1]
-                results[i].append(Entity(texts[i][start:stop], entity_type, start, stop))
+        for sentence, first, last, tag in zip(*(v.numpy().tolist() for v in found)):
+            i, base = nonempty[sentence], splits[sentence]
+            start, stop = word_spans[i][first - base][0], word_spans[i][last - base][1]
+            results[i].append(Entity(texts[i][start:stop], rules.types[tag], start, stop))
         return results
 
 
