@@ -61,7 +61,7 @@ class StepRunner:
                                RuntimeConfig(precision="float32", jit_compile=args.jit_compile))
         # train() always runs to train_steps; interleaving heads needs the loop train() calls, one window at
         # a time (bench/engine_vs_fit.py does the same).
-        self.trainer._setup_training()  # pylint: disable=protected-access
+        self.trainer.setup()
 
     def run(self) -> float:
         trainer = self.trainer

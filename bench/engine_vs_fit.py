@@ -199,7 +199,7 @@ class EngineRunner:
             tf_keras.mixed_precision.set_global_policy("float32")  # the Trainer sets the global policy
         # Trainer.train() runs to train_steps and then saves a checkpoint; windows interleaved with other
         # configurations need the loop itself, which is what train() calls and times.
-        self.trainer._setup_training()  # pylint: disable=protected-access
+        self.trainer.setup()
 
     def run(self, steps: int) -> tuple[float, float]:
         import tensorflow as tf  # noqa: PLC0415

@@ -1,7 +1,8 @@
-"""The Trainer: the only stateful object. Builds the Task under a strategy and runs the loops.
+"""The Trainer: the only stateful object. Builds the Task under a strategy and does the work the Controller
+(engine/controller.py) schedules: N steps of the compiled train loop, an evaluation, a save, a restore.
 
 Reads top to bottom like the recipe: strategy -> precision -> model and optimizer in scope ->
-distributed input -> compiled loops -> checkpoints, evaluation, summaries.
+distributed input -> compiled loops -> checkpoints, evaluation.
 """
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-import re
-import signal
-import threading
+import statistics
 import time
 from collections import defaultdict
 from typing import Any, Mapping, Optional
@@ -21,8 +20,10 @@ import tensorflow as tf
 import tf_keras
 from absl import logging
 
-from engine import averaging, checkpoints, dropout, files, fusion, inputs, optimization, precision, summaries
-from engine import step as step_lib, strategy as strategy_lib
+from engine import averaging, checkpoints, dropout, files, fusion, inputs, optimization, precision, summaries, timing
+from engine import controller as controller_lib, step as step_lib, strategy as strategy_lib
+# Raised by train(); callers import them from here.
+from engine.controller import LostWorkerError, NonFiniteError  # noqa: F401
 from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
 from engine.task import Task
 
@@ -32,18 +33,17 @@ from engine.task import Task
 TRAIN_STEPS_FILE = "train_steps.json"
 
 
-class NonFiniteError(FloatingPointError):
-    """Raised under nonfinite_policy="raise"; the offending update was not applied."""
-
-
-class LostWorkerError(RuntimeError):
-    """Another worker of a multi-worker job crashed or became unreachable; restart all workers to resume."""
-
-
-# What a collective raises when a peer is gone: the coordination service's heartbeat check (seconds after a
-# crash), a closed socket, or the collective timeout (RuntimeConfig.collective_timeout_secs).
-_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
-                tf.errors.CancelledError)
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+    """What one call of the compiled train loop did: `steps` updates (some `skipped`, of which `overflows` were
+    fp16 loss-scale overflows) ending at global `step`, in `seconds` of wall time."""
+    step: int
+    steps: int
+    loss_sum: float
+    grad_norm: float
+    skipped: int
+    overflows: int
+    seconds: float
 
 
 class Trainer:
@@ -54,8 +54,9 @@ class Trainer:
                  hparams: Optional[Mapping[str, Any]] = None):
         """`hparams`: what describes the run beyond the configs (the launch flags), for TensorBoard's HParams
         dashboard, where it is shown with the configs' fields."""
+        self.times = timing.RunTimes()  # where the run's wall time goes (print_time_split)
         self.task = task
-        self._hparams = dict(hparams or {})
+        self.hparams = dict(hparams or {})
         self.config = config
         self.optimizer_config = optimizer_config
         self.runtime = runtime
@@ -64,7 +65,6 @@ class Trainer:
         # Only the chief writes summaries and JSON files; checkpoint saves are collective (engine/checkpoints.py).
         self.is_chief, self.worker_index = strategy_lib.worker_role(self.strategy)
         self.num_workers = strategy_lib.num_workers(self.strategy)
-        self._agreement = strategy_lib.Agreement(self.strategy)
         # Checks the batch geometry before anything touches model_dir.
         self.per_replica_batch_size = config.per_replica_batch_size(self.num_replicas)
         self.precision = precision.resolve_precision(runtime.precision)
@@ -88,25 +88,23 @@ class Trainer:
         self._train_iterator = None
         self._train_loop = None
         self._eval_step = None
-        self._summaries = summaries.Summaries(config.model_dir, enabled=self.is_chief)
-        self._preempted = threading.Event()
-        self.train_history: list[dict] = []  # one dict per loop: step and the logged values
-        self._first_loop = (0, 0.0)
-        self._rate = summaries.RecentRate()  # for the console line's ETA
-        self._profiling = 0  # while a trace runs: the step it started at
-        self._peak_flops: Optional[float] = None  # measured when training is set up
+        self._controller: Optional[controller_lib.Controller] = None  # decides when to train, evaluate, save, stop
+        self.peak_flops: Optional[float] = None  # for MFU; measured when training is set up
 
     # ----------------------------------------------------------------------------------- training
 
-    def _setup_training(self) -> Optional[str]:
-        """Builds checkpointing, input and the compiled loop; restores the latest checkpoint. Returns its path."""
+    def setup(self) -> Optional[str]:
+        """Builds checkpointing, input and the compiled loop; restores the latest checkpoint. Returns its path
+        (None without one, and on later calls: it runs once)."""
+        if self._train_loop is not None:
+            return None
         cfg = self.config
         self._check_input_geometry()
         # MFU needs the device's peak; measured once (about a second) only if the Task can count its FLOPs, and
         # only for training (an evaluation-only Trainer, as launch.evaluate's, never pays for it).
         if self.task.train_flops_per_example():
             # A GPU/TPU's datasheet peak times its devices, or this CPU's measured one; None for an unknown device.
-            self._peak_flops, peak_text = precision.peak_flops(
+            self.peak_flops, peak_text = precision.peak_flops(
                 self.precision, num_replicas=self.num_replicas, num_workers=self.num_workers,
                 override_tflops=self.runtime.peak_tflops)
             logging.info("MFU peak: %s", peak_text)
@@ -121,12 +119,14 @@ class Trainer:
         per_replica_batch = self.per_replica_batch_size * cfg.grad_accum_steps
         if strategy_lib.is_tpu(self.strategy):
             # A TPU compiles the step once per input shape: refuse, before any compile, shapes not from a fixed set.
-            inputs.check_static_shapes(dataset_fn(batch_size=per_replica_batch, input_context=None).element_spec,
-                                       task_name=self.task.name)
+            with self.times.measure("data"):
+                spec = dataset_fn(batch_size=per_replica_batch, input_context=None).element_spec
+            inputs.check_static_shapes(spec, task_name=self.task.name)
         iterator_in_checkpoint = inputs.is_default_strategy(self.strategy)
         if iterator_in_checkpoint:
             # The input iterator is part of the state: a resumed run continues on the very next batch.
-            self._train_iterator = inputs.train_iterator(self.strategy, dataset_fn, per_replica_batch)
+            with self.times.measure("data"):
+                self._train_iterator = inputs.train_iterator(self.strategy, dataset_fn, per_replica_batch)
             self.checkpoint.train_iterator = self._train_iterator
         self.saver = checkpoints.Saver(self.checkpoint, cfg.model_dir, max_to_keep=cfg.max_to_keep,
                                        is_chief=self.is_chief, worker_index=self.worker_index,
@@ -135,13 +135,11 @@ class Trainer:
         if restored and self.weight_average is not None:
             with self.strategy.scope():
                 self.weight_average.swap()  # back to raw weights in the model, averages aside
-        if self.is_chief:  # only now: a resume that fails (geometry, corrupt checkpoint) leaves model_dir untouched
-            path = os.path.join(cfg.model_dir, TRAIN_STEPS_FILE)
-            if files.read_json(path) != {"train_steps": cfg.train_steps}:
-                files.write_json(path, {"train_steps": cfg.train_steps})
+        self.write_train_steps()  # only now: a resume that fails (geometry, corrupt checkpoint) leaves model_dir as is
         if not iterator_in_checkpoint:
-            self._train_iterator = inputs.train_iterator(
-                self.strategy, dataset_fn, per_replica_batch, skip_updates=int(self.global_step.numpy()))
+            with self.times.measure("data"):
+                self._train_iterator = inputs.train_iterator(
+                    self.strategy, dataset_fn, per_replica_batch, skip_updates=int(self.global_step.numpy()))
         self.best = (checkpoints.BestCheckpoint(self.checkpoint, cfg.model_dir, cfg.best_metric, cfg.best_metric_mode,
                                                 is_chief=self.is_chief, worker_index=self.worker_index)
                      if cfg.best_metric else None)
@@ -177,99 +175,42 @@ class Trainer:
         return self._train_loop.experimental_get_tracing_count() if self._train_loop else 0
 
     def train(self) -> dict:
-        """Trains to config.train_steps (resuming from model_dir), evaluating and saving as configured."""
-        try:
-            return self._train()
-        except _PEER_ERRORS as error:
-            if self.num_workers == 1:
-                raise
-            text = str(error)
-            peers = sorted(set(re.sub(r"/replica:\d+", "", p) for p in re.findall(r"/job:\w+/\S*?task:\d+", text)))
-            # The first line that says what happened ("... tasks are unhealthy", "Connection reset by peer").
-            reasons = [line.strip() for line in text.splitlines()
-                       if re.search(r"aborted by|unhealthy|reset by peer|[Tt]imeout|timed out|closed", line)]
-            raise LostWorkerError(
-                f"worker {self.worker_index} lost contact with {', '.join(peers) or 'another worker'} "
-                f"({type(error).__name__}: {(reasons or [text.strip().splitlines()[0]])[0][:160]}); the last "
-                f"checkpoint is {self.saver.latest_checkpoint}: restart all workers to resume from it") from error
+        """Trains to config.train_steps (resuming from model_dir), evaluating and saving as configured: the
+        Controller decides when, this Trainer does the work. Returns the last evaluation's metrics."""
+        if self._controller is None:
+            self._controller = controller_lib.Controller(self)
+        return self._controller.run()
 
-    def _train(self) -> dict:
-        cfg = self.config
-        restored = self._setup_training() if self._train_loop is None else None
-        step = int(self.global_step.numpy())
-        if restored:
-            print(f"resumed from {restored} at step {step}", flush=True)
-        self._log_run_header(step)
-        previous_handler = self._install_sigterm_handler()
-        self._last_save_time = time.monotonic()
-        last_eval: dict = {}
-        evals_without_improvement = 0
-        try:
-            while step < cfg.train_steps:
-                num_steps = self._steps_until_boundary(step)
-                self._maybe_profile(step, num_steps, start=True)
-                start = time.perf_counter()
-                steps_done, loss_sum, grad_norm, skipped, overflows = self._train_loop(
-                    self._train_iterator, tf.constant(num_steps, tf.int32))
-                steps_done = int(steps_done)  # blocks until the loop has finished
-                seconds = time.perf_counter() - start
-                self._maybe_profile(step, num_steps, start=False)
-                step += steps_done
-                self.global_step.assign(step)
-                skipped, overflows = int(skipped), int(overflows)
-                # fp16 loss-scale overflows are routine (the scale halves and training goes on); others are not.
-                if skipped > overflows and cfg.nonfinite_policy == "raise":
-                    raise NonFiniteError(
-                        f"non-finite loss or gradients at step {step} (the update was not applied; "
-                        f"last checkpoint: {self.saver.latest_checkpoint}). "
-                        "Lower --learning_rate, check the input, or use --nonfinite_policy=skip.")
-                self._log_train(step, steps_done, skipped, overflows, float(loss_sum), float(grad_norm), seconds)
-                # One decision for all workers at this step boundary: a SIGTERM to any worker stops them all
-                # here, and a save due by the clock (each host's clock differs) happens on all or none.
-                stop, save_due_by_time = self._agreement.any(
-                    self._preempted.is_set(),
-                    cfg.checkpoint_every_secs and time.monotonic() - self._last_save_time >= cfg.checkpoint_every_secs)
-                if stop:
-                    self._save(step)
-                    print(f"SIGTERM: saved step {step} ({self.saver.latest_checkpoint or 'collective save'}); "
-                          "exiting", flush=True)
-                    return last_eval
-                at_end = step >= cfg.train_steps
-                eval_due = at_end or (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
-                if eval_due and cfg.eval_split:
-                    with self.averaged_weights():
-                        last_eval = self.evaluate()
-                        self._summaries.scalars("eval", step, last_eval)
-                        summaries.log_line("eval", step, last_eval)
-                        if self.best is not None:
-                            improved = self.best.update(step, last_eval)
-                            evals_without_improvement = 0 if improved else evals_without_improvement + 1
-                        self._save(step)
-                    if cfg.early_stopping_patience and evals_without_improvement >= cfg.early_stopping_patience:
-                        print(f"early stopping at step {step}: {cfg.best_metric} did not improve for "
-                              f"{evals_without_improvement} evaluations (best {self.best.best_value:.4f})", flush=True)
-                        if self.is_chief:  # a sidecar stops after this checkpoint instead of waiting for its timeout
-                            files.write_json(os.path.join(cfg.model_dir, TRAIN_STEPS_FILE),
-                                             {"train_steps": cfg.train_steps, "stopped_at": step})
-                        break
-                # Without an eval split (launch.train --mode=train: a sidecar evaluates), still save where an
-                # evaluation would have been, so the sidecar sees the same checkpoints.
-                elif (eval_due or save_due_by_time or
-                      (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)):
-                    self._save(step)
-        finally:
-            if self._profiling:  # an error inside the profiled steps: keep what was traced
-                tf.profiler.experimental.stop()
-                self._profiling = 0
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
-            self._summaries.close()
-        return last_eval
+    @property
+    def train_history(self) -> list[dict]:
+        """One dict per train loop: its step and the values logged for it."""
+        return self._controller.history if self._controller is not None else []
 
-    def _save(self, step: int) -> None:
+    def run_loop(self, num_steps: int) -> LoopResult:
+        """Runs `num_steps` updates in one call of the compiled loop (fewer if it stops at a non-finite update)."""
+        start = time.perf_counter()
+        steps_done, loss_sum, grad_norm, skipped, overflows = self._train_loop(
+            self._train_iterator, tf.constant(num_steps, tf.int32))
+        steps_done = int(steps_done)  # blocks until the loop has finished
+        seconds = time.perf_counter() - start
+        step = int(self.global_step.numpy()) + steps_done
+        self.global_step.assign(step)
+        return LoopResult(step=step, steps=steps_done, loss_sum=float(loss_sum), grad_norm=float(grad_norm),
+                          skipped=int(skipped), overflows=int(overflows), seconds=seconds)
+
+    def save(self, step: int) -> None:
+        """A checkpoint of `step` (collective: every worker calls it), holding the weight averages if any."""
         with self.averaged_weights():
             self.saver.save(step)
-        self._last_save_time = time.monotonic()
+
+    def write_train_steps(self, **extra: int) -> None:
+        """model_dir/train_steps.json, where the run ends, for an evaluation sidecar (chief only)."""
+        if not self.is_chief:
+            return
+        path = os.path.join(self.config.model_dir, TRAIN_STEPS_FILE)
+        value = dict(train_steps=self.config.train_steps, **extra)
+        if files.read_json(path) != value:
+            files.write_json(path, value)
 
     @contextlib.contextmanager
     def averaged_weights(self):
@@ -287,91 +228,14 @@ class Trainer:
                 self.weight_average.swap()
             self._model_holds_average = False
 
-    def _steps_until_boundary(self, step: int) -> int:
-        """Loops end exactly at eval/checkpoint boundaries and at train_steps."""
-        cfg = self.config
-        limit = min(cfg.steps_per_loop, cfg.train_steps - step)
-        for every in (cfg.eval_every_steps, cfg.checkpoint_every_steps):
-            if every:
-                limit = min(limit, every - step % every)
-        # A profile covers whole loops: one ends before the first profiled step and one at the last.
-        for end in ((cfg.profile_steps[0] - 1, cfg.profile_steps[1]) if cfg.profile_steps else ()):
-            if end > step:
-                limit = min(limit, end - step)
-        return limit
-
-    def _log_train(self, step: int, steps_done: int, skipped: int, overflows: int, loss_sum: float,
-                   grad_norm: float, seconds: float) -> None:
-        applied = steps_done - skipped
-        values = {
-            "loss": loss_sum / applied if applied else float("nan"),
-            "learning_rate": optimization.current_learning_rate(self.optimizer),
-            "grad_norm": grad_norm,
-            "steps/sec": steps_done / seconds,
-            "examples/sec": steps_done * self.config.global_batch_size / seconds,
-            "skipped_updates": skipped,
-        }
-        if isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
-            values["loss_scale"] = float(self.optimizer.loss_scale)
-            values["loss_scale_overflows"] = overflows
-        flops = self.task.train_flops_per_example()
-        if flops and self._peak_flops:
-            values["mfu"] = flops * values["examples/sec"] / self._peak_flops
-        if not self.train_history:
-            self._first_loop = (steps_done, seconds)
-        elif len(self.train_history) == 1:
-            # The first loop paid for tracing (and XLA compilation): the excess over a steady loop.
-            first_steps, first_seconds = self._first_loop
-            values["compile_seconds"] = max(first_seconds - first_steps * seconds / steps_done, 0.0)
-        self.train_history.append(dict(values, step=step))
-        self._summaries.scalars("train", step, values)
-        rate = self._rate.mark(step)
-        eta = (self.config.train_steps - step) / rate if rate else None
-        # `train | step: N |` stays first: tests and scripts look for it.
-        progress = summaries.progress_fields(step, self.config.train_steps, eta)
-        summaries.log_line("train", step, dict(progress, **values))
-
-    def _log_run_header(self, step: int) -> None:
-        cfg = self.config
-        params = self.model.count_params()
-        tokens = (f"global batch {cfg.global_batch_size} = {self.num_replicas} replicas x "
-                  f"{cfg.grad_accum_steps} micro-batches x {self.per_replica_batch_size}")
-        print(f"{self.task.name}: {params:,} parameters | {tokens} | precision {self.precision} | "
-              f"xla {self.runtime.jit_compile} | "
-              f"XLA-fused layers {self.fused_layers if self.fuse_elementwise else 'off'} | "
-              f"weight average {self.optimizer_config.ema_decay or 'off'} | "
-              f"strategy {type(self.strategy).__name__}", flush=True)
-        if step == 0:
-            config_text = "\n".join(f"{k}: {v}" for c in (cfg, self.optimizer_config, self.runtime)
-                                    for k, v in dataclasses.asdict(c).items())
-            self._summaries.text("train", 0, "config", config_text)
-            self._summaries.scalars("train", 0, {"parameters": float(params)})
-            hparams = {k: v for c in (cfg, self.optimizer_config, self.runtime)
-                       for k, v in dataclasses.asdict(c).items()}
-            hparams.update(self._hparams)  # launch flags win: the names a user typed
-            self._summaries.hparams(hparams)
-
-    def _maybe_profile(self, step: int, num_steps: int, *, start: bool) -> None:
-        """A profiler trace of the loops covering steps profile_steps = (first, last), counted from 1, into
-        model_dir/train/plugins/profile (TensorBoard's Profile tab, with tensorboard-plugin-profile), as Keras'
-        TensorBoard callback writes it. `step` is the step before the loop of `num_steps`. Chief only."""
-        if not self.config.profile_steps or not self.is_chief:
-            return
-        first, last = self.config.profile_steps
-        if start and not self._profiling and step < last and step + num_steps >= first:
-            tf.profiler.experimental.start(os.path.join(self.config.model_dir, "train"))
-            self._profiling = step + 1
-        elif not start and self._profiling and step + num_steps >= last:
-            tf.profiler.experimental.stop()
-            print(f"profiled steps {self._profiling}-{step + num_steps} into "
-                  f"{os.path.join(self.config.model_dir, 'train', 'plugins', 'profile')}", flush=True)
-            self._profiling = 0
-
-    def _install_sigterm_handler(self):
-        """SIGTERM (preemption, `kill`) sets a flag; the loop saves a checkpoint at its end and exits."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        return signal.signal(signal.SIGTERM, lambda signum, frame: self._preempted.set())
+    def print_time_split(self, *, strategy_built: Optional[float] = None) -> dict:
+        """Prints `time | total: ... | start-up: ... | data: ... | compile: ... | train: ... | eval: ...` (where
+        the run's wall time went, engine/timing.py) and returns those parts in seconds. `strategy_built`: the
+        time.monotonic() at which the program had built its strategy (what it did after, before this Trainer, is
+        data: the Task's input); default: start-up until this Trainer was built."""
+        parts = self.times.split(started=timing.process_start(), strategy_built=strategy_built)
+        print(timing.format_line(parts), flush=True)
+        return parts
 
     # --------------------------------------------------------------------------------- evaluation
 
@@ -395,16 +259,29 @@ class Trainer:
         if self._eval_step is None:
             self._eval_step = step_lib.make_eval_step(
                 self.strategy, self.task, self.model, self.metrics, jit_compile=self.runtime.jit_compile)
-        dataset = inputs.distribute_eval_inputs(
-            self.strategy, functools.partial(self.task.build_inputs, split), self.config.eval_batch_size)
+        with self.times.measure("data"), self.times.measure("eval_data"):
+            batches = iter(inputs.distribute_eval_inputs(
+                self.strategy, functools.partial(self.task.build_inputs, split), self.config.eval_batch_size))
         for metric in self.metrics:
             metric.reset_state()
         gathered = defaultdict(list)
         progress = summaries.BatchProgress("eval", self._eval_batches(split))  # a line per ~10 s, if that long
-        for done, batch in enumerate(dataset, 1):
+        seconds, traced = [], []  # per batch: for the time the batches that traced the step spent compiling
+        fetch_start = time.perf_counter()
+        for done, batch in enumerate(batches, 1):
+            start, traces = time.perf_counter(), self._eval_step.experimental_get_tracing_count()
+            if done == 1:  # the first batch's preparation (reading, tokenizing, the pipeline's start) is data too
+                self.times.seconds["data"] += start - fetch_start
+                self.times.seconds["eval_data"] += start - fetch_start
             for name, value in self._eval_step(batch).items():
                 gathered[name].append(value.numpy())
+            seconds.append(time.perf_counter() - start)
+            traced.append(self._eval_step.experimental_get_tracing_count() > traces)
             progress.update(done)
+        steady = [t for t, new in zip(seconds, traced) if not new]
+        if steady:
+            typical = statistics.median(steady)
+            self.times.seconds["eval_compile"] += sum(max(t - typical, 0.0) for t, new in zip(seconds, traced) if new)
         host = {}
         for name, parts in gathered.items():
             if name in ("_loss_sum", "_weight_sum"):
@@ -429,7 +306,8 @@ class Trainer:
 
         With --ema_decay this evaluates the averaged weights, as the checkpoints hold them."""
         split = split or self.config.eval_split
-        with self.averaged_weights():
-            results, host = self.predict_outputs(split)
-        results.update(self.task.postprocess(host, split, write_files=self.is_chief) or {})
+        with self.times.measure("eval"):
+            with self.averaged_weights():
+                results, host = self.predict_outputs(split)
+            results.update(self.task.postprocess(host, split, write_files=self.is_chief) or {})
         return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
@@ -156,6 +157,7 @@ def main(argv):
     # First TF work of the program: MultiWorkerMirroredStrategy configures the collectives at startup and
     # refuses once any other op (tokenizing for --train_epochs, say) has run.
     strategy = strategy_lib.make_strategy(runtime)
+    strategy_built = time.monotonic()  # start-up ends here; preparing the Task's input is data (the `time |` line)
     task, eval_split = registry.build_task(FLAGS.task, task_values())
     train_steps = FLAGS.train_steps
     if FLAGS.train_epochs:
@@ -209,6 +211,7 @@ def main(argv):
             files.write_json(os.path.join(FLAGS.model_dir, "eval_results.json"), metrics)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
         print(f"final {eval_split} metrics: {summary}", flush=True)
+    trainer.print_time_split(strategy_built=strategy_built)  # time | total | start-up | data | compile | train | eval
     logging.info("done")
 
 

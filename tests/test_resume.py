@@ -21,7 +21,9 @@ def workspace(tmp_path_factory):
 @pytest.mark.parametrize("geometry", [{}, {"strategy": "mirrored", "cpu_devices": 2, "grad_accum_steps": 2}],
                          ids=["default", "mirrored_accumulation"])
 def test_sigterm_then_kill_9_then_resume_equals_the_uninterrupted_run(geometry, workspace, tmp_path):
-    run_job(sst2_args(workspace, tmp_path / "expected", **geometry), tmp_path, "expected")
+    expected = run_job(sst2_args(workspace, tmp_path / "expected", **geometry), tmp_path, "expected")
+    # launch.train's last line says where the time went (tests/test_summaries.py checks that its parts add up).
+    assert [line for line in expected.output().splitlines() if line.startswith("time | total: ")], expected.describe()
     args = sst2_args(workspace, tmp_path / "run", **geometry)
 
     # SIGTERM between checkpoints (every 10 steps): saved at the next step boundary, exit 0.

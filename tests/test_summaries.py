@@ -3,6 +3,8 @@ the run's settings as hparams (read back with the hparams plugin's own parsing) 
 requested steps (found where TensorBoard's profile plugin looks)."""
 import functools
 import os
+import re
+import time
 
 import pytest
 from tensorboard.backend.event_processing import event_accumulator, plugin_asset_util
@@ -178,3 +180,37 @@ def test_squad_feature_building_reports_progress_on_stderr(monkeypatch, capsys, 
     cached = [line for line in lines if "windows cached" in line]
     assert cached[-1].startswith(f"squad features of toy.json | windows cached: {features.num_features}/"
                                  f"{features.num_features} (100%)")
+
+
+def _seconds(text: str) -> float:
+    """`9.1s`, `3m10s`, `1h05m` as seconds (engine/timing.format_seconds' output)."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:([\d.]+)s)?", text)
+    assert match and text, text
+    hours, minutes, seconds = (float(g or 0) for g in match.groups())
+    return 3600 * hours + 60 * minutes + seconds
+
+
+def test_the_time_line_splits_a_run_into_parts_that_add_up(tmp_path, capsys):
+    """What launch.train prints last: start-up, data, compile, train and eval, each >= 0, summing to the total."""
+    runtime = RuntimeConfig(precision="float32")
+    strategy = make_strategy(runtime)
+    strategy_built = time.monotonic()
+    task = ToyTask()  # its data is made here, between the strategy and the Trainer, as launch.train prepares a Task
+    # Loops end at 2, 3, 5, 6 (compile time from the first two); evaluations at 3 and 6 (the first one traces).
+    config = TrainerConfig(model_dir=str(tmp_path), train_steps=6, global_batch_size=8, steps_per_loop=2,
+                           eval_split="validation", eval_every_steps=3, eval_batch_size=8)
+    trainer = Trainer(task, config, OptimizerConfig(learning_rate=1e-2), runtime, strategy=strategy)
+    trainer.train()
+    capsys.readouterr()
+    parts = trainer.print_time_split(strategy_built=strategy_built)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("time | ")]
+    assert len(lines) == 1, lines
+    fields = dict(field.split(": ") for field in lines[0].split(" | ")[1:])
+    assert list(fields) == ["total", "start-up", "data", "compile", "train", "eval"]
+    assert list(parts) == list(fields)
+    for name, text in fields.items():
+        assert _seconds(text) == pytest.approx(parts[name], abs=0.051 if parts[name] < 59.95 else 0.51), name
+    assert all(seconds >= 0 for seconds in parts.values()), parts
+    assert parts["compile"] > 0 and parts["data"] > 0 and parts["eval"] > 0, parts  # each of them measured
+    # Only what follows the last loop is in no part: a few summaries flushed, this test's own lines.
+    assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"], abs=0.5), parts
