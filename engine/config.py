@@ -1,8 +1,11 @@
-"""Frozen option dataclasses for the engine. Field names double as the launch flag names."""
+"""Frozen option dataclasses for the engine. Each field that is a launch flag says so, with its help text
+(engine/options.py); launch/config_flags.py turns them into the flags of launch.train and launch.evaluate."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional, Union
+
+from engine.options import option
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
@@ -13,17 +16,24 @@ OPTIMIZERS = ("adamw", "lamb")
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how the step runs."""
-    strategy: str = "default"
-    tpu: str = ""                      # TPU name or address, for strategy="tpu"
-    num_gpus: int = 0                  # for "mirrored": 0 means all visible devices
-    precision: str = "float32"         # "auto": bf16 on TPU and Ampere+ GPUs, fp16 on older GPUs, CPU: bf16 if native
-    jit_compile: bool = False          # XLA for the forward/backward/accumulation function
-    # The model's Dropout/Activation layers as small XLA kernels (engine/fusion.py): True, False, or "auto" (on for
-    # the CPU, where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway).
-    fuse_elementwise: Union[bool, str] = "auto"
-    peak_tflops: float = 0.0           # MFU's peak per GPU/TPU device (or per host CPU); 0: datasheet table / measured
-    seed: int = 0
-    collective_timeout_secs: float = 0  # multi_worker_mirrored: fail a collective a peer never joins; 0: no limit
+    strategy: str = option("default", "tf.distribute strategy.", choices=STRATEGIES)
+    tpu: str = option("", "TPU name or address for --strategy=tpu.")
+    num_gpus: int = option(0, "GPUs for --strategy=mirrored (0: all).")
+    precision: str = option(
+        "float32", "auto: mixed_bfloat16 on TPU and on Ampere+ GPUs, mixed_float16 on older GPUs, on the CPU bf16 "
+        "only where it is native (else float32).", choices=PRECISIONS, launch_default="auto")
+    jit_compile: bool = option(False, "XLA-compile the forward/backward step (measure: helps on some CPUs).")
+    fuse_elementwise: Union[bool, str] = option(
+        "auto", "Run the model's Dropout and Activation layers as small XLA kernels (engine/fusion.py). auto: on for "
+        "the CPU, where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", kind="bool_or_auto")
+    peak_tflops: float = option(
+        0.0, "MFU: peak dense TFLOP/s of one GPU or TPU device (or of one host's CPU) for the run's precision (0: a "
+        "built-in table of A100/H100/V100/T4 and TPU v2-v6e, or the CPU's measured matmul peak; unknown devices "
+        "report no MFU).")
+    seed: int = option(0, "Initialisation and shuffling seed.")
+    collective_timeout_secs: float = option(
+        0.0, "--strategy=multi_worker_mirrored: fail a collective that a worker never joins after this long (a "
+        "crashed worker is detected within seconds anyway; 0: no limit).")
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -39,25 +49,28 @@ class RuntimeConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW (or LAMB) with linear warmup then linear decay, as in BERT fine-tuning."""
-    optimizer: str = "adamw"           # "adamw" | "lamb" (layer-wise trust ratio, for large global batches)
-    learning_rate: float = 5e-5
-    warmup_steps: int = 0
-    decay_steps: Optional[int] = None  # None: decay to end_learning_rate over the whole run
-    end_learning_rate: float = 0.0
-    weight_decay: float = 0.01
+    optimizer: str = option("adamw", "adamw, or lamb for large global batches (a per-layer trust ratio "
+                            "||w|| / ||update||; same weight-decay exclusions).", choices=OPTIMIZERS)
+    learning_rate: float = option(5e-5, "Peak learning rate.")
+    warmup_steps: int = option(0, "Linear warmup updates (default 10% of train_steps).", launch_default=None)
+    decay_steps: Optional[int] = option(None, "Updates of the linear decay (None: the whole run).", flag=False)
+    end_learning_rate: float = option(0.0, "Learning rate at the end of the decay.", flag=False)
+    weight_decay: float = option(0.01, "AdamW/LAMB decoupled weight decay (not on LayerNorm and biases).")
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-6
-    clip_norm: Optional[float] = 1.0   # by global norm, after averaging over micro-batches and replicas
-    # Exponential moving average of the weights (engine/averaging.py), used for evaluation and checkpoints;
-    # None: off. 0.999 averages over roughly the last 1,000 updates.
-    ema_decay: Optional[float] = None
+    # By global norm, after averaging over micro-batches and replicas; None (or 0) is off.
+    clip_norm: Optional[float] = option(1.0, "Clip the global gradient norm (0: off).")
+    ema_decay: Optional[float] = option(
+        None, "Keep an exponential moving average of the weights with this decay (e.g. 0.999, roughly the last "
+        "1,000 updates) and evaluate, checkpoint and export it instead of the last weights (engine/averaging.py).")
     # Regexes of variable names that get no weight decay (LayerNorm scales/offsets and biases, as in BERT).
     exclude_from_weight_decay: tuple = ("layer_norm", "LayerNorm", "bias")
-    # Layer-wise learning-rate decay: encoder layer l of L (0-based) learns at decay^(L - l) times the rate, the
-    # embeddings at decay^(L + 1), everything else (head, pooler) at 1. None: off. Layers and embeddings are
-    # found by these regexes on variable names (defaults: Model Garden's BertEncoderV2; group 1 = layer index).
-    layer_decay: Optional[float] = None
+    layer_decay: Optional[float] = option(
+        None, "Layer-wise learning-rate decay, e.g. 0.9: encoder layer l of L learns at decay^(L - l) times "
+        "--learning_rate, the embeddings at decay^(L + 1), the head at 1 (default off).")
+    # Layers and embeddings are found by these regexes on variable names (defaults: Model Garden's BertEncoderV2;
+    # group 1 = layer index).
     layer_pattern: str = r"transformer/layer_(\d+)/"
     embedding_pattern: str = r"(word_embeddings|position_embedding|type_embeddings|embeddings/layer_norm)/"
 
@@ -77,22 +90,33 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     """The loop: batch geometry, length, evaluation, checkpoints."""
-    model_dir: str
-    train_steps: int
-    global_batch_size: int = 32        # examples per optimizer update, over all replicas and micro-batches
-    grad_accum_steps: int = 1          # micro-batches per update
-    steps_per_loop: int = 100          # updates per host round-trip (one tf.function call)
-    eval_every_steps: int = 0          # 0: evaluate only at the end
-    eval_batch_size: int = 64
-    eval_split: str = "validation"    # "" for no evaluation during training
-    checkpoint_every_steps: int = 0    # 0: at every eval and at the end
-    checkpoint_every_secs: float = 600  # also save when this long has passed since the last save; 0: off
-    max_to_keep: int = 3
-    best_metric: str = ""              # e.g. "accuracy"; "" disables best-checkpoint tracking
-    best_metric_mode: str = "max"
-    early_stopping_patience: int = 0   # evaluations without improvement of best_metric; 0: never stop early
-    nonfinite_policy: str = "skip"     # "skip": skip the update and count it; "raise": stop naming the step
-    profile_steps: tuple = ()          # (first, last) step of a profiler trace, from 1 (model_dir/train); () for none
+    model_dir: str = option(text="Checkpoints and TensorBoard logs; an existing run resumes.", flag=False)
+    train_steps: int = option(
+        text="Optimizer updates (or use --train_epochs). launch.evaluate --mode=continuous_eval: the final step, "
+        "stop after evaluating its checkpoint (default: as launch.train saved it in model_dir/train_steps.json).",
+        launch_default=None)
+    global_batch_size: int = option(32, "Examples per optimizer update over replicas and micro-batches.")
+    grad_accum_steps: int = option(1, "Micro-batches accumulated per update.")
+    steps_per_loop: int = option(100, "Updates per compiled loop call (one log line each).", launch_default=50)
+    eval_every_steps: int = option(0, "0: evaluate at the end only.")
+    eval_batch_size: int = option(64, "Evaluation batch (padded, exact).")
+    eval_split: str = option("validation", "Split evaluated during training; '' for none.", flag=False)
+    checkpoint_every_steps: int = option(
+        0, "Also save every this many steps (0: at every evaluation, the end, and by --checkpoint_every_secs).")
+    checkpoint_every_secs: float = option(
+        600.0, "Also save when this long has passed since the last save, so a hard kill loses at most that much "
+        "(0: off).")
+    max_to_keep: int = option(3, "Latest checkpoints kept.")
+    best_metric: str = option(
+        "", "Keep the best checkpoint by this eval metric (e.g. accuracy) in model_dir/best ('': none; "
+        "launch.evaluate --mode=continuous_eval with another --eval_name: model_dir/best_<eval_name>).")
+    best_metric_mode: str = option("max", "Whether larger --best_metric is better.", choices=("max", "min"))
+    early_stopping_patience: int = option(0, "Stop after this many evaluations without improvement (0: never).")
+    nonfinite_policy: str = option("skip", "Non-finite loss/gradients: skip the update and count it, or raise "
+                                   "(stop, naming the step).", choices=NONFINITE_POLICIES)
+    profile_steps: tuple = option(
+        (), "START,END: a profiler trace of steps START to END (from 1) into model_dir/train/plugins/profile, for "
+        "TensorBoard's Profile tab (tensorboard-plugin-profile).", item=int, launch_default=None)
 
     def __post_init__(self):
         positive = ("train_steps", "global_batch_size", "grad_accum_steps", "steps_per_loop", "eval_batch_size")
