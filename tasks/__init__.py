@@ -5,6 +5,7 @@
   squad/           extractive span QA (SQuAD v1.1 files)
   ner/             CoNLL named-entity tagging with a CRF or softmax head
   registry.py      task names and their launch flags -> built Task objects
+  options.py       the options every Task config shares (encoder, vocab, casing, sequence length, seed)
   serving.py       what every serving export shares: the tf.Module, tie-safe argmax, character offsets
   textfiles.py     reading text as people have it (BOM, CRLF, gs://), located input errors, the data folder
 

@@ -18,53 +18,9 @@ from tasks import encoders, textfiles
 from tasks.encoders.tokenization import WordPieceTokenizer
 
 
-@dataclasses.dataclass(frozen=True)
-class ClassificationConfig:
-    data_files: Mapping[str, str]                     # split name ("train", "validation", ...) -> TSV path
-    encoder: encoders.EncoderInit = "minilm"
-    vocab_file: Optional[str] = None                  # default: the encoder's own vocab
-    lower_case: bool = True                           # must match the vocab: False for cased encoders
-    max_seq_length: int = 128
-    text_columns: tuple = ("sentence",)               # one column, or two for sentence pairs
-    label_column: str = "label"
-    # Label strings in class-id order (the file may also use the ids 0, 1, ..., see _label_ids); predictions
-    # answer with them. Empty: integer labels 0..num_classes-1, answered as "0", "1", ...
-    label_names: tuple = ()
-    num_classes: int = 2
-    head: str = "softmax"                             # "softmax", or "sigmoid" (binary only)
-    # "cls": the encoder's pooled [CLS] output (BERT's recipe); "mean": the mean of the token vectors under
-    # input_mask, which is how sentence-transformers models such as all-MiniLM-L6-v2 were trained to pool.
-    pooling: str = "cls"
-    class_weights: tuple = ()                         # one weight per class, for imbalanced data
-    dropout: float = 0.1
-    shuffle_buffer: int = 20000
-    # Training batches hold examples of similar length, cut to their longest (see engine.inputs.group_by_length):
-    # examples are sorted within windows of this many batches. 0: every batch is padded to max_seq_length.
-    group_by_length: int = 16
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.head not in ("softmax", "sigmoid"):
-            raise ValueError(f"head={self.head!r}: expected 'softmax' or 'sigmoid'")
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling={self.pooling!r}: expected 'cls' or 'mean'")
-        if self.head == "sigmoid" and self.classes != 2:
-            raise ValueError(f"head='sigmoid' is for 2 classes, got {self.classes}")
-        if self.class_weights and len(self.class_weights) != self.classes:
-            raise ValueError(f"class_weights has {len(self.class_weights)} values for {self.classes} classes")
-        if self.group_by_length < 0:
-            raise ValueError(f"group_by_length={self.group_by_length}: expected 0 (off) or batches per window")
-        if not 1 <= len(self.text_columns) <= 2:
-            raise ValueError(f"text_columns={self.text_columns}: one sentence or a sentence pair")
-
-    @property
-    def classes(self) -> int:
-        return len(self.label_names) or self.num_classes
-
-    @property
-    def answer_labels(self) -> tuple:
-        """What predict and the serving export answer for each class id: its name, else the id as a string."""
-        return tuple(self.label_names) or tuple(str(i) for i in range(self.num_classes))
+# The options (help texts and launch flags with them) live in a light module, so launch reads them without
+# TensorFlow; imported here so `tasks.classification.task.ClassificationConfig` keeps working.
+from tasks.classification.config import ClassificationConfig  # noqa: E402,F401  pylint: disable=wrong-import-position
 
 
 class MaskedMeanPooling(tf_keras.layers.Layer):

@@ -1,5 +1,6 @@
 """Named-entity recognition on CoNLL-2003-format files, with a linear-chain CRF or a softmax head.
 
+  config.py        TaggingConfig: the options, their help and launch flags (light: no TensorFlow)
   conll.py         reading CoNLL files (IOB1 converted to IOB2), word shapes, word windows, features
   decoding.py      which window owns each word, stitching, entity chunks: TensorFlow, for evaluation,
                    predict and serving alike

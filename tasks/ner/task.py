@@ -32,45 +32,9 @@ SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "valid": "valid.
 
 
 
-@dataclasses.dataclass(frozen=True)
-class TaggingConfig:
-    encoder: encoders.EncoderInit = "minilm"
-    vocab_file: Optional[str] = None              # default: the encoder's own vocab
-    lower_case: bool = True                       # must match the vocab (MiniLM is uncased)
-    data_dir: Optional[str] = None                # holds conll2003/{train,valid,test}.txt; default_data_dir()
-    data_files: Optional[Mapping[str, str]] = None  # split -> CoNLL file; overrides data_dir for those splits
-    labels: tuple = conll.CONLL2003_LABELS
-    head: str = "crf"                             # "crf" or "softmax" (the baseline)
-    iob2_constraints: bool = True                 # CRF only: forbid I-X after anything but B-X/I-X
-    max_seq_length: int = 128                     # sub-tokens per window, with [CLS] and [SEP]
-    max_words: int = 0                            # words per window; 0: max_seq_length - 2 (every word fits)
-    dropout: float = 0.1
-    # Give an uncased encoder back the capitalisation it never sees: a word-shape embedding
-    # (conll.word_shape), zero-initialised so training starts from the pretrained encoder exactly,
-    # added to the word-piece embeddings. Needs a Model Garden encoder (not a hub.KerasLayer).
-    # None: on when lower_case and the encoder accepts input embeddings.
-    casing_features: Optional[bool] = None
-    max_train_sentences: int = 0                  # 0: all; small values for smoke runs
-    max_eval_sentences: int = 0
-    shuffle_buffer: int = 20000
-    # Training batches of similar-length sentences, word-piece tensors cut to the longest (engine.inputs.
-    # group_by_length; word-level tensors keep their length): windows of this many batches. 0: off.
-    group_by_length: int = 0
-    seed: int = 0
-    predictions_dir: Optional[str] = None         # where postprocess writes {split}_predictions.txt
-
-    def __post_init__(self):
-        if self.head not in ("crf", "softmax"):
-            raise ValueError(f"head={self.head!r}: expected 'crf' or 'softmax'")
-        if self.max_seq_length < 3:
-            raise ValueError(f"max_seq_length={self.max_seq_length}: needs room for [CLS], a word and [SEP]")
-        if self.labels[0] != "O":
-            # Tag id 0 doubles as the padding tag; it must be the harmless one.
-            raise ValueError(f"labels must start with 'O', got {self.labels[0]!r}")
-
-    @property
-    def words_per_window(self) -> int:
-        return self.max_words or self.max_seq_length - 2
+# The options (help texts and launch flags with them) live in a light module, so launch reads them without
+# TensorFlow; imported here so `tasks.ner.task.TaggingConfig` keeps working.
+from tasks.ner.config import TaggingConfig  # noqa: E402,F401  pylint: disable=wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)

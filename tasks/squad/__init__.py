@@ -1,5 +1,6 @@
 """Extractive question answering on SQuAD v1.1-format files.
 
+  config.py   SquadConfig: the options, their help and launch flags (light: no TensorFlow)
   data.py     reading SQuAD JSON, offset-keeping tokenization, doc_stride windows, answer positions
   cache.py    the features as a TFRecord + JSON, keyed by the file, vocab, settings and code
   task.py     the span head and loss, evaluation (decoding.py over each window's logits), `predict`

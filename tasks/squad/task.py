@@ -10,7 +10,6 @@ cache are in data.py and cache.py (its docstring says why the dev file is split 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -22,59 +21,16 @@ import tf_keras
 
 from engine import inputs
 from engine.task import Task
-from tasks import encoders, textfiles
+from tasks import encoders
 from tasks.squad import cache as squad_cache
 from tasks.squad import data as squad_data
 from tasks.squad import decoding
 from tasks.squad import metrics as squad_metrics
 
 
-@dataclasses.dataclass(frozen=True)
-class SquadConfig:
-    """SQuAD options; field names double as launch flag names (see tasks/registry.py)."""
-    data_dir: str = dataclasses.field(default_factory=textfiles.default_data_dir)
-    # Split -> SQuAD v1.1-format JSON ("train", "validation"/"eval"; --train_data, --eval_data). With both, each
-    # file is read whole; otherwise the one file given, or squad_file, is split by article (squad_data).
-    data_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    squad_file: Optional[str] = None        # the one file to split; default: <data_dir>/squad/dev-v1.1.json
-    encoder: encoders.EncoderInit = "minilm"
-    vocab_file: Optional[str] = None        # default: the encoder's own vocab
-    lower_case: bool = True
-    max_seq_length: int = 384
-    doc_stride: int = 128
-    max_query_length: int = 64
-    n_best_size: int = 20
-    max_answer_length: int = 30             # in tokens
-    max_examples: Optional[int] = None      # first N questions of each split (small runs and tests)
-    cache_dir: Optional[str] = None         # feature cache; default ~/.cache/bert_engine/squad
-    predictions_dir: Optional[str] = None   # where postprocess writes predictions_<split>.json ...
-    model_dir: Optional[str] = None         # ... default: the run's model_dir; neither set: not written
-    shuffle_buffer: int = 10000
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.squad_file and self.data_files:
-            raise ValueError("--squad_file (one file, split by article) or --train_data/--eval_data (a file per "
-                             "split), not both")
-
-    @property
-    def input_path(self) -> str:
-        """The one file split by article when not both a training and an evaluation file are given."""
-        files = list(self.data_files.values())
-        return self.squad_file or (files[0] if len(files) == 1 else os.path.join(self.data_dir, "squad",
-                                                                                  "dev-v1.1.json"))
-
-    def source(self, split: str) -> tuple[str, str]:
-        """(file, part of it) that holds `split`: a split's own file whole ("all"), else `split` of input_path."""
-        split = squad_data.canonical_split(split)
-        files = {squad_data.canonical_split(k): v for k, v in self.data_files.items()}
-        if split != "all" and {"train", "eval"} <= set(files):
-            return files[split], "all"
-        return self.input_path, split
-
-    @property
-    def feature_settings(self) -> squad_data.FeatureSettings:
-        return squad_data.FeatureSettings(self.max_seq_length, self.doc_stride, self.max_query_length)
+# The options (help texts and launch flags with them) live in a light module, so launch reads them without
+# TensorFlow; imported here so `tasks.squad.task.SquadConfig` keeps working.
+from tasks.squad.config import SquadConfig  # noqa: E402,F401  pylint: disable=wrong-import-position
 
 
 def _vocab_file(config: SquadConfig) -> str:
