@@ -34,7 +34,8 @@ import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 
 from absl import app, flags  # noqa: E402
 
-from launch import common_flags, errors  # noqa: E402
+from engine.config import RuntimeConfig  # noqa: E402  (light: no TensorFlow)
+from launch import common_flags, config_flags, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -51,55 +52,17 @@ flags.DEFINE_string("eval_name", "eval", "Name of this evaluation: its TensorBoa
 flags.DEFINE_string("output_json", None, "--mode=eval: where to write the metrics (default "
                     "<checkpoint folder>/<eval_name>_<split>-<step>.json).")
 flags.DEFINE_float("timeout_secs", 3600, "--mode=continuous_eval: stop when no new checkpoint appeared for this long.")
-flags.DEFINE_integer("train_steps", None, "--mode=continuous_eval: the final step; stop after evaluating its "
-                     "checkpoint (default: as launch.train saved it in model_dir/train_steps.json).")
-flags.DEFINE_string("best_metric", "", "--mode=continuous_eval: keep the best checkpoint by this metric (e.g. "
-                    "accuracy) in model_dir/best (model_dir/best_<eval_name> for another --eval_name).")
-flags.DEFINE_enum("best_metric_mode", "max", ["max", "min"], "Whether larger --best_metric is better.")
-flags.DEFINE_integer("eval_batch_size", 64, "Evaluation batch (padded, exact).")
-
-# --- where and how (as launch.train)
-flags.DEFINE_enum("strategy", "default", ["default", "one_device", "mirrored", "multi_worker_mirrored", "tpu"],
-                  "tf.distribute strategy (multi_worker_mirrored: --mode=eval only).")
-flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
-flags.DEFINE_integer("num_gpus", 0, "GPUs for --strategy=mirrored (0: all).")
-flags.DEFINE_integer("cpu_devices", 0, "Split the host CPU into this many logical devices.")
-flags.DEFINE_float("collective_timeout_secs", 0, "--strategy=multi_worker_mirrored: fail a collective that a worker "
-                   "never joins after this long (0: no limit).")
-flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
-                  "As in training: auto uses bf16 only where the hardware has it natively.")
-flags.DEFINE_bool("jit_compile", False, "XLA-compile the evaluation step.")
-flags.DEFINE_enum("fuse_elementwise", "auto", ["auto", "true", "false"], "As in launch.train: the model's Dropout "
-                  "and Activation layers as small XLA kernels (auto: on for the CPU, off on GPU/TPU).")
-
-# --- the task (default: as saved by launch.train with the run); names and meanings as in launch.train
-flags.DEFINE_enum("task", None, ["sst2", "classification", "conll_ner", "squad"],
-                  "Task the model was trained on (default: as saved by launch.train).")
-flags.DEFINE_string("data_dir", None, "Folder with sst2/, squad/, conll2003/ (default $DATA_DIR or ../shared/data).")
-flags.DEFINE_string("eval_data", None, "File to evaluate on, in place of the split's default file.")
-flags.DEFINE_string("init_encoder", "minilm", "The encoder the model was trained from (sets its architecture).")
-flags.DEFINE_string("vocab_file", None, "WordPiece vocab (default: the encoder's own).")
-common_flags.define_lower_case()
-flags.DEFINE_integer("max_seq_length", None, "As in training.")
-flags.DEFINE_list("text_columns", None, "classification: as in training.")
-flags.DEFINE_string("label_column", None, "classification: TSV column with the label.")
-flags.DEFINE_list("label_names", None, "classification: as in training.")
-flags.DEFINE_integer("num_classes", None, "classification: as in training.")
-flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"], "As in training.")
-flags.DEFINE_enum("pooling", None, ["cls", "mean"], "classification: as in training.")
-flags.DEFINE_list("class_weights", None, "classification: as in training (they weight the eval loss).")
-flags.DEFINE_bool("iob2_constraints", None, "conll_ner: as in training.")
-flags.DEFINE_integer("max_words", None, "conll_ner: as in training.")
-flags.DEFINE_bool("casing_features", None, "conll_ner: as in training.")
-flags.DEFINE_integer("max_eval_sentences", None, "conll_ner: first N evaluation sentences (smoke runs).")
-flags.DEFINE_string("squad_file", None, "squad: as in training (one file split by article).")
-flags.DEFINE_integer("doc_stride", None, "squad: as in training.")
-flags.DEFINE_integer("max_query_length", None, "squad: as in training.")
-flags.DEFINE_integer("n_best_size", None, "squad: start and end candidates per window when decoding.")
-flags.DEFINE_integer("max_answer_length", None, "squad: longest answer in tokens.")
-flags.DEFINE_integer("max_examples", None, "squad: first N questions of each split (smoke runs).")
-flags.DEFINE_string("cache_dir", None, "squad: feature cache (default ~/.cache/bert_engine/squad).")
-flags.DEFINE_string("predictions_dir", None, "squad, conll_ner: where prediction files go (squad: default the run).")
+common_flags.define_cpu_devices()
+common_flags.define_task()
+common_flags.define_data()
+# The options of the configs, with the help and defaults declared on their fields (launch/config_flags.py): where
+# and how (as launch.train; multi_worker_mirrored: --mode=eval only), the evaluation, and the Task's (default: as
+# launch.train saved them with the run; data flags and --class_weights, which weight the eval loss, are not saved).
+config_flags.define([name for name in config_flags.config_flag_names(RuntimeConfig)
+                     if name not in ("peak_tflops", "seed")])
+config_flags.define(["eval_batch_size", "best_metric", "best_metric_mode", "train_steps"])
+config_flags.define([name for name in config_flags.task_flag_names()
+                     if name not in ("max_train_sentences", "group_by_length", "seed")])
 
 _OWN_FLAGS = ("mode", "checkpoint", "split", "eval_name", "output_json", "timeout_secs", "train_steps",
               "best_metric", "best_metric_mode", "verbose_errors")
@@ -129,7 +92,7 @@ class Evaluator:
     """The engine's Trainer used for evaluation only: build the Task's model once, then restore and evaluate."""
 
     def __init__(self, strategy, run_dir: str, first_checkpoint: str):
-        from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
+        from engine.config import TrainerConfig  # noqa: PLC0415
         from engine.trainer import Trainer  # noqa: PLC0415
         from tasks import registry  # noqa: PLC0415
         from engine import checkpoints  # noqa: PLC0415
@@ -138,13 +101,7 @@ class Evaluator:
         if FLAGS.task is None:
             raise app.UsageError(f"--task is needed: {first_checkpoint} has no {registry.MODEL_FLAGS_FILE} from "
                                  "launch.train beside it")
-        values = {}
-        for name, value in FLAGS.flag_values_dict().items():
-            if name in _OWN_FLAGS:
-                continue
-            if isinstance(value, list):
-                value = tuple(float(v) for v in value) if name == "class_weights" else tuple(value)
-            values[name] = value
+        values = config_flags.launch_values(FLAGS, exclude=_OWN_FLAGS)
         values["model_dir"] = run_dir  # squad writes predictions_<split>.json there unless --predictions_dir
         task, eval_split = registry.build_task(FLAGS.task, values)
         self.split = FLAGS.split or eval_split
@@ -153,10 +110,7 @@ class Evaluator:
                              f"--split={self.split} (give one of the two)")
         config = TrainerConfig(model_dir=run_dir, train_steps=1, global_batch_size=FLAGS.eval_batch_size,
                                eval_batch_size=FLAGS.eval_batch_size, eval_split=self.split)
-        runtime = RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
-                                precision=FLAGS.precision, jit_compile=FLAGS.jit_compile,
-                                fuse_elementwise={"true": True, "false": False}.get(FLAGS.fuse_elementwise, "auto"),
-                                collective_timeout_secs=FLAGS.collective_timeout_secs)
+        runtime = config_flags.build(RuntimeConfig, FLAGS)
         self.trainer = Trainer(task, config, runtime=runtime, strategy=strategy)
         # Once: refuse a checkpoint of another model (Trainer.restore loads whatever matches, for speed).
         shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in registry.MODEL_FLAGS)
@@ -174,12 +128,10 @@ class Evaluator:
 
 def _make_strategy():
     from engine import strategy as strategy_lib  # noqa: PLC0415
-    from engine.config import RuntimeConfig  # noqa: PLC0415
     if FLAGS.cpu_devices:
         strategy_lib.split_cpu(FLAGS.cpu_devices)
     # First TF work of the program, as in launch.train (MultiWorkerMirroredStrategy requires it).
-    return strategy_lib.make_strategy(RuntimeConfig(strategy=FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
-                                                    collective_timeout_secs=FLAGS.collective_timeout_secs))
+    return strategy_lib.make_strategy(config_flags.build(RuntimeConfig, FLAGS))
 
 
 def evaluate_once(strategy) -> dict:

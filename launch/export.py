@@ -25,7 +25,8 @@ import tasks  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 
 from absl import app, flags, logging  # noqa: E402
 
-from launch import common_flags, errors  # noqa: E402
+from launch import common_flags, config_flags, errors  # noqa: E402
+from tasks import registry  # noqa: E402  (light: TensorFlow loads when a Task is built)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -34,37 +35,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "folder, or a TF Hub handle/SavedModel (any --init_encoder value).", flag_values=flag_values)
     flags.DEFINE_string("export_dir", None, "Output folder; gets encoder/ and preprocessor/ SavedModels.",
                         flag_values=flag_values)
-    flags.DEFINE_string("vocab_file", None, "WordPiece vocab (default: the encoder's own).", flag_values=flag_values)
-    common_flags.define_lower_case(flag_values)
     flags.DEFINE_integer("seq_length", 128, "The preprocessor's default sequence length (callers may override).",
                          flag_values=flag_values)
     flags.mark_flag_as_required("export_dir", flag_values=flag_values)
 
-    # --- a fine-tuned Task for serving (flag names and meanings as in launch/train.py)
-    flags.DEFINE_enum("task", None, ["sst2", "classification", "squad", "conll_ner"],
-                      "Export this Task's serving SavedModel (raw strings in) instead of an encoder.",
-                      flag_values=flag_values)
+    # --- a fine-tuned Task for serving
+    common_flags.define_task(flag_values)
     flags.DEFINE_string("checkpoint", None, "--task: a launch.train --model_dir (latest checkpoint) or a checkpoint "
                         "prefix such as runs/sst2/ckpt-600.", flag_values=flag_values)
-    flags.DEFINE_string("init_encoder", "minilm", "--task: the --init_encoder the model was trained from (it fixes "
-                        "the architecture and the vocab).", flag_values=flag_values)
-    flags.DEFINE_integer("max_seq_length", None, "--task: tokens per sequence, as in training (task default if "
-                         "unset).", flag_values=flag_values)
-    flags.DEFINE_list("text_columns", None, "classification: one text column, or two for sentence pairs (the "
-                      "signature then takes `sentence` and `sentence_b`).", flag_values=flag_values)
-    flags.DEFINE_list("label_names", None, "classification: label strings in class-id order.", flag_values=flag_values)
-    flags.DEFINE_enum("pooling", None, ["cls", "mean"], "classification: as in training.", flag_values=flag_values)
-    flags.DEFINE_integer("num_classes", None, "classification: classes, for integer labels.", flag_values=flag_values)
-    flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"], "classification: softmax|sigmoid; conll_ner: "
-                      "crf|softmax.", flag_values=flag_values)
-    flags.DEFINE_bool("iob2_constraints", None, "conll_ner CRF: as in training.", flag_values=flag_values)
-    flags.DEFINE_integer("max_words", None, "conll_ner: words per window, as in training.", flag_values=flag_values)
-    flags.DEFINE_bool("casing_features", None, "conll_ner: as in training.", flag_values=flag_values)
-    flags.DEFINE_integer("doc_stride", None, "squad: tokens between overlapping context windows.",
-                         flag_values=flag_values)
-    flags.DEFINE_integer("max_query_length", None, "squad: question tokens kept.", flag_values=flag_values)
-    flags.DEFINE_integer("n_best_size", None, "squad: start/end candidates per window.", flag_values=flag_values)
-    flags.DEFINE_integer("max_answer_length", None, "squad: longest answer in tokens.", flag_values=flag_values)
+    # The flags that shape the model, from the Task configs (default: as launch.train saved them with the run);
+    # --vocab_file and --lower_case also go with --encoder.
+    config_flags.define(registry.MODEL_FLAGS, flag_values)
 
 
 def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lower_case: bool | None = True,
@@ -87,15 +68,12 @@ def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lowe
 
 def _task_values(flag_values: flags.FlagValues) -> dict:
     """The task flags as tasks.registry values (tuples for lists); unset flags keep the Task defaults."""
-    from tasks.registry import MODEL_FLAGS  # noqa: PLC0415 - TensorFlow loads after flag parsing
-    values = {name: flag_values[name].value for name in MODEL_FLAGS}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return {name: config_flags.value(name, flag_values[name].value) for name in registry.MODEL_FLAGS}
 
 
 def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str) -> str:
     """Builds Task `task` from launch `values`, loads `checkpoint` into its model, writes the serving SavedModel."""
-    from tasks import registry  # noqa: PLC0415 - TensorFlow loads after flag parsing
-    from engine import checkpoints  # noqa: PLC0415
+    from engine import checkpoints  # noqa: PLC0415 - TensorFlow loads after flag parsing
     from tasks import serving  # noqa: PLC0415
 
     checkpoints.resolve_checkpoint(checkpoint)  # a missing checkpoint fails before any model is built
@@ -111,7 +89,6 @@ def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str) ->
 def run(flag_values: flags.FlagValues) -> dict[str, str]:
     """Dispatches on the parsed flags: --encoder (TF Hub encoder + preprocessor) or --task (serving model)."""
     if flag_values.checkpoint and flag_values.encoder is None:
-        from tasks import registry  # noqa: PLC0415 - TensorFlow loads after flag parsing
         registry.fill_unset_flags(flag_values, flag_values.checkpoint)  # --task and task flags saved by launch.train
     if flag_values.task is not None:
         if flag_values.encoder is not None:

@@ -19,7 +19,8 @@ Output: one JSON line per input on stdout; `--output_json` also writes them (squ
 {id: answer} file). conll_ner entities carry character offsets into the input text.
 
 One `Predictor` per task: how to read its raw inputs from flags, how to run the Task on them, and
-what to write. Add a task by adding an entry to PREDICTORS (and its input flags below).
+what to write. Add a task by adding an entry to PREDICTORS (and its input flags below); the model's
+flags come from the Task's config (launch/config_flags.py).
 """
 from __future__ import annotations
 
@@ -34,41 +35,25 @@ import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 
 from absl import app, flags  # noqa: E402
 
-from launch import common_flags, errors  # noqa: E402
+from launch import common_flags, config_flags, errors  # noqa: E402
+from tasks import registry  # noqa: E402  (light: TensorFlow loads when a Task is built)
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("task", None, ["sst2", "classification", "conll_ner", "squad"],
-                  "Task the model was trained on (default: as saved by launch.train in --model_dir).")
+common_flags.define_task()
 flags.DEFINE_string("model_dir", None, "A launch.train model_dir (latest checkpoint) or a checkpoint path.")
 flags.mark_flag_as_required("model_dir")
-flags.DEFINE_string("init_encoder", "minilm", "The encoder the model was trained from (sets its architecture).")
-flags.DEFINE_string("vocab_file", None, "WordPiece vocab (default: the encoder's own).")
-flags.DEFINE_integer("max_seq_length", None, "As in training (task default if unset).")
 flags.DEFINE_string("input_json", None, "Raw inputs (format per task, see the module docstring).")
 flags.DEFINE_string("output_json", None, "Where to write the predictions (default: print only).")
 flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
-
-# --- sst2 / classification / conll_ner
+# sst2 / classification / conll_ner
 flags.DEFINE_multi_string("text", None, "A text to classify or tag (repeatable); or use --input_file.")
 flags.DEFINE_string("input_file", None, "One text per line (sentence pairs: tab-separated).")
-flags.DEFINE_list("text_columns", None, "classification: as in training (two for sentence pairs).")
-flags.DEFINE_list("label_names", None, "classification: as in training.")
-flags.DEFINE_enum("pooling", None, ["cls", "mean"], "classification: as in training.")
-flags.DEFINE_integer("num_classes", None, "classification: as in training.")
-flags.DEFINE_enum("head", None, ["softmax", "sigmoid", "crf"], "As in training.")
-flags.DEFINE_bool("iob2_constraints", None, "conll_ner: as in training.")
-flags.DEFINE_integer("max_words", None, "conll_ner: as in training.")
-flags.DEFINE_bool("casing_features", None, "conll_ner: as in training.")
-common_flags.define_lower_case()
-
-# --- squad
+# squad
 flags.DEFINE_string("question", None, "squad: one question (with --context) instead of --input_json.")
 flags.DEFINE_string("context", None, "squad: the passage that answers --question.")
-flags.DEFINE_integer("doc_stride", None, "squad: as in training.")
-flags.DEFINE_integer("max_query_length", None, "squad: as in training.")
-flags.DEFINE_integer("n_best_size", None, "squad: start/end candidates per window.")
-flags.DEFINE_integer("max_answer_length", None, "squad: longest answer in tokens.")
+# The flags that shape the model, from the Task configs (default: as launch.train saved them in the model_dir).
+config_flags.define(registry.MODEL_FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,24 +134,21 @@ PREDICTORS: dict[str, Predictor] = {
 def restore_model(task, model_dir: str, values: dict):
     """Builds the Task's model and loads the weights the Trainer saved, refusing any architecture mismatch."""
     from engine import checkpoints  # noqa: PLC0415
-    from tasks.registry import MODEL_FLAGS  # noqa: PLC0415
     checkpoint = checkpoints.resolve_checkpoint(model_dir)  # a missing checkpoint fails before a model is built
     model = task.build_model()
-    shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in MODEL_FLAGS)
+    shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in registry.MODEL_FLAGS)
     path = checkpoints.restore_model(model, checkpoint, expected=f"--task={FLAGS.task} {shown}")
     return model, path
 
 
 def main(argv):
     del argv
-    from tasks import registry  # noqa: PLC0415
     registry.fill_unset_flags(FLAGS, FLAGS.model_dir)
     if FLAGS.task is None:
         raise app.UsageError(f"--task is needed: {FLAGS.model_dir} has no {registry.MODEL_FLAGS_FILE} from launch.train")
     predictor = PREDICTORS[FLAGS.task]
     records = predictor.read_inputs()
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in FLAGS.flag_values_dict().items()
-              if k not in ("model_dir", "predictions_dir", "text")}
+    values = config_flags.launch_values(FLAGS, exclude=("model_dir", "predictions_dir", "text"))
     task, _ = registry.build_task(FLAGS.task, values)
     model, path = restore_model(task, FLAGS.model_dir, values)
     print(f"{FLAGS.task}: {len(records)} inputs, weights from {path}", file=sys.stderr, flush=True)

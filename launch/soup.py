@@ -23,16 +23,14 @@ import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 
 from absl import app, flags  # noqa: E402
 
-from launch import errors  # noqa: E402
+from launch import common_flags, config_flags, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("model_dirs", None, "launch.train model_dirs of the runs to average (two or more).")
 flags.DEFINE_string("output_dir", None, "Where the averaged model's checkpoint, flags and metrics go.")
-flags.DEFINE_string("data_dir", None, "Folder with the task's data (default $DATA_DIR or ../shared/data).")
-flags.DEFINE_string("eval_data", None, "Evaluation file (default: the task's evaluation split).")
-flags.DEFINE_integer("eval_batch_size", 128, "Evaluation batch (padded, exact).")
-flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
-                  "Precision of the evaluation.")
+common_flags.define_data()
+# From the configs' fields (launch/config_flags.py); the soup is evaluated in bigger batches than a training run.
+config_flags.define(["eval_batch_size", "precision"], defaults={"eval_batch_size": 128})
 flags.mark_flags_as_required(["model_dirs", "output_dir"])
 
 
@@ -84,7 +82,7 @@ def main(argv):
         task_name, dict(task_values, data_dir=FLAGS.data_dir, eval_data=FLAGS.eval_data))
     trainer = Trainer(task, TrainerConfig(model_dir=FLAGS.output_dir, train_steps=1, eval_split=eval_split,
                                           eval_batch_size=FLAGS.eval_batch_size),
-                      runtime=RuntimeConfig(precision=FLAGS.precision))
+                      runtime=config_flags.build(RuntimeConfig, FLAGS))
     shown = " ".join(f"--{k}={','.join(v) if isinstance(v, list) else v}"
                      for k, v in sorted(values.items()) if k != "task")
     paths = average_checkpoints(trainer.model, FLAGS.model_dirs, expected=f"--task={task_name} {shown}")

@@ -109,9 +109,9 @@ def test_lower_case_reaches_the_tokenizer_through_the_registry(tmp_path):
 
 def test_lower_case_flag_has_one_definition_and_reaches_export():
     from absl import flags  # noqa: PLC0415
-    from launch import common_flags, export  # noqa: PLC0415
+    from launch import config_flags, export  # noqa: PLC0415
     shared, exported = flags.FlagValues(), flags.FlagValues()
-    common_flags.define_lower_case(shared)
+    config_flags.define(["lower_case"], shared)  # from the Task configs' lower_case field
     export.define_flags(exported)
     assert exported["lower_case"].help == shared["lower_case"].help and exported["lower_case"].default is None
     exported(["export", "--export_dir=unused", "--task=sst2", "--lower_case=false"])
