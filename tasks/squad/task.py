@@ -81,10 +81,11 @@ def decode_predictions(start_logits: np.ndarray, end_logits: np.ndarray, feature
         num_examples=num_examples, n_best_size=n_best_size, max_answer_length=max_answer_length,
         is_max_context=is_max_context)
     predictions = {}
+    firsts, lasts = spans.first.numpy().tolist(), spans.last.numpy().tolist()
     for example_index in np.flatnonzero(spans.found.numpy()):
         example = features.data.examples[example_index]
         tokens = features.context_tokens[example.context_index]
-        first, last = int(spans.first[example_index]), int(spans.last[example_index])
+        first, last = firsts[example_index], lasts[example_index]
         context = features.data.contexts[example.context_index]
         predictions[example.qas_id] = context[tokens.char_start[first]:tokens.char_end[last]]
     return predictions
