@@ -1,12 +1,16 @@
-"""Smoke runs of bench/engine_vs_fit.py and bench/vs_pytorch.py (engine side): a 2-layer hidden-64 encoder, a few steps.
+"""Smoke runs of bench/engine_vs_fit.py and bench/vs_pytorch.py (engine side): a 2-layer hidden-64 encoder, a few steps;
+and of bench/pytorch_sst2_demo.py (the PyTorch peer of `make bench-tta`; skipped without the bench extra).
 
 Benchmarks are not tests: nothing here looks at speed, only that every configuration trains and yields
 finite positive throughputs, and that the analytical FLOP count is the formula it claims to be.
 """
+import json
 import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import DATA_DIR, REPO_ROOT
 
@@ -81,3 +85,79 @@ def test_engine_tasks_and_launchers_never_import_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# bench/pytorch_sst2_demo.py and bench/time_to_accuracy.py (`make bench-tta`, issue 14: time to accuracy).
+sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+import pytorch_sst2_demo  # noqa: E402  (imports neither torch nor TensorFlow at module level)
+
+
+def test_peer_learning_rate_schedule_is_the_engines():
+    from engine.config import OptimizerConfig  # noqa: PLC0415
+    from engine.optimization import make_learning_rate  # noqa: PLC0415
+    schedule = make_learning_rate(OptimizerConfig(learning_rate=1e-4, warmup_steps=100), 1000)
+    for update in (0, 1, 50, 99, 100, 101, 500, 999, 1000):
+        peer = 1e-4 * pytorch_sst2_demo.learning_rate_factor(update, warmup_steps=100, train_steps=1000)
+        assert math.isclose(peer, float(schedule(update)), rel_tol=1e-5, abs_tol=1e-10), update  # TF: float32
+
+
+def test_peer_length_grouping_sorts_windows_and_cuts_batches_to_their_longest():
+    import numpy as np  # noqa: PLC0415
+    lengths = np.random.default_rng(1).integers(3, 65, size=1000)
+    batches = pytorch_sst2_demo.length_grouped_batches(
+        lengths, batch_size=8, window_batches=4, multiple=16, full_length=64, rng=np.random.default_rng(0))
+    seen = []
+    for _ in range(3):  # three windows of 4 batches
+        window = [next(batches) for _ in range(4)]
+        for indices, width in window:
+            assert len(indices) == 8 and width % 16 == 0 and lengths[indices].max() <= width <= 64
+            assert width - 16 < lengths[indices].max()  # cut to the longest, rounded up to 16
+        ranges = sorted((lengths[i].min(), lengths[i].max()) for i, _ in window)
+        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))  # a window is sorted, then split
+        seen += [int(i) for indices, _ in window for i in indices]
+    assert len(set(seen)) == len(seen) == 96  # the first epoch's shuffle: no example twice
+
+
+def _torch_installed() -> bool:
+    import importlib.util  # noqa: PLC0415
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+
+
+@pytest.mark.skipif(not _torch_installed(), reason="the bench extra (torch, transformers) is not installed")
+def test_pytorch_sst2_demo_trains_and_reports_its_time_split(tmp_path):
+    output = tmp_path / "peer.json"
+    result = subprocess.run(
+        [sys.executable, "bench/pytorch_sst2_demo.py", f"--data_dir={DATA_DIR}", "--train_examples=512",
+         "--max_steps=24", "--batch_size=16", "--group_by_length=4", "--warmup_steps=2", "--log_every_steps=8",
+         "--eval_every_steps=12", "--eval_examples=64", "--eval_batch_size=32", f"--output_json={output}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert [e["step"] for e in report["evals"]] == [12, 24]
+    losses = [h["loss"] for h in report["train_history"]]
+    assert [h["step"] for h in report["train_history"]] == [8, 12, 16, 24] and losses[-1] < losses[0], losses
+    parts = report["time"]
+    assert set(parts) == {"start-up", "data+tokenization", "training", "evaluation", "other", "total"}
+    assert math.isclose(sum(v for k, v in parts.items() if k != "total"), parts["total"], abs_tol=1e-6)
+    assert all(parts[k] > 0 for k in ("start-up", "training", "evaluation")) and abs(parts["other"]) < 5
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["examples_per_sec"] > 0
+    lines = result.stdout.splitlines()
+    assert f"final validation metrics: accuracy {report['accuracy']:.4f}, f1 {report['f1']:.4f}" in lines
+    assert any(line.startswith("time | start-up: ") and "| total: " in line for line in lines)
+    assert any(line.startswith("examples/s: ") for line in lines)
+
+
+TIME_TO_ACCURACY_WITHOUT_TORCH = """
+import runpy, sys
+sys.modules["torch"] = None
+sys.argv = ["bench/time_to_accuracy.py"] + sys.argv[1:]
+runpy.run_path("bench/time_to_accuracy.py", run_name="__main__")
+"""
+
+
+def test_bench_tta_says_when_the_bench_extra_is_missing(tmp_path):
+    result = subprocess.run([sys.executable, "-c", TIME_TO_ACCURACY_WITHOUT_TORCH, f"--work_dir={tmp_path}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, (result.stdout, result.stderr[-2000:])
+    assert result.stdout.startswith("PyTorch side: NOT RUN, the bench extra is not installed (torch does not import")
+    assert "pip install -e '.[bench]'" in result.stdout and not list(tmp_path.iterdir())  # nothing was run
