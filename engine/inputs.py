@@ -1,6 +1,7 @@
 """Distributed input: the train iterator and exact, padded evaluation batches."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import tensorflow as tf
@@ -139,6 +140,38 @@ def check_static_shapes(element_spec, *, task_name: str, sequence_axis: int = 1)
             "(engine.inputs.shard_shuffle_batch, and group_by_length for sequence widths from a fixed bucket list).")
 
 
+def longest_width(mask: tf.Tensor, full_length, multiple: int = 16) -> tf.Tensor:
+    """The width a batch with this [batch, full_length] 0/1 padding mask is cut to: its longest sequence rounded
+    up to `multiple`, at most `full_length` (so one of `bucket_widths(full_length, multiple)`)."""
+    longest = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)), 1)  # 1: an empty batch
+    return tf.minimum((longest + multiple - 1) // multiple * multiple, full_length)
+
+
+def cut_to_longest(features, labels, *, length_key: str, full_length: int, multiple: int = 16):
+    """(features, labels) of one batch, every [batch, full_length, ...] tensor cut to `longest_width`.
+
+    What is cut is padding only, which the attention mask already ignores: the same outputs, less work."""
+    keep = longest_width(features[length_key], full_length, multiple)
+
+    def cut(t):
+        is_sequence = t.shape.rank >= 2 and t.shape[1] == full_length
+        return t[:, :keep] if is_sequence else t
+    return tf.nest.map_structure(cut, (features, labels))
+
+
+def cut_batches_to_longest(batches: tf.data.Dataset, *, length_key: str, multiple: int = 16) -> tf.data.Dataset:
+    """Evaluation batches (features, labels), in their order, each cut to its longest sequence (`cut_to_longest`).
+
+    Evaluation computes about as many tokens as Hugging Face's `padding=True` then, instead of every batch at
+    the full padded length; rounding to `multiple` keeps the widths to `bucket_widths`, so a compiled
+    evaluation step traces (and XLA compiles) at most once per width. Not for TPUs: they want one shape."""
+    full_length = batches.element_spec[0][length_key].shape[1]
+    if full_length is None:
+        raise ValueError(f"cutting batches needs a fixed padded length of {length_key!r}")
+    return batches.map(functools.partial(cut_to_longest, length_key=length_key, full_length=full_length,
+                                         multiple=multiple))
+
+
 def group_by_length(windows: tf.data.Dataset, *, batch_size: int, window_batches: int, length_key: str,
                     multiple: int = 16, seed: int = 0) -> tf.data.Dataset:
     """Training batches of similar-length sequences, each cut to its longest sequence.
@@ -162,14 +195,5 @@ def group_by_length(windows: tf.data.Dataset, *, batch_size: int, window_batches
         order = tf.argsort(tf.reduce_sum(tf.cast(features[length_key], tf.int32), axis=1), stable=True)
         return tf.nest.map_structure(lambda t: tf.gather(t, order), (features, labels))
 
-    def cut_to_longest(features, labels):
-        longest = tf.reduce_max(tf.reduce_sum(tf.cast(features[length_key], tf.int32), axis=1))
-        keep = tf.minimum((longest + multiple - 1) // multiple * multiple, full_length)
-
-        def cut(t):
-            is_sequence = t.shape.rank >= 2 and t.shape[1] == full_length
-            return t[:, :keep] if is_sequence else t
-        return tf.nest.map_structure(cut, (features, labels))
-
     batches = windows.map(sort_window).unbatch().batch(batch_size, drop_remainder=True)
-    return batches.map(cut_to_longest).shuffle(window_batches, seed=seed)
+    return cut_batches_to_longest(batches, length_key=length_key, multiple=multiple).shuffle(window_batches, seed=seed)

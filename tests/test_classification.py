@@ -11,7 +11,9 @@ import tensorflow as tf
 import tf_keras
 
 from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
-from engine import inputs
+from engine import inputs, strategy as strategy_lib
+from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
+from engine.trainer import Trainer
 from engine_helpers import one_update_weights, run_training
 from tasks import encoders
 from tasks.classification.task import ClassificationConfig, ClassificationTask, read_tsv
@@ -145,10 +147,12 @@ def test_serving_export_answers_label_names(task_name, values, names, tmp_path):
     logits = model(task.tokenizer.encode(tf.constant(sentences)), training=False).numpy()
     model.get_layer("logits").set_weights([kernel * 100, -logits.mean(0)])
     served = _export_and_serve(task, model, tmp_path / "export", sentences)
+    # Padded to max_seq_length here; the export pads to the batch's longest sentence: the same answers.
     logits = model(task.tokenizer.encode(tf.constant(sentences)), training=False).numpy()
     expected = [names[i] for i in logits.argmax(-1)]
     assert [label.decode() for label in served["label"]] == expected
     assert served["label_id"].tolist() == logits.argmax(-1).tolist() and len(set(expected)) > 1
+    np.testing.assert_allclose(served["probabilities"], task.probabilities(logits).numpy(), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ losses
@@ -260,11 +264,66 @@ def test_group_by_length_keeps_every_example_and_cuts_only_padding():
 def test_cut_batches_give_the_logits_of_full_padding(sst2_slices, pooling):
     task = ClassificationTask(tiny_config(sst2_slices, pooling=pooling))
     model = task.build_model()
-    features, _ = next(iter(task.build_inputs("train", batch_size=8)))
+    # The first batch of a window narrower than max_seq_length (batches are shuffled within their window).
+    features, _ = next(f for f in task.build_inputs("train", batch_size=8).take(16)
+                       if f[0]["input_word_ids"].shape[1] < task.config.max_seq_length)
     width = features["input_word_ids"].shape[1]
-    assert width < task.config.max_seq_length
     padded = {k: tf.pad(v, [[0, 0], [0, task.config.max_seq_length - width]]) for k, v in features.items()}
     np.testing.assert_allclose(model(features).numpy(), model(padded).numpy(), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ evaluation cut to the longest
+
+def test_encode_pads_to_the_longest_only_on_request():
+    task = ClassificationTask(tiny_config({}))
+    long = " ".join(["word"] * 40)  # truncated to max_seq_length (32) either way
+    for sentences, multiple, width in ((["a film", "a gorgeous , witty film"], 1, 7), (["a film"], 16, 16),
+                                       (["a film", long], 1, 32), (["a film", long], 16, 32)):
+        full = task.tokenizer.encode(tf.constant(sentences))
+        cut = task.tokenizer.encode(tf.constant(sentences), pad_to_multiple=multiple)
+        assert full["input_mask"].shape[1] == 32 and cut["input_mask"].shape[1] == width
+        for name in full:
+            np.testing.assert_array_equal(cut[name], full[name][:, :width])
+            assert not np.any(full[name][:, width:])  # only padding was left out
+
+
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+def test_cut_evaluation_gives_the_metrics_and_logits_of_full_padding(sst2_slices, tmp_path, strategy):
+    """Trainer.evaluate and predict with batches cut to their longest sentence (the default) against the same
+    model on batches padded to max_seq_length: the same metrics and loss, logits within 1e-5."""
+    config = dataclasses.replace(tiny_config(sst2_slices), max_seq_length=128)
+    runtime = RuntimeConfig(strategy=strategy, precision="float32")
+    trainers = {}
+    for cut in (True, False):
+        trainer = Trainer(ClassificationTask(config, cut_eval_batches=cut),
+                          TrainerConfig(model_dir=str(tmp_path / str(cut)), train_steps=1, global_batch_size=16,
+                                        eval_batch_size=16, eval_split="validation"),
+                          OptimizerConfig(), runtime, strategy=strategy_lib.make_strategy(runtime))
+        if trainers:
+            trainer.model.set_weights(trainers[True].model.get_weights())
+        trainers[cut] = trainer
+    cut, full = trainers[True], trainers[False]
+    assert cut.task.cuts_batches and not full.task.cuts_batches
+    results = {c: t.evaluate("validation") for c, t in trainers.items()}
+    assert results[True]["accuracy"] == results[False]["accuracy"]
+    np.testing.assert_allclose(results[True]["f1"], results[False]["f1"], atol=1e-6)
+    np.testing.assert_allclose(results[True]["loss"], results[False]["loss"], atol=1e-5)
+    # The batches themselves: cut ones are the full ones minus padding, with the same logits.
+    widths = []
+    pairs = zip(cut.task.build_inputs("validation", batch_size=16), full.task.build_inputs("validation", batch_size=16))
+    for (features, labels), (padded, padded_labels) in pairs:
+        width = features["input_mask"].shape[1]
+        widths.append(width)
+        assert padded["input_mask"].shape[1] == 128 and not np.any(padded["input_mask"][:, width:])
+        np.testing.assert_array_equal(labels, padded_labels)
+        np.testing.assert_allclose(cut.model(features, training=False), full.model(padded, training=False),
+                                   atol=1e-5, rtol=0)
+    assert set(widths) <= set(inputs.bucket_widths(128)) and max(widths) < 128 and len(widths) == 7  # 100 / 16
+    sentences = list(cut.task.examples("validation").texts[0])
+    labels_cut, probabilities_cut = cut.task.predict(cut.model, sentences, batch_size=16)
+    labels_full, probabilities_full = full.task.predict(full.model, sentences, batch_size=16)
+    assert labels_cut == labels_full
+    np.testing.assert_allclose(probabilities_cut, probabilities_full, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ launch

@@ -87,6 +87,23 @@ def test_length_grouped_classification_batches_pass_the_check(sst2_train):
     assert {int(f["input_mask"].shape[1]) for f, _ in dataset.take(24)} <= set(inputs.bucket_widths(64))
 
 
+def test_evaluation_batches_keep_the_static_shape_on_tpu_only(sst2_train):
+    """Off TPU, evaluation batches are cut to their longest sentence (bucket widths); a model built under a TPU
+    strategy keeps every evaluation, predict and serving batch at max_seq_length."""
+    config = ClassificationConfig(data_files={"validation": sst2_train}, encoder=encoders.BertConfig.tiny(),
+                                  vocab_file=os.path.join(encoders.minilm_dir(), "vocab.txt"), max_seq_length=64)
+    task = ClassificationTask(config)
+    task.build_model()
+    widths = {int(f["input_mask"].shape[1]) for f, _ in task.build_inputs("validation", batch_size=8)}
+    assert task.cuts_batches and widths <= set(inputs.bucket_widths(64)) and min(widths) < 64
+    with mock.patch.object(strategy_lib, "is_tpu", return_value=True):
+        task.build_model()
+    assert not task.cuts_batches and task.predict_pad_to_multiple is None
+    dataset = task.build_inputs("validation", batch_size=8)
+    assert dataset.element_spec[0]["input_mask"].shape.as_list() == [None, 64]
+    assert {int(f["input_mask"].shape[1]) for f, _ in dataset} == {64}
+
+
 class RaggedBatchToyTask(ToyTask):
     """ToyTask whose training batches keep a partial last batch: an unknown batch dimension."""
 

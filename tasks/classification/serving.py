@@ -6,6 +6,7 @@ import tf_keras
 
 from tasks import serving
 
+
 class ClassificationServing(serving.ServingModule):
     """sentence (+ sentence_b) -> label, label_id, probabilities, as ClassificationTask.predict."""
 
@@ -16,8 +17,12 @@ class ClassificationServing(serving.ServingModule):
         names = tf.constant(list(config.answer_labels))
         text = tf.TensorSpec([None], tf.string)
 
+        # Padded to the batch's longest sentence, not max_seq_length: the same answers, less work (unless the
+        # task keeps one static shape: a model built for TPU, or cut_eval_batches=False).
+        pad_to_multiple = task.predict_pad_to_multiple
+
         def outputs(*texts):
-            logits = self.model(tokenizer.encode(*texts), training=False)
+            logits = self.model(tokenizer.encode(*texts, pad_to_multiple=pad_to_multiple), training=False)
             probabilities = task.probabilities(logits)
             label_id = serving.first_argmax(probabilities)
             return {"label": tf.gather(names, label_id), "label_id": label_id, "probabilities": probabilities}

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from engine import inputs
+from engine import inputs, strategy as strategy_lib
 from engine.task import Task
 from tasks import encoders, textfiles
 from tasks.encoders.tokenization import WordPieceTokenizer
@@ -109,14 +109,29 @@ def _parse_label(value: str, label_ids: Mapping[str, int], config: Classificatio
     return label
 
 
+# Training (group_by_length) and evaluation batches are cut to their longest sequence rounded up to this: the widths
+# of engine.inputs.bucket_widths, so a compiled step traces (and XLA compiles) at most once per width.
+BUCKET_MULTIPLE = 16
+# `predict` and the serving signature pad each batch to its longest sequence rounded up to this (one trace with
+# open shapes: any width costs nothing extra).
+PREDICT_WIDTH_MULTIPLE = 1
+
+
 class ClassificationTask(Task):
     name = "classification"
 
-    def __init__(self, config: ClassificationConfig):
+    def __init__(self, config: ClassificationConfig, *, cut_eval_batches: Optional[bool] = None):
+        """cut_eval_batches: evaluation, `predict` and serving batches are cut to their longest sequence (rounded
+        up to BUCKET_MULTIPLE or PREDICT_WIDTH_MULTIPLE) instead of padded to max_seq_length: the same outputs,
+        less work on short sentences. None: yes, unless the model was built under a TPU strategy (static shapes)."""
         self.config = config
+        self.cut_eval_batches = cut_eval_batches
         self._examples: dict[str, Examples] = {}
+        self._encoded: dict[str, tuple] = {}   # evaluation split -> (features padded to max_seq_length, labels)
         self._encoder = None
         self._tokenizer: Optional[WordPieceTokenizer] = None
+        self._built_for_tpu = False
+        self._predict_fn = None   # (model, number of text columns, its compiled forward pass)
 
     @property
     def tokenizer(self) -> WordPieceTokenizer:
@@ -141,6 +156,8 @@ class ClassificationTask(Task):
     # ------------------------------------------------------------------------------------ model
 
     def build_model(self) -> tf_keras.Model:
+        # The engine builds the model inside its strategy's scope: the one moment a Task sees the device kind.
+        self._built_for_tpu = strategy_lib.is_tpu(tf.distribute.get_strategy())
         encoder, _ = encoders.make_encoder(self.config.encoder)
         self._encoder = encoder
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
@@ -166,8 +183,37 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------------------------------ input
 
+    @property
+    def cuts_batches(self) -> bool:
+        """Whether evaluation, predict and serving batches are cut to their longest sequence (see __init__)."""
+        return self.cut_eval_batches if self.cut_eval_batches is not None else not self._built_for_tpu
+
+    def encoded(self, split: str) -> tuple[dict, np.ndarray]:
+        """An evaluation split tokenized once (eagerly, in chunks), padded to max_seq_length: (features, labels).
+
+        Evaluation reads the same sentences every time, as HF users' pre-tokenized eval datasets: tokenizing
+        them again in a new tf.data graph per evaluation took seconds of tracing and iterator setup, more than
+        the encoder's work on a small dev set."""
+        if split not in self._encoded:
+            examples = self.examples(split)
+            chunks = []
+            for start in range(0, len(examples.labels), 1024):
+                texts = [tf.constant(list(t[start:start + 1024]), tf.string) for t in examples.texts]
+                chunks.append({k: v.numpy() for k, v in self.tokenizer.encode(*texts).items()})
+            features = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+            self._encoded[split] = (features, examples.labels)
+        return self._encoded[split]
+
     def build_inputs(self, split: str, *, batch_size: int,
                      input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+        if split != "train":
+            dataset = tf.data.Dataset.from_tensor_slices(self.encoded(split))
+            dataset = inputs.shard_shuffle_batch(
+                dataset, training=False, batch_size=batch_size, input_context=input_context,
+                shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
+            if self.cuts_batches:
+                dataset = inputs.cut_batches_to_longest(dataset, length_key="input_mask", multiple=BUCKET_MULTIPLE)
+            return dataset.prefetch(tf.data.AUTOTUNE)
         examples = self.examples(split)
         # Created here, eagerly: built inside the map function, its vocab table would belong to that graph.
         tokenizer = self.tokenizer
@@ -176,17 +222,16 @@ class ClassificationTask(Task):
             *texts, label = texts_and_label
             return tokenizer.encode(*texts), label
 
-        training = split == "train"
-        window = self.config.group_by_length if training else 0
+        window = self.config.group_by_length
         dataset = tf.data.Dataset.from_tensor_slices(tuple(list(t) for t in examples.texts) + (examples.labels,))
         # Batch first: tensorflow-text tokenizes a whole batch per call, much faster than per example.
         dataset = inputs.shard_shuffle_batch(
-            dataset, training=training, batch_size=batch_size * max(window, 1), input_context=input_context,
+            dataset, training=True, batch_size=batch_size * max(window, 1), input_context=input_context,
             shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
         dataset = dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if window:
             dataset = inputs.group_by_length(dataset, batch_size=batch_size, window_batches=window,
-                                             length_key="input_mask", seed=self.config.seed)
+                                             length_key="input_mask", multiple=BUCKET_MULTIPLE, seed=self.config.seed)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     # ------------------------------------------------------------------------------------ loss
@@ -237,11 +282,27 @@ class ClassificationTask(Task):
 
     def predict(self, model: tf_keras.Model, *texts: Sequence[str], batch_size: int = 64) -> tuple[list, np.ndarray]:
         """Raw sentences (or pairs: two lists) -> (labels as `config.answer_labels`, [n, classes] probabilities)."""
+        if self._predict_fn is None or self._predict_fn[0] is not model or self._predict_fn[1] != len(texts):
+            # One trace for every batch size and width (shapes left open), not Keras' eager layer by layer.
+            _ = self.tokenizer  # its vocab table: created eagerly, not inside the trace
+            forward = tf.function(lambda *batch: self._predict_batch(model, *batch),
+                                  input_signature=[tf.TensorSpec([None], tf.string)] * len(texts))
+            self._predict_fn = (model, len(texts), forward)
+        forward = self._predict_fn[2]
         probabilities = []
         for start in range(0, len(texts[0]), batch_size):
-            batch = [tf.constant(list(t[start:start + batch_size])) for t in texts]
-            probabilities.append(self.probabilities(model(self.tokenizer.encode(*batch), training=False)).numpy())
+            batch = [tf.constant(list(t[start:start + batch_size]), tf.string) for t in texts]
+            probabilities.append(forward(*batch).numpy())
         probabilities = np.concatenate(probabilities)
         ids = probabilities.argmax(-1)
         return [self.config.answer_labels[i] for i in ids], probabilities
+
+    @property
+    def predict_pad_to_multiple(self) -> Optional[int]:
+        """`tokenizer.encode`'s pad_to_multiple for `predict` and the serving signature (None: max_seq_length)."""
+        return PREDICT_WIDTH_MULTIPLE if self.cuts_batches else None
+
+    def _predict_batch(self, model: tf_keras.Model, *texts: tf.Tensor) -> tf.Tensor:
+        features = self.tokenizer.encode(*texts, pad_to_multiple=self.predict_pad_to_multiple)
+        return self.probabilities(model(features, training=False))
 

@@ -20,6 +20,7 @@ import tensorflow as tf
 import tensorflow_text as tf_text
 from official.nlp.modeling.layers import text_layers
 
+from engine import inputs
 from tasks import textfiles
 
 # Words longer than this many characters (not bytes, unlike tf_text's max_bytes_per_word) become [UNK].
@@ -123,9 +124,18 @@ class WordPieceTokenizer:
             start_of_sequence_id=self.cls_id, end_of_segment_id=self.sep_id, padding_id=self.pad_id,
             truncator="round_robin")
 
-    def encode(self, *texts: tf.Tensor, seq_length: int | None = None) -> Mapping[str, tf.Tensor]:
-        """Raw strings ([batch] each, one or two segments) -> packed model inputs."""
-        return self.pack([self.tokenize(t) for t in texts], seq_length)
+    def encode(self, *texts: tf.Tensor, seq_length: int | None = None,
+               pad_to_multiple: int | None = None) -> Mapping[str, tf.Tensor]:
+        """Raw strings ([batch] each, one or two segments) -> packed model inputs.
+
+        Padded to `seq_length` (a fixed shape: tf.data, TPUs); with `pad_to_multiple` k, only to the batch's
+        longest sequence rounded up to a multiple of k, at most `seq_length` (HF's `padding=True` is k=1).
+        Truncation is the same either way: the ids are those of the fixed shape, minus trailing padding."""
+        packed = self.pack([self.tokenize(t) for t in texts], seq_length)
+        if not pad_to_multiple:
+            return packed
+        keep = inputs.longest_width(packed["input_mask"], seq_length or self.seq_length, pad_to_multiple)
+        return {name: t[:, :keep] for name, t in packed.items()}
 
 
 def _replace_rows(rows: tf.RaggedTensor, replace: tf.Tensor, values: tf.Tensor) -> tf.RaggedTensor:
