@@ -20,6 +20,11 @@ from engine.config import OptimizerConfig
 def make_learning_rate(config: OptimizerConfig, train_steps: int):
     """Linear warmup from 0 to learning_rate, then linear decay to end_learning_rate; counts updates."""
     decay_steps = config.decay_steps or train_steps
+    if config.warmup_steps >= decay_steps:
+        # LinearWarmup ramps towards the decayed schedule's value at the end of warmup, which is then 0: the
+        # run would train at learning rate 0 without a word (e.g. the demo's 100 warmup steps with 60 updates).
+        raise ValueError(f"--warmup_steps={config.warmup_steps} is not below the {decay_steps} updates the learning "
+                         "rate decays over (--train_steps): the rate would stay 0; use fewer warmup steps")
     schedule = tf_keras.optimizers.schedules.PolynomialDecay(
         initial_learning_rate=config.learning_rate, decay_steps=max(decay_steps, 1),
         end_learning_rate=config.end_learning_rate, power=1.0)

@@ -213,3 +213,11 @@ def test_layer_decay_on_a_bert_classifier_mirrored_equals_default(sst2_train, tm
     np.testing.assert_allclose(mirrored_losses, losses, atol=1e-5)
     for a, b in zip(weights, mirrored_weights):
         np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_warmup_as_long_as_the_run_is_refused_not_trained_at_rate_zero():
+    from engine.optimization import make_learning_rate  # noqa: PLC0415
+    with pytest.raises(ValueError, match=r"--warmup_steps=100 is not below the 60 updates"):
+        make_learning_rate(OptimizerConfig(learning_rate=1e-4, warmup_steps=100), 60)
+    schedule = make_learning_rate(OptimizerConfig(learning_rate=1e-4, warmup_steps=10), 60)
+    assert float(schedule(5)) == pytest.approx(1e-4 * 5 / 10 * 50 / 60, rel=1e-5)  # ramps towards the decayed value
