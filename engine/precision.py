@@ -12,26 +12,7 @@ import tensorflow as tf
 import tf_keras
 from absl import logging
 
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); otherwise TF emulates it, slowly."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+from engine.host import cpu_has_native_bf16, cpu_model_name  # noqa: F401 - callers and tests use them here
 
 
 # Square and BERT-shaped (tokens x hidden x FFN) products: the best of them is the peak MFU is measured against.

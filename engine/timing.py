@@ -7,13 +7,12 @@ Controller those of the loop; `split` turns them into parts of the time since th
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections import defaultdict
 from typing import Optional
 
 import engine
-from engine import summaries
+from engine import host, summaries
 
 PARTS = ("start-up", "data", "compile", "train", "eval")
 
@@ -21,18 +20,9 @@ PARTS = ("start-up", "data", "compile", "train", "eval")
 def process_start() -> float:
     """When this process started, on time.monotonic()'s clock: from /proc on Linux (the interpreter's own start-up
     and TensorFlow's import count), else when the engine package was imported (first thing launch programs do)."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            stat = f.read()
-        with open("/proc/uptime", encoding="ascii") as f:
-            uptime = float(f.read().split()[0])
-        # Field 22, starttime, in clock ticks since boot; fields are counted after the command's ")".
-        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
-        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-        if age >= 0:
-            return time.monotonic() - age
-    except (OSError, ValueError, IndexError):
-        pass
+    age = host.process_age_seconds()
+    if age is not None:
+        return time.monotonic() - age
     return engine.IMPORTED_AT
 
 

@@ -1,0 +1,43 @@
+"""What the host is (CPU model, native bf16) and when this process started, read from /proc without TensorFlow,
+so the PyTorch peers in bench/ use the same answers."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); otherwise TF emulates it, slowly."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def process_age_seconds() -> Optional[float]:
+    """Seconds since this process started (Linux /proc: the interpreter's own start-up and imports count); None
+    where /proc cannot say."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            stat = f.read()
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        # Field 22, starttime, in clock ticks since boot; fields are counted after the command's ")".
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+        return age if age >= 0 else None
+    except (OSError, ValueError, IndexError):
+        return None
