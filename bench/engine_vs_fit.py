@@ -252,6 +252,18 @@ def build_runners(task, setup: Setup, precisions, steps_per_execution, jits, ste
     return runners
 
 
+def warm_up(runners) -> dict:
+    """Runs each runner once untimed (tracing and (XLA) compilation), then one timed step: {runner: (1, *result)}."""
+    probe = {}
+    for runner in runners:
+        start = time.perf_counter()
+        runner.run(1)
+        probe[runner] = (1, *runner.run(1))
+        print(f"warm-up | {runner.precision} | {runner.name} | {time.perf_counter() - start:.1f} s, "
+              f"then one step {probe[runner][1]:.2f} s", flush=True)
+    return probe
+
+
 def measure(runners, peaks: dict, *, steps: int, rounds: int, batch_size: int) -> dict:
     """Warm-up, one-step probe, then `rounds` interleaved windows; raises `peaks` to the best seen.
 
@@ -260,13 +272,7 @@ def measure(runners, peaks: dict, *, steps: int, rounds: int, batch_size: int) -
     """
     import tensorflow as tf  # noqa: PLC0415
     windows = {runner: [] for runner in runners}
-    probe = {}
-    for runner in runners:
-        start = time.perf_counter()
-        runner.run(1)  # tracing and (XLA) compilation: never timed
-        probe[runner] = (1, *runner.run(1))
-        print(f"warm-up | {runner.precision} | {runner.name} | {time.perf_counter() - start:.1f} s, "
-              f"then one step {probe[runner][1]:.2f} s", flush=True)
+    probe = warm_up(runners)
     contenders = []
     for runner in runners:
         fastest = min(probe[r][1] for r in runners if r.precision == runner.precision)

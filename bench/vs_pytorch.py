@@ -305,13 +305,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
 
     # --- warm-up: tracing, XLA islands, torch.compile; a one-step probe drops hopeless configurations
     windows = {r: [] for r in runners}
-    probe = {}
-    for runner in runners:
-        start = time.perf_counter()
-        runner.run(1)
-        probe[runner] = (1, *runner.run(1))
-        print(f"warm-up | {runner.precision} | {runner.name} | {time.perf_counter() - start:.1f} s, then one step "
-              f"{probe[runner][1]:.2f} s", flush=True)
+    probe = engine_vs_fit.warm_up(runners)
     contenders = []
     for runner in runners:
         fastest = min(probe[r][1] for r in runners if r.precision == runner.precision)
