@@ -35,3 +35,13 @@ def write_tiny_encoder_dir(folder) -> str:
         json.dump(dataclasses.asdict(config), f)
     shutil.copy(os.path.join(encoders.minilm_dir(), "vocab.txt"), os.path.join(folder, "vocab.txt"))
     return str(folder)
+
+
+def write_sst2_head(folder, rows: int) -> str:
+    """The header and first `rows` training rows of SST-2 as folder/train.tsv (small real data for fast tests)."""
+    path = os.path.join(str(folder), "train.tsv")
+    with open(os.path.join(DATA_DIR, "sst2", "train.tsv"), encoding="utf-8") as f:
+        head = "".join(next(f) for _ in range(rows + 1))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head)
+    return path

@@ -12,7 +12,7 @@ from engine import optimization
 from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
 from engine.strategy import make_strategy
 from engine.trainer import Trainer
-from conftest import DATA_DIR
+from conftest import DATA_DIR, write_sst2_head
 from engine_helpers import ToyTask
 from tasks import encoders
 from tasks.classification.task import ClassificationConfig, ClassificationTask
@@ -188,10 +188,7 @@ def test_trainer_with_lamb_under_float16_loss_scaling(tmp_path):
 
 @pytest.fixture(scope="module")
 def sst2_train(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sst2") / "train.tsv"
-    with open(os.path.join(DATA_DIR, "sst2", "train.tsv"), encoding="utf-8") as f:
-        path.write_text("".join(next(f) for _ in range(65)), encoding="utf-8")
-    return str(path)
+    return write_sst2_head(tmp_path_factory.mktemp("sst2"), 64)
 
 
 def test_layer_decay_on_a_bert_classifier_mirrored_equals_default(sst2_train, tmp_path, kind="adamw"):

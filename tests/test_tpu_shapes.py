@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, write_sst2_head
 from engine import inputs, strategy as strategy_lib
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, run_training
@@ -71,10 +71,7 @@ def test_bucket_widths():
 @pytest.fixture(scope="module")
 def sst2_train(tmp_path_factory):
     """The first 192 training rows of SST-2: short sentences, several widths when grouped by length."""
-    path = tmp_path_factory.mktemp("sst2") / "train.tsv"
-    with open(os.path.join(DATA_DIR, "sst2", "train.tsv"), encoding="utf-8") as f:
-        path.write_text("".join(next(f) for _ in range(193)), encoding="utf-8")
-    return str(path)
+    return write_sst2_head(tmp_path_factory.mktemp("sst2"), 192)
 
 
 def test_length_grouped_classification_batches_pass_the_check(sst2_train):
