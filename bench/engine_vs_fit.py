@@ -65,18 +65,18 @@ flags.DEFINE_string("output", None, "Append the markdown results to this file.")
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    encoder: object          # tasks.encoders.BertConfig
+    encoder: object          # tasks.encoders.bert.BertConfig
     seq_length: int
     batch_size: int
     num_examples: int = 1024
 
 
 def make_setup(quick: bool, num_examples: int = 1024) -> Setup:
-    from tasks import encoders  # noqa: PLC0415
+    from tasks.encoders import bert  # noqa: PLC0415
     if quick:
-        return Setup(encoders.BertConfig.tiny(), seq_length=32, batch_size=8, num_examples=num_examples)
+        return Setup(bert.BertConfig.tiny(), seq_length=32, batch_size=8, num_examples=num_examples)
     # BertConfig's defaults are MiniLM's shape (6 x 384, 12 heads, FFN 1536, vocab 30522).
-    return Setup(encoders.BertConfig(), seq_length=128, batch_size=32, num_examples=num_examples)
+    return Setup(bert.BertConfig(), seq_length=128, batch_size=32, num_examples=num_examples)
 
 
 def train_flops_per_example(setup: Setup) -> float:
@@ -92,7 +92,7 @@ def train_flops_per_example(setup: Setup) -> float:
 def make_task(setup: Setup, data_dir: str):
     """A ClassificationTask (random-init encoder) whose training input is in-memory, pre-tokenized tensors."""
     import tensorflow as tf  # noqa: PLC0415
-    from tasks import encoders  # noqa: PLC0415
+    from tasks.encoders import bert  # noqa: PLC0415
     from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
 
     class InMemoryTask(ClassificationTask):
@@ -110,7 +110,7 @@ def make_task(setup: Setup, data_dir: str):
 
     config = ClassificationConfig(
         data_files={"train": os.path.join(data_dir, "sst2", "train.tsv")}, encoder=setup.encoder,
-        vocab_file=os.path.join(encoders.minilm_dir(), "vocab.txt"), max_seq_length=setup.seq_length,
+        vocab_file=os.path.join(bert.minilm_dir(), "vocab.txt"), max_seq_length=setup.seq_length,
         group_by_length=0)  # every batch at the full seq_length, as fit sees it
     return InMemoryTask(config)
 

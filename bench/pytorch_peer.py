@@ -52,7 +52,7 @@ def load_classifier(model_dir: str, keras_model=None, num_labels: int = 2):
 
 
 def from_config(encoder_config, keras_model=None, num_labels: int = 2):
-    """A randomly initialised HF classifier of a tasks.encoders.BertConfig's shape (quick runs)."""
+    """A randomly initialised HF classifier of a tasks.encoders.bert.BertConfig's shape (quick runs)."""
     from transformers import BertConfig, BertForSequenceClassification  # noqa: PLC0415
     fields = {k: getattr(encoder_config, k) for k in (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",

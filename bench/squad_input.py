@@ -36,7 +36,7 @@ flags.DEFINE_integer("steps_per_loop", 4, "Steps per timed loop.")
 flags.DEFINE_integer("loops", 3, "Timed loops per run (after one untimed warm-up loop).")
 flags.DEFINE_integer("repeats", 2, "Runs per (precision, input) pair, alternating input modes.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
-flags.DEFINE_string("encoder", "minilm", "Encoder init (see tasks.encoders.make_encoder).")
+flags.DEFINE_string("encoder", "minilm", "Encoder init (see tasks.encoders.loading.make_encoder).")
 flags.DEFINE_integer("pipeline_batches", 300, "Batches to time the cached input pipeline alone (0: skip).")
 flags.DEFINE_string("output_json", None, "Also write the results here.")
 

@@ -119,13 +119,13 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     import tf_keras  # noqa: PLC0415
     from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
     from engine.trainer import Trainer  # noqa: PLC0415
-    from tasks import encoders  # noqa: PLC0415
+    from tasks.encoders import bert  # noqa: PLC0415
     from engine import checkpoints  # noqa: PLC0415
     from tasks import serving  # noqa: PLC0415
     from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
 
     path, sentences, labels = _write_eval_tsv(data_dir, eval_examples, folder)
-    vocab_file = os.path.join(encoders.minilm_dir(), "vocab.txt")
+    vocab_file = os.path.join(bert.minilm_dir(), "vocab.txt")
     config = ClassificationConfig(data_files={"validation": path}, encoder=encoder_init, vocab_file=vocab_file,
                                   max_seq_length=setup.seq_length)
     batches = [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]
@@ -179,7 +179,7 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         task = ClassificationTask(config)
         peer = peer_model_fn(trainer.model)
         for padding, label in (("max_length", f"pad {setup.seq_length}"), ("longest", "pad longest")):
-            clf = pytorch_peer.Classifier(peer, encoders.minilm_dir(), max_length=setup.seq_length, padding=padding)
+            clf = pytorch_peer.Classifier(peer, bert.minilm_dir(), max_length=setup.seq_length, padding=padding)
 
             def evaluate(clf=clf):
                 probabilities = clf.predict(sentences, batch_size)
@@ -237,7 +237,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
     """The whole benchmark; returns {"train", "serving", "lines", "markdown"}."""
     import dataclasses  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
-    from tasks import encoders  # noqa: PLC0415
+    from tasks.encoders import bert  # noqa: PLC0415
 
     started = time.perf_counter()
     setup = engine_vs_fit.make_setup(quick, num_examples)
@@ -275,7 +275,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
     def peer_model(keras_model):
         if quick:
             return pytorch_peer.from_config(setup.encoder, keras_model)
-        return pytorch_peer.load_classifier(encoders.minilm_dir(), keras_model)
+        return pytorch_peer.load_classifier(bert.minilm_dir(), keras_model)
 
     # --- configurations (all built before any timing)
     serving_configs, checks = [], []

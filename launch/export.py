@@ -51,11 +51,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def export_encoder(*, init, export_dir: str, vocab_file: str | None = None, lower_case: bool | None = True,
                    seq_length: int = 128) -> dict[str, str]:
     """Exports `make_encoder(init)` and its preprocessor under `export_dir`; returns their paths."""
-    from tasks import encoders  # noqa: PLC0415 - TensorFlow loads after flag parsing
+    from tasks.encoders import loading  # noqa: PLC0415 - TensorFlow loads after flag parsing
     from tasks.encoders import hub
 
     lower_case = True if lower_case is None else lower_case  # --lower_case unset: uncased, as MiniLM
-    encoder, own_vocab = encoders.make_encoder(init)
+    encoder, own_vocab = loading.make_encoder(init)
     vocab_file = vocab_file or own_vocab
     if vocab_file is None:
         raise ValueError(f"encoder {init!r} has no vocab of its own (random init?); pass --vocab_file")

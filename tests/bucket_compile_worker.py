@@ -9,15 +9,15 @@ import dataclasses  # noqa: E402
 
 import conftest  # noqa: E402,F401  (environment and two logical CPUs)
 from engine_helpers import run_training  # noqa: E402
-from tasks import encoders  # noqa: E402
+from tasks.encoders import bert  # noqa: E402
 from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: E402
 
 train_file, model_dir, train_steps, seq_length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 BATCH = 16
 # One layer: XLA's CPU compile time grows with the graph, and one layer shows the compile count as well.
-encoder = dataclasses.replace(encoders.BertConfig.tiny(), num_hidden_layers=1)
+encoder = dataclasses.replace(bert.BertConfig.tiny(), num_hidden_layers=1)
 config = ClassificationConfig(data_files={"train": train_file}, encoder=encoder,
-                              vocab_file=os.path.join(encoders.minilm_dir(), "vocab.txt"),
+                              vocab_file=os.path.join(bert.minilm_dir(), "vocab.txt"),
                               max_seq_length=seq_length, group_by_length=4)
 trainer = run_training(lambda: ClassificationTask(config), global_batch_size=BATCH, train_steps=train_steps,
                        steps_per_loop=8, jit_compile=True, model_dir=model_dir)

@@ -26,14 +26,14 @@ def write_tiny_encoder_dir(folder) -> str:
     import shutil  # noqa: PLC0415
 
     import tensorflow as tf  # noqa: PLC0415
-    from tasks import encoders  # noqa: PLC0415
+    from tasks.encoders import bert, loading  # noqa: PLC0415
 
-    config = encoders.BertConfig.tiny()
-    encoder, _ = encoders.make_encoder(config)
+    config = bert.BertConfig.tiny()
+    encoder, _ = loading.make_encoder(config)
     tf.train.Checkpoint(encoder=encoder).write(os.path.join(folder, "encoder"))
     with open(os.path.join(folder, "bert_config.json"), "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(config), f)
-    shutil.copy(os.path.join(encoders.minilm_dir(), "vocab.txt"), os.path.join(folder, "vocab.txt"))
+    shutil.copy(os.path.join(bert.minilm_dir(), "vocab.txt"), os.path.join(folder, "vocab.txt"))
     return str(folder)
 
 

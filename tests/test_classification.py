@@ -15,11 +15,11 @@ from engine import inputs, strategy as strategy_lib
 from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
 from engine.trainer import Trainer
 from engine_helpers import one_update_weights, run_training
-from tasks import encoders
+from tasks.encoders import bert
 from tasks.classification.task import ClassificationConfig, ClassificationTask, read_tsv
 
 SST2 = os.path.join(DATA_DIR, "sst2")
-VOCAB = os.path.join(encoders.minilm_dir(), "vocab.txt")
+VOCAB = os.path.join(bert.minilm_dir(), "vocab.txt")
 
 
 def write(path, text):
@@ -39,7 +39,7 @@ def sst2_slices(tmp_path_factory):
 
 
 # No dropout anywhere, so runs under different batch geometries are comparable update for update.
-TINY = dataclasses.replace(encoders.BertConfig.tiny(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TINY = dataclasses.replace(bert.BertConfig.tiny(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def tiny_config(files, **kwargs):

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 import bert_numpy_reference as ref
 from launch import convert as convert_launcher
 from tasks.encoders import convert
-from tasks import encoders
+from tasks.encoders import bert, loading
 from tasks.encoders.tokenization import WordPieceTokenizer
 
 from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
@@ -52,15 +52,15 @@ def write_tf1_checkpoint(prefix: str, tensors: dict[str, np.ndarray]) -> None:
 def minilm_tf1(tmp_path_factory):
     """MiniLM as a google-research/bert release: bert_model.ckpt + bert_config.json + vocab.txt."""
     folder = tmp_path_factory.mktemp("minilm_tf1")
-    weights = load_file(os.path.join(encoders.minilm_dir(), "model.safetensors"))
+    weights = load_file(os.path.join(bert.minilm_dir(), "model.safetensors"))
     tensors = hf_to_tf1(weights)
     # What real TF1 checkpoints carry besides the encoder: pre-training head, step counter, Adam slots.
     tensors["cls/predictions/output_bias"] = np.zeros([30522], np.float32)
     tensors["global_step"] = np.array(1000, np.int64)
     tensors["bert/pooler/dense/bias/adam_m"] = np.zeros([384], np.float32)
     write_tf1_checkpoint(str(folder / "bert_model.ckpt"), tensors)
-    shutil.copyfile(os.path.join(encoders.minilm_dir(), "config.json"), folder / "bert_config.json")
-    shutil.copyfile(os.path.join(encoders.minilm_dir(), "vocab.txt"), folder / "vocab.txt")
+    shutil.copyfile(os.path.join(bert.minilm_dir(), "config.json"), folder / "bert_config.json")
+    shutil.copyfile(os.path.join(bert.minilm_dir(), "vocab.txt"), folder / "vocab.txt")
     return folder, weights
 
 
@@ -84,7 +84,7 @@ def test_tf1_checkpoint_converts_with_parity(minilm_tf1, tmp_path):
     assert sorted(os.listdir(output_dir)) == [
         "bert_config.json", "bert_model.ckpt.data-00000-of-00001", "bert_model.ckpt.index", "vocab.txt"]
 
-    encoder, vocab_file = encoders.make_encoder(output_dir)
+    encoder, vocab_file = loading.make_encoder(output_dir)
     inputs = sst2_inputs(vocab_file)
     expected = ref.bert_forward(weights, 12, **inputs)
     seq_diff, pooled_diff = ref.max_abs_diffs(expected, encoder(inputs), inputs["input_mask"])
@@ -92,18 +92,18 @@ def test_tf1_checkpoint_converts_with_parity(minilm_tf1, tmp_path):
     assert seq_diff <= 1e-4 and pooled_diff <= 1e-4
 
     # The TF1 release folder itself is also a valid make_encoder init (converted on the fly).
-    direct, _ = encoders.make_encoder(str(folder))
+    direct, _ = loading.make_encoder(str(folder))
     np.testing.assert_array_equal(direct(inputs)["pooled_output"], encoder(inputs)["pooled_output"])
 
 
 def test_hf_converts_to_the_same_encoder(tmp_path):
-    convert.convert_hf(os.path.join(encoders.minilm_dir(), "model.safetensors"), str(tmp_path))
-    converted, vocab_file = encoders.make_encoder(str(tmp_path))
-    original, _ = encoders.make_encoder("minilm")
+    convert.convert_hf(os.path.join(bert.minilm_dir(), "model.safetensors"), str(tmp_path))
+    converted, vocab_file = loading.make_encoder(str(tmp_path))
+    original, _ = loading.make_encoder("minilm")
     assert json.loads((tmp_path / "bert_config.json").read_text())["num_hidden_layers"] == 6
     for a, b in zip(converted.weights, original.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    assert open(vocab_file).read() == open(os.path.join(encoders.minilm_dir(), "vocab.txt")).read()
+    assert open(vocab_file).read() == open(os.path.join(bert.minilm_dir(), "vocab.txt")).read()
 
 
 def test_mismatched_tf1_checkpoint_lists_every_problem(tmp_path):

@@ -9,12 +9,12 @@ import tensorflow as tf
 from safetensors.numpy import load_file, save_file
 
 import bert_numpy_reference as ref
-from tasks import encoders
+from tasks.encoders import bert, loading
 from tasks.encoders.tokenization import WordPieceTokenizer
 
 from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)
 
-TINY = encoders.BertConfig.tiny(vocab_size=100)
+TINY = bert.BertConfig.tiny(vocab_size=100)
 TINY_SHAPES = dict(vocab_size=100, hidden_size=64, num_layers=2, intermediate_size=128)
 
 
@@ -29,14 +29,14 @@ def numpy_inputs(features) -> dict[str, np.ndarray]:
 
 
 def test_minilm_matches_numpy_reference():
-    encoder, vocab_file = encoders.make_encoder("minilm")
+    encoder, vocab_file = loading.make_encoder("minilm")
     tokenizer = WordPieceTokenizer(vocab_file, seq_length=64)
     sentences = sst2_sentences(8)
     inputs = numpy_inputs(tokenizer.encode(tf.constant(sentences)))
     assert inputs["input_mask"].sum(1).min() < 64, "want some padding, so the mask is exercised"
 
     outputs = encoder(inputs)
-    weights = load_file(os.path.join(encoders.minilm_dir(), "model.safetensors"))
+    weights = load_file(os.path.join(bert.minilm_dir(), "model.safetensors"))
     expected = ref.bert_forward(weights, 12, **inputs)
     seq_diff, pooled_diff = ref.max_abs_diffs(expected, outputs, inputs["input_mask"])
     print(f"MiniLM parity: sequence_output {seq_diff:.2e}, pooled_output {pooled_diff:.2e}")
@@ -61,8 +61,8 @@ def test_random_tiny_weights_match_numpy_reference(tmp_path, prefix):
     weights = {prefix + k: v for k, v in ref.random_hf_weights(seed=3, **TINY_SHAPES).items()}
     path = str(tmp_path / "model.safetensors")
     save_file(weights, path)
-    encoder, _ = encoders.make_encoder(TINY)
-    encoders.load_hf_weights(encoder, path)
+    encoder, _ = loading.make_encoder(TINY)
+    bert.load_hf_weights(encoder, path)
 
     inputs = _tiny_inputs()
     seq_diff, pooled_diff = ref.max_abs_diffs(ref.bert_forward(weights, TINY.num_attention_heads, **inputs),
@@ -78,11 +78,11 @@ def test_mismatched_safetensors_list_every_problem_and_assign_nothing(tmp_path):
     weights["embeddings.position_ids"] = np.arange(512)[None]  # HF buffer: ignored, not "unexpected"
     path = str(tmp_path / "model.safetensors")
     save_file(weights, path)
-    encoder, _ = encoders.make_encoder(TINY)
+    encoder, _ = loading.make_encoder(TINY)
     before = [w.numpy() for w in encoder.weights]
 
     with pytest.raises(ValueError) as error:
-        encoders.load_hf_weights(encoder, path)
+        bert.load_hf_weights(encoder, path)
     message = str(error.value)
     assert path in message
     assert "1 missing" in message and "encoder.layer.1.attention.self.key.bias [64]" in message
@@ -95,17 +95,17 @@ def test_mismatched_safetensors_list_every_problem_and_assign_nothing(tmp_path):
 
 
 def test_make_encoder_random_init_and_errors(tmp_path):
-    encoder, vocab_file = encoders.make_encoder(TINY)
+    encoder, vocab_file = loading.make_encoder(TINY)
     assert vocab_file is None
     outputs = encoder(_tiny_inputs())
     assert outputs["sequence_output"].shape == (3, 10, 64) and outputs["pooled_output"].shape == (3, 64)
     assert len(outputs["encoder_outputs"]) == 2
 
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        encoders.make_encoder(str(tmp_path / "nope"))
+        loading.make_encoder(str(tmp_path / "nope"))
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ValueError, match=r"expected model.safetensors \+ config.json .*found \['notes.txt'\]"):
-        encoders.make_encoder(str(tmp_path))
+        loading.make_encoder(str(tmp_path))
 
 
 def test_make_encoder_from_hf_folder_checks_vocab(tmp_path):
@@ -116,7 +116,7 @@ def test_make_encoder_from_hf_folder_checks_vocab(tmp_path):
         '"intermediate_size": 128, "hidden_act": "gelu", "model_type": "bert"}')
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(96)]
     (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
-    encoder, vocab_file = encoders.make_encoder(str(tmp_path))
+    encoder, vocab_file = loading.make_encoder(str(tmp_path))
     assert vocab_file == str(tmp_path / "vocab.txt")
     inputs = _tiny_inputs()
     seq_diff, _ = ref.max_abs_diffs(ref.bert_forward(weights, 2, **inputs), encoder(inputs), inputs["input_mask"])
@@ -124,4 +124,4 @@ def test_make_encoder_from_hf_folder_checks_vocab(tmp_path):
 
     (tmp_path / "vocab.txt").write_text("\n".join(tokens[:-1]) + "\n")
     with pytest.raises(ValueError, match="vocab.txt has 99 tokens but the encoder's embedding table has 100 rows"):
-        encoders.make_encoder(str(tmp_path))
+        loading.make_encoder(str(tmp_path))

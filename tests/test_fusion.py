@@ -12,7 +12,7 @@ import tf_keras
 
 from engine import dropout, fusion
 from engine_helpers import ToyTask, run_training
-from tasks import encoders
+from tasks.encoders import bert
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
@@ -74,13 +74,13 @@ def test_fused_activation_in_bf16_rounds_float32_math_once():
 def test_fused_encoder_under_mixed_bfloat16_is_bit_identical_without_the_float32_round_trip():
     """Model Garden pins GELU to float32 under mixed_bfloat16; fused, it takes bf16 and computes in float32 inside,
     which must give exactly the stock values and gradients."""
-    config = encoders.BertConfig(**{**encoders.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.0,
+    config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.0,
                                     "attention_probs_dropout_prob": 0.0})
     ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
     inputs = {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": tf.zeros_like(ids)}
     tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        stock, fused = encoders.build_encoder(config), encoders.build_encoder(config)
+        stock, fused = bert.build_encoder(config), bert.build_encoder(config)
         stock(inputs), fused(inputs)
         fused.set_weights(stock.get_weights())
         activations = [layer for layer in fused.submodules if type(layer) is tf_keras.layers.Activation]
@@ -110,9 +110,9 @@ def _value_and_grad(layer, x):
 
 
 def test_fuse_elementwise_changes_only_the_given_model_in_training_mode():
-    config = encoders.BertConfig(**{**encoders.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.1,
+    config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.1,
                                     "attention_probs_dropout_prob": 0.1})
-    fused, stock = encoders.build_encoder(config), encoders.build_encoder(config)
+    fused, stock = bert.build_encoder(config), bert.build_encoder(config)
     ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
     inputs = {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": tf.zeros_like(ids)}
     fused(inputs), stock(inputs)

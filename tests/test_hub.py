@@ -12,7 +12,7 @@ import tensorflow_hub as hub
 import tf_keras
 
 from launch import export as export_launcher
-from tasks import encoders
+from tasks.encoders import bert, loading
 from tasks.encoders import hub as thub
 from tasks.encoders.tokenization import WordPieceTokenizer
 
@@ -40,7 +40,7 @@ def assert_same_outputs(actual, expected, mask, atol=1e-5):
 
 @pytest.fixture(scope="module")
 def vocab_file():
-    return os.path.join(encoders.minilm_dir(), "vocab.txt")
+    return os.path.join(bert.minilm_dir(), "vocab.txt")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def tiny_export(tmp_path_factory, vocab_file):
     """A random tiny encoder (MiniLM's vocab) and its preprocessor, exported; returns (encoder, folder)."""
     folder = tmp_path_factory.mktemp("tiny_export")
     tf_keras.utils.set_random_seed(1)  # the fine-tuning test's step count is tuned on seeds 0-2
-    encoder, _ = encoders.make_encoder(encoders.BertConfig.tiny())
+    encoder, _ = loading.make_encoder(bert.BertConfig.tiny())
     thub.save_encoder(encoder, str(folder / "encoder"), vocab_file=vocab_file)
     thub.save_preprocessor(str(folder / "preprocessor"), vocab_file=vocab_file, seq_length=SEQ_LENGTH)
     return encoder, folder
@@ -122,8 +122,8 @@ def test_minilm_export_round_trip(tmp_path):
     export_launcher.define_flags(flag_values)
     flag_values(["export", "--encoder=minilm", f"--export_dir={tmp_path}", "--seq_length=64"])
     paths = export_launcher.run(flag_values)
-    reloaded, vocab_file = encoders.make_encoder(paths["encoder"])  # a Hub SavedModel as an encoder init
-    original, original_vocab = encoders.make_encoder("minilm")
+    reloaded, vocab_file = loading.make_encoder(paths["encoder"])  # a Hub SavedModel as an encoder init
+    original, original_vocab = loading.make_encoder("minilm")
     assert isinstance(reloaded, hub.KerasLayer) and reloaded.trainable
     assert open(vocab_file).read() == open(original_vocab).read()
     inputs = thub.hub_preprocessor(paths["preprocessor"])(tf.constant(sst2(8)))  # --seq_length=64
@@ -143,7 +143,7 @@ def test_hub_errors_name_what_was_expected(tiny_export, tmp_path):
 
     tf.saved_model.save(NotAnEncoder(), str(tmp_path / "other"))
     with pytest.raises(ValueError, match=r"expected a callable taking a dict of int32 .*found .*signatures"):
-        encoders.make_encoder(str(tmp_path / "other"))
+        loading.make_encoder(str(tmp_path / "other"))
 
     with pytest.raises(ValueError, match=r"expected `tokenize` and `bert_pack_inputs`, missing \['tokenize'"):
         thub.hub_preprocessor(str(folder / "encoder"))
@@ -152,4 +152,4 @@ def test_hub_errors_name_what_was_expected(tiny_export, tmp_path):
     vocab = (tmp_path / "short_vocab" / "assets" / "vocab.txt").read_text().splitlines()
     (tmp_path / "short_vocab" / "assets" / "vocab.txt").write_text("\n".join(vocab[:-1]) + "\n")
     with pytest.raises(ValueError, match="has 30521 tokens but the encoder's embedding table has 30522 rows"):
-        encoders.make_encoder(str(tmp_path / "short_vocab"))
+        loading.make_encoder(str(tmp_path / "short_vocab"))

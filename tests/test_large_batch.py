@@ -14,7 +14,7 @@ from engine.strategy import make_strategy
 from engine.trainer import Trainer
 from conftest import DATA_DIR, write_sst2_head
 from engine_helpers import ToyTask
-from tasks import encoders
+from tasks.encoders import bert
 from tasks.classification.task import ClassificationConfig, ClassificationTask
 
 B1, B2, EPS = 0.9, 0.999, 1e-6
@@ -74,8 +74,8 @@ def test_lamb_matches_numpy(weight_decay, num_steps):
 
 
 def test_layer_decay_factors_follow_the_formula_for_bert_encoder_v2():
-    encoder = encoders.build_encoder(encoders.BertConfig.tiny())  # 2 layers
-    encoder(encoders.dummy_inputs())
+    encoder = bert.build_encoder(bert.BertConfig.tiny())  # 2 layers
+    encoder(bert.dummy_inputs())
     head = tf_keras.layers.Dense(2, name="logits")
     head(tf.zeros([1, 64]))  # built in its name scope: "logits/kernel:0"
     variables = encoder.trainable_variables + head.trainable_variables
@@ -103,8 +103,8 @@ def test_layer_decay_factors_follow_the_formula_for_bert_encoder_v2():
 def test_layer_decay_scales_each_variables_update(kind):
     """The first update is linear in the learning rate (decay and trust ratio included), so with layer decay
     each variable moves by its factor times what it moves without."""
-    encoder = encoders.build_encoder(encoders.BertConfig.tiny(vocab_size=50))
-    encoder(encoders.dummy_inputs())
+    encoder = bert.build_encoder(bert.BertConfig.tiny(vocab_size=50))
+    encoder(bert.dummy_inputs())
     head = tf_keras.layers.Dense(2, name="logits")
     head(tf.zeros([1, 64]))  # built in its name scope: "logits/kernel:0"
     variables = encoder.trainable_variables + head.trainable_variables
@@ -195,9 +195,9 @@ def test_layer_decay_on_a_bert_classifier_mirrored_equals_default(sst2_train, tm
     """Layer-wise rates on the real encoder's variables inside the Trainer: two replicas give the same updates.
     (AdamW: its layer-wise decoupled decay is our own code under merge_call; LAMB shares the factors and is
     checked under mirrored above.)"""
-    encoder = dataclasses.replace(encoders.BertConfig.tiny(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    encoder = dataclasses.replace(bert.BertConfig.tiny(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     config = ClassificationConfig(data_files={"train": sst2_train}, encoder=encoder, max_seq_length=32, dropout=0.0,
-                                  vocab_file=os.path.join(encoders.minilm_dir(), "vocab.txt"), group_by_length=0,
+                                  vocab_file=os.path.join(bert.minilm_dir(), "vocab.txt"), group_by_length=0,
                                   shuffle_buffer=1)
     runs = [train(tmp_path / strategy, train_steps=2, strategy=strategy, optimizer=kind, layer_decay=0.5,
                   weight_decay=0.1, learning_rate=1e-3, task_factory=lambda: ClassificationTask(config))

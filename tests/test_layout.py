@@ -1,7 +1,8 @@
 """The import structure: launch -> tasks -> engine, never back, and no import circles.
 
 Read from the source with `ast` (nothing is imported), counting imports inside functions too: a lazy import
-still ties two modules together. `from pkg import name` counts as importing pkg.name when that is a module.
+still ties two modules together. `from pkg import name` counts as importing pkg (its __init__ runs first) and
+pkg.name when that is a module.
 """
 import ast
 import os
@@ -32,8 +33,9 @@ def _imports(module: str, path: str, modules: dict) -> set[str]:
             base = node.module or ""
             if node.level:
                 base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            for alias in node.names:
-                targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+            # `from pkg import sub` runs pkg/__init__.py before sub: that is an import of pkg too.
+            targets.add(base)
+            targets.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules)
     return {t for t in targets if t in modules and t != module}
 
 

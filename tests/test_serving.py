@@ -15,7 +15,6 @@ from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
 from engine_helpers import run_training
 from launch import export as export_launcher
 from tasks.ner import conll
-from tasks import encoders
 from tasks.squad import data as squad_data
 from tasks.classification.task import ClassificationConfig, ClassificationTask
 from tasks.squad.task import SquadConfig, SquadTask

@@ -260,10 +260,10 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 from engine_helpers import one_update_weights, run_training  # noqa: E402
 
-from tasks import encoders  # noqa: E402
+from tasks.encoders import bert  # noqa: E402
 
 # Dropout off: identical updates under accumulation/replicas need a deterministic forward pass.
-TINY = dataclasses.replace(encoders.BertConfig.tiny(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TINY = dataclasses.replace(bert.BertConfig.tiny(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 @pytest.fixture(scope="module")

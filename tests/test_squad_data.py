@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks import encoders
+from tasks.encoders import bert
 from tasks.squad import cache as squad_cache
 from tasks.squad import data as squad_data
 from tasks.encoders import tokenization
@@ -20,7 +20,7 @@ DEV_FILE = os.path.join(default_data_dir(), "squad", "dev-v1.1.json")
 
 @pytest.fixture(scope="module")
 def vocab_file():
-    return os.path.join(encoders.minilm_dir(), "vocab.txt")
+    return os.path.join(bert.minilm_dir(), "vocab.txt")
 
 
 @pytest.fixture(scope="module")

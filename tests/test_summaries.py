@@ -157,14 +157,14 @@ def test_profile_steps_are_checked():
 def test_squad_feature_building_reports_progress_on_stderr(monkeypatch, capsys, tmp_path):
     """Every update printed (the interval set to 0 s): tokenization, windowing and the cache write report on
     stderr, keeping stdout for a program's results (launch.predict's JSON lines)."""
-    from tasks import encoders  # noqa: PLC0415
+    from tasks.encoders import bert  # noqa: PLC0415
     from tasks.squad import cache as squad_cache  # noqa: PLC0415
     from tasks.squad import data as squad_data
     monkeypatch.setattr(squad_data.summaries, "BatchProgress",
                         functools.partial(summaries.BatchProgress, every_secs=0))
     contexts = [f"The city number {i} was founded in {1800 + i} by settlers." for i in range(600)]
     data = squad_data.data_from_pairs([f"When was city {i} founded?" for i in range(600)], contexts)
-    tokenizer = squad_data.OffsetTokenizer(os.path.join(encoders.minilm_dir(), "vocab.txt"))
+    tokenizer = squad_data.OffsetTokenizer(os.path.join(bert.minilm_dir(), "vocab.txt"))
     features = squad_data.build_features(data, tokenizer, squad_data.FeatureSettings(max_seq_length=32),
                                          name="squad features of toy.json (train)")
     squad_cache._write_tfrecord(str(tmp_path / "toy.tfrecord"), features.arrays, name="squad features of toy.json")

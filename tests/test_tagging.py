@@ -12,16 +12,16 @@ import tensorflow as tf
 from conftest import DATA_DIR
 from engine_helpers import one_update_weights, run_training
 from tasks.ner import conll
-from tasks import encoders
+from tasks.encoders import bert
 from tasks.ner.task import TaggingConfig, TaggingTask
 
 CONLLEVAL = os.path.join(DATA_DIR, "conll2003", "eval", "conlleval.pl")
-VOCAB = os.path.join(encoders.minilm_dir(), "vocab.txt")
+VOCAB = os.path.join(bert.minilm_dir(), "vocab.txt")
 
 
 def tiny_config(**overrides) -> TaggingConfig:
     # No dropout anywhere, so different batch geometries must give bit-comparable updates.
-    encoder = encoders.BertConfig(**{**encoders.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.0,
+    encoder = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.0,
                                      "attention_probs_dropout_prob": 0.0})
     values = dict(encoder=encoder, vocab_file=VOCAB, data_dir=DATA_DIR, max_seq_length=32, dropout=0.0,
                   max_train_sentences=64, max_eval_sentences=48)
@@ -174,7 +174,7 @@ def test_casing_features_reach_the_encoder():
 
 def test_casing_features_default_to_uncased_model_garden_encoders_only():
     from tasks.ner.task import uses_casing_features  # noqa: PLC0415
-    model_garden, hub_layer = encoders.build_encoder(encoders.BertConfig.tiny()), tf.keras.layers.Layer()
+    model_garden, hub_layer = bert.build_encoder(bert.BertConfig.tiny()), tf.keras.layers.Layer()
     assert uses_casing_features(tiny_config(), model_garden)
     assert not uses_casing_features(tiny_config(lower_case=False), model_garden)  # a cased encoder sees case
     assert not uses_casing_features(tiny_config(), hub_layer)  # a hub.KerasLayer takes no input embeddings

@@ -9,14 +9,14 @@ import pytest
 
 from conftest import DATA_DIR
 from tasks.ner import conll
-from tasks import encoders
+from tasks.encoders import bert
 from tasks.squad import data as squad_data
 from tasks import textfiles
 from tasks.classification.task import ClassificationConfig, read_tsv
 from tasks.encoders.tokenization import WordPieceTokenizer, read_vocab
 
 BOM = "\ufeff".encode("utf-8")
-VOCAB = os.path.join(encoders.minilm_dir(), "vocab.txt")
+VOCAB = os.path.join(bert.minilm_dir(), "vocab.txt")
 
 
 def first_lines(path, count):

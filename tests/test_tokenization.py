@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from tokenizers import Tokenizer
 
-from tasks.encoders import minilm_dir
+from tasks.encoders.bert import minilm_dir
 from tasks.encoders.tokenization import MAX_CHARS_PER_WORD, WordPieceTokenizer
 
 from conftest import DATA_DIR  # noqa: E402  (../shared/data beside the repository, or $DATA_DIR)

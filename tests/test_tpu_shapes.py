@@ -15,7 +15,7 @@ from conftest import DATA_DIR, write_sst2_head
 from engine import inputs, strategy as strategy_lib
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, run_training
-from tasks import encoders
+from tasks.encoders import bert
 from tasks.classification.task import ClassificationConfig, ClassificationTask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,8 +75,8 @@ def sst2_train(tmp_path_factory):
 
 
 def test_length_grouped_classification_batches_pass_the_check(sst2_train):
-    config = ClassificationConfig(data_files={"train": sst2_train}, encoder=encoders.BertConfig.tiny(),
-                                  vocab_file=os.path.join(encoders.minilm_dir(), "vocab.txt"), max_seq_length=64)
+    config = ClassificationConfig(data_files={"train": sst2_train}, encoder=bert.BertConfig.tiny(),
+                                  vocab_file=os.path.join(bert.minilm_dir(), "vocab.txt"), max_seq_length=64)
     dataset = ClassificationTask(config).build_inputs("train", batch_size=8)
     features, labels = dataset.element_spec
     assert features["input_word_ids"].shape.as_list() == [8, None] and labels.shape.as_list() == [8]
@@ -87,8 +87,8 @@ def test_length_grouped_classification_batches_pass_the_check(sst2_train):
 def test_evaluation_batches_keep_the_static_shape_on_tpu_only(sst2_train):
     """Off TPU, evaluation batches are cut to their longest sentence (bucket widths); a model built under a TPU
     strategy keeps every evaluation, predict and serving batch at max_seq_length."""
-    config = ClassificationConfig(data_files={"validation": sst2_train}, encoder=encoders.BertConfig.tiny(),
-                                  vocab_file=os.path.join(encoders.minilm_dir(), "vocab.txt"), max_seq_length=64)
+    config = ClassificationConfig(data_files={"validation": sst2_train}, encoder=bert.BertConfig.tiny(),
+                                  vocab_file=os.path.join(bert.minilm_dir(), "vocab.txt"), max_seq_length=64)
     task = ClassificationTask(config)
     task.build_model()
     widths = {int(f["input_mask"].shape[1]) for f, _ in task.build_inputs("validation", batch_size=8)}

@@ -14,7 +14,8 @@ import tf_keras
 
 from engine import inputs, strategy as strategy_lib
 from engine.task import Task
-from tasks import encoders, textfiles
+from tasks import textfiles
+from tasks.encoders import bert, loading
 from tasks.encoders.tokenization import WordPieceTokenizer
 
 
@@ -136,7 +137,7 @@ class ClassificationTask(Task):
     @property
     def tokenizer(self) -> WordPieceTokenizer:
         if self._tokenizer is None:
-            vocab = self.config.vocab_file or encoders.vocab_file_for(self.config.encoder)
+            vocab = self.config.vocab_file or loading.vocab_file_for(self.config.encoder)
             if vocab is None:
                 raise ValueError("a randomly initialised encoder has no vocab: set ClassificationConfig.vocab_file")
             self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
@@ -158,7 +159,7 @@ class ClassificationTask(Task):
     def build_model(self) -> tf_keras.Model:
         # The engine builds the model inside its strategy's scope: the one moment a Task sees the device kind.
         self._built_for_tpu = strategy_lib.is_tpu(tf.distribute.get_strategy())
-        encoder, _ = encoders.make_encoder(self.config.encoder)
+        encoder, _ = loading.make_encoder(self.config.encoder)
         self._encoder = encoder
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
                   for name in ("input_word_ids", "input_mask", "input_type_ids")}
@@ -179,7 +180,7 @@ class ClassificationTask(Task):
         # Batches cut to their longest sequence have no fixed cost per example: no MFU then.
         if self._encoder is None or self.config.group_by_length:
             return None
-        return encoders.bert_train_flops_per_example(self._encoder, self.config.max_seq_length)
+        return bert.bert_train_flops_per_example(self._encoder, self.config.max_seq_length)
 
     # ------------------------------------------------------------------------------------ input
 

@@ -69,7 +69,7 @@ def hub_vocab_file(handle: str, loaded=None) -> str:
 
 
 def make_hub_encoder(handle: str, trainable: bool = True) -> tuple[hub.KerasLayer, str]:
-    """(encoder layer, vocab file) for `encoders.make_encoder`; the vocab must match the embedding table."""
+    """(encoder layer, vocab file) for `loading.make_encoder`; the vocab must match the embedding table."""
     loaded = _load_encoder(handle)
     layer = hub.KerasLayer(loaded, trainable=trainable, name="hub_encoder")
     vocab_file = hub_vocab_file(handle, loaded)

@@ -8,7 +8,7 @@ from engine.options import option
 from tasks import options
 
 if TYPE_CHECKING:
-    from tasks.encoders import EncoderInit
+    from tasks.encoders.loading import EncoderInit
 
 
 def _conll2003_labels() -> tuple:

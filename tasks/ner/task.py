@@ -22,7 +22,8 @@ import tf_keras
 
 from engine import inputs
 from engine.task import Task
-from tasks import encoders, textfiles
+from tasks import textfiles
+from tasks.encoders import loading
 from tasks.encoders.tokenization import WordPieceTokenizer
 from tasks.ner import conll, crf, decoding, span_metrics
 
@@ -125,7 +126,7 @@ class TaggingTask(Task):
     @property
     def tokenizer(self) -> WordPieceTokenizer:
         if self._tokenizer is None:
-            vocab = self.config.vocab_file or encoders.vocab_file_for(self.config.encoder)
+            vocab = self.config.vocab_file or loading.vocab_file_for(self.config.encoder)
             if vocab is None:
                 raise ValueError("a randomly initialised encoder has no vocab: set TaggingConfig.vocab_file")
             self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
@@ -182,7 +183,7 @@ class TaggingTask(Task):
     # ------------------------------------------------------------------------------------ model
 
     def build_model(self) -> TaggingModel:
-        encoder, vocab = encoders.make_encoder(self.config.encoder)
+        encoder, vocab = loading.make_encoder(self.config.encoder)
         if self.config.vocab_file is None and vocab is not None and self._tokenizer is None:
             self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
                                                  seq_length=self.config.max_seq_length)

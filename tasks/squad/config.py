@@ -9,7 +9,7 @@ from engine.options import option
 from tasks import options, textfiles
 
 if TYPE_CHECKING:
-    from tasks.encoders import EncoderInit
+    from tasks.encoders.loading import EncoderInit
     from tasks.squad.data import FeatureSettings
 
 

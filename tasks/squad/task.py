@@ -21,7 +21,7 @@ import tf_keras
 
 from engine import inputs
 from engine.task import Task
-from tasks import encoders
+from tasks.encoders import loading
 from tasks.squad import cache as squad_cache
 from tasks.squad import data as squad_data
 from tasks.squad import decoding
@@ -37,7 +37,7 @@ def _vocab_file(config: SquadConfig) -> str:
     if config.vocab_file:
         return config.vocab_file
     # Random-init BertConfigs in tests have BERT's 30522-token vocab size: MiniLM's vocab fits them.
-    return encoders.vocab_file_for(config.encoder) or encoders.vocab_file_for("minilm")
+    return loading.vocab_file_for(config.encoder) or loading.vocab_file_for("minilm")
 
 
 class SpanLogits(tf_keras.layers.Layer):
@@ -130,7 +130,7 @@ class SquadTask(Task):
     def build_model(self) -> tf_keras.Model:
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
                   for name in ("input_word_ids", "input_mask", "input_type_ids")}
-        encoder, _ = encoders.make_encoder(self.config.encoder)
+        encoder, _ = loading.make_encoder(self.config.encoder)
         sequence_output = encoder(inputs)["sequence_output"]
         token_logits = tf_keras.layers.Dense(
             2, name="span_logits", kernel_initializer=tf_keras.initializers.TruncatedNormal(stddev=0.02))(
