@@ -137,11 +137,7 @@ class ClassificationTask(Task):
     @property
     def tokenizer(self) -> WordPieceTokenizer:
         if self._tokenizer is None:
-            vocab = self.config.vocab_file or loading.vocab_file_for(self.config.encoder)
-            if vocab is None:
-                raise ValueError("a randomly initialised encoder has no vocab: set ClassificationConfig.vocab_file")
-            self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
-                                                 seq_length=self.config.max_seq_length)
+            self._tokenizer = loading.tokenizer_for(self.config)
         return self._tokenizer
 
     def examples(self, split: str) -> Examples:

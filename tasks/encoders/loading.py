@@ -8,6 +8,7 @@ from typing import Union
 import tf_keras
 
 from tasks.encoders import bert
+from tasks.encoders.tokenization import WordPieceTokenizer
 
 EncoderInit = Union[bert.BertConfig, str]
 
@@ -29,6 +30,16 @@ def vocab_file_for(init: EncoderInit) -> str | None:
         from tasks.encoders import hub  # noqa: PLC0415 - tensorflow_hub loads only for Hub handles
         return hub.hub_vocab_file(init)
     return bert.vocab_file_in(init)
+
+
+def tokenizer_for(config, vocab_file: str | None = None) -> WordPieceTokenizer:
+    """The WordPiece tokenizer of a Task config (its vocab_file, encoder, lower_case, max_seq_length fields, as
+    tasks/options.py declares them): the config's vocab_file, else `vocab_file` (the one make_encoder returned),
+    else the vocab that comes with the config's encoder."""
+    vocab = config.vocab_file or vocab_file or vocab_file_for(config.encoder)
+    if vocab is None:
+        raise ValueError(f"a randomly initialised encoder has no vocab: set {type(config).__name__}.vocab_file")
+    return WordPieceTokenizer(vocab, lower_case=config.lower_case, seq_length=config.max_seq_length)
 
 
 def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:

@@ -126,11 +126,7 @@ class TaggingTask(Task):
     @property
     def tokenizer(self) -> WordPieceTokenizer:
         if self._tokenizer is None:
-            vocab = self.config.vocab_file or loading.vocab_file_for(self.config.encoder)
-            if vocab is None:
-                raise ValueError("a randomly initialised encoder has no vocab: set TaggingConfig.vocab_file")
-            self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
-                                                 seq_length=self.config.max_seq_length)
+            self._tokenizer = loading.tokenizer_for(self.config)
         return self._tokenizer
 
     def _tokenize_words(self, words: list[str]) -> list[list[int]]:
@@ -184,9 +180,8 @@ class TaggingTask(Task):
 
     def build_model(self) -> TaggingModel:
         encoder, vocab = loading.make_encoder(self.config.encoder)
-        if self.config.vocab_file is None and vocab is not None and self._tokenizer is None:
-            self._tokenizer = WordPieceTokenizer(vocab, lower_case=self.config.lower_case,
-                                                 seq_length=self.config.max_seq_length)
+        if self._tokenizer is None and vocab is not None:  # the vocab make_encoder found: no second lookup
+            self._tokenizer = loading.tokenizer_for(self.config, vocab)
         model = TaggingModel(encoder, self.config)
         # Create every variable now: the engine builds the optimizer from model.trainable_variables
         # before the first step.
