@@ -28,7 +28,7 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_SCRIPT = os.path.join("bench", "pytorch_sst2_demo.py")
-NO_PEER = ("PyTorch side: NOT RUN, the bench extra is not installed ({missing} does not import in {python}). "
+NO_PEER = ("PyTorch side: NOT RUN, the bench extra is not installed ({missing} in {python}). "
            "Install it with `{python} -m pip install torch==2.13.0` (the CPU wheel), then "
            "`{python} -m pip install -e '.[bench]'`, and run `make bench-tta` again.")
 
@@ -116,7 +116,8 @@ def main(argv=None) -> int:
 
     missing = missing_peer_modules()
     if missing:
-        print(NO_PEER.format(missing=" and ".join(missing), python=sys.executable), flush=True)
+        what = " and ".join(missing) + (" does not import" if len(missing) == 1 else " do not import")
+        print(NO_PEER.format(missing=what, python=sys.executable), flush=True)
         return 1
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="tta_")
     print(f"time to accuracy | {cpu_model()}, {os.cpu_count()} CPUs | data {args.data_dir} | runs in {work_dir}",

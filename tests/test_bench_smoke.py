@@ -149,7 +149,7 @@ def test_pytorch_sst2_demo_trains_and_reports_its_time_split(tmp_path):
 
 TIME_TO_ACCURACY_WITHOUT_TORCH = """
 import runpy, sys
-sys.modules["torch"] = None
+sys.modules["torch"] = sys.modules["transformers"] = None  # both hidden: every venv, with the bench extra or not
 sys.argv = ["bench/time_to_accuracy.py"] + sys.argv[1:]
 runpy.run_path("bench/time_to_accuracy.py", run_name="__main__")
 """
@@ -159,5 +159,6 @@ def test_bench_tta_says_when_the_bench_extra_is_missing(tmp_path):
     result = subprocess.run([sys.executable, "-c", TIME_TO_ACCURACY_WITHOUT_TORCH, f"--work_dir={tmp_path}"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, (result.stdout, result.stderr[-2000:])
-    assert result.stdout.startswith("PyTorch side: NOT RUN, the bench extra is not installed (torch does not import")
+    assert result.stdout.startswith("PyTorch side: NOT RUN, the bench extra is not installed (torch and transformers "
+                                    "do not import"), result.stdout
     assert "pip install -e '.[bench]'" in result.stdout and not list(tmp_path.iterdir())  # nothing was run
