@@ -120,7 +120,7 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
     from engine.trainer import Trainer  # noqa: PLC0415
     from tasks.encoders import bert  # noqa: PLC0415
-    from engine import checkpoints  # noqa: PLC0415
+    from engine import checkpoints, fusion  # noqa: PLC0415
     from tasks import serving  # noqa: PLC0415
     from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
 
@@ -148,7 +148,11 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         prefix = tf.train.Checkpoint(model=run.model).write(os.path.join(folder, f"ckpt_{cut}", "ckpt"))
         model = task.build_model()
         checkpoints.restore_model(model, prefix, expected="bench")
-        export_dir = serving.save(task.serving_module(model), os.path.join(folder, f"serving_{cut}"))
+        exported = task.build_model()
+        checkpoints.restore_model(exported, prefix, expected="bench")
+        fusion.for_inference(model)  # as launch.predict.restore_model
+        fusion.for_inference(exported, export_safe=True)  # as launch.export.export_task
+        export_dir = serving.save(task.serving_module(exported), os.path.join(folder, f"serving_{cut}"))
         serve = tf.saved_model.load(export_dir).signatures["serving_default"]
         configs += [
             Timed("evaluate", "Trainer.evaluate" + suffix, run.evaluate, n, kind=kind),

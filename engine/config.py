@@ -24,8 +24,9 @@ class RuntimeConfig:
         "only where it is native (else float32).", choices=PRECISIONS, launch_default="auto")
     jit_compile: bool = option(False, "XLA-compile the forward/backward step (measure: helps on some CPUs).")
     fuse_elementwise: Union[bool, str] = option(
-        "auto", "Run the model's Dropout and Activation layers as small XLA kernels (engine/fusion.py). auto: on for "
-        "the CPU, where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", kind="bool_or_auto")
+        "auto", "Run the model's layers as fused CPU kernels (engine/fusion.py): Dropout, Activation and LayerNorm as "
+        "small XLA kernels, dense layers as oneDNN MatMul+BiasAdd(+GELU), attention as batched MatMuls; the same "
+        "values. auto: on for the CPU, where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", kind="bool_or_auto")
     peak_tflops: float = option(
         0.0, "MFU: peak dense TFLOP/s of one GPU or TPU device (or of one host's CPU) for the run's precision (0: a "
         "built-in table of A100/H100/V100/T4 and TPU v2-v6e, or the CPU's measured matmul peak; unknown devices "

@@ -199,7 +199,7 @@ class Controller:
                   f"{cfg.grad_accum_steps} micro-batches x {trainer.per_replica_batch_size}")
         print(f"{trainer.task.name}: {params:,} parameters | {tokens} | precision {trainer.precision} | "
               f"xla {trainer.runtime.jit_compile} | "
-              f"XLA-fused layers {trainer.fused_layers if trainer.fuse_elementwise else 'off'} | "
+              f"fused layers {trainer.fused_layers if trainer.fuse_elementwise else 'off'} | "
               f"weight average {trainer.optimizer_config.ema_decay or 'off'} | "
               f"strategy {type(trainer.strategy).__name__}", flush=True)
         if step == 0:

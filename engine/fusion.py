@@ -1,26 +1,42 @@
-"""Dropout and activation layers of the trained model as small XLA kernels; matmuls stay on oneDNN.
+"""The trained model's layers rebound to kernels that run faster on CPU: XLA islands and oneDNN fusions.
 
-Why: on CPU the non-matmul ops of BERT training cost far more than their FLOPs. TensorFlow's generic
-elementwise kernels are built for a baseline ISA (bf16 ones convert through fp32 in portable code),
-while XLA compiles the same few ops for the host's vector units. Whole-model XLA does not help on
-such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md); compiling only these islands does.
-Measured on AMD EPYC Zen 5, forward+backward CPU time: dropout on [32,12,128,128] 2.4x less in bf16,
-1.35x in fp32; erf-GELU on [32,128,1536] 1.45x less in fp32 and 3x in bf16 (computed in fp32 inside).
+Why: on CPU the non-matmul ops of BERT cost far more than their FLOPs, and some matmuls run below peak.
+TensorFlow's generic elementwise kernels are built for a baseline ISA (bf16 ones convert through fp32 in
+portable code), while XLA compiles a few ops for the host's vector units; whole-model XLA does not help on
+such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
 
-Dropout is engine/dropout.py's keyed dropout with its mask and scaling as one XLA kernel. An
-Activation layer runs its own activation function, XLA-compiled (TensorFlow differentiates it), in
-float32 inside the kernel for 16-bit inputs; one pinned to float32 under a mixed policy (Model Garden's
-FFN GELU) is switched to the 16-bit dtype, which gives the same values without the casts around it.
+  * Dropout: engine/dropout.py's keyed dropout, mask and scaling as one XLA kernel.
+  * Activation layers: their activation function XLA-compiled (TensorFlow differentiates it), in float32
+    inside the kernel for 16-bit inputs; one pinned to float32 under a mixed policy (Model Garden's FFN GELU)
+    is switched to the 16-bit dtype, which gives the same values without the casts around it.
+  * LayerNormalization (last axis), at inference: mean, variance, normalisation, scale and shift as one XLA
+    kernel (training keeps Keras' own, for its gradients' rounding: see _layer_norm_call).
+  * EinsumDense layers whose equation contracts the input's trailing axes (BERT's Q/K/V, attention output
+    and FFN projections): one 2-D MatMul + BiasAdd, which grappler's oneDNN remapper fuses into a single
+    `_MklFusedMatMul` (Keras' Einsum + AddV2 runs the bias as a separate pass). At inference the FFN's GELU
+    joins that fusion too (MatMul + BiasAdd + GeluExact); in training it stays the XLA Activation kernel,
+    since the backward pass needs the pre-activation the fused op does not keep.
+  * Multi-head attention (Keras' MultiHeadAttention over one sequence axis): the scores and the context as
+    batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums, which oneDNN runs as
+    many small head_dim-32 contractions with their own transposes. Masking, softmax and attention dropout
+    are the layer's own.
 
-`fuse_elementwise(model)` rebinds `call` on the model's own layer instances, not on the classes, so
-other models in the process, e.g. a `model.fit` baseline, keep the stock layers.
+Measured on AMD EPYC Zen 4 (bench/RESULTS.md, 2026-12-01): MiniLM inference at batch 32 on SST-2 dev
+1.19x stock; see there for training. Values are the same up to float rounding (tests/test_fusion.py).
+
+`fuse_elementwise(model)` rebinds `call` on the model's own layer instances, not on the classes, so other
+models in the process, e.g. a `model.fit` baseline, keep the stock layers. `export_safe=True` leaves out
+the XLA kernels, for graphs that must run where XLA may not exist (a SavedModel served elsewhere).
 """
 from __future__ import annotations
 
 import functools
+import math
 
+import numpy as np
 import tensorflow as tf
 import tf_keras
+from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
 
 from engine import dropout
 
@@ -35,6 +51,20 @@ def resolve_fuse_elementwise(setting) -> bool:
     return bool(setting)
 
 
+def for_inference(model: tf.Module, *, export_safe: bool = False) -> dict[str, int]:
+    """What launch.predict (and the bench's copy of its path) applies to a restored model: the rewrites where
+    "auto" turns them on (CPU). launch.export passes export_safe=True: a SavedModel may be served on a machine
+    without XLA or on another device, so it gets the rewrites made of standard TensorFlow ops only."""
+    return fuse_elementwise(model, export_safe=export_safe) if export_safe or resolve_fuse_elementwise("auto") else {}
+
+
+def _training() -> bool:
+    """Whether the layer call in progress is a training call (Keras' call context; None counts as inference)."""
+    return bool(base_layer_utils.call_context().training)
+
+
+# ------------------------------------------------------------------------------------------ XLA islands
+
 @functools.lru_cache(maxsize=None)
 def _compiled(activation):
     def in_float32(x):
@@ -47,21 +77,125 @@ def _compiled(activation):
 
 
 def _fused_activation_call(layer: tf_keras.layers.Activation, inputs):
+    if getattr(layer, "_fused_into_dense", False) and not _training():
+        return inputs  # applied by the preceding dense layer's fused MatMul (see _dense_call)
     return _compiled(layer.activation)(inputs)
 
 
-def fuse_elementwise(model: tf.Module) -> dict[str, int]:
-    """Rebinds the model's plain Dropout (rate > 0, no noise_shape) and Activation layers; returns counts."""
-    counts = {"dropout": dropout.rebind(model, xla=True), "activation": 0}
-    for layer in model.submodules:
-        if type(layer) is tf_keras.layers.Activation and layer.activation is not tf_keras.activations.linear:
-            layer.call = functools.partial(_fused_activation_call, layer)
+@functools.partial(tf.function, jit_compile=True)
+def _layer_norm(x, gamma, beta, epsilon):
+    dtype = x.dtype
+    x = tf.cast(x, tf.float32)
+    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+    y = (x - mean) * tf.math.rsqrt(variance + epsilon) * tf.cast(gamma, tf.float32) + tf.cast(beta, tf.float32)
+    return tf.cast(y, dtype)
+
+
+def _layer_norm_call(layer: tf_keras.layers.LayerNormalization, stock_call, inputs):
+    # Inference only: XLA:CPU sums the gamma/beta gradients over batch x seq rows in one sequential loop,
+    # about 1.5x the rounding error of TensorFlow's tree reductions; after Adam's first step (which divides
+    # by the gradient's own size) that showed as 1e-2 weight differences between 1 x 16 and 4 x 4
+    # micro-batches (tests/test_classification.py). Training keeps Keras' LayerNorm.
+    if _training() or list(layer.axis) not in ([-1], [inputs.shape.rank - 1]):
+        return stock_call(inputs)
+    return _layer_norm(inputs, layer.gamma, layer.beta, tf.constant(layer.epsilon, tf.float32))
+
+
+def _is_plain_layer_norm(layer) -> bool:
+    return type(layer) is tf_keras.layers.LayerNormalization and layer.center and layer.scale
+
+
+# ----------------------------------------------------------------------------------------- oneDNN fusions
+
+# EinsumDense equations that contract the input's trailing axes with the kernel's leading ones -> how many.
+_TRAILING_CONTRACTIONS = {"abc,cd->abd": 1, "abc,cde->abde": 1, "abcd,cde->abe": 2}
+
+
+def _dense_call(layer, inputs):
+    contracted = _TRAILING_CONTRACTIONS[layer.equation]
+    kernel = layer.kernel
+    fan_in = int(np.prod(kernel.shape[:contracted]))
+    outputs = tf.matmul(tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]))
+    if layer.bias is not None:
+        outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
+    activation = getattr(layer, "_fused_activation", None)
+    if activation is not None and not _training():
+        outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
+    return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
+
+
+def _is_plain_dense(layer) -> bool:
+    if type(layer) is not tf_keras.layers.EinsumDense or layer.equation not in _TRAILING_CONTRACTIONS:
+        return False
+    if layer.activation not in (None, tf_keras.activations.linear):
+        return False
+    free_dims = tuple(layer.kernel.shape[_TRAILING_CONTRACTIONS[layer.equation]:])
+    return layer.bias is None or tuple(layer.bias.shape) == free_dims
+
+
+def _attention_call(layer, query, key, value, attention_mask=None, training=None):
+    # Keras' _compute_attention with its two einsums ("aecd,abcd->acbe", "acbe,aecd->abcd") as batched
+    # MatMuls over [batch, heads, seq, head_dim]; the scale, masked softmax and dropout are the layer's own.
+    query = tf.multiply(query, 1.0 / math.sqrt(float(layer._key_dim)))
+    query, key, value = (tf.transpose(t, [0, 2, 1, 3]) for t in (query, key, value))
+    scores = layer._masked_softmax(tf.matmul(query, key, transpose_b=True), attention_mask)
+    context = tf.matmul(layer._dropout_layer(scores, training=training), value)
+    return tf.transpose(context, [0, 2, 1, 3]), scores
+
+
+def _is_plain_attention(layer) -> bool:
+    return (isinstance(layer, tf_keras.layers.MultiHeadAttention)
+            and type(layer)._compute_attention is tf_keras.layers.MultiHeadAttention._compute_attention
+            and getattr(layer, "_dot_product_equation", None) == "aecd,abcd->acbe"
+            and getattr(layer, "_combine_equation", None) == "acbe,aecd->abcd")
+
+
+def fuse_elementwise(model: tf.Module, *, export_safe: bool = False) -> dict[str, int]:
+    """Rebinds the model's layers as the module docstring lists; returns how many of each kind.
+
+    export_safe: only the rewrites made of standard TensorFlow ops (dense, attention, and the GELU fused into
+    the dense at inference), no XLA kernels."""
+    counts = dict.fromkeys(("dropout", "activation", "layer_norm", "dense", "attention"), 0)
+    if not export_safe:
+        counts["dropout"] = dropout.rebind(model, xla=True)
+    layers = list(model.submodules)
+    for layer in layers:
+        if _is_plain_dense(layer):
+            layer.call = functools.partial(_dense_call, layer)
+            counts["dense"] += 1
+        elif _is_plain_attention(layer):
+            layer._compute_attention = functools.partial(_attention_call, layer)
+            counts["attention"] += 1
+        elif _is_plain_layer_norm(layer) and not export_safe:
+            layer.call = functools.partial(_layer_norm_call, layer, layer.call)
+            counts["layer_norm"] += 1
+        elif (type(layer) is tf_keras.layers.Activation and layer.activation is not tf_keras.activations.linear
+              and not export_safe):
+            _fuse_activation(layer)
             counts["activation"] += 1
-            global_policy = tf_keras.mixed_precision.global_policy()
-            if layer.compute_dtype == "float32" and global_policy.compute_dtype in ("bfloat16", "float16"):
-                # Model Garden pins the FFN activation to float32 under mixed_bfloat16, so Keras casts its
-                # 16-bit input up and the next layer casts the output back down: two stock Cast passes over
-                # [batch, seq, 4 x hidden] each way. The kernel computes in float32 inside anyway, so taking
-                # and returning the 16-bit dtype gives the same values without those passes.
-                layer._set_dtype_policy(global_policy)  # pylint: disable=protected-access
+    for layer in layers:  # a TransformerEncoderBlock's FFN: dense then GELU -> one fused MatMul at inference
+        dense = getattr(layer, "_intermediate_dense", None)
+        activation = getattr(layer, "_intermediate_activation_layer", None)
+        if (dense is not None and dense.call.__class__ is functools.partial and dense.call.func is _dense_call
+                and type(activation) is tf_keras.layers.Activation
+                and activation.activation is tf_keras.activations.gelu):
+            dense._fused_activation = functools.partial(tf.nn.gelu, approximate=False)
+            activation._fused_into_dense = True
+            if export_safe:
+                activation.call = functools.partial(_identity_at_inference, activation)
     return counts
+
+
+def _identity_at_inference(layer, inputs):
+    return inputs if not _training() else layer.activation(inputs)
+
+
+def _fuse_activation(layer: tf_keras.layers.Activation) -> None:
+    layer.call = functools.partial(_fused_activation_call, layer)
+    global_policy = tf_keras.mixed_precision.global_policy()
+    if layer.compute_dtype == "float32" and global_policy.compute_dtype in ("bfloat16", "float16"):
+        # Model Garden pins the FFN activation to float32 under mixed_bfloat16, so Keras casts its 16-bit
+        # input up and the next layer casts the output back down: two stock Cast passes over
+        # [batch, seq, 4 x hidden] each way. The kernel computes in float32 inside anyway, so taking and
+        # returning the 16-bit dtype gives the same values without those passes.
+        layer._set_dtype_policy(global_policy)  # pylint: disable=protected-access

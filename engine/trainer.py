@@ -73,7 +73,7 @@ class Trainer:
 
         with self.strategy.scope():
             self.model = task.build_model()
-            # Dropout is always keyed (exact resume); fusion makes its kernel and the activations XLA islands.
+            # Dropout is always keyed (exact resume); fusion makes its kernel an XLA island and rewrites other layers.
             self.fuse_elementwise = fusion.resolve_fuse_elementwise(runtime.fuse_elementwise)  # "auto": CPU only
             self.fused_layers = (fusion.fuse_elementwise(self.model) if self.fuse_elementwise
                                  else {"dropout": dropout.rebind(self.model, xla=False)})

@@ -73,7 +73,7 @@ def _task_values(flag_values: flags.FlagValues) -> dict:
 
 def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str) -> str:
     """Builds Task `task` from launch `values`, loads `checkpoint` into its model, writes the serving SavedModel."""
-    from engine import checkpoints  # noqa: PLC0415 - TensorFlow loads after flag parsing
+    from engine import checkpoints, fusion  # noqa: PLC0415 - TensorFlow loads after flag parsing
     from tasks import serving  # noqa: PLC0415
 
     checkpoints.resolve_checkpoint(checkpoint)  # a missing checkpoint fails before any model is built
@@ -82,6 +82,7 @@ def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str) ->
     shown = [f"--{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in sorted(values.items()) if v is not None]
     path = checkpoints.restore_model(model, checkpoint, expected=f"--task={task} ({' '.join(shown)})")
     logging.info("export | task: %s | weights: %s", task, path)
+    fusion.for_inference(model, export_safe=True)  # fused MatMuls and attention, standard TensorFlow ops only
     serving.save(built.serving_module(model), export_dir)
     return export_dir
 

@@ -133,11 +133,12 @@ PREDICTORS: dict[str, Predictor] = {
 
 def restore_model(task, model_dir: str, values: dict):
     """Builds the Task's model and loads the weights the Trainer saved, refusing any architecture mismatch."""
-    from engine import checkpoints  # noqa: PLC0415
+    from engine import checkpoints, fusion  # noqa: PLC0415
     checkpoint = checkpoints.resolve_checkpoint(model_dir)  # a missing checkpoint fails before a model is built
     model = task.build_model()
     shown = " ".join(f"--{k}={v}" for k, v in sorted(values.items()) if v is not None and k in registry.MODEL_FLAGS)
     path = checkpoints.restore_model(model, checkpoint, expected=f"--task={FLAGS.task} {shown}")
+    fusion.for_inference(model)  # fused CPU kernels (engine/fusion.py); the same values
     return model, path
 
 

@@ -1,6 +1,8 @@
 """engine/fusion.py: the XLA dropout is Bernoulli(1 - rate) inverted dropout with the mask reused by the gradient
-and fresh on every call; fused activations equal the stock ones with their gradients; fusing touches only the model
-it was applied to; and the fused model trains under the engine (mirrored + accumulation + XLA), traced once."""
+and fresh on every call; fused activations equal the stock ones with their gradients; the dense, attention and
+LayerNorm rewrites give stock Keras' values and gradients (training and inference, GELU fused at inference); the
+export-safe rewrite has no XLA kernel; fusing touches only the model it was applied to; and the fused model trains
+under the engine (mirrored + accumulation + XLA), traced once."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 import math
@@ -50,7 +52,8 @@ def test_fused_activation_equals_stock_with_gradient():
     layer = tf_keras.layers.Activation("gelu")
     x = tf.random.stateless_normal([64, 96], seed=[7, 8]) * 3
     expected_y, expected_grad = _value_and_grad(layer, x)
-    assert fusion.fuse_elementwise(tf_keras.Sequential([layer])) == {"dropout": 0, "activation": 1}
+    assert fusion.fuse_elementwise(tf_keras.Sequential([layer])) == {
+        "dropout": 0, "activation": 1, "layer_norm": 0, "dense": 0, "attention": 0}
     y, grad = _value_and_grad(layer, x)
     np.testing.assert_allclose(y, expected_y, atol=1e-6)
     np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
@@ -71,34 +74,113 @@ def test_fused_activation_in_bf16_rounds_float32_math_once():
     assert error.mean() <= np.abs(stock.numpy().astype(np.float64) - exact).mean()
 
 
-def test_fused_encoder_under_mixed_bfloat16_is_bit_identical_without_the_float32_round_trip():
+def test_fused_gelu_under_mixed_bfloat16_is_bit_identical_without_the_float32_round_trip():
     """Model Garden pins GELU to float32 under mixed_bfloat16; fused, it takes bf16 and computes in float32 inside,
     which must give exactly the stock values and gradients."""
-    config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.0,
-                                    "attention_probs_dropout_prob": 0.0})
-    ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
-    inputs = {"input_word_ids": ids, "input_mask": tf.ones_like(ids), "input_type_ids": tf.zeros_like(ids)}
+    x = tf.random.stateless_normal([16, 24], seed=[1, 2])
     tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        stock, fused = bert.build_encoder(config), bert.build_encoder(config)
-        stock(inputs), fused(inputs)
-        fused.set_weights(stock.get_weights())
-        activations = [layer for layer in fused.submodules if type(layer) is tf_keras.layers.Activation]
-        assert {layer.compute_dtype for layer in activations} == {"float32"}  # Model Garden's choice
-        assert fusion.fuse_elementwise(fused)["activation"] == len(activations) == config.num_hidden_layers
-        assert {layer.compute_dtype for layer in activations} == {"bfloat16"}
+        def build():
+            tf_keras.utils.set_random_seed(3)
+            return tf_keras.Sequential([tf_keras.Input([24]), tf_keras.layers.Dense(32),
+                                        tf_keras.layers.Activation("gelu", dtype="float32"),
+                                        tf_keras.layers.Dense(8)])
+        stock, fused = build(), build()
+        activation = fused.layers[1]
+        assert activation.compute_dtype == "float32"
+        assert fusion.fuse_elementwise(fused)["activation"] == 1
+        assert activation.compute_dtype == "bfloat16"
 
         def output_and_grads(model):
             with tf.GradientTape() as tape:
-                y = tf.cast(model(inputs, training=True)["sequence_output"], tf.float32)
+                y = tf.cast(model(x, training=True), tf.float32)
                 loss = tf.reduce_sum(y * y)
-            grads = tape.gradient(loss, model.trainable_variables)
-            return [y.numpy()] + [tf.convert_to_tensor(g).numpy() for g in grads if g is not None]
+            return [y.numpy()] + [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
 
         for expected, got in zip(output_and_grads(stock), output_and_grads(fused)):
             np.testing.assert_array_equal(got, expected)
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
+
+
+def _encoder_pair(dropout_rate=0.0):
+    config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "hidden_dropout_prob": dropout_rate,
+                                    "attention_probs_dropout_prob": dropout_rate})
+    ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
+    mask = tf.cast(tf.range(16)[None] < tf.constant([[16], [11], [5], [1]]), tf.int32)  # padded rows too
+    inputs = {"input_word_ids": ids * mask, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
+    stock, fused = bert.build_encoder(config), bert.build_encoder(config)
+    stock(inputs), fused(inputs)
+    fused.set_weights(stock.get_weights())
+    return config, inputs, stock, fused
+
+
+def _outputs_and_grads(model, inputs, training):
+    @tf.function  # a graph, so grappler's oneDNN fusions run as they do in the Trainer and in serving
+    def compute():
+        with tf.GradientTape() as tape:
+            outputs = model(inputs, training=training)
+            y = tf.cast(outputs["sequence_output"], tf.float32)
+            loss = tf.reduce_sum(y * y) + tf.reduce_sum(tf.cast(outputs["pooled_output"], tf.float32))
+        return [y] + [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_variables)]
+    return [t.numpy() for t in compute()]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dense_attention_and_layer_norm_rewrites_give_stock_keras_values_and_gradients(training):
+    config, inputs, stock, fused = _encoder_pair()
+    layers = config.num_hidden_layers
+    assert fusion.fuse_elementwise(fused) == {"dropout": 0, "activation": layers, "layer_norm": 1 + 2 * layers,
+                                              "dense": 6 * layers, "attention": layers}
+    expected = _outputs_and_grads(stock, inputs, training)
+    got = _outputs_and_grads(fused, inputs, training)
+    assert len(got) == len(expected) == len(stock.trainable_variables) + 1
+    for e, g in zip(expected, got):
+        # Float32 rounding of other summation orders, relative to the tensor's scale: sums such as the [PAD]
+        # embedding row's gradient cancel to near zero, and the key biases' gradients are zero in exact math
+        # (softmax ignores a shift shared by all keys), so a per-element relative tolerance would not fit.
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=3e-5 * max(np.abs(e).max(), 1e-3))
+
+
+def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_layer():
+    _, inputs, stock, fused = _encoder_pair()
+    fusion.fuse_elementwise(fused)
+    block = fused.transformer_layers[0]
+    hidden = tf.random.stateless_normal([2, 5, 64], seed=[4, 5])
+    # The FFN dense alone: pre-activation while training, GELU applied at inference.
+    seen = {}
+    for training in (True, False):
+        def probe(x, training=training):
+            seen[training] = block._intermediate_dense(x)
+            return seen[training]
+        tf_keras.layers.Lambda(probe)(hidden, training=training)
+    stock_block = stock.transformer_layers[0]
+    pre = stock_block._intermediate_dense(hidden)
+    np.testing.assert_allclose(seen[True], pre, atol=1e-6)
+    np.testing.assert_allclose(seen[False], tf.nn.gelu(pre, approximate=False), atol=1e-6)
+    # ... so the whole encoder agrees with stock either way (tested above) and export-safe too:
+    safe = _encoder_pair()[3]
+    safe.set_weights(stock.get_weights())
+    assert fusion.fuse_elementwise(safe, export_safe=True) == {"dropout": 0, "activation": 0, "layer_norm": 0,
+                                                               "dense": 12, "attention": 2}
+    for training in (True, False):
+        np.testing.assert_allclose(safe(inputs, training=training)["sequence_output"],
+                                   stock(inputs, training=training)["sequence_output"], atol=1e-5)
+
+
+def test_export_safe_graph_has_no_xla_kernel():
+    _, inputs, _, fused = _encoder_pair()
+    _, _, _, safe = _encoder_pair()
+
+    def xla_functions(model):
+        graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(inputs).graph
+        library = graph.as_graph_def().library.function
+        return [f.signature.name for f in library if "_XlaMustCompile" in f.attr and f.attr["_XlaMustCompile"].b]
+
+    fusion.fuse_elementwise(fused)
+    fusion.fuse_elementwise(safe, export_safe=True)
+    assert xla_functions(fused)  # LayerNorm kernels: the check can see them
+    assert not xla_functions(safe)
 
 
 def _value_and_grad(layer, x):
@@ -119,10 +201,11 @@ def test_fuse_elementwise_changes_only_the_given_model_in_training_mode():
     stock.set_weights(fused.get_weights())
     # Embedding dropout, then per Transformer block attention-probability, attention-output and FFN-output
     # dropout (the blocks' inner FFN dropout has rate 0 and is left alone) and the FFN's GELU.
-    assert fusion.fuse_elementwise(fused) == {"dropout": 1 + 3 * config.num_hidden_layers,
-                                              "activation": config.num_hidden_layers}
-    rebound = [m for m in fused.submodules if "call" in vars(m)]
-    assert len(rebound) == 1 + 4 * config.num_hidden_layers
+    layers = config.num_hidden_layers
+    assert fusion.fuse_elementwise(fused) == {"dropout": 1 + 3 * layers, "activation": layers,
+                                              "layer_norm": 1 + 2 * layers, "dense": 6 * layers, "attention": layers}
+    rebound = [m for m in fused.submodules if "call" in vars(m) or "_compute_attention" in vars(m)]
+    assert len(rebound) == (1 + 3 * layers) + layers + (1 + 2 * layers) + 6 * layers + layers
     assert not any("call" in vars(m) for m in stock.submodules)
     # Evaluation: dropout is the identity, so fused and stock agree.
     np.testing.assert_allclose(fused(inputs, training=False)["sequence_output"],
@@ -144,7 +227,8 @@ class DropoutToyTask(ToyTask):
 def test_trains_under_the_engine_traced_once(tmp_path, strategy, jit_compile):
     trainer = run_training(DropoutToyTask, global_batch_size=16, grad_accum_steps=2, strategy=strategy,
                            jit_compile=jit_compile, train_steps=30, steps_per_loop=10, model_dir=str(tmp_path))
-    assert trainer.fused_layers == {"dropout": 2, "activation": 0}  # Dense(activation=...) is not a layer of its own
+    # Dense(activation=...) is not an Activation layer, and plain Dense layers are left to Keras.
+    assert trainer.fused_layers == {"dropout": 2, "activation": 0, "layer_norm": 0, "dense": 0, "attention": 0}
     losses = [h["loss"] for h in trainer.train_history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert trainer.train_loop_tracing_count == 1
