@@ -22,7 +22,8 @@ Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, 
   Trainer.evaluate (compiled eval step over the split tokenized once per task + metrics), the launch.predict
   path (`task.predict` on the model restored as launch.predict restores it), and the raw-string SavedModel
   that launch.export writes (batch --serving_batch_size throughput; batch 1 latency over --latency_calls
-  sentences, p50/p99 per round). Ours cut each batch to its longest sentence (evaluation: rounded up to a
+  sentences, p50/p99 per round), each with engine/fusion.py's rewrites as the Trainer, launch.predict and
+  launch.export apply them. Ours cut each batch to its longest sentence (evaluation: rounded up to a
   bucket width of 16); with --full_padding_rows also padded to the full seq ("... pad 128", as before issue
   14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on the same sentences (tokenizing
   inside every call), padded to 128 ("pad 128") and to the batch's longest ("pad longest": HF's usual

@@ -21,8 +21,10 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     many small head_dim-32 contractions with their own transposes. Masking, softmax and attention dropout
     are the layer's own.
 
-Measured on AMD EPYC Zen 4 (bench/RESULTS.md, 2026-12-01): MiniLM inference at batch 32 on SST-2 dev
-1.19x stock; see there for training. Values are the same up to float rounding (tests/test_fusion.py).
+Measured on AMD EPYC Zen 4 (bench/RESULTS.md, 2026-12-01): MiniLM forward at batch 32 on SST-2 dev 1.18x
+stock Keras (1.15x with export_safe); no gain at batch 1, where the extra reshapes cost as much as they save;
+training at seq 128, batch 32: engine / model.fit 1.01 -> 1.15x in float32, unchanged (1.18-1.20x) in
+mixed_bfloat16. Values are the same up to float rounding (tests/test_fusion.py).
 
 `fuse_elementwise(model)` rebinds `call` on the model's own layer instances, not on the classes, so other
 models in the process, e.g. a `model.fit` baseline, keep the stock layers. `export_safe=True` leaves out
