@@ -9,8 +9,6 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
   * Activation layers: their activation function XLA-compiled (TensorFlow differentiates it), in float32
     inside the kernel for 16-bit inputs; one pinned to float32 under a mixed policy (Model Garden's FFN GELU)
     is switched to the 16-bit dtype, which gives the same values without the casts around it.
-  * LayerNormalization (last axis), at inference: mean, variance, normalisation, scale and shift as one XLA
-    kernel (training keeps Keras' own, for its gradients' rounding: see _layer_norm_call).
   * EinsumDense layers whose equation contracts the input's trailing axes (BERT's Q/K/V, attention output
     and FFN projections): one 2-D MatMul + BiasAdd, which grappler's oneDNN remapper fuses into a single
     `_MklFusedMatMul` (Keras' Einsum + AddV2 runs the bias as a separate pass). At inference the FFN's GELU
@@ -21,10 +19,15 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     many small head_dim-32 contractions with their own transposes. Masking, softmax and attention dropout
     are the layer's own.
 
-Measured on AMD EPYC Zen 4 (bench/RESULTS.md, 2026-12-01): MiniLM forward at batch 32 on SST-2 dev 1.18x
-stock Keras (1.15x with export_safe); no gain at batch 1, where the extra reshapes cost as much as they save;
+Measured on AMD EPYC Zen 4 (bench/RESULTS.md, 2026-12-01): MiniLM forward at batch 32 on SST-2 dev 1.15x
+stock Keras; no gain at batch 1, where the extra reshapes cost as much as they save;
 training at seq 128, batch 32: engine / model.fit 1.01 -> 1.15x in float32, unchanged (1.18-1.20x) in
-mixed_bfloat16. Values are the same up to float rounding (tests/test_fusion.py).
+mixed_bfloat16. Values are the same up to float rounding (tests/test_fusion.py), and do not depend on the batch size.
+
+Not fused, on purpose: LayerNorm. As an XLA kernel it made MiniLM inference about 4 % faster, but its results
+depended on the batch's shape (two workers evaluating 7 rows each disagreed with one process evaluating 14:
+tests/test_multi_worker.py), and its gradient reductions rounded differently enough to show after Adam's first
+step (1 x 16 vs 4 x 4 micro-batches, tests/test_classification.py).
 
 `fuse_elementwise(model)` rebinds `call` on the model's own layer instances, not on the classes, so other
 models in the process, e.g. a `model.fit` baseline, keep the stock layers. `export_safe=True` leaves out
@@ -84,29 +87,6 @@ def _fused_activation_call(layer: tf_keras.layers.Activation, inputs):
     return _compiled(layer.activation)(inputs)
 
 
-@functools.partial(tf.function, jit_compile=True)
-def _layer_norm(x, gamma, beta, epsilon):
-    dtype = x.dtype
-    x = tf.cast(x, tf.float32)
-    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
-    y = (x - mean) * tf.math.rsqrt(variance + epsilon) * tf.cast(gamma, tf.float32) + tf.cast(beta, tf.float32)
-    return tf.cast(y, dtype)
-
-
-def _layer_norm_call(layer: tf_keras.layers.LayerNormalization, stock_call, inputs):
-    # Inference only: XLA:CPU sums the gamma/beta gradients over batch x seq rows in one sequential loop,
-    # about 1.5x the rounding error of TensorFlow's tree reductions; after Adam's first step (which divides
-    # by the gradient's own size) that showed as 1e-2 weight differences between 1 x 16 and 4 x 4
-    # micro-batches (tests/test_classification.py). Training keeps Keras' LayerNorm.
-    if _training() or list(layer.axis) not in ([-1], [inputs.shape.rank - 1]):
-        return stock_call(inputs)
-    return _layer_norm(inputs, layer.gamma, layer.beta, tf.constant(layer.epsilon, tf.float32))
-
-
-def _is_plain_layer_norm(layer) -> bool:
-    return type(layer) is tf_keras.layers.LayerNormalization and layer.center and layer.scale
-
-
 # ----------------------------------------------------------------------------------------- oneDNN fusions
 
 # EinsumDense equations that contract the input's trailing axes with the kernel's leading ones -> how many.
@@ -157,7 +137,7 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False) -> dict[str
 
     export_safe: only the rewrites made of standard TensorFlow ops (dense, attention, and the GELU fused into
     the dense at inference), no XLA kernels."""
-    counts = dict.fromkeys(("dropout", "activation", "layer_norm", "dense", "attention"), 0)
+    counts = dict.fromkeys(("dropout", "activation", "dense", "attention"), 0)
     if not export_safe:
         counts["dropout"] = dropout.rebind(model, xla=True)
     layers = list(model.submodules)
@@ -168,9 +148,6 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False) -> dict[str
         elif _is_plain_attention(layer):
             layer._compute_attention = functools.partial(_attention_call, layer)
             counts["attention"] += 1
-        elif _is_plain_layer_norm(layer) and not export_safe:
-            layer.call = functools.partial(_layer_norm_call, layer, layer.call)
-            counts["layer_norm"] += 1
         elif (type(layer) is tf_keras.layers.Activation and layer.activation is not tf_keras.activations.linear
               and not export_safe):
             _fuse_activation(layer)

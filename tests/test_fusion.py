@@ -1,6 +1,6 @@
 """engine/fusion.py: the XLA dropout is Bernoulli(1 - rate) inverted dropout with the mask reused by the gradient
-and fresh on every call; fused activations equal the stock ones with their gradients; the dense, attention and
-LayerNorm rewrites give stock Keras' values and gradients (training and inference, GELU fused at inference); the
+and fresh on every call; fused activations equal the stock ones with their gradients; the dense and attention
+rewrites give stock Keras' values and gradients (training and inference, GELU fused at inference); the
 export-safe rewrite has no XLA kernel; fusing touches only the model it was applied to; and the fused model trains
 under the engine (mirrored + accumulation + XLA), traced once."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -53,7 +53,7 @@ def test_fused_activation_equals_stock_with_gradient():
     x = tf.random.stateless_normal([64, 96], seed=[7, 8]) * 3
     expected_y, expected_grad = _value_and_grad(layer, x)
     assert fusion.fuse_elementwise(tf_keras.Sequential([layer])) == {
-        "dropout": 0, "activation": 1, "layer_norm": 0, "dense": 0, "attention": 0}
+        "dropout": 0, "activation": 1, "dense": 0, "attention": 0}
     y, grad = _value_and_grad(layer, x)
     np.testing.assert_allclose(y, expected_y, atol=1e-6)
     np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
@@ -127,11 +127,11 @@ def _outputs_and_grads(model, inputs, training):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_dense_attention_and_layer_norm_rewrites_give_stock_keras_values_and_gradients(training):
+def test_dense_and_attention_rewrites_give_stock_keras_values_and_gradients(training):
     config, inputs, stock, fused = _encoder_pair()
     layers = config.num_hidden_layers
-    assert fusion.fuse_elementwise(fused) == {"dropout": 0, "activation": layers, "layer_norm": 1 + 2 * layers,
-                                              "dense": 6 * layers, "attention": layers}
+    assert fusion.fuse_elementwise(fused) == {"dropout": 0, "activation": layers, "dense": 6 * layers,
+                                              "attention": layers}
     expected = _outputs_and_grads(stock, inputs, training)
     got = _outputs_and_grads(fused, inputs, training)
     assert len(got) == len(expected) == len(stock.trainable_variables) + 1
@@ -161,8 +161,8 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
     # ... so the whole encoder agrees with stock either way (tested above) and export-safe too:
     safe = _encoder_pair()[3]
     safe.set_weights(stock.get_weights())
-    assert fusion.fuse_elementwise(safe, export_safe=True) == {"dropout": 0, "activation": 0, "layer_norm": 0,
-                                                               "dense": 12, "attention": 2}
+    assert fusion.fuse_elementwise(safe, export_safe=True) == {"dropout": 0, "activation": 0, "dense": 12,
+                                                               "attention": 2}
     for training in (True, False):
         np.testing.assert_allclose(safe(inputs, training=training)["sequence_output"],
                                    stock(inputs, training=training)["sequence_output"], atol=1e-5)
@@ -172,15 +172,15 @@ def test_export_safe_graph_has_no_xla_kernel():
     _, inputs, _, fused = _encoder_pair()
     _, _, _, safe = _encoder_pair()
 
-    def xla_functions(model):
-        graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(inputs).graph
+    def xla_functions(model, training):
+        graph = tf.function(lambda x: model(x, training=training)).get_concrete_function(inputs).graph
         library = graph.as_graph_def().library.function
         return [f.signature.name for f in library if "_XlaMustCompile" in f.attr and f.attr["_XlaMustCompile"].b]
 
     fusion.fuse_elementwise(fused)
     fusion.fuse_elementwise(safe, export_safe=True)
-    assert xla_functions(fused)  # LayerNorm kernels: the check can see them
-    assert not xla_functions(safe)
+    assert xla_functions(fused, training=True)  # the GELU kernels: the check can see them
+    assert not xla_functions(safe, training=True) and not xla_functions(safe, training=False)
 
 
 def _value_and_grad(layer, x):
@@ -203,9 +203,9 @@ def test_fuse_elementwise_changes_only_the_given_model_in_training_mode():
     # dropout (the blocks' inner FFN dropout has rate 0 and is left alone) and the FFN's GELU.
     layers = config.num_hidden_layers
     assert fusion.fuse_elementwise(fused) == {"dropout": 1 + 3 * layers, "activation": layers,
-                                              "layer_norm": 1 + 2 * layers, "dense": 6 * layers, "attention": layers}
+                                              "dense": 6 * layers, "attention": layers}
     rebound = [m for m in fused.submodules if "call" in vars(m) or "_compute_attention" in vars(m)]
-    assert len(rebound) == (1 + 3 * layers) + layers + (1 + 2 * layers) + 6 * layers + layers
+    assert len(rebound) == (1 + 3 * layers) + layers + 6 * layers + layers
     assert not any("call" in vars(m) for m in stock.submodules)
     # Evaluation: dropout is the identity, so fused and stock agree.
     np.testing.assert_allclose(fused(inputs, training=False)["sequence_output"],
@@ -228,7 +228,7 @@ def test_trains_under_the_engine_traced_once(tmp_path, strategy, jit_compile):
     trainer = run_training(DropoutToyTask, global_batch_size=16, grad_accum_steps=2, strategy=strategy,
                            jit_compile=jit_compile, train_steps=30, steps_per_loop=10, model_dir=str(tmp_path))
     # Dense(activation=...) is not an Activation layer, and plain Dense layers are left to Keras.
-    assert trainer.fused_layers == {"dropout": 2, "activation": 0, "layer_norm": 0, "dense": 0, "attention": 0}
+    assert trainer.fused_layers == {"dropout": 2, "activation": 0, "dense": 0, "attention": 0}
     losses = [h["loss"] for h in trainer.train_history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert trainer.train_loop_tracing_count == 1
