@@ -155,7 +155,7 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False) -> dict[str
     for layer in layers:  # a TransformerEncoderBlock's FFN: dense then GELU -> one fused MatMul at inference
         dense = getattr(layer, "_intermediate_dense", None)
         activation = getattr(layer, "_intermediate_activation_layer", None)
-        if (dense is not None and dense.call.__class__ is functools.partial and dense.call.func is _dense_call
+        if (dense is not None and _is_plain_dense(dense)  # rebound to _dense_call in the loop above
                 and type(activation) is tf_keras.layers.Activation
                 and activation.activation is tf_keras.activations.gelu):
             dense._fused_activation = functools.partial(tf.nn.gelu, approximate=False)
