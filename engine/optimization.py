@@ -1,9 +1,9 @@
 """AdamW or LAMB with BERT's weight-decay exclusions, optional layer-wise learning-rate decay, and linear
 warmup then linear decay.
 
-AdamW is tf_keras' (decoupled weight decay, as BERT's AdamWeightDecay); LAMB is ours (below, and why);
-the schedule is Model Garden's LinearWarmup. Clipping is not done by the optimizer: the engine clips the
-global norm once, after averaging over micro-batches and replicas.
+AdamW is tf_keras' update (decoupled weight decay, as BERT's AdamWeightDecay) applied by fused kernels;
+LAMB is ours (below, and why); the schedule is Model Garden's LinearWarmup. Clipping is not done by the
+optimizer: the engine clips the global norm once, after averaging over micro-batches and replicas.
 """
 from __future__ import annotations
 
@@ -92,13 +92,27 @@ class _LayerwiseLearningRate:
         return (self._multipliers or {}).get(self._var_key(variable), 1.0)
 
 
-class LayerwiseAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
-    """tf_keras' AdamW whose learning rate (for the Adam step and the decoupled decay) is scaled per variable.
+class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
+    """tf_keras' AdamW (same update, slots and checkpoint layout) applied as one fused kernel per variable,
+    with optional layer-wise learning-rate factors.
 
-    AdamW reads `self.learning_rate` inside `update_step` and `_apply_weight_decay`; both run one variable
-    at a time, so the property returns the scaled rate while that variable is being updated."""
+    Why not the stock update: tf_keras' AdamW builds about 30 small ops per variable (the learning rate,
+    step count and beta powers recomputed for every variable, then m, v, decay and the step as separate
+    elementwise passes), about 3,000 ops per update for MiniLM's 103 variables; at short sequences the
+    step is bound by op count (bench/RESULTS.md). Here the scalars are computed once per update and each
+    variable gets `ResourceApplyAdam`, the fused kernel tf_keras' legacy Adam uses (the same formula:
+    m += (g - m)(1 - b1), v += (g^2 - v)(1 - b2), w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)),
+    preceded by the decoupled decay w -= lr wd w as one `ResourceApplyGradientDescent`.
+    Sparse gradients and AMSGrad keep the stock update."""
 
     _scale: Optional[float] = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # {(device, dtype): (lr, beta_1_power, beta_2_power, beta_1, beta_2, epsilon, weight_decay)} for the
+        # update being built; tensors, so not tracked. Cleared at every apply_gradients.
+        self._step_scalars = self._no_dependency({})
+        self._decayed_keys = self._no_dependency(set())
 
     @property
     def learning_rate(self):
@@ -109,30 +123,53 @@ class LayerwiseAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
     def learning_rate(self, value):
         tf_keras.optimizers.AdamW.learning_rate.fset(self, value)
 
-    def update_step(self, gradient, variable):
-        self._scale = self._multiplier(variable)
+    def apply_gradients(self, grads_and_vars, *args, **kwargs):
+        self._step_scalars.clear()
         try:
-            super().update_step(gradient, variable)
+            return super().apply_gradients(grads_and_vars, *args, **kwargs)
         finally:
-            self._scale = None
+            self._step_scalars.clear()
 
     def _apply_weight_decay(self, variables):
-        # The stock method, with the scale of each variable set while its decay is built.
-        def apply(distribution, variables):
-            for variable in variables:
-                if not self._use_weight_decay(variable):
-                    continue
+        # Only note which variables decay: update_step applies the decay in the same pass as Adam.
+        self._decayed_keys.clear()
+        if self.weight_decay:
+            self._decayed_keys.update(self._var_key(v) for v in variables if self._use_weight_decay(v))
 
-                def decay(component, scale=self._multiplier(variable)):
-                    self._scale = scale
-                    try:
-                        rate = tf.cast(self.learning_rate, component.dtype)
-                    finally:
-                        self._scale = None
-                    component.assign_sub(component * tf.cast(self.weight_decay, component.dtype) * rate)
-                distribution.extended.update(variable, decay, group=False)
+    def _scalars(self, variable):
+        key = (variable.device, variable.dtype)
+        if key not in self._step_scalars:
+            dtype = variable.dtype
+            step = tf.cast(self.iterations + 1, dtype)
+            beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+            self._step_scalars[key] = (
+                tf.cast(tf_keras.optimizers.AdamW.learning_rate.fget(self), dtype),
+                tf.pow(beta_1, step), tf.pow(beta_2, step), beta_1, beta_2,
+                tf.cast(self.epsilon, dtype), tf.cast(self.weight_decay or 0.0, dtype))
+        return self._step_scalars[key]
 
-        tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)
+    def update_step(self, gradient, variable):
+        scale = self._multiplier(variable)
+        if isinstance(gradient, tf.IndexedSlices) or self.amsgrad:
+            self._scale = scale
+            try:
+                if self._var_key(variable) in self._decayed_keys:
+                    variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype)
+                                        * tf.cast(self.learning_rate, variable.dtype))
+                return super().update_step(gradient, variable)
+            finally:
+                self._scale = None
+        lr, beta_1_power, beta_2_power, beta_1, beta_2, epsilon, weight_decay = self._scalars(variable)
+        if scale != 1.0:
+            lr = lr * tf.cast(scale, lr.dtype)
+        index = self._index_dict[self._var_key(variable)]
+        if self._var_key(variable) in self._decayed_keys:
+            tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr * weight_decay,
+                                                    delta=variable.read_value())
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].handle, v=self._velocities[index].handle,
+            beta1_power=beta_1_power, beta2_power=beta_2_power, lr=lr, beta1=beta_1, beta2=beta_2,
+            epsilon=epsilon, grad=tf.cast(gradient, variable.dtype))
 
 
 class LAMB(_LayerwiseLearningRate, tf_keras.optimizers.Optimizer):
@@ -210,10 +247,8 @@ def make_optimizer(config: OptimizerConfig, train_steps: int, *, loss_scale: boo
         jit_compile=False)
     if config.optimizer == "lamb":
         optimizer = LAMB(**options)
-    elif config.layer_decay:
-        optimizer = LayerwiseAdamW(**options)
     else:
-        optimizer = tf_keras.optimizers.AdamW(**options)
+        optimizer = FusedAdamW(**options)
     optimizer.exclude_from_weight_decay(var_names=list(config.exclude_from_weight_decay))
     if isinstance(optimizer, _LayerwiseLearningRate):
         optimizer.set_layer_decay(config.layer_decay, layer_pattern=config.layer_pattern,

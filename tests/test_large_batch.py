@@ -218,3 +218,75 @@ def test_warmup_as_long_as_the_run_is_refused_not_trained_at_rate_zero():
         make_learning_rate(OptimizerConfig(learning_rate=1e-4, warmup_steps=100), 60)
     schedule = make_learning_rate(OptimizerConfig(learning_rate=1e-4, warmup_steps=10), 60)
     assert float(schedule(5)) == pytest.approx(1e-4 * 5 / 10 * 50 / 60, rel=1e-5)  # ramps towards the decayed value
+
+
+def adamw_reference(weights, grads_per_step, *, learning_rates, weight_decay, decayed):
+    """AdamW in float64 NumPy (Loshchilov & Hutter; tf_keras' epsilon-hat form): decoupled decay w -= lr wd w,
+    then w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)."""
+    w, m, v = weights.astype(np.float64), 0.0, 0.0
+    for t, (g, lr) in enumerate(zip(grads_per_step, learning_rates), start=1):
+        g = g.astype(np.float64)
+        if decayed:
+            w = w - lr * weight_decay * w
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g * g
+        w = w - lr * np.sqrt(1 - B2 ** t) / (1 - B1 ** t) * m / (np.sqrt(v) + EPS)
+    return w
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_adamw_matches_numpy_over_a_warmup_schedule(layer_decay):
+    """The fused AdamW (one kernel per variable, scalars shared) against NumPy, over 4 updates whose learning
+    rate warms up then decays, with decay exclusions and per-layer factors."""
+    rng = np.random.default_rng(2)
+    cases = {  # name -> (initial value, decayed, layer-decay factor at 0.5 with 2 layers)
+        "transformer/layer_0/dense/kernel": (rng.normal(size=(4, 3)), True, 0.25),
+        "transformer/layer_1/dense/bias": (rng.normal(size=(3,)), False, 0.5),
+        "transformer/layer_1/layer_norm/gamma": (1 + 0.1 * rng.normal(size=(3,)), False, 0.5),
+        "logits/kernel": (rng.normal(size=(3, 2)), True, 1.0),
+    }
+    variables = [tf.Variable(value.astype(np.float32), name=name) for name, (value, _, _) in cases.items()]
+    grads = [[rng.normal(size=v.shape).astype(np.float32) for v in variables] for _ in range(4)]
+    config = OptimizerConfig(learning_rate=0.1, warmup_steps=2, end_learning_rate=0.0, weight_decay=0.2,
+                             layer_decay=layer_decay, beta_1=B1, beta_2=B2, epsilon=EPS)
+    optimizer = optimization.make_optimizer(config, train_steps=5, loss_scale=False)
+    optimizer.build(variables)
+    learning_rates = []
+    for step_grads in grads:
+        learning_rates.append(optimization.current_learning_rate(optimizer))
+        optimizer.apply_gradients(zip([tf.constant(g) for g in step_grads], variables),
+                                  skip_gradients_aggregation=True)
+    # Linear decay from 0.1 to 0 over 5 updates; the 2 warmup updates ramp towards its value at update 2.
+    np.testing.assert_allclose(learning_rates, [0.0, 0.06 / 2, 0.1 * 3 / 5, 0.1 * 2 / 5], rtol=1e-6)
+    for i, (name, (value, decayed, factor)) in enumerate(cases.items()):
+        scale = factor if layer_decay else 1.0
+        expected = adamw_reference(value, [g[i] for g in grads], learning_rates=[lr * scale for lr in learning_rates],
+                                   weight_decay=0.2, decayed=decayed)
+        np.testing.assert_allclose(variables[i].numpy(), expected, rtol=2e-5, atol=1e-6, err_msg=name)
+
+
+def test_adamw_restores_a_stock_tf_keras_adamw_checkpoint(tmp_path):
+    """Same slots and names as tf_keras.optimizers.AdamW: checkpoints written before the fused update resume,
+    and the next update equals the stock optimizer's."""
+    rng = np.random.default_rng(3)
+    initial = rng.normal(size=(5, 4)).astype(np.float32)
+    grads = [tf.constant(rng.normal(size=(5, 4)).astype(np.float32)) for _ in range(3)]
+
+    def optimizer_and_variable(stock):
+        variable = tf.Variable(initial, name="dense/kernel")
+        options = dict(learning_rate=0.01, weight_decay=0.1, beta_1=B1, beta_2=B2, epsilon=EPS, jit_compile=False)
+        optimizer = tf_keras.optimizers.AdamW(**options) if stock else optimization.FusedAdamW(**options)
+        optimizer.build([variable])
+        return optimizer, variable
+
+    stock, stock_variable = optimizer_and_variable(stock=True)
+    for g in grads[:2]:
+        stock.apply_gradients([(g, stock_variable)])
+    path = tf.train.Checkpoint(optimizer=stock, variable=stock_variable).write(str(tmp_path / "ckpt"))
+    fused, fused_variable = optimizer_and_variable(stock=False)
+    tf.train.Checkpoint(optimizer=fused, variable=fused_variable).read(path).assert_consumed()
+    assert int(fused.iterations) == 2
+    stock.apply_gradients([(grads[2], stock_variable)])
+    fused.apply_gradients([(grads[2], fused_variable)])
+    np.testing.assert_allclose(fused_variable.numpy(), stock_variable.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fused.variables[1].numpy(), stock.variables[1].numpy(), rtol=1e-5, atol=1e-7)
