@@ -126,6 +126,23 @@ def test_weight_average_matches_numpy_and_is_what_checkpoints_hold(tmp_path, str
     np.testing.assert_allclose(fresh.model.get_weights()[0], average[0], atol=1e-6)
 
 
+class NanGradientTask(ToyTask):
+    """A finite loss whose gradient is NaN: d sqrt(|u|)/du at u = o - o = 0 is inf, times 0."""
+
+    def per_example_loss(self, features, labels, outputs):
+        zero = outputs[:, 0] - outputs[:, 0]
+        return super().per_example_loss(features, labels, outputs) + tf.sqrt(tf.abs(zero))
+
+
+def test_updates_with_a_finite_loss_and_nonfinite_gradients_are_skipped(tmp_path):
+    trainer = run_training(NanGradientTask, global_batch_size=16, train_steps=2, steps_per_loop=1,
+                           model_dir=str(tmp_path / "nan_gradient"))
+    assert [h["skipped_updates"] for h in trainer.train_history] == [1, 1]
+    initial = Trainer(NanGradientTask(), trainer.config).model.get_weights()  # the same seed, the same weights
+    for got, want in zip(trainer.model.get_weights(), initial):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_nonfinite_skip_policy_counts_and_keeps_weights(tmp_path):
     # Batches from step 3 on contain NaN inputs: those updates are skipped and counted.
     trainer = run_training(lambda: ToyTask(nan_from_step=2), global_batch_size=16, train_steps=4,

@@ -12,7 +12,7 @@ from engine import optimization
 from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig
 from engine.strategy import make_strategy
 from engine.trainer import Trainer
-from conftest import DATA_DIR, write_sst2_head
+from conftest import write_sst2_head
 from engine_helpers import ToyTask
 from tasks.encoders import bert
 from tasks.classification.task import ClassificationConfig, ClassificationTask
