@@ -80,7 +80,12 @@ def distribute_eval_inputs(strategy: tf.distribute.Strategy, dataset_fn: Callabl
     def fn(ctx: tf.distribute.InputContext):
         dataset = dataset_fn(batch_size=global_batch_size, input_context=None)
         dataset = dataset.map(lambda f, l: pad_batch(f, l, global_batch_size))
-        return pipeline_share(dataset, ctx, per_replica)
+        # One short pass over small batches: tf.data's autotuning buys nothing here, and deleting the iterator
+        # at the end waited for its thread, 0.6-0.7 s in about one evaluation of four (a third of the time
+        # MiniLM takes for 256 SST-2 sentences; bench/RESULTS.md).
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return pipeline_share(dataset, ctx, per_replica).with_options(options)
     return strategy.distribute_datasets_from_function(fn)
 
 
