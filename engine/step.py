@@ -175,7 +175,8 @@ def make_train_loop(strategy: tf.distribute.Strategy, step: TrainStep, *, stop_o
 def make_eval_step(strategy: tf.distribute.Strategy, task: Task, model: tf_keras.Model, metrics, *,
                    jit_compile: bool) -> Callable:
     """A tf.function evaluating one padded global batch; returns its `eval_outputs` plus loss sums, gathered."""
-    forward = tf.function(lambda features: model(features, training=False), jit_compile=jit_compile)
+    forward = tf.function(lambda features: model(features, training=False), jit_compile=jit_compile,
+                          reduce_retracing=not jit_compile)
 
     def replica_step(features, labels, mask):
         outputs = forward(features)
@@ -186,7 +187,7 @@ def make_eval_step(strategy: tf.distribute.Strategy, task: Task, model: tf_keras
         return dict(extra, _loss_sum=tf.reshape(tf.reduce_sum(per_example * weights), [1]),
                     _weight_sum=tf.reshape(tf.reduce_sum(weights), [1]), _mask=mask)
 
-    @tf.function
+    @tf.function(reduce_retracing=not jit_compile)
     def eval_step(batch):
         features, labels, mask = batch
         outputs = strategy.run(replica_step, args=(features, labels, mask))

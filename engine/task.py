@@ -21,6 +21,10 @@ class Task:
     """Base class with the defaults most Tasks want; subclasses override what differs."""
 
     name: str = "task"
+    # Evaluation batches may be cut to their longest sequence rounded up to this. The Trainer sets it before it
+    # builds evaluation inputs: 1 when its eval step is traced with open shapes (any width, no retracing), 16
+    # under XLA, which compiles once per width.
+    eval_width_multiple: int = 16
 
     def build_model(self) -> tf_keras.Model:
         """Builds the model. Called inside the strategy scope under the precision policy."""

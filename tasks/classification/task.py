@@ -110,8 +110,9 @@ def _parse_label(value: str, label_ids: Mapping[str, int], config: Classificatio
     return label
 
 
-# Training (group_by_length) and evaluation batches are cut to their longest sequence rounded up to this: the widths
-# of engine.inputs.bucket_widths, so a compiled step traces (and XLA compiles) at most once per width.
+# Training batches (group_by_length) are cut to their longest sequence rounded up to this: the widths of
+# engine.inputs.bucket_widths, so a compiled step traces (and XLA compiles) at most once per width. Evaluation
+# batches round up to Task.eval_width_multiple (1 unless the eval step is XLA-compiled).
 BUCKET_MULTIPLE = 16
 # `predict` and the serving signature pad each batch to its longest sequence rounded up to this (one trace with
 # open shapes: any width costs nothing extra).
@@ -123,7 +124,7 @@ class ClassificationTask(Task):
 
     def __init__(self, config: ClassificationConfig, *, cut_eval_batches: Optional[bool] = None):
         """cut_eval_batches: evaluation, `predict` and serving batches are cut to their longest sequence (rounded
-        up to BUCKET_MULTIPLE or PREDICT_WIDTH_MULTIPLE) instead of padded to max_seq_length: the same outputs,
+        up to Task.eval_width_multiple or PREDICT_WIDTH_MULTIPLE) instead of padded to max_seq_length: the same outputs,
         less work on short sentences. None: yes, unless the model was built under a TPU strategy (static shapes)."""
         self.config = config
         self.cut_eval_batches = cut_eval_batches
@@ -209,7 +210,8 @@ class ClassificationTask(Task):
                 dataset, training=False, batch_size=batch_size, input_context=input_context,
                 shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
             if self.cuts_batches:
-                dataset = inputs.cut_batches_to_longest(dataset, length_key="input_mask", multiple=BUCKET_MULTIPLE)
+                dataset = inputs.cut_batches_to_longest(dataset, length_key="input_mask",
+                                                        multiple=self.eval_width_multiple)
             return dataset.prefetch(tf.data.AUTOTUNE)
         examples = self.examples(split)
         # Created here, eagerly: built inside the map function, its vocab table would belong to that graph.
