@@ -10,7 +10,7 @@ clipping. This checks that none of that costs throughput against what users do t
 Same model, optimizer and batches on both sides: BertEncoderV2 with MiniLM's shape (6 layers, hidden 384,
 12 heads, FFN 1536, random init) and a softmax head on the pooled output, built by
 `ClassificationTask.build_model`; AdamW (lr 2e-5, weight decay 0.01 except LayerNorm/bias, global-norm
-clip 1.0); real SST-2 sentences tokenized once to seq 128, fed to both from the same in-memory tensors;
+clip 1.0; the same update, applied by the engine's fused kernels and by fit's stock tf_keras AdamW); real SST-2 sentences tokenized once to seq 128, fed to both from the same in-memory tensors;
 batch 32. Configurations, in every --precisions policy:
   fit:    `model.fit`, steps_per_execution in --fit_steps_per_execution, jit_compile in --jit, stock Keras
           layers (plus, with --fit_fusion=stock,fused, the same model with engine/fusion.py's XLA islands);
@@ -144,7 +144,8 @@ class FitRunner:
             tf_keras.mixed_precision.set_global_policy("float32")
         if fused:
             fusion.fuse_elementwise(self.model)
-        # engine.optimization.make_optimizer's AdamW, plus the global-norm clipping the engine does itself.
+        # tf_keras' AdamW as a Keras user runs it: the update engine.optimization.FusedAdamW applies with fused
+        # kernels (the engine's own speed-up, so measured), plus the global-norm clipping the engine does itself.
         optimizer = tf_keras.optimizers.AdamW(
             learning_rate=optimization.make_learning_rate(cfg, 10 ** 9), weight_decay=cfg.weight_decay,
             beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon, global_clipnorm=cfg.clip_norm,

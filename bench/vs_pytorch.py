@@ -15,8 +15,8 @@ ids than ours). `--quick`: a tiny random encoder (2 x 64), seq 32, batch 8, for 
 Training (seq 128, batch 32, the same real SST-2 batches pre-tokenized by our tokenizer, AdamW lr 2e-5,
 weight decay 0.01 except LayerNorm/bias, global-norm clip 1.0), in every --precisions policy:
   engine:  engine.trainer.Trainer's compiled loop (steps_per_loop = --steps, XLA-fused elementwise layers,
-           the default on this CPU); plus "engine accum KxM": K micro-batches of M = batch / K, same global batch
-  fit:     `model.compile(AdamW)` + `model.fit`, steps_per_execution 1 (4 is no faster: bench/RESULTS.md)
+           the default on this CPU, AdamW as one fused kernel per variable); plus "engine accum KxM": K micro-batches of M = batch / K, same global batch
+  fit:     `model.compile(tf_keras AdamW)` + `model.fit`, steps_per_execution 1 (4 is no faster: bench/RESULTS.md)
   pytorch: eager, and `torch.compile` (--torch_compile), bf16 by `torch.autocast`; torch's fused AdamW
 Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, raw strings in):
   Trainer.evaluate (compiled eval step over the split tokenized once per task + metrics), the launch.predict
