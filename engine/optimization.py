@@ -103,25 +103,17 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
     variable gets `ResourceApplyAdam`, the fused kernel tf_keras' legacy Adam uses (the same formula:
     m += (g - m)(1 - b1), v += (g^2 - v)(1 - b2), w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)),
     preceded by the decoupled decay w -= lr wd w as one `ResourceApplyGradientDescent`.
-    Sparse gradients and AMSGrad keep the stock update."""
-
-    _scale: Optional[float] = None
+    Sparse gradients (which tf_keras deduplicates first) are applied dense: the same values as tf_keras'
+    sparse path, which also decays every row of m and v. No AMSGrad."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.amsgrad:
+            raise ValueError("FusedAdamW has no AMSGrad variant: use tf_keras.optimizers.AdamW(amsgrad=True)")
         # {(device, dtype): (lr, beta_1_power, beta_2_power, beta_1, beta_2, epsilon, weight_decay)} for the
         # update being built; tensors, so not tracked. Cleared at every apply_gradients.
         self._step_scalars = self._no_dependency({})
         self._decayed_keys = self._no_dependency(set())
-
-    @property
-    def learning_rate(self):
-        rate = tf_keras.optimizers.AdamW.learning_rate.fget(self)
-        return rate if self._scale is None else rate * self._scale
-
-    @learning_rate.setter
-    def learning_rate(self, value):
-        tf_keras.optimizers.AdamW.learning_rate.fset(self, value)
 
     def apply_gradients(self, grads_and_vars, *args, **kwargs):
         self._step_scalars.clear()
@@ -131,7 +123,8 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
             self._step_scalars.clear()
 
     def _apply_weight_decay(self, variables):
-        # Only note which variables decay: update_step applies the decay in the same pass as Adam.
+        # Only note which variables decay (decided on the distributed variables, as the stock method does):
+        # update_step applies the decay in the same pass as Adam.
         self._decayed_keys.clear()
         if self.weight_decay:
             self._decayed_keys.update(self._var_key(v) for v in variables if self._use_weight_decay(v))
@@ -143,33 +136,24 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
             step = tf.cast(self.iterations + 1, dtype)
             beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
             self._step_scalars[key] = (
-                tf.cast(tf_keras.optimizers.AdamW.learning_rate.fget(self), dtype),
-                tf.pow(beta_1, step), tf.pow(beta_2, step), beta_1, beta_2,
+                tf.cast(self.learning_rate, dtype), tf.pow(beta_1, step), tf.pow(beta_2, step), beta_1, beta_2,
                 tf.cast(self.epsilon, dtype), tf.cast(self.weight_decay or 0.0, dtype))
         return self._step_scalars[key]
 
     def update_step(self, gradient, variable):
-        scale = self._multiplier(variable)
-        if isinstance(gradient, tf.IndexedSlices) or self.amsgrad:
-            self._scale = scale
-            try:
-                if self._var_key(variable) in self._decayed_keys:
-                    variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype)
-                                        * tf.cast(self.learning_rate, variable.dtype))
-                return super().update_step(gradient, variable)
-            finally:
-                self._scale = None
         lr, beta_1_power, beta_2_power, beta_1, beta_2, epsilon, weight_decay = self._scalars(variable)
+        scale = self._multiplier(variable)
         if scale != 1.0:
             lr = lr * tf.cast(scale, lr.dtype)
-        index = self._index_dict[self._var_key(variable)]
-        if self._var_key(variable) in self._decayed_keys:
+        key = self._var_key(variable)
+        if key in self._decayed_keys:
             tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr * weight_decay,
                                                     delta=variable.read_value())
+        index = self._index_dict[key]
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=self._momentums[index].handle, v=self._velocities[index].handle,
             beta1_power=beta_1_power, beta2_power=beta_2_power, lr=lr, beta1=beta_1, beta2=beta_2,
-            epsilon=epsilon, grad=tf.cast(gradient, variable.dtype))
+            epsilon=epsilon, grad=tf.cast(tf.convert_to_tensor(gradient), variable.dtype))
 
 
 class LAMB(_LayerwiseLearningRate, tf_keras.optimizers.Optimizer):

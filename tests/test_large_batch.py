@@ -290,3 +290,27 @@ def test_adamw_restores_a_stock_tf_keras_adamw_checkpoint(tmp_path):
     fused.apply_gradients([(grads[2], fused_variable)])
     np.testing.assert_allclose(fused_variable.numpy(), stock_variable.numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(fused.variables[1].numpy(), stock.variables[1].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_applies_sparse_gradients_as_tf_keras_adamw_does():
+    """An embedding-style IndexedSlices gradient, with a repeated row: the fused AdamW (which applies it dense)
+    against tf_keras' own sparse path, over two updates."""
+    rng = np.random.default_rng(4)
+    initial = rng.normal(size=(6, 3)).astype(np.float32)
+    slices = [tf.IndexedSlices(tf.constant(rng.normal(size=(3, 3)).astype(np.float32)), tf.constant(rows),
+                               tf.constant([6, 3])) for rows in ([0, 2, 2], [5, 1, 0])]
+    results = []
+    for make_optimizer in (tf_keras.optimizers.AdamW, optimization.FusedAdamW):
+        variable = tf.Variable(initial, name="embeddings")
+        optimizer = make_optimizer(learning_rate=0.01, weight_decay=0.1, beta_1=B1, beta_2=B2, epsilon=EPS,
+                                   jit_compile=False)
+        for g in slices:
+            optimizer.apply_gradients([(g, variable)])
+        results.append(variable.numpy())
+    assert not np.allclose(results[0], initial)
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-7)
+
+
+def test_fused_adamw_refuses_amsgrad():
+    with pytest.raises(ValueError, match="no AMSGrad"):
+        optimization.FusedAdamW(learning_rate=0.01, amsgrad=True)
