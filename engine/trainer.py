@@ -259,7 +259,8 @@ class Trainer:
         if self._eval_step is None:
             self._eval_step = step_lib.make_eval_step(
                 self.strategy, self.task, self.model, self.metrics, jit_compile=self.runtime.jit_compile)
-        self.task.eval_width_multiple = 16 if self.runtime.jit_compile else 1
+            # That step takes any width unless XLA compiles it (then once per width): tell the Task's inputs.
+            self.task.eval_width_multiple = 16 if self.runtime.jit_compile else 1
         with self.times.measure("data"), self.times.measure("eval_data"):
             batches = iter(inputs.distribute_eval_inputs(
                 self.strategy, functools.partial(self.task.build_inputs, split), self.config.eval_batch_size))
