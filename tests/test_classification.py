@@ -209,6 +209,13 @@ def test_trains_and_metrics_match_recomputation(sst2_slices, tmp_path):
     f1 = 2 * tp / (np.sum(predicted == 1) + np.sum(gold == 1))
     np.testing.assert_allclose(results["accuracy"], np.mean(predicted == gold), atol=1e-6)
     np.testing.assert_allclose(results["f1"], f1, atol=1e-5)
+    # Training, evaluating and predicting ran no ResourceGather on the word embedding: that op puts
+    # a variable into copy-on-read mode for good, where every read and every optimizer update copies the whole
+    # table (engine/fusion.py, tasks/encoders/bert.build_variables). In that mode two reads are two buffers;
+    # otherwise both alias the variable's (`_numpy()` is the view; `numpy()` would copy).
+    table = next(v for v in trainer.model.variables if "word_embeddings" in v.name)
+    first, second = table.value(), table.value()
+    assert first._numpy().__array_interface__["data"][0] == second._numpy().__array_interface__["data"][0]
 
 
 def test_accumulation_and_mirrored_same_update(sst2_slices):

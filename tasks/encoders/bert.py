@@ -250,7 +250,12 @@ def load_tf1_weights(encoder: tf_keras.layers.Layer, checkpoint_prefix: str) -> 
 
 
 def build_variables(encoder: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
-    encoder(dummy_inputs())  # creates the variables, so weights can be assigned or restored into them
+    """Creates the encoder's variables, so weights can be assigned or restored into them.
+
+    By tracing a call, not running one: an eager call would run the word embedding's ResourceGather, and
+    that op puts the variable into TensorFlow's copy-on-read mode for the rest of the process, where every
+    optimizer update copies the whole table first (engine/fusion.py's embedding rewrite avoids the op later)."""
+    tf.function(encoder).get_concrete_function(dummy_inputs())
     return encoder
 
 
