@@ -102,3 +102,11 @@ def one_update_weights(task_factory: Callable[[], Task], *, global_batch_size: i
                            strategy=strategy, train_steps=train_steps, **kwargs)
     losses = [h["loss"] for h in trainer.train_history]
     return losses, [np.array(w) for w in trainer.model.get_weights()]
+
+
+def reads_alias(variable) -> bool:
+    """Whether two reads of `variable` share its buffer. They do not once a ResourceGather has run on it:
+    TensorFlow then keeps the variable in copy-on-read mode, where reads and optimizer updates copy it whole
+    (engine/fusion.py). `_numpy()` is the view of a tensor's buffer; `numpy()` would copy."""
+    first, second = variable.value(), variable.value()
+    return first._numpy().__array_interface__["data"][0] == second._numpy().__array_interface__["data"][0]

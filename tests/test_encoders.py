@@ -9,6 +9,7 @@ import tensorflow as tf
 from safetensors.numpy import load_file, save_file
 
 import bert_numpy_reference as ref
+from engine_helpers import reads_alias
 from tasks.encoders import bert, loading
 from tasks.encoders.tokenization import WordPieceTokenizer
 
@@ -127,17 +128,9 @@ def test_make_encoder_from_hf_folder_checks_vocab(tmp_path):
         loading.make_encoder(str(tmp_path))
 
 
-def _reads_alias(variable) -> bool:
-    """Whether two reads of `variable` share its buffer. They do not once a ResourceGather has run on it:
-    TensorFlow then keeps the variable in copy-on-read mode, where reads and optimizer updates copy it whole.
-    (`_numpy()` is the view of a tensor's buffer; `numpy()` would copy.)"""
-    first, second = variable.value(), variable.value()
-    return first._numpy().__array_interface__["data"][0] == second._numpy().__array_interface__["data"][0]
-
-
 def test_building_the_encoder_leaves_the_word_embedding_out_of_copy_on_read_mode():
     encoder, _ = loading.make_encoder(bert.BertConfig.tiny())
     table = next(v for v in encoder.variables if "word_embeddings" in v.name)
-    assert _reads_alias(table)
+    assert reads_alias(table)
     tf.gather(table, [1, 2])  # what an eager call of the stock embedding layer runs: the check sees it
-    assert not _reads_alias(table)
+    assert not reads_alias(table)
