@@ -4,7 +4,17 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional
 
+import numpy as np
 import tensorflow as tf
+
+
+def longest_first(mask: np.ndarray) -> np.ndarray:
+    """The order of examples, longest first (stable), from their [n, length] 0/1 padding mask.
+
+    Batches cut to their longest sequence then hold sentences of similar length: on SST-2 dev about 1.7x fewer
+    tokens than batches in file order (bench/RESULTS.md). Longest first, so the widest batch (most memory) comes
+    first rather than at the end of a long evaluation."""
+    return np.argsort(-np.asarray(mask).sum(axis=1), kind="stable")
 
 
 def pad_batch(features, labels, batch_size: int):

@@ -312,23 +312,38 @@ def test_cut_evaluation_gives_the_metrics_and_logits_of_full_padding(sst2_slices
     assert results[True]["accuracy"] == results[False]["accuracy"]
     np.testing.assert_allclose(results[True]["f1"], results[False]["f1"], atol=1e-6)
     np.testing.assert_allclose(results[True]["loss"], results[False]["loss"], atol=1e-5)
-    # The batches themselves: cut ones are the full ones minus padding, with the same logits.
-    widths = []
-    pairs = zip(cut.task.build_inputs("validation", batch_size=16), full.task.build_inputs("validation", batch_size=16))
-    for (features, labels), (padded, padded_labels) in pairs:
+    # The batches themselves: cut ones are the full ones, longest first, minus padding, with the same logits.
+    padded_batches = list(full.task.build_inputs("validation", batch_size=16))
+    padded = {k: np.concatenate([f[k] for f, _ in padded_batches]) for k in padded_batches[0][0]}
+    padded_labels = np.concatenate([labels for _, labels in padded_batches])
+    logits_in_file_order = np.concatenate([full.model(f, training=False) for f, _ in padded_batches])
+    lengths = padded["input_mask"].sum(1)
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties in file order
+    widths, row = [], 0
+    for features, labels in cut.task.build_inputs("validation", batch_size=16):
         width = features["input_mask"].shape[1]
         widths.append(width)
-        assert padded["input_mask"].shape[1] == 128 and not np.any(padded["input_mask"][:, width:])
-        np.testing.assert_array_equal(labels, padded_labels)
-        np.testing.assert_allclose(cut.model(features, training=False), full.model(padded, training=False),
+        rows = order[row:row + len(labels)]
+        row += len(labels)
+        assert padded["input_mask"].shape[1] == 128 and not np.any(padded["input_mask"][rows, width:])
+        for name in padded:
+            np.testing.assert_array_equal(features[name], padded[name][rows, :width])
+        np.testing.assert_array_equal(labels, padded_labels[rows])
+        np.testing.assert_allclose(cut.model(features, training=False), logits_in_file_order[rows],
                                    atol=1e-5, rtol=0)
         assert width == features["input_mask"].numpy().sum(1).max()  # exactly the longest: no XLA here
-    assert max(widths) < 128 and len(widths) == 7  # 100 / 16
+    assert row == len(lengths) and len(widths) == 7  # 100 / 16
+    assert widths == sorted(widths, reverse=True) and max(widths) < 128
+    # Sorting is what cuts the tokens: fewer than batches of 16 in file order, each cut to its longest.
+    in_file_order = sum(len(chunk) * chunk.max() for chunk in np.split(lengths, range(16, len(lengths), 16)))
+    assert sum(16 * w for w in widths[:-1]) + widths[-1] * (len(lengths) % 16 or 16) < in_file_order
     # Open shapes: after at most 3 traces the step takes any width (here 6 widths).
     assert len(set(widths)) > 3 and cut._eval_step.experimental_get_tracing_count() <= 3
     sentences = list(cut.task.examples("validation").texts[0])
     labels_cut, probabilities_cut = cut.task.predict(cut.model, sentences, batch_size=16)
     labels_full, probabilities_full = full.task.predict(full.model, sentences, batch_size=16)
+    # predict runs longest first too, and answers in input order: against the model on batches in file order.
+    np.testing.assert_allclose(probabilities_cut, tf.nn.softmax(logits_in_file_order), atol=1e-5, rtol=0)
     assert labels_cut == labels_full
     np.testing.assert_allclose(probabilities_cut, probabilities_full, atol=1e-5, rtol=0)
 

@@ -117,6 +117,8 @@ BUCKET_MULTIPLE = 16
 # `predict` and the serving signature pad each batch to its longest sequence rounded up to this (one trace with
 # open shapes: any width costs nothing extra).
 PREDICT_WIDTH_MULTIPLE = 1
+# `predict` tokenizes and sorts this many batches at a time: memory stays bounded on large inputs.
+PREDICT_WINDOW_BATCHES = 64
 
 
 class ClassificationTask(Task):
@@ -205,7 +207,13 @@ class ClassificationTask(Task):
     def build_inputs(self, split: str, *, batch_size: int,
                      input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         if split != "train":
-            dataset = tf.data.Dataset.from_tensor_slices(self.encoded(split))
+            features, labels = self.encoded(split)
+            if self.cuts_batches:
+                # Longest first, so each cut batch holds similar lengths: fewer tokens for the same metrics
+                # (they are sums over examples; only the loss's float rounding depends on the order).
+                order = inputs.longest_first(features["input_mask"])
+                features, labels = {k: v[order] for k, v in features.items()}, labels[order]
+            dataset = tf.data.Dataset.from_tensor_slices((features, labels))
             dataset = inputs.shard_shuffle_batch(
                 dataset, training=False, batch_size=batch_size, input_context=input_context,
                 shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
@@ -280,28 +288,49 @@ class ClassificationTask(Task):
         return ClassificationServing(self, model)
 
     def predict(self, model: tf_keras.Model, *texts: Sequence[str], batch_size: int = 64) -> tuple[list, np.ndarray]:
-        """Raw sentences (or pairs: two lists) -> (labels as `config.answer_labels`, [n, classes] probabilities)."""
-        if self._predict_fn is None or self._predict_fn[0] is not model or self._predict_fn[1] != len(texts):
-            # One trace for every batch size and width (shapes left open), not Keras' eager layer by layer.
-            _ = self.tokenizer  # its vocab table: created eagerly, not inside the trace
-            forward = tf.function(lambda *batch: self._predict_batch(model, *batch),
-                                  input_signature=[tf.TensorSpec([None], tf.string)] * len(texts))
-            self._predict_fn = (model, len(texts), forward)
-        forward = self._predict_fn[2]
-        probabilities = []
-        for start in range(0, len(texts[0]), batch_size):
-            batch = [tf.constant(list(t[start:start + batch_size]), tf.string) for t in texts]
-            probabilities.append(forward(*batch).numpy())
-        probabilities = np.concatenate(probabilities)
+        """Raw sentences (or pairs: two lists) -> (labels as `config.answer_labels`, [n, classes] probabilities).
+
+        The sentences are tokenized a window at a time and run longest first, in batches cut to their longest
+        sentence (as evaluation does); the answers come back in input order. A row's answer does not depend on
+        its batch: padding is masked."""
+        encode, forward = self._predict_functions(model, len(texts))
+        rows_done, answers = [], []
+        window = batch_size * PREDICT_WINDOW_BATCHES
+        for start in range(0, len(texts[0]), window):
+            features = encode(*[tf.constant(list(t[start:start + window]), tf.string) for t in texts])
+            features = {k: v.numpy() for k, v in features.items()}
+            order = inputs.longest_first(features["input_mask"])
+            for first in range(0, len(order), batch_size):
+                rows = order[first:first + batch_size]
+                batch = {k: v[rows] for k, v in features.items()}
+                if self.cuts_batches:
+                    longest = max(int(batch["input_mask"].sum(axis=1).max()), 1)
+                    width = -(-longest // PREDICT_WIDTH_MULTIPLE) * PREDICT_WIDTH_MULTIPLE
+                    batch = {k: v[:, :width] for k, v in batch.items()}
+                rows_done.append(start + rows)
+                answers.append(forward(batch).numpy())
+        if not answers:
+            return [], np.zeros([0, max(self.config.classes, 2)], np.float32)
+        probabilities = np.empty([len(texts[0]), answers[0].shape[1]], np.float32)
+        probabilities[np.concatenate(rows_done)] = np.concatenate(answers)
         ids = probabilities.argmax(-1)
         return [self.config.answer_labels[i] for i in ids], probabilities
+
+    def _predict_functions(self, model: tf_keras.Model, num_texts: int):
+        """(tokenize: strings -> features, forward: features -> probabilities), each traced once for any batch
+        size and width (shapes left open), not run eagerly layer by layer; cached for the last model."""
+        if self._predict_fn is None or self._predict_fn[0] is not model or self._predict_fn[1] != num_texts:
+            tokenizer = self.tokenizer  # its vocab table: created eagerly, not inside the trace
+            encode = tf.function(lambda *texts: tokenizer.encode(*texts, pad_to_multiple=self.predict_pad_to_multiple),
+                                 input_signature=[tf.TensorSpec([None], tf.string)] * num_texts)
+            spec = {name: tf.TensorSpec([None, None], tf.int32)
+                    for name in ("input_word_ids", "input_mask", "input_type_ids")}
+            forward = tf.function(lambda features: self.probabilities(model(features, training=False)),
+                                  input_signature=[spec])
+            self._predict_fn = (model, num_texts, (encode, forward))
+        return self._predict_fn[2]
 
     @property
     def predict_pad_to_multiple(self) -> Optional[int]:
         """`tokenizer.encode`'s pad_to_multiple for `predict` and the serving signature (None: max_seq_length)."""
         return PREDICT_WIDTH_MULTIPLE if self.cuts_batches else None
-
-    def _predict_batch(self, model: tf_keras.Model, *texts: tf.Tensor) -> tf.Tensor:
-        features = self.tokenizer.encode(*texts, pad_to_multiple=self.predict_pad_to_multiple)
-        return self.probabilities(model(features, training=False))
-
