@@ -147,7 +147,7 @@ class TrainRunner:
 class Classifier:
     """Raw sentences -> probabilities with the peer in `torch.inference_mode`, tokenization included."""
 
-    def __init__(self, model, tokenizer_dir: str, *, max_length: int, padding: str):
+    def __init__(self, model, tokenizer_dir: str, *, max_length: int, padding: str, longest_first: bool = False):
         import torch  # noqa: PLC0415
         from transformers import AutoTokenizer  # noqa: PLC0415
         self.model = model.eval()
@@ -156,6 +156,9 @@ class Classifier:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.max_length = max_length
         self.padding = padding  # "max_length" (the engine's fixed shape) or "longest" (HF's padding=True)
+        # predict: tokenize all sentences once, run them longest first (each batch padded by tokenizer.pad, as
+        # DataCollatorWithPadding does) and answer in input order: what our evaluate and predict do.
+        self.longest_first = longest_first
         self._torch = torch
 
     def encode(self, sentences):
@@ -169,5 +172,20 @@ class Classifier:
             return torch.softmax(logits.float(), dim=-1).numpy()
 
     def predict(self, sentences, batch_size: int) -> np.ndarray:
-        return np.concatenate([self.probabilities(sentences[i:i + batch_size])
-                               for i in range(0, len(sentences), batch_size)])
+        if not self.longest_first:
+            return np.concatenate([self.probabilities(sentences[i:i + batch_size])
+                                   for i in range(0, len(sentences), batch_size)])
+        torch = self._torch
+        encoded = self.tokenizer(list(sentences), truncation=True, max_length=self.max_length)
+        order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")
+        probabilities = None
+        with torch.inference_mode():
+            for first in range(0, len(order), batch_size):
+                rows = order[first:first + batch_size]
+                batch = self.tokenizer.pad({k: [v[r] for r in rows] for k, v in encoded.items()},
+                                           padding=self.padding, max_length=self.max_length, return_tensors="pt")
+                answer = torch.softmax(self.model(**batch).logits.float(), dim=-1).numpy()
+                if probabilities is None:
+                    probabilities = np.empty([len(order), answer.shape[1]], np.float32)
+                probabilities[rows] = answer
+        return probabilities

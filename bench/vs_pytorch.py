@@ -23,11 +23,14 @@ Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, 
   path (`task.predict` on the model restored as launch.predict restores it), and the raw-string SavedModel
   that launch.export writes (batch --serving_batch_size throughput; batch 1 latency over --latency_calls
   sentences, p50/p99 per round), each with engine/fusion.py's rewrites as the Trainer, launch.predict and
-  launch.export apply them. Ours cut each batch to its longest sentence (evaluation: rounded up to a
-  bucket width of 16); with --full_padding_rows also padded to the full seq ("... pad 128", as before issue
-  14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on the same sentences (tokenizing
-  inside every call), padded to 128 ("pad 128") and to the batch's longest ("pad longest": HF's usual
-  `padding=True`, what our side now does too). --notraining times evaluation/serving only.
+  launch.export apply them. Ours cut each batch to its longest sentence; evaluate and predict also run the
+  sentences longest first (answers in input order), so batches hold similar lengths; the SavedModel answers
+  the batches it is given. With --full_padding_rows ours also padded to the full seq ("... pad 128", as before
+  issue 14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on the same sentences
+  (tokenizing inside every call), padded to 128 ("pad 128"), to the batch's longest ("pad longest": HF's
+  usual `padding=True`), and, for evaluate and predict, longest first as ours ("pad longest, longest first":
+  tokenized once, batches padded by `tokenizer.pad`). A target compares with the fastest peer row.
+  --notraining times evaluation/serving only.
 
 Timing: everything is built and warmed up first (never timed); then every round times each configuration
 once, in an order reversed every other round. Tables give medians over rounds; a ratio is the median over
@@ -183,16 +186,24 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         import pytorch_peer  # noqa: PLC0415
         task = ClassificationTask(config)
         peer = peer_model_fn(trainer.model)
-        for padding, label in (("max_length", f"pad {setup.seq_length}"), ("longest", "pad longest")):
-            clf = pytorch_peer.Classifier(peer, bert.minilm_dir(), max_length=setup.seq_length, padding=padding)
+        for padding, longest_first, label in (("max_length", False, f"pad {setup.seq_length}"),
+                                              ("longest", False, "pad longest"),
+                                              ("longest", True, "pad longest, longest first")):
+            clf = pytorch_peer.Classifier(peer, bert.minilm_dir(), max_length=setup.seq_length, padding=padding,
+                                          longest_first=longest_first)
 
             def evaluate(clf=clf):
                 probabilities = clf.predict(sentences, batch_size)
                 return float(np.mean(probabilities.argmax(-1) == np.asarray(labels)))
-            for group in ("evaluate", "predict", f"serving batch {batch_size}"):
-                # One timing serves all three groups (the peer's evaluate and predict are the same loop);
+            # Sorting by length is for whole datasets (evaluate, predict); a server answers the batches it gets.
+            groups = ("evaluate", "predict") if longest_first else ("evaluate", "predict", f"serving batch {batch_size}")
+            for group in groups:
+                # One timing serves these groups (the peer's evaluate and predict are the same loop);
                 # it is timed once per round, in the first group, and reused for the others.
                 configs.append(Timed(group, f"pytorch inference_mode {label}", evaluate, n))
+            if longest_first:
+                in_input_order = clf.predict(sentences, batch_size)
+                continue
             configs.append(Timed("serving batch 1", f"pytorch inference_mode {label}",
                                  lambda s, clf=clf: clf.probabilities([s]), len(singles), per_call=singles))
             if padding == "max_length":
@@ -202,6 +213,8 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
                 same_ids = int(np.sum(np.all(ids_ours == ids_theirs, axis=1)))
                 checks.append(f"same weights: HF tokenizer gives our token ids for {same_ids}/{n} sentences; "
                               f"largest probability difference ours vs peer {np.max(np.abs(ours - theirs)):.2e}")
+        checks.append("the peer longest first vs in batches of input order: largest probability difference "
+                      f"{np.max(np.abs(in_input_order - theirs)):.2e}")
     return configs, checks, trainer
 
 
