@@ -88,6 +88,7 @@ class Trainer:
         self._train_iterator = None
         self._train_loop = None
         self._eval_step = None
+        self._eval_inputs: dict = {}  # split -> its distributed evaluation batches, built once
         self._controller: Optional[controller_lib.Controller] = None  # decides when to train, evaluate, save, stop
         self.peak_flops: Optional[float] = None  # for MFU; measured when training is set up
 
@@ -262,8 +263,12 @@ class Trainer:
             # That step takes any width unless XLA compiles it (then once per width): tell the Task's inputs.
             self.task.eval_width_multiple = 16 if self.runtime.jit_compile else 1
         with self.times.measure("data"), self.times.measure("eval_data"):
-            batches = iter(inputs.distribute_eval_inputs(
-                self.strategy, functools.partial(self.task.build_inputs, split), self.config.eval_batch_size))
+            if split not in self._eval_inputs:
+                # Built once and iterated again at every evaluation: rebuilding traced the pipeline's
+                # functions each time, ~50 ms per evaluation of 256 SST-2 sentences (bench/RESULTS.md).
+                self._eval_inputs[split] = inputs.distribute_eval_inputs(
+                    self.strategy, functools.partial(self.task.build_inputs, split), self.config.eval_batch_size)
+            batches = iter(self._eval_inputs[split])
         for metric in self.metrics:
             metric.reset_state()
         gathered = defaultdict(list)

@@ -308,7 +308,15 @@ def test_cut_evaluation_gives_the_metrics_and_logits_of_full_padding(sst2_slices
         trainers[cut] = trainer
     cut, full = trainers[True], trainers[False]
     assert cut.task.cuts_batches and not full.task.cuts_batches
+    built = []
+    build_inputs = cut.task.build_inputs
+    cut.task.build_inputs = lambda split, **kwargs: built.append(split) or build_inputs(split, **kwargs)
     results = {c: t.evaluate("validation") for c, t in trainers.items()}
+    # A second evaluation iterates the same batches again instead of building (and tracing) the pipeline anew.
+    again = cut.evaluate("validation")
+    assert built == ["validation"] and again["accuracy"] == results[True]["accuracy"]
+    np.testing.assert_allclose(again["loss"], results[True]["loss"], rtol=1e-6)
+    del cut.task.build_inputs
     assert results[True]["accuracy"] == results[False]["accuracy"]
     np.testing.assert_allclose(results[True]["f1"], results[False]["f1"], atol=1e-6)
     np.testing.assert_allclose(results[True]["loss"], results[False]["loss"], atol=1e-5)
