@@ -18,6 +18,8 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums, which oneDNN runs as
     many small head_dim-32 contractions with their own transposes. Masking, softmax and attention dropout
     are the layer's own.
+  * LayerNormalization over the last axis, at inference only: (x - mean) * (rsqrt(var + eps) * gamma) + beta,
+    fewer ops than Keras' moments + batch_normalization (see _layer_norm_call).
   * Model Garden's word-embedding lookup (OnDeviceEmbedding): gathered from a dense read of the table
     instead of by ResourceGather, which would put the variable into TensorFlow's copy-on-read mode, where
     every optimizer update copies the whole table (see _embedding_call). Not in export_safe graphs: they
@@ -30,7 +32,7 @@ mixed_bfloat16. Values are the same up to float rounding (tests/test_fusion.py),
 The embedding lookup, on an Intel Xeon with AMX (2026-12-01): bf16 batch 32, seq 32 1.05x (126.6 vs
 121.1 examples/s, 3 alternating process pairs), seq 128 1.01x: it saves a fixed ~12 ms per update.
 
-Not fused, on purpose: LayerNorm. As an XLA kernel it made MiniLM inference about 4 % faster, but its results
+Not an XLA kernel, on purpose: LayerNorm. As an XLA kernel it made MiniLM inference about 4 % faster, but its results
 depended on the batch's shape (two workers evaluating 7 rows each disagreed with one process evaluating 14:
 tests/test_multi_worker.py), and its gradient reductions rounded differently enough to show after Adam's first
 step (1 x 16 vs 4 x 4 micro-batches, tests/test_classification.py).
@@ -132,6 +134,30 @@ def _attention_call(layer, query, key, value, attention_mask=None, training=None
     return tf.transpose(context, [0, 2, 1, 3]), scores
 
 
+def _layer_norm_call(layer, inputs):
+    # At inference, Keras' LayerNormalization as (x - mean) * (rsqrt(variance + epsilon) * gamma) + beta: the same
+    # math in fewer ops than its moments + batch_normalization path (a SquaredDifference against a stop_gradient,
+    # then x * inv + (beta - mean * inv)). MiniLM's fp32 forward ran ~1.06x at batch 32 and ~1.1x at batch 1 on an
+    # AMX Xeon (bench/RESULTS.md). Training keeps Keras' own call and its gradient, so its numerics are unchanged.
+    last = inputs.shape.rank - 1 if inputs.shape.rank is not None else None
+    if _training() or isinstance(inputs, tf.RaggedTensor) or layer.axis != [last]:
+        return type(layer).call(layer, inputs)
+    inputs = tf.cast(inputs, layer.compute_dtype)
+    input_dtype = inputs.dtype
+    if input_dtype in (tf.float16, tf.bfloat16) and layer.dtype == "float32":
+        inputs = tf.cast(inputs, tf.float32)  # as Keras does: statistics in float32 under a mixed policy
+    mean = tf.reduce_mean(inputs, axis=[last], keepdims=True)
+    centered = inputs - mean
+    variance = tf.reduce_mean(tf.square(centered), axis=[last], keepdims=True)
+    inverse = tf.math.rsqrt(variance + layer.epsilon)
+    if layer.scale:
+        inverse *= tf.cast(layer.gamma, inverse.dtype)
+    outputs = centered * inverse
+    if layer.center:
+        outputs += tf.cast(layer.beta, outputs.dtype)
+    return tf.cast(outputs, input_dtype)
+
+
 def _embedding_call(layer, inputs):
     # Model Garden's OnDeviceEmbedding looks rows up with tf.gather(variable, ids), a ResourceGather. That op
     # switches the variable into TensorFlow's copy-on-read mode for good (EnsureSparseVariableAccess), and from
@@ -167,9 +193,9 @@ def _is_plain_attention(layer) -> bool:
 def fuse_elementwise(model: tf.Module, *, export_safe: bool = False) -> dict[str, int]:
     """Rebinds the model's layers as the module docstring lists; returns how many of each kind.
 
-    export_safe: only the rewrites made of standard TensorFlow ops (dense, attention, and the GELU fused into
-    the dense at inference), no XLA kernels, and not the embedding lookup (a served graph updates nothing)."""
-    counts = dict.fromkeys(("dropout", "activation", "dense", "attention", "embedding"), 0)
+    export_safe: only the rewrites made of standard TensorFlow ops (dense, attention, LayerNorm, and the GELU
+    fused into the dense at inference), no XLA kernels, and not the embedding lookup (a served graph updates nothing)."""
+    counts = dict.fromkeys(("dropout", "activation", "dense", "attention", "layer_norm", "embedding"), 0)
     if not export_safe:
         counts["dropout"] = dropout.rebind(model, xla=True)
     layers = list(model.submodules)
@@ -183,6 +209,9 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False) -> dict[str
         elif _is_plain_attention(layer):
             layer._compute_attention = functools.partial(_attention_call, layer)
             counts["attention"] += 1
+        elif type(layer) is tf_keras.layers.LayerNormalization and len(layer.axis) == 1:
+            layer.call = functools.partial(_layer_norm_call, layer)
+            counts["layer_norm"] += 1
         elif (type(layer) is tf_keras.layers.Activation and layer.activation is not tf_keras.activations.linear
               and not export_safe):
             _fuse_activation(layer)

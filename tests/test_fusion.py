@@ -53,7 +53,7 @@ def test_fused_activation_equals_stock_with_gradient():
     x = tf.random.stateless_normal([64, 96], seed=[7, 8]) * 3
     expected_y, expected_grad = _value_and_grad(layer, x)
     assert fusion.fuse_elementwise(tf_keras.Sequential([layer])) == {
-        "dropout": 0, "activation": 1, "dense": 0, "attention": 0, "embedding": 0}
+        "dropout": 0, "activation": 1, "dense": 0, "attention": 0, "layer_norm": 0, "embedding": 0}
     y, grad = _value_and_grad(layer, x)
     np.testing.assert_allclose(y, expected_y, atol=1e-6)
     np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
@@ -131,7 +131,7 @@ def test_dense_and_attention_rewrites_give_stock_keras_values_and_gradients(trai
     config, inputs, stock, fused = _encoder_pair()
     layers = config.num_hidden_layers
     assert fusion.fuse_elementwise(fused) == {"dropout": 0, "activation": layers, "dense": 6 * layers,
-                                              "attention": layers, "embedding": 1}
+                                              "attention": layers, "layer_norm": 1 + 2 * layers, "embedding": 1}
     expected = _outputs_and_grads(stock, inputs, training)
     got = _outputs_and_grads(fused, inputs, training)
     assert len(got) == len(expected) == len(stock.trainable_variables) + 1
@@ -140,6 +140,35 @@ def test_dense_and_attention_rewrites_give_stock_keras_values_and_gradients(trai
         # embedding row's gradient cancel to near zero, and the key biases' gradients are zero in exact math
         # (softmax ignores a shift shared by all keys), so a per-element relative tolerance would not fit.
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=3e-5 * max(np.abs(e).max(), 1e-3))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_layer_norm_at_inference_matches_float64_numpy_and_training_keeps_keras_call(policy):
+    tf_keras.mixed_precision.set_global_policy(policy)
+    try:
+        # As Model Garden builds it: float32 under any policy, BERT's epsilon (too small for Keras' fused path).
+        layer = tf_keras.layers.LayerNormalization(axis=-1, epsilon=1e-12, dtype="float32")
+        x = tf.random.stateless_normal([3, 5, 16], seed=[5, 6]) * 3.0 + 1.0
+        compute_dtype = tf_keras.mixed_precision.global_policy().compute_dtype
+        x = tf.cast(x, compute_dtype)  # what the previous layer hands over
+        layer(x)
+        layer.set_weights([np.linspace(0.5, 1.5, 16), np.linspace(-0.2, 0.2, 16)])
+        stock = layer(x, training=False).numpy()
+        assert fusion.fuse_elementwise(tf_keras.Sequential([layer]))["layer_norm"] == 1
+        rows = tf.cast(x, tf.float32).numpy().astype(np.float64)
+        mean, variance = rows.mean(-1, keepdims=True), rows.var(-1, keepdims=True)
+        expected = (rows - mean) / np.sqrt(variance + 1e-12) * layer.gamma.numpy() + layer.beta.numpy()
+
+        def ops(training):
+            graph = tf.function(lambda t: layer(t, training=training)).get_concrete_function(x).graph
+            return {op.type for op in graph.get_operations()}
+        got = tf.function(lambda t: layer(t, training=False))(x).numpy()
+        assert got.dtype == stock.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+        np.testing.assert_allclose(got, stock, rtol=0, atol=2e-6)
+        assert "SquaredDifference" not in ops(training=False) and "SquaredDifference" in ops(training=True)
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
 
 
 def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_layer():
@@ -162,7 +191,7 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
     safe = _encoder_pair()[3]
     safe.set_weights(stock.get_weights())
     assert fusion.fuse_elementwise(safe, export_safe=True) == {"dropout": 0, "activation": 0, "dense": 12,
-                                                               "attention": 2, "embedding": 0}
+                                                               "attention": 2, "layer_norm": 5, "embedding": 0}
     for training in (True, False):
         np.testing.assert_allclose(safe(inputs, training=training)["sequence_output"],
                                    stock(inputs, training=training)["sequence_output"], atol=1e-5)
@@ -203,9 +232,10 @@ def test_fuse_elementwise_changes_only_the_given_model_in_training_mode():
     # dropout (the blocks' inner FFN dropout has rate 0 and is left alone) and the FFN's GELU.
     layers = config.num_hidden_layers
     assert fusion.fuse_elementwise(fused) == {"dropout": 1 + 3 * layers, "activation": layers,
-                                              "dense": 6 * layers, "attention": layers, "embedding": 1}
+                                              "dense": 6 * layers, "attention": layers, "layer_norm": 1 + 2 * layers,
+                                              "embedding": 1}
     rebound = [m for m in fused.submodules if "call" in vars(m) or "_compute_attention" in vars(m)]
-    assert len(rebound) == (1 + 3 * layers) + layers + 6 * layers + layers + 1
+    assert len(rebound) == (1 + 3 * layers) + layers + 6 * layers + layers + (1 + 2 * layers) + 1
     assert not any("call" in vars(m) for m in stock.submodules)
     # Evaluation: dropout is the identity, so fused and stock agree.
     np.testing.assert_allclose(fused(inputs, training=False)["sequence_output"],
@@ -228,7 +258,8 @@ def test_trains_under_the_engine_traced_once(tmp_path, strategy, jit_compile):
     trainer = run_training(DropoutToyTask, global_batch_size=16, grad_accum_steps=2, strategy=strategy,
                            jit_compile=jit_compile, train_steps=30, steps_per_loop=10, model_dir=str(tmp_path))
     # Dense(activation=...) is not an Activation layer, and plain Dense layers are left to Keras.
-    assert trainer.fused_layers == {"dropout": 2, "activation": 0, "dense": 0, "attention": 0, "embedding": 0}
+    assert trainer.fused_layers == {"dropout": 2, "activation": 0, "dense": 0, "attention": 0, "layer_norm": 0,
+                                   "embedding": 0}
     losses = [h["loss"] for h in trainer.train_history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert trainer.train_loop_tracing_count == 1
