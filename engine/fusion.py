@@ -128,10 +128,33 @@ def _attention_call(layer, query, key, value, attention_mask=None, training=None
     # Keras' _compute_attention with its two einsums ("aecd,abcd->acbe", "acbe,aecd->abcd") as batched
     # MatMuls over [batch, heads, seq, head_dim]; the scale, masked softmax and dropout are the layer's own.
     query = tf.multiply(query, 1.0 / math.sqrt(float(layer._key_dim)))
-    query, key, value = (tf.transpose(t, [0, 2, 1, 3]) for t in (query, key, value))
+    query, key, value = (_swap_seq_and_heads(t) for t in (query, key, value))
     scores = layer._masked_softmax(tf.matmul(query, key, transpose_b=True), attention_mask)
     context = tf.matmul(layer._dropout_layer(scores, training=training), value)
-    return tf.transpose(context, [0, 2, 1, 3]), scores
+    return _swap_seq_and_heads(context), scores
+
+
+# Same-width integer types for _swap_seq_and_heads.
+_AS_INTEGERS = {tf.float32: tf.int32, tf.bfloat16: tf.int16, tf.float16: tf.int16}
+
+
+def _swap_seq_and_heads(tensor):
+    """[batch, seq, heads, head_dim] <-> [batch, heads, seq, head_dim].
+
+    At inference the transpose runs on the bits as same-width integers: TensorFlow's oneDNN build rewrites every
+    float Transpose into _MklTranspose, which took ~50 us for one sentence's [1, 25, 12, 32] against ~5 us for
+    Eigen's integer transpose (the same at batch 32; bench/RESULTS.md), and a forward has 4 per layer. Bitcasts
+    are views; the gradient (for gradients taken at inference, e.g. saliency) is the plain transpose. Training
+    keeps tf.transpose."""
+    if _training() or tensor.dtype not in _AS_INTEGERS:
+        return tf.transpose(tensor, [0, 2, 1, 3])
+    return _swap_as_integers(tensor)
+
+
+@tf.custom_gradient
+def _swap_as_integers(tensor):
+    swapped = tf.bitcast(tf.transpose(tf.bitcast(tensor, _AS_INTEGERS[tensor.dtype]), [0, 2, 1, 3]), tensor.dtype)
+    return swapped, lambda upstream: tf.transpose(upstream, [0, 2, 1, 3])  # the swap is its own inverse
 
 
 def _layer_norm_call(layer, inputs):

@@ -197,6 +197,18 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
                                    stock(inputs, training=training)["sequence_output"], atol=1e-5)
 
 
+def test_attention_transposes_run_on_integer_bits_at_inference_only():
+    config, inputs, _, fused = _encoder_pair()
+    fusion.fuse_elementwise(fused, export_safe=True)
+
+    def transposes(training):
+        graph = tf.function(lambda x: fused(x, training=training)).get_concrete_function(inputs).graph
+        return sorted(op.get_attr("T").name for op in graph.get_operations() if op.type == "Transpose")
+    # Per layer: query, key and value to heads-first, and the context back.
+    assert transposes(training=False) == ["int32"] * 4 * config.num_hidden_layers
+    assert transposes(training=True) == ["float32"] * 4 * config.num_hidden_layers
+
+
 def test_export_safe_graph_has_no_xla_kernel():
     _, inputs, _, fused = _encoder_pair()
     _, _, _, safe = _encoder_pair()
