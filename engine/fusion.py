@@ -17,7 +17,8 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
   * Multi-head attention (Keras' MultiHeadAttention over one sequence axis): the scores and the context as
     batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums, which oneDNN runs as
     many small head_dim-32 contractions with their own transposes. Masking, softmax and attention dropout
-    are the layer's own.
+    are the layer's own. At inference the transposes to and from heads-first run on the bits as integers,
+    which oneDNN's build does not reroute to its slower small-tensor transpose (see _swap_seq_and_heads).
   * LayerNormalization over the last axis, at inference only: (x - mean) * (rsqrt(var + eps) * gamma) + beta,
     fewer ops than Keras' moments + batch_normalization (see _layer_norm_call).
   * Model Garden's word-embedding lookup (OnDeviceEmbedding): gathered from a dense read of the table
