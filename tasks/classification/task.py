@@ -135,7 +135,7 @@ class ClassificationTask(Task):
         self._encoder = None
         self._tokenizer: Optional[WordPieceTokenizer] = None
         self._built_for_tpu = False
-        self._predict_fn = None   # (model, number of text columns, its compiled forward pass)
+        self._predict_fn = None   # (model, number of text columns, (its tokenize, its forward pass))
 
     @property
     def tokenizer(self) -> WordPieceTokenizer:
@@ -309,7 +309,7 @@ class ClassificationTask(Task):
                     batch = {k: v[:, :width] for k, v in batch.items()}
                 rows_done.append(start + rows)
                 answers.append(forward(batch).numpy())
-        if not answers:
+        if not answers:  # no sentences: no answers ([0, 2] for a sigmoid head, as its probabilities have 2 columns)
             return [], np.zeros([0, max(self.config.classes, 2)], np.float32)
         probabilities = np.empty([len(texts[0]), answers[0].shape[1]], np.float32)
         probabilities[np.concatenate(rows_done)] = np.concatenate(answers)
