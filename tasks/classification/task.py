@@ -302,11 +302,11 @@ class ClassificationTask(Task):
             order = inputs.longest_first(features["input_mask"])
             for first in range(0, len(order), batch_size):
                 rows = order[first:first + batch_size]
-                batch = {k: v[rows] for k, v in features.items()}
+                batch = {k: tf.convert_to_tensor(v[rows]) for k, v in features.items()}
                 if self.cuts_batches:
-                    longest = max(int(batch["input_mask"].sum(axis=1).max()), 1)
-                    width = -(-longest // PREDICT_WIDTH_MULTIPLE) * PREDICT_WIDTH_MULTIPLE
-                    batch = {k: v[:, :width] for k, v in batch.items()}
+                    batch, _ = inputs.cut_to_longest(batch, (), length_key="input_mask",
+                                                     full_length=batch["input_mask"].shape[1],
+                                                     multiple=PREDICT_WIDTH_MULTIPLE)
                 rows_done.append(start + rows)
                 answers.append(forward(batch).numpy())
         if not answers:  # no sentences: no answers ([0, 2] for a sigmoid head, as its probabilities have 2 columns)
