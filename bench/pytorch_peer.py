@@ -166,26 +166,27 @@ class Classifier:
                               return_tensors="pt")
 
     def probabilities(self, sentences) -> np.ndarray:
+        return self._probabilities(self.encode(sentences))
+
+    def _probabilities(self, batch) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            logits = self.model(**self.encode(sentences)).logits
+            logits = self.model(**batch).logits
             return torch.softmax(logits.float(), dim=-1).numpy()
 
     def predict(self, sentences, batch_size: int) -> np.ndarray:
         if not self.longest_first:
             return np.concatenate([self.probabilities(sentences[i:i + batch_size])
                                    for i in range(0, len(sentences), batch_size)])
-        torch = self._torch
         encoded = self.tokenizer(list(sentences), truncation=True, max_length=self.max_length)
         order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")
         probabilities = None
-        with torch.inference_mode():
-            for first in range(0, len(order), batch_size):
-                rows = order[first:first + batch_size]
-                batch = self.tokenizer.pad({k: [v[r] for r in rows] for k, v in encoded.items()},
-                                           padding=self.padding, max_length=self.max_length, return_tensors="pt")
-                answer = torch.softmax(self.model(**batch).logits.float(), dim=-1).numpy()
-                if probabilities is None:
-                    probabilities = np.empty([len(order), answer.shape[1]], np.float32)
-                probabilities[rows] = answer
+        for first in range(0, len(order), batch_size):
+            rows = order[first:first + batch_size]
+            batch = self.tokenizer.pad({k: [v[r] for r in rows] for k, v in encoded.items()},
+                                       padding=self.padding, max_length=self.max_length, return_tensors="pt")
+            answer = self._probabilities(batch)
+            if probabilities is None:
+                probabilities = np.empty([len(order), answer.shape[1]], np.float32)
+            probabilities[rows] = answer
         return probabilities
