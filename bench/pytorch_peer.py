@@ -52,13 +52,23 @@ def load_classifier(model_dir: str, keras_model=None, num_labels: int = 2):
 
 
 def from_config(encoder_config, keras_model=None, num_labels: int = 2):
-    """A randomly initialised HF classifier of a tasks.encoders.bert.BertConfig's shape (quick runs)."""
+    """A HF classifier of a tasks.encoders.bert.BertConfig's shape (quick runs), holding `keras_model`'s weights
+    (its randomly initialised encoder and head) when given, so both sides compute the same function."""
+    import torch  # noqa: PLC0415
     from transformers import BertConfig, BertForSequenceClassification  # noqa: PLC0415
+
+    from tasks.encoders import bert  # noqa: PLC0415
     fields = {k: getattr(encoder_config, k) for k in (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
         "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob", "attention_probs_dropout_prob")}
     model = BertForSequenceClassification(BertConfig(num_labels=num_labels, **fields))
     if keras_model is not None:
+        encoder, = [layer for layer in keras_model.layers if hasattr(layer, "transformer_layers")]
+        state = {name: torch.from_numpy(value) for name, value in bert.hf_weights(encoder).items()}
+        missing, unexpected = model.bert.load_state_dict(state, strict=False)
+        missing = [name for name in missing if not name.endswith("position_ids")]  # a buffer, not a weight
+        if missing or unexpected:
+            raise ValueError(f"HF BertModel and our encoder differ: missing {missing}, unexpected {unexpected}")
         load_classifier_head(model, keras_model)
     return model
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import DATA_DIR, REPO_ROOT
@@ -121,6 +122,28 @@ def test_peer_length_grouping_sorts_windows_and_cuts_batches_to_their_longest():
 def _torch_installed() -> bool:
     import importlib.util  # noqa: PLC0415
     return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+
+
+@pytest.mark.skipif(not _torch_installed(), reason="the bench extra (torch, transformers) is not installed")
+def test_quick_peer_holds_the_random_tiny_models_weights():
+    """`--quick` compares ours with a HF model of the tiny encoder's shape: it must be the same function, or the
+    bench's "largest probability difference ours vs peer" line compares two random models."""
+    import torch  # noqa: PLC0415
+    import pytorch_peer  # noqa: PLC0415
+    setup = engine_vs_fit.make_setup(quick=True, num_examples=8)
+    task = engine_vs_fit.make_task(setup, DATA_DIR)
+    model = task.build_model()
+    peer = pytorch_peer.from_config(setup.encoder, model).eval()
+    features = {k: v[:8] for k, v in task.features.items()}
+    ours = model(features, training=False).numpy()
+    with torch.inference_mode():
+        theirs = peer(input_ids=torch.from_numpy(features["input_word_ids"]).long(),
+                      attention_mask=torch.from_numpy(features["input_mask"]).long(),
+                      token_type_ids=torch.from_numpy(features["input_type_ids"]).long()).logits.numpy()
+    assert features["input_mask"].sum(1).min() < setup.seq_length, "want padding, so the mask is exercised"
+    # A random head gives logits of spread ~1e-3; two different random models differ by about that spread.
+    spread, difference = float(ours.std()), float(np.max(np.abs(theirs - ours)))
+    assert difference <= 1e-3 * spread, (difference, spread)
 
 
 @pytest.mark.skipif(not _torch_installed(), reason="the bench extra (torch, transformers) is not installed")

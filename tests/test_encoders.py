@@ -71,6 +71,17 @@ def test_random_tiny_weights_match_numpy_reference(tmp_path, prefix):
     assert seq_diff <= 1e-4 and pooled_diff <= 1e-4, (seq_diff, pooled_diff)
 
 
+def test_hf_weights_of_a_random_encoder_drive_the_numpy_reference_to_its_outputs():
+    """Our encoder handed out in HF naming (the bench's PyTorch peer of the tiny encoder loads it) is the same model."""
+    encoder, _ = loading.make_encoder(TINY)
+    weights = bert.hf_weights(encoder)
+    assert {k: v.shape for k, v in weights.items()} == ref.hf_weight_shapes(**TINY_SHAPES)
+    inputs = _tiny_inputs()
+    seq_diff, pooled_diff = ref.max_abs_diffs(ref.bert_forward(weights, TINY.num_attention_heads, **inputs),
+                                              encoder(inputs), inputs["input_mask"])
+    assert seq_diff <= 1e-4 and pooled_diff <= 1e-4, (seq_diff, pooled_diff)
+
+
 def test_mismatched_safetensors_list_every_problem_and_assign_nothing(tmp_path):
     weights = ref.random_hf_weights(seed=4, **TINY_SHAPES)
     del weights["encoder.layer.1.attention.self.key.bias"]

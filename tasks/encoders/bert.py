@@ -237,6 +237,19 @@ def load_hf_weights(encoder: tf_keras.layers.Layer, safetensors_path: str) -> No
                    source_name=lambda tf1_name: prefix + tf1_to_hf_name(tf1_name))
 
 
+def hf_weights(encoder: tf_keras.layers.Layer) -> dict[str, np.ndarray]:
+    """The encoder's weights as a HF BertModel's tensors (Linear weights [out, in]): load_hf_weights' inverse.
+
+    For handing an encoder we built to PyTorch, e.g. the bench's peer of a randomly initialised tiny encoder."""
+    variables = _keras_variables(encoder)
+    weights = {}
+    for tf1_name in tf1_variable_names(len(encoder.transformer_layers)):
+        keras_name = _tf1_to_keras_name(tf1_name)
+        value = variables[keras_name].numpy().reshape(_tf1_shape(keras_name, tuple(variables[keras_name].shape)))
+        weights[tf1_to_hf_name(tf1_name)] = np.ascontiguousarray(value.T if tf1_name.endswith("/kernel") else value)
+    return weights
+
+
 def load_tf1_weights(encoder: tf_keras.layers.Layer, checkpoint_prefix: str) -> None:
     """Assigns a google-research/bert TF1 checkpoint (`bert/...` names) into a built BertEncoderV2.
 
