@@ -103,6 +103,48 @@ def test_long_sentences_are_windowed_and_every_word_is_predicted(tmp_path):
     assert results["f1"] > 0 and len({t for tags in predicted for t in tags}) > 3, "all-O would make this vacuous"
 
 
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+def test_cut_evaluation_gives_the_tags_and_scores_of_full_padding(tmp_path, strategy):
+    """Evaluation batches sorted longest first and cut to their longest window (the default off TPU) against the same model on batches in file order padded to max_seq_length and words_per_window."""
+    trainers = {}
+    for cut in (True, False):
+        config = tiny_config(max_seq_length=64, max_eval_sentences=40, predictions_dir=str(tmp_path / str(cut)))
+        trainer = run_training(lambda: TaggingTask(config, cut_eval_batches=cut), global_batch_size=8, train_steps=1,
+                               strategy=strategy, eval_batch_size=8)
+        if trainers:
+            trainer.model.set_weights(trainers[True].model.get_weights())
+        else:  # varied tags, so equal predictions are not all "O"
+            kernel, bias = trainer.model.emissions.get_weights()
+            trainer.model.emissions.set_weights([np.random.default_rng(0).normal(size=kernel.shape) * 3, bias])
+        trainers[cut] = trainer
+    cut, full = trainers[True], trainers[False]
+    assert cut.task.cuts_batches and not full.task.cuts_batches
+    results = {c: t.evaluate("validation") for c, t in trainers.items()}
+    for name in ("precision", "recall", "f1", "word_accuracy"):
+        assert results[True][name] == results[False][name], name
+    np.testing.assert_allclose(results[True]["loss"], results[False]["loss"], rtol=1e-5)
+    predictions = [(tmp_path / str(c) / "validation_predictions.txt").read_text() for c in (True, False)]
+    assert predictions[0] == predictions[1]
+    assert len({line.split()[-1] for line in predictions[0].splitlines() if line}) > 3, "all-O would prove little"
+
+    # The batches: windows longest first (ties in file order), each cut to its longest window, its word arrays to that minus 2.
+    arrays = cut.task.split_data("validation").arrays
+    order = np.argsort(-arrays["input_mask"].sum(1), kind="stable")
+    widths, row = set(), 0
+    for features, labels in cut.task.build_inputs("validation", batch_size=8):
+        rows = order[row:row + len(labels)]
+        row += len(labels)
+        pieces, words = features["input_mask"].shape[1], features["word_mask"].shape[1]
+        widths.add((pieces, words))
+        assert pieces == arrays["input_mask"][rows].sum(1).max() and words == pieces - 2
+        assert not np.any(arrays["word_mask"][rows][:, words:])  # only padding words were cut
+        for name, value in features.items():
+            np.testing.assert_array_equal(value, arrays[name][rows][:, :value.shape[1]] if value.ndim > 1
+                                          else arrays[name][rows])
+        np.testing.assert_array_equal(labels, arrays["tags"][rows][:, :words])
+    assert row == len(order) and len(widths) > 2 and max(w for w, _ in widths) < 64
+
+
 def test_same_update_with_accumulation_and_two_replicas_and_xla():
     # Adam's first step moves each weight by lr * g / (|g| + epsilon): for a gradient within a few epsilons of
     # zero that amplifies float rounding up to lr / (4 epsilon) times. With the default 1e-6, one of 32,768

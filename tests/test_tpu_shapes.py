@@ -17,6 +17,7 @@ from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, run_training
 from tasks.encoders import bert
 from tasks.classification.task import ClassificationConfig, ClassificationTask
+from tasks.ner.task import TaggingConfig, TaggingTask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -99,6 +100,25 @@ def test_evaluation_batches_keep_the_static_shape_on_tpu_only(sst2_train):
     dataset = task.build_inputs("validation", batch_size=8)
     assert dataset.element_spec[0]["input_mask"].shape.as_list() == [None, 64]
     assert {int(f["input_mask"].shape[1]) for f, _ in dataset} == {64}
+
+
+def test_tagging_evaluation_batches_keep_the_static_shape_on_tpu_only():
+    """The same for NER: off TPU both the sub-token and the word axis are cut; on TPU neither is."""
+    config = TaggingConfig(encoder=bert.BertConfig.tiny(), vocab_file=os.path.join(bert.minilm_dir(), "vocab.txt"),
+                           data_dir=DATA_DIR, max_seq_length=64, max_eval_sentences=24)
+    task = TaggingTask(config)
+    task.build_model()
+    shapes = {(int(f["input_mask"].shape[1]), int(f["word_mask"].shape[1]))
+              for f, _ in task.build_inputs("validation", batch_size=8)}
+    # Task.eval_width_multiple is 16 until a Trainer's non-XLA eval step sets 1: bucket widths, and the word axis
+    # follows the sub-token one (an XLA-compiled step compiles once per width, not per pair).
+    assert task.cuts_batches and len(shapes) > 1 and shapes <= {(p, p - 2) for p in inputs.bucket_widths(64)}
+    with mock.patch.object(strategy_lib, "is_tpu", return_value=True):
+        task.build_model()
+    assert not task.cuts_batches
+    dataset = task.build_inputs("validation", batch_size=8)
+    assert dataset.element_spec[0]["input_mask"].shape.as_list() == [None, 64]
+    assert {(int(f["input_mask"].shape[1]), int(f["word_mask"].shape[1])) for f, _ in dataset} == {(64, 62)}
 
 
 class RaggedBatchToyTask(ToyTask):

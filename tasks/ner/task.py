@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from engine import inputs
+from engine import inputs, strategy as strategy_lib
 from engine.task import Task
 from tasks import textfiles
 from tasks.encoders import loading
@@ -28,6 +28,8 @@ from tasks.encoders.tokenization import WordPieceTokenizer
 from tasks.ner import conll, crf, decoding, span_metrics
 
 ENCODER_INPUTS = ("input_word_ids", "input_mask", "input_type_ids")
+SUB_TOKEN_ARRAYS = ENCODER_INPUTS + ("input_case_ids",)    # [N, max_seq_length]
+WORD_ARRAYS = ("word_positions", "word_mask", "owned_mask")  # [N, words_per_window], as the labels (tags)
 SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "valid": "valid.txt", "dev": "valid.txt",
                "test": "test.txt"}
 
@@ -115,11 +117,16 @@ class TaggingTask(Task):
 
     name = "conll_ner"
 
-    def __init__(self, config: TaggingConfig = TaggingConfig()):
+    def __init__(self, config: TaggingConfig = TaggingConfig(), *, cut_eval_batches: Optional[bool] = None):
+        """cut_eval_batches: evaluation batches are sorted longest first and cut to their longest window
+        (`_cut_to_longest`) instead of padded to max_seq_length and words_per_window: the same tags and
+        scores, less work. None: yes, unless the model was built under a TPU strategy (static shapes)."""
         self.config = config
+        self.cut_eval_batches = cut_eval_batches
         self._splits: dict[str, EncodedSplit] = {}
         self._tokenizer: Optional[WordPieceTokenizer] = None
         self._crf: Optional[crf.CRF] = None       # the built model's CRF layer, whose parameters the loss uses
+        self._built_for_tpu = False               # then evaluation batches keep their one static shape
 
     # ------------------------------------------------------------------------------------ data
 
@@ -128,6 +135,11 @@ class TaggingTask(Task):
         if self._tokenizer is None:
             self._tokenizer = loading.tokenizer_for(self.config)
         return self._tokenizer
+
+    @property
+    def cuts_batches(self) -> bool:
+        """Whether evaluation batches are sorted and cut (see __init__)."""
+        return self.cut_eval_batches if self.cut_eval_batches is not None else not self._built_for_tpu
 
     def _tokenize_words(self, words: list[str]) -> list[list[int]]:
         return self.tokenizer.tokenize(tf.constant(words)).to_list()
@@ -165,6 +177,12 @@ class TaggingTask(Task):
                      input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         arrays = dict(self.split_data(split).arrays)
         labels = arrays.pop("tags")
+        cut = split != "train" and self.cuts_batches
+        if cut:
+            # Longest first, so each cut batch holds windows of similar length. Postprocess finds every window's
+            # sentence by its example_index, and the in-graph metric is a sum: the order changes no score.
+            order = inputs.longest_first(arrays["input_mask"])
+            arrays, labels = {k: v[order] for k, v in arrays.items()}, labels[order]
         # Everything is precomputed: the pipeline only slices, shuffles and batches in-memory arrays.
         dataset = tf.data.Dataset.from_tensor_slices((arrays, labels))
         window = self.config.group_by_length if split == "train" else 0
@@ -174,7 +192,25 @@ class TaggingTask(Task):
         if window:
             dataset = inputs.group_by_length(dataset, batch_size=batch_size, window_batches=window,
                                              length_key="input_mask", seed=self.config.seed)
+        if cut:
+            dataset = dataset.map(self._cut_to_longest)
         return dataset.prefetch(tf.data.AUTOTUNE)
+
+    def _cut_to_longest(self, features, labels):
+        """An evaluation batch with its sub-token arrays cut to its longest window (rounded up to
+        Task.eval_width_multiple) and its word arrays (and tags) to that width minus [CLS] and [SEP]: the
+        encoder, the gather and the CRF's Viterbi then skip padding (CoNLL sentences average ~14 words, the
+        default window holds 62 at seq 64).
+
+        Every word has at least one piece, so no window has more words than that. One width per batch, not a
+        second one from the word mask: under XLA the step compiles once per shape, and pairs of widths cost
+        10 s more compiling than they saved in a CoNLL evaluation (bench/RESULTS.md). Not
+        engine.inputs.cut_to_longest: that would cut the word axis only if it happened to be as long."""
+        pieces = inputs.longest_width(features["input_mask"], self.config.max_seq_length, self.eval_width_multiple)
+        words = tf.minimum(pieces - 2, self.config.words_per_window)
+        features = {k: v[:, :pieces] if k in SUB_TOKEN_ARRAYS else v[:, :words] if k in WORD_ARRAYS else v
+                    for k, v in features.items()}
+        return features, labels[:, :words]
 
     # ------------------------------------------------------------------------------------ model
 
@@ -182,6 +218,7 @@ class TaggingTask(Task):
         encoder, vocab = loading.make_encoder(self.config.encoder)
         if self._tokenizer is None and vocab is not None:  # the vocab make_encoder found: no second lookup
             self._tokenizer = loading.tokenizer_for(self.config, vocab)
+        self._built_for_tpu = strategy_lib.is_tpu(tf.distribute.get_strategy())
         model = TaggingModel(encoder, self.config)
         # Create every variable now: the engine builds the optimizer from model.trainable_variables
         # before the first step.
@@ -221,7 +258,10 @@ class TaggingTask(Task):
             metric.update_state(labels, outputs["tags"], sample_weight=word_weights)
 
     def eval_outputs(self, features, labels, outputs) -> Mapping[str, tf.Tensor]:
-        return {"tags": outputs["tags"], "example_index": features["example_index"]}
+        # Back to the full window width: batches cut to different word counts concatenate on the host.
+        tags = outputs["tags"]
+        tags = tf.pad(tags, [[0, 0], [0, self.config.words_per_window - tf.shape(tags)[1]]])
+        return {"tags": tags, "example_index": features["example_index"]}
 
     def postprocess(self, host_outputs: Mapping[str, np.ndarray], split: str, *, write_files: bool = True) -> dict:
         """conlleval precision/recall/F1 (percent) over every word of the split; writes the predictions file."""
