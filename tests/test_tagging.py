@@ -168,10 +168,11 @@ class _FixedTagModel:
         self.tag_ids = tag_ids
 
     def __call__(self, features, training=False):
-        mask = np.asarray(features["word_mask"])
-        tags = np.zeros_like(mask)
-        tags[:, :len(self.tag_ids)] = self.tag_ids
-        return {"tags": tf.constant(tags * mask)}
+        # TensorFlow ops: predict traces its model call (and cuts the word axis to the batch's longest window).
+        mask = features["word_mask"]
+        width = tf.shape(mask)[1]
+        row = tf.pad(tf.constant(self.tag_ids, tf.int32), [[0, tf.maximum(width - len(self.tag_ids), 0)]])[:width]
+        return {"tags": row[tf.newaxis] * mask}
 
 
 def test_predict_returns_entities_with_character_offsets():

@@ -127,6 +127,7 @@ class TaggingTask(Task):
         self._tokenizer: Optional[WordPieceTokenizer] = None
         self._crf: Optional[crf.CRF] = None       # the built model's CRF layer, whose parameters the loss uses
         self._built_for_tpu = False               # then evaluation batches keep their one static shape
+        self._predict_fn = None                   # (model, its traced forward pass to tags)
 
     # ------------------------------------------------------------------------------------ data
 
@@ -193,12 +194,13 @@ class TaggingTask(Task):
             dataset = inputs.group_by_length(dataset, batch_size=batch_size, window_batches=window,
                                              length_key="input_mask", seed=self.config.seed)
         if cut:
-            dataset = dataset.map(self._cut_to_longest)
+            dataset = dataset.map(lambda features, labels: self._cut_to_longest(features, labels,
+                                                                                self.eval_width_multiple))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
-    def _cut_to_longest(self, features, labels):
-        """An evaluation batch with its sub-token arrays cut to its longest window (rounded up to
-        Task.eval_width_multiple) and its word arrays (and tags) to that width minus [CLS] and [SEP]: the
+    def _cut_to_longest(self, features, labels, multiple: int):
+        """A batch with its sub-token arrays cut to its longest window (rounded up to `multiple`) and its word
+        arrays (and tags) to that width minus [CLS] and [SEP]: the
         encoder, the gather and the CRF's Viterbi then skip padding (CoNLL sentences average ~14 words, the
         default window holds 62 at seq 64).
 
@@ -206,7 +208,7 @@ class TaggingTask(Task):
         second one from the word mask: under XLA the step compiles once per shape, and pairs of widths cost
         10 s more compiling than they saved in a CoNLL evaluation (bench/RESULTS.md). Not
         engine.inputs.cut_to_longest: that would cut the word axis only if it happened to be as long."""
-        pieces = inputs.longest_width(features["input_mask"], self.config.max_seq_length, self.eval_width_multiple)
+        pieces = inputs.longest_width(features["input_mask"], self.config.max_seq_length, multiple)
         words = tf.minimum(pieces - 2, self.config.words_per_window)
         features = {k: v[:, :pieces] if k in SUB_TOKEN_ARRAYS else v[:, :words] if k in WORD_ARRAYS else v
                     for k, v in features.items()}
@@ -303,9 +305,17 @@ class TaggingTask(Task):
         nonempty = [i for i, s in enumerate(sentences) if s.words]
         data = self.encode([sentences[i] for i in nonempty])
         arrays = {k: v for k, v in data.arrays.items() if k != "tags"}
-        predicted = np.concatenate([
-            model({k: v[start:start + batch_size] for k, v in arrays.items()}, training=False)["tags"].numpy()
-            for start in range(0, len(data.sources), batch_size)]) if data.sources else np.zeros([0, 1], np.int32)
+        predicted = np.zeros_like(data.arrays["tags"])
+        # As evaluation: longest first, each batch cut to its longest window (answers go back by row).
+        order = inputs.longest_first(arrays["input_mask"]) if self.cuts_batches else np.arange(len(predicted))
+        forward = self._predict_forward(model, arrays)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = {k: v[rows] for k, v in arrays.items()}
+            if self.cuts_batches:
+                batch, _ = self._cut_to_longest(batch, predicted[rows], multiple=1)
+            tags = forward(batch).numpy()
+            predicted[rows, :tags.shape[1]] = tags
         stitched = conll.stitch(predicted, arrays["owned_mask"], arrays["example_index"], data.sources,
                                 [len(s.words) for s in data.sentences])
         # Entities: decoding.entities, the chunking the serving export runs in its graph.
@@ -318,6 +328,15 @@ class TaggingTask(Task):
             start, stop = word_spans[i][first - base][0], word_spans[i][last - base][1]
             results[i].append(Entity(texts[i][start:stop], rules.types[tag], start, stop))
         return results
+
+    def _predict_forward(self, model, arrays: Mapping[str, np.ndarray]):
+        """features -> tags, traced once for any batch size and width (shapes left open), not run eagerly layer
+        by layer (2.5x slower on MiniLM); cached for the last model."""
+        if self._predict_fn is None or self._predict_fn[0] is not model:
+            spec = {k: tf.TensorSpec([None] * v.ndim, tf.int32) for k, v in arrays.items()}
+            forward = tf.function(lambda features: model(features, training=False)["tags"], input_signature=[spec])
+            self._predict_fn = (model, forward)
+        return self._predict_fn[1]
 
 
 # Words as CoNLL tokenizes them, roughly: runs of letters/digits (with inner . ' - as in "U.S", "O'Neill",
