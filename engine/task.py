@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from engine import strategy as strategy_lib
+
 
 class Task:
     """Base class with the defaults most Tasks want; subclasses override what differs."""
@@ -25,6 +27,20 @@ class Task:
     # builds evaluation inputs: 1 when its eval step is traced with open shapes (any width, no retracing), 16
     # under XLA, which compiles once per width.
     eval_width_multiple: int = 16
+    # Whether a Task that can (classification, NER, SQuAD) sorts its evaluation examples longest first and cuts
+    # each batch to its longest sequence. None: yes, unless its model was built under a TPU strategy, whose XLA
+    # programs want one static shape; such a Task records that in build_model (`note_build_device`).
+    cut_eval_batches: Optional[bool] = None
+    _built_for_tpu: bool = False
+
+    @property
+    def cuts_batches(self) -> bool:
+        """Whether evaluation (and this Task's predict) batches are cut to their longest sequence."""
+        return self.cut_eval_batches if self.cut_eval_batches is not None else not self._built_for_tpu
+
+    def note_build_device(self) -> None:
+        """Called from build_model: remembers whether the model is built for a TPU (see cut_eval_batches)."""
+        self._built_for_tpu = strategy_lib.is_tpu(tf.distribute.get_strategy())
 
     def build_model(self) -> tf_keras.Model:
         """Builds the model. Called inside the strategy scope under the precision policy."""

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from engine import inputs, strategy as strategy_lib
+from engine import inputs
 from engine.task import Task
 from tasks import textfiles
 from tasks.encoders import bert, loading
@@ -134,7 +134,6 @@ class ClassificationTask(Task):
         self._encoded: dict[str, tuple] = {}   # evaluation split -> (features padded to max_seq_length, labels)
         self._encoder = None
         self._tokenizer: Optional[WordPieceTokenizer] = None
-        self._built_for_tpu = False
         self._predict_fn = None   # (model, number of text columns, (its tokenize, its forward pass))
 
     @property
@@ -157,7 +156,7 @@ class ClassificationTask(Task):
 
     def build_model(self) -> tf_keras.Model:
         # The engine builds the model inside its strategy's scope: the one moment a Task sees the device kind.
-        self._built_for_tpu = strategy_lib.is_tpu(tf.distribute.get_strategy())
+        self.note_build_device()
         encoder, _ = loading.make_encoder(self.config.encoder)
         self._encoder = encoder
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
@@ -182,11 +181,6 @@ class ClassificationTask(Task):
         return bert.bert_train_flops_per_example(self._encoder, self.config.max_seq_length)
 
     # ------------------------------------------------------------------------------------ input
-
-    @property
-    def cuts_batches(self) -> bool:
-        """Whether evaluation, predict and serving batches are cut to their longest sequence (see __init__)."""
-        return self.cut_eval_batches if self.cut_eval_batches is not None else not self._built_for_tpu
 
     def encoded(self, split: str) -> tuple[dict, np.ndarray]:
         """An evaluation split tokenized once (eagerly, in chunks), padded to max_seq_length: (features, labels).

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from engine import inputs, strategy as strategy_lib
+from engine import inputs
 from engine.task import Task
 from tasks import textfiles
 from tasks.encoders import loading
@@ -126,7 +126,6 @@ class TaggingTask(Task):
         self._splits: dict[str, EncodedSplit] = {}
         self._tokenizer: Optional[WordPieceTokenizer] = None
         self._crf: Optional[crf.CRF] = None       # the built model's CRF layer, whose parameters the loss uses
-        self._built_for_tpu = False               # then evaluation batches keep their one static shape
         self._predict_fn = None                   # (model, its traced forward pass to tags)
 
     # ------------------------------------------------------------------------------------ data
@@ -136,11 +135,6 @@ class TaggingTask(Task):
         if self._tokenizer is None:
             self._tokenizer = loading.tokenizer_for(self.config)
         return self._tokenizer
-
-    @property
-    def cuts_batches(self) -> bool:
-        """Whether evaluation batches are sorted and cut (see __init__)."""
-        return self.cut_eval_batches if self.cut_eval_batches is not None else not self._built_for_tpu
 
     def _tokenize_words(self, words: list[str]) -> list[list[int]]:
         return self.tokenizer.tokenize(tf.constant(words)).to_list()
@@ -220,7 +214,7 @@ class TaggingTask(Task):
         encoder, vocab = loading.make_encoder(self.config.encoder)
         if self._tokenizer is None and vocab is not None:  # the vocab make_encoder found: no second lookup
             self._tokenizer = loading.tokenizer_for(self.config, vocab)
-        self._built_for_tpu = strategy_lib.is_tpu(tf.distribute.get_strategy())
+        self.note_build_device()
         model = TaggingModel(encoder, self.config)
         # Create every variable now: the engine builds the optimizer from model.trainable_variables
         # before the first step.
