@@ -279,6 +279,7 @@ def _tiny_task(cache_dir, **overrides):
 
 def test_model_logits_are_float32_masked_and_the_loss_is_mean_start_end_cross_entropy(cache_dir):
     task = _tiny_task(cache_dir)
+    task.cut_eval_batches = False  # padded to max_seq_length, so the batch surely has padding to mask
     features, labels = next(iter(task.build_inputs("validation", batch_size=4)))
     tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
@@ -329,6 +330,40 @@ def test_training_under_the_engine_lowers_the_loss_and_scores_with_the_official_
     answers = task.predict(trainer.model, [e.question for e in examples],
                            [features.data.contexts[e.context_index] for e in examples])
     assert answers == [predictions[e.qas_id] for e in examples]
+
+
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+def test_cut_evaluation_gives_the_answers_and_scores_of_full_padding(cache_dir, tmp_path, strategy):
+    """Evaluation windows longest first, each batch cut to its longest (the default off TPU), against the same
+    model on the cache's batches in file order padded to max_seq_length."""
+    trainers = {}
+    for cut in (True, False):
+        factory = lambda: squad.SquadTask(dataclasses.replace(  # noqa: E731
+            _tiny_task(cache_dir, predictions_dir=str(tmp_path / str(cut))).config), cut_eval_batches=cut)
+        trainers[cut] = run_training(factory, global_batch_size=8, train_steps=1, strategy=strategy,
+                                     eval_batch_size=8)
+    trainers[False].model.set_weights(trainers[True].model.get_weights())
+    results = {cut: trainer.evaluate("validation") for cut, trainer in trainers.items()}
+    for name in ("exact_match", "f1", "start_accuracy", "end_accuracy"):
+        assert results[True][name] == results[False][name], name
+    np.testing.assert_allclose(results[True]["loss"], results[False]["loss"], rtol=1e-5)
+    predictions = [trainers[cut].task.last_predictions["validation"] for cut in (True, False)]
+    assert predictions[0] == predictions[1] and len(set(predictions[0].values())) > 5
+
+    # The batches: the cache's windows longest first (ties in window order), each cut to its longest.
+    padded = list(trainers[False].task.build_inputs("validation", batch_size=8))
+    masks = np.concatenate([f["input_mask"].numpy() for f, _ in padded])
+    order = np.argsort(-masks.sum(1), kind="stable")
+    row, widths = 0, set()
+    for features, labels in trainers[True].task.build_inputs("validation", batch_size=8):
+        rows = order[row:row + len(labels["feature_index"])]
+        row += len(rows)
+        width = features["input_mask"].shape[1]
+        widths.add(width)
+        assert width == masks[rows].sum(1).max()
+        np.testing.assert_array_equal(labels["feature_index"], rows)  # the cache holds windows in order
+        np.testing.assert_array_equal(features["input_mask"], masks[rows, :width])
+    assert row == len(masks) and len(widths) > 2 and min(widths) < 128
 
 
 def _official_scores(predictions_path, predictions, tmp_path) -> dict:
