@@ -1,5 +1,5 @@
 """Smoke runs of bench/engine_vs_fit.py and bench/vs_pytorch.py (engine side): a 2-layer hidden-64 encoder, a few steps;
-of bench/ner_inference.py; and of bench/pytorch_sst2_demo.py (the PyTorch peer of `make bench-tta`; skipped without the bench extra).
+of bench/cut_inference.py; and of bench/pytorch_sst2_demo.py (the PyTorch peer of `make bench-tta`; skipped without the bench extra).
 
 Benchmarks are not tests: nothing here looks at speed, only that every configuration trains and yields
 finite positive throughputs, and that the analytical FLOP count is the formula it claims to be.
@@ -119,16 +119,18 @@ def test_peer_length_grouping_sorts_windows_and_cuts_batches_to_their_longest():
     assert len(set(seen)) == len(seen) == 96  # the first epoch's shuffle: no example twice
 
 
-def test_ner_inference_bench_finds_cut_and_padded_runs_equal():
-    """bench/ner_inference.py on a tiny encoder: it runs, and its own check (cut vs padded evaluation scores and
-    predicted entities) passes; it exits non-zero when they disagree."""
+@pytest.mark.parametrize("task", ["conll_ner", "squad"])
+def test_cut_inference_bench_finds_cut_and_padded_runs_equal(task, tmp_path):
+    """bench/cut_inference.py on a tiny encoder: it runs, and its own check (cut vs padded evaluation scores and
+    predictions) passes; it exits non-zero when they disagree."""
     result = subprocess.run(
-        [sys.executable, "bench/ner_inference.py", f"--data_dir={DATA_DIR}", "--quick", "--rounds=1",
-         "--eval_sentences=24", "--predict_sentences=8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, "bench/cut_inference.py", f"--task={task}", f"--data_dir={DATA_DIR}", "--quick",
+         "--rounds=1", "--eval_examples=24", "--predict_examples=8", f"--cache_dir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert any(line.endswith(": equal") for line in lines), result.stdout
-    assert any("cut and padded give the same entities" in line for line in lines), result.stdout
+    assert any("cut and padded give the same predictions" in line for line in lines), result.stdout
     assert any(line.startswith("evaluate: cut ") for line in lines) and any(line.startswith("predict: cut ")
                                                                            for line in lines)
 
