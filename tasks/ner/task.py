@@ -194,9 +194,8 @@ class TaggingTask(Task):
 
     def _cut_to_longest(self, features, labels, multiple: int):
         """A batch with its sub-token arrays cut to its longest window (rounded up to `multiple`) and its word
-        arrays (and tags) to that width minus [CLS] and [SEP]: the
-        encoder, the gather and the CRF's Viterbi then skip padding (CoNLL sentences average ~14 words, the
-        default window holds 62 at seq 64).
+        arrays (and tags) to that width minus [CLS] and [SEP]: the encoder, the gather and the CRF's Viterbi
+        then skip padding (CoNLL sentences average ~14 words, the default window holds 62 at seq 64).
 
         Every word has at least one piece, so no window has more words than that. One width per batch, not a
         second one from the word mask: under XLA the step compiles once per shape, and pairs of widths cost
