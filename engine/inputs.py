@@ -17,6 +17,19 @@ def longest_first(mask: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(mask).sum(axis=1), kind="stable")
 
 
+def longest_first_batches(features: dict, batch_size: int, cut: Optional[Callable[[dict], dict]] = None):
+    """Yields (rows, batch) over in-memory [n, ...] `features` (with an "input_mask"), longest first: `rows` are
+    the batch's indices into `features` (to put answers back in input order), `batch` its rows as tensors,
+    passed through `cut` when given (e.g. `cut_to_longest`; None keeps max_seq_length: TPU-built models).
+
+    What each Task's `predict` runs over its examples, as its evaluation batches do."""
+    order = longest_first(features["input_mask"])
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        batch = {k: tf.convert_to_tensor(v[rows]) for k, v in features.items()}
+        yield rows, (cut(batch) if cut else batch)
+
+
 def pad_batch(features, labels, batch_size: int):
     """Pads a (possibly partial) batch to `batch_size` rows; the mask is 1 for real examples, 0 for padding.
 

@@ -42,6 +42,17 @@ class Task:
         """Called from build_model: remembers whether the model is built for a TPU (see cut_eval_batches)."""
         self._built_for_tpu = strategy_lib.is_tpu(tf.distribute.get_strategy())
 
+    def traced_model_call(self, model: tf_keras.Model, features: Mapping[str, np.ndarray]):
+        """`model(features, training=False)` as a tf.function traced once for any batch size and width (every
+        dimension left open, int32 like `features`), not run eagerly layer by layer (2.5x slower for MiniLM);
+        cached for the last model. For a Task's `predict`."""
+        cached = getattr(self, "_traced_model_call", None)
+        if cached is None or cached[0] is not model:
+            spec = {k: tf.TensorSpec([None] * np.ndim(v), tf.int32) for k, v in features.items()}
+            cached = (model, tf.function(lambda batch: model(batch, training=False), input_signature=[spec]))
+            self._traced_model_call = cached
+        return cached[1]
+
     def build_model(self) -> tf_keras.Model:
         """Builds the model. Called inside the strategy scope under the precision policy."""
         raise NotImplementedError

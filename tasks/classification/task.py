@@ -288,19 +288,15 @@ class ClassificationTask(Task):
         sentence (as evaluation does); the answers come back in input order. A row's answer does not depend on
         its batch: padding is masked."""
         encode, forward = self._predict_functions(model, len(texts))
+        cut = (lambda batch: inputs.cut_to_longest(
+            batch, (), length_key="input_mask", full_length=batch["input_mask"].shape[1],
+            multiple=PREDICT_WIDTH_MULTIPLE)[0]) if self.cuts_batches else None
         rows_done, answers = [], []
         window = batch_size * PREDICT_WINDOW_BATCHES
         for start in range(0, len(texts[0]), window):
             features = encode(*[tf.constant(list(t[start:start + window]), tf.string) for t in texts])
             features = {k: v.numpy() for k, v in features.items()}
-            order = inputs.longest_first(features["input_mask"])
-            for first in range(0, len(order), batch_size):
-                rows = order[first:first + batch_size]
-                batch = {k: tf.convert_to_tensor(v[rows]) for k, v in features.items()}
-                if self.cuts_batches:
-                    batch, _ = inputs.cut_to_longest(batch, (), length_key="input_mask",
-                                                     full_length=batch["input_mask"].shape[1],
-                                                     multiple=PREDICT_WIDTH_MULTIPLE)
+            for rows, batch in inputs.longest_first_batches(features, batch_size, cut=cut):
                 rows_done.append(start + rows)
                 answers.append(forward(batch).numpy())
         if not answers:  # no sentences: no answers ([0, 2] for a sigmoid head, as its probabilities have 2 columns)

@@ -126,7 +126,6 @@ class TaggingTask(Task):
         self._splits: dict[str, EncodedSplit] = {}
         self._tokenizer: Optional[WordPieceTokenizer] = None
         self._crf: Optional[crf.CRF] = None       # the built model's CRF layer, whose parameters the loss uses
-        self._predict_fn = None                   # (model, its traced forward pass to tags)
 
     # ------------------------------------------------------------------------------------ data
 
@@ -192,7 +191,7 @@ class TaggingTask(Task):
                                                                                 self.eval_width_multiple))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
-    def _cut_to_longest(self, features, labels, multiple: int):
+    def _cut_to_longest(self, features, labels: Optional[tf.Tensor], multiple: int):
         """A batch with its sub-token arrays cut to its longest window (rounded up to `multiple`) and its word
         arrays (and tags) to that width minus [CLS] and [SEP]: the encoder, the gather and the CRF's Viterbi
         then skip padding (CoNLL sentences average ~14 words, the default window holds 62 at seq 64).
@@ -205,7 +204,7 @@ class TaggingTask(Task):
         words = tf.minimum(pieces - 2, self.config.words_per_window)
         features = {k: v[:, :pieces] if k in SUB_TOKEN_ARRAYS else v[:, :words] if k in WORD_ARRAYS else v
                     for k, v in features.items()}
-        return features, labels[:, :words]
+        return features, (None if labels is None else labels[:, :words])
 
     # ------------------------------------------------------------------------------------ model
 
@@ -300,14 +299,10 @@ class TaggingTask(Task):
         arrays = {k: v for k, v in data.arrays.items() if k != "tags"}
         predicted = np.zeros_like(data.arrays["tags"])
         # As evaluation: longest first, each batch cut to its longest window (answers go back by row).
-        order = inputs.longest_first(arrays["input_mask"]) if self.cuts_batches else np.arange(len(predicted))
-        forward = self._predict_forward(model, arrays)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = {k: v[rows] for k, v in arrays.items()}
-            if self.cuts_batches:
-                batch, _ = self._cut_to_longest(batch, predicted[rows], multiple=1)
-            tags = forward(batch).numpy()
+        cut = (lambda batch: self._cut_to_longest(batch, None, multiple=1)[0]) if self.cuts_batches else None
+        forward = self.traced_model_call(model, arrays)
+        for rows, batch in inputs.longest_first_batches(arrays, batch_size, cut=cut):
+            tags = forward(batch)["tags"].numpy()
             predicted[rows, :tags.shape[1]] = tags
         stitched = conll.stitch(predicted, arrays["owned_mask"], arrays["example_index"], data.sources,
                                 [len(s.words) for s in data.sentences])
@@ -321,15 +316,6 @@ class TaggingTask(Task):
             start, stop = word_spans[i][first - base][0], word_spans[i][last - base][1]
             results[i].append(Entity(texts[i][start:stop], rules.types[tag], start, stop))
         return results
-
-    def _predict_forward(self, model, arrays: Mapping[str, np.ndarray]):
-        """features -> tags, traced once for any batch size and width (shapes left open), not run eagerly layer
-        by layer (2.5x slower on MiniLM); cached for the last model."""
-        if self._predict_fn is None or self._predict_fn[0] is not model:
-            spec = {k: tf.TensorSpec([None] * v.ndim, tf.int32) for k, v in arrays.items()}
-            forward = tf.function(lambda features: model(features, training=False)["tags"], input_signature=[spec])
-            self._predict_fn = (model, forward)
-        return self._predict_fn[1]
 
 
 # Words as CoNLL tokenizes them, roughly: runs of letters/digits (with inner . ' - as in "U.S", "O'Neill",

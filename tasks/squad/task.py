@@ -106,7 +106,6 @@ class SquadTask(Task):
         self.vocab_file = _vocab_file(config)
         self._features: dict[str, tuple[squad_data.SquadFeatures, str]] = {}
         self._eval_windows: dict[str, tuple[dict, dict]] = {}  # split -> its parsed windows (features, labels)
-        self._predict_fn = None                                 # (model, its traced forward pass)
         self.last_predictions: dict[str, dict[str, str]] = {}
 
     def features(self, split: str) -> tuple[squad_data.SquadFeatures, str]:
@@ -234,15 +233,10 @@ class SquadTask(Task):
         seq_length = self.config.max_seq_length
         starts = np.full([features.num_features, seq_length], -1e9, np.float32)
         ends = starts.copy()
-        order = (inputs.longest_first(windows["input_mask"]) if self.cuts_batches
-                 else np.arange(features.num_features))
-        forward = self._predict_forward(model)
-        for begin in range(0, features.num_features, batch_size):
-            rows = order[begin:begin + batch_size]
-            batch = {k: tf.constant(v[rows]) for k, v in windows.items()}
-            if self.cuts_batches:
-                batch, _ = inputs.cut_to_longest(batch, (), length_key="input_mask", full_length=seq_length,
-                                                 multiple=1)
+        cut = (lambda batch: inputs.cut_to_longest(batch, (), length_key="input_mask", full_length=seq_length,
+                                                   multiple=1)[0]) if self.cuts_batches else None
+        forward = self.traced_model_call(model, windows)
+        for rows, batch in inputs.longest_first_batches(windows, batch_size, cut=cut):
             out = forward(batch)
             width = out["start_logits"].shape[1]
             starts[rows, :width], ends[rows, :width] = out["start_logits"].numpy(), out["end_logits"].numpy()
@@ -250,14 +244,6 @@ class SquadTask(Task):
             starts, ends, features.arrays["feature_index"], features,
             n_best_size=self.config.n_best_size, max_answer_length=self.config.max_answer_length)
         return [predictions[e.qas_id] for e in data.examples]
-
-    def _predict_forward(self, model: tf_keras.Model):
-        """features -> span logits, traced once for any batch size and width; cached for the last model."""
-        if self._predict_fn is None or self._predict_fn[0] is not model:
-            spec = {k: tf.TensorSpec([None, None], tf.int32) for k in ("input_word_ids", "input_mask", "input_type_ids")}
-            forward = tf.function(lambda features: model(features, training=False), input_signature=[spec])
-            self._predict_fn = (model, forward)
-        return self._predict_fn[1]
 
 
 def write_predictions(path: str, predictions: Mapping[str, str]) -> None:
