@@ -59,6 +59,8 @@ flags.DEFINE_list("engine_fusion", ["fused", "stock"], "Engine dropout/activatio
                   "default, engine/fusion.py) and/or stock.")
 flags.DEFINE_list("fit_fusion", ["stock"], "model.fit dropout/activation layers: stock (Keras) and/or fused.")
 flags.DEFINE_bool("quick", False, "Tiny encoder (2 layers, hidden 64), seq 32, batch 8: a smoke run.")
+flags.DEFINE_bool("last_layer_cls_only", True, "The classifier's last encoder layer computes [CLS] only "
+                  "(ClassificationConfig.last_layer_cls_only, the default); false: every position, as HF does.")
 flags.DEFINE_integer("num_examples", 1024, "SST-2 training sentences tokenized (then cycled through).")
 flags.DEFINE_string("output", None, "Append the markdown results to this file.")
 
@@ -69,22 +71,26 @@ class Setup:
     seq_length: int
     batch_size: int
     num_examples: int = 1024
+    last_layer_cls_only: bool = True
 
 
-def make_setup(quick: bool, num_examples: int = 1024) -> Setup:
+def make_setup(quick: bool, num_examples: int = 1024, last_layer_cls_only: bool = True) -> Setup:
     from tasks.encoders import bert  # noqa: PLC0415
     if quick:
-        return Setup(bert.BertConfig.tiny(), seq_length=32, batch_size=8, num_examples=num_examples)
+        return Setup(bert.BertConfig.tiny(), seq_length=32, batch_size=8, num_examples=num_examples,
+                     last_layer_cls_only=last_layer_cls_only)
     # BertConfig's defaults are MiniLM's shape (6 x 384, 12 heads, FFN 1536, vocab 30522).
-    return Setup(bert.BertConfig(), seq_length=128, batch_size=32, num_examples=num_examples)
+    return Setup(bert.BertConfig(), seq_length=128, batch_size=32, num_examples=num_examples,
+                 last_layer_cls_only=last_layer_cls_only)
 
 
 def train_flops_per_example(setup: Setup) -> float:
-    """3 x forward matmul FLOPs (backward = 2 x forward); per layer and token 2(4h^2 + 2hi) + 2*2*s*h.
-    Embeddings, pooler, head, LayerNorm and softmax are negligible next to these."""
-    cfg = setup.encoder
-    h, i, s = cfg.hidden_size, cfg.intermediate_size, setup.seq_length
-    return 3.0 * cfg.num_hidden_layers * s * (2 * (4 * h * h + 2 * h * i) + 2 * 2 * s * h)
+    """3 x forward matmul FLOPs (backward = 2 x forward) that the model computes (bert.encoder_flops_per_token:
+    a [CLS]-only last layer counts as such). Embeddings, pooler, head, LayerNorm, softmax are negligible."""
+    from tasks.encoders import bert  # noqa: PLC0415
+    cfg, s = setup.encoder, setup.seq_length
+    return 3.0 * s * bert.encoder_flops_per_token(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, s,
+                                                  output_range=1 if setup.last_layer_cls_only else None)
 
 
 # ------------------------------------------------------------------------------------ data and task
@@ -111,6 +117,7 @@ def make_task(setup: Setup, data_dir: str):
     config = ClassificationConfig(
         data_files={"train": os.path.join(data_dir, "sst2", "train.tsv")}, encoder=setup.encoder,
         vocab_file=os.path.join(bert.minilm_dir(), "vocab.txt"), max_seq_length=setup.seq_length,
+        last_layer_cls_only=setup.last_layer_cls_only,
         group_by_length=0)  # every batch at the full seq_length, as fit sees it
     return InMemoryTask(config)
 
@@ -414,7 +421,7 @@ def run_benchmark(setup: Setup, data_dir: str, *, precisions, steps_per_executio
 def main(argv):
     del argv
     run_benchmark(
-        make_setup(FLAGS.quick, FLAGS.num_examples), FLAGS.data_dir, precisions=FLAGS.precisions,
+        make_setup(FLAGS.quick, FLAGS.num_examples, FLAGS.last_layer_cls_only), FLAGS.data_dir, precisions=FLAGS.precisions,
         steps_per_execution=[int(s) for s in FLAGS.fit_steps_per_execution],
         jits=[j.lower() in ("1", "true", "yes") for j in FLAGS.jit], steps=FLAGS.steps, rounds=FLAGS.rounds,
         engine_fusion=FLAGS.engine_fusion, fit_fusion=FLAGS.fit_fusion, output=FLAGS.output,

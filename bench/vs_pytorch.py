@@ -58,7 +58,8 @@ import engine_vs_fit  # noqa: E402
 
 FLAGS = flags.FLAGS
 # Shared with engine_vs_fit (it defines them on import): --data_dir, --steps, --rounds, --precisions, --quick,
-# --num_examples, --output; other defaults here. Its --fit_steps_per_execution/--jit/--*_fusion are not used.
+# --num_examples, --last_layer_cls_only, --output; other defaults here. Its --fit_steps_per_execution/--jit/
+# --*_fusion are not used.
 FLAGS.set_default("steps", 2)
 FLAGS.set_default("rounds", 5)
 FLAGS.set_default("num_examples", 256)
@@ -131,7 +132,7 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     path, sentences, labels = _write_eval_tsv(data_dir, eval_examples, folder)
     vocab_file = os.path.join(bert.minilm_dir(), "vocab.txt")
     config = ClassificationConfig(data_files={"validation": path}, encoder=encoder_init, vocab_file=vocab_file,
-                                  max_seq_length=setup.seq_length)
+                                  max_seq_length=setup.seq_length, last_layer_cls_only=setup.last_layer_cls_only)
     batches = [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]
     singles = sentences[:latency_calls]
     n = len(sentences)
@@ -250,15 +251,15 @@ def _load() -> str:
 def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds: int, training: bool = True,
                   fit: bool = True, pytorch: bool = True, torch_compile: bool = True, grad_accum_steps: int = 4,
                   num_examples: int = 256, eval_examples: int = 256, serving_batch_size: int = 32,
-                  latency_calls: int = 32, full_padding_rows: bool = False, output: str | None = None,
-                  command: str = "") -> dict:
+                  latency_calls: int = 32, full_padding_rows: bool = False, last_layer_cls_only: bool = True,
+                  output: str | None = None, command: str = "") -> dict:
     """The whole benchmark; returns {"train", "serving", "lines", "markdown"}."""
     import dataclasses  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
     from tasks.encoders import bert  # noqa: PLC0415
 
     started = time.perf_counter()
-    setup = engine_vs_fit.make_setup(quick, num_examples)
+    setup = engine_vs_fit.make_setup(quick, num_examples, last_layer_cls_only)
     encoder_init = setup.encoder if quick else "minilm"
     flops = engine_vs_fit.train_flops_per_example(setup)
     header = {
@@ -267,7 +268,8 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
         "CPU": _cpu_description(),
         "load at start": _load(),
         "model": (f"{'tiny random encoder' if quick else 'all-MiniLM-L6-v2'} "
-                  f"({setup.encoder.num_hidden_layers} layers, hidden {setup.encoder.hidden_size}), softmax head; "
+                  f"({setup.encoder.num_hidden_layers} layers, hidden {setup.encoder.hidden_size}), softmax head on "
+                  f"{'[CLS], ours computing the last layer for [CLS] only' if last_layer_cls_only else '[CLS]'}; "
                   f"seq {setup.seq_length}, batch {setup.batch_size}"),
         "timing": f"{rounds} interleaved rounds" + (f"; training windows of {steps} steps" if training else
                                                       "; evaluation/serving only (--notraining)")
@@ -501,7 +503,8 @@ def main(argv):
                   torch_compile=FLAGS.torch_compile, grad_accum_steps=FLAGS.grad_accum_steps,
                   num_examples=FLAGS.num_examples, eval_examples=FLAGS.eval_examples,
                   serving_batch_size=FLAGS.serving_batch_size, latency_calls=FLAGS.latency_calls,
-                  full_padding_rows=FLAGS.full_padding_rows, output=FLAGS.output,
+                  full_padding_rows=FLAGS.full_padding_rows, last_layer_cls_only=FLAGS.last_layer_cls_only,
+                  output=FLAGS.output,
                   command=" ".join(["python"] + sys.argv))
 
 

@@ -20,11 +20,15 @@ import engine_vs_fit  # noqa: E402
 
 
 def test_flops_per_example_is_three_forward_passes():
-    setup = engine_vs_fit.make_setup(quick=False)
+    setup = engine_vs_fit.make_setup(quick=False, last_layer_cls_only=False)
     h, i, s, layers = 384, 1536, 128, 6  # MiniLM's shape at seq 128
     forward = layers * s * (2 * (4 * h * h + 2 * h * i) + 4 * s * h)
     assert engine_vs_fit.train_flops_per_example(setup) == 3 * forward
     assert 8e9 < 3 * forward < 9e9  # 8.6 GFLOP per training example
+    # The default classifier's last layer computes [CLS] only: its keys and values for every token, the rest once.
+    cls_only = 5 * s * (2 * (4 * h * h + 2 * h * i) + 4 * s * h) + s * 2 * 2 * h * h \
+        + 2 * (2 * h * h + 2 * h * i) + 4 * s * h
+    assert engine_vs_fit.train_flops_per_example(engine_vs_fit.make_setup(quick=False)) == pytest.approx(3 * cls_only)
 
 
 def test_quick_run_gives_finite_positive_throughputs(tmp_path):

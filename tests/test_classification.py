@@ -189,6 +189,23 @@ def test_mean_pooling_is_the_masked_mean_of_token_vectors():
         tiny_config({}, pooling="max")
 
 
+@pytest.mark.parametrize("pooling, cls_only, output_range", [("cls", True, 1), ("cls", False, None),
+                                                                ("mean", True, None)])
+def test_cls_pooling_builds_a_cls_only_last_layer_with_the_same_logits(pooling, cls_only, output_range):
+    task = ClassificationTask(tiny_config({}, pooling=pooling, last_layer_cls_only=cls_only))
+    tf_keras.utils.set_random_seed(5)
+    model = task.build_model()
+    assert task._encoder.get_config()["output_range"] == output_range  # pylint: disable=protected-access
+    if pooling == "mean":
+        return
+    # The same weights in a classifier computing every position of the last layer: the same logits.
+    full = ClassificationTask(tiny_config({}, pooling="cls", last_layer_cls_only=not cls_only)).build_model()
+    full.set_weights(model.get_weights())
+    ids = np.array([[101, 2023, 2003, 1037, 102, 0], [101, 2307, 102, 0, 0, 0]], np.int32)
+    features = {"input_word_ids": ids, "input_mask": (ids > 0).astype(np.int32), "input_type_ids": np.zeros_like(ids)}
+    np.testing.assert_allclose(model(features).numpy(), full(features).numpy(), atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------ training
 
 def test_trains_and_metrics_match_recomputation(sst2_slices, tmp_path):

@@ -82,6 +82,33 @@ def test_hf_weights_of_a_random_encoder_drive_the_numpy_reference_to_its_outputs
     assert seq_diff <= 1e-4 and pooled_diff <= 1e-4, (seq_diff, pooled_diff)
 
 
+def test_cls_only_last_layer_gives_the_numpy_reference_pooled_output():
+    """output_range=1 (what [CLS]-pooled classifiers build) keeps the pooled output and the [CLS] vector exact."""
+    encoder, _ = loading.make_encoder(TINY, output_range=1)
+    inputs = _tiny_inputs()
+    reference = ref.bert_forward(bert.hf_weights(encoder), TINY.num_attention_heads, **inputs)
+    outputs = encoder(inputs)
+    assert outputs["sequence_output"].shape[1] == 1  # the last layer computed [CLS] only
+    np.testing.assert_allclose(outputs["sequence_output"].numpy()[:, 0], reference["sequence_output"][:, 0],
+                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(outputs["pooled_output"].numpy(), reference["pooled_output"], atol=1e-4, rtol=0)
+    # Earlier layers still give every position (their output feeds the last layer's keys and values).
+    assert outputs["encoder_outputs"][0].shape[1] == inputs["input_word_ids"].shape[1]
+
+
+def test_flops_count_what_a_cls_only_last_layer_computes():
+    h, i, s = 384, 1536, 128
+    layer = 2 * (4 * h * h + 2 * h * i) + 4 * s * h  # per token: Q/K/V/output, FFN, scores and mixing
+    assert bert.encoder_flops_per_token(h, i, 6, s) == 6 * layer
+    # Keys and values for all 128 tokens; query, scores, mixing, output projection and FFN for 1 of 128.
+    last = 2 * 2 * h * h + (2 * (2 * h * h + 2 * h * i) + 4 * s * h) / s
+    assert bert.encoder_flops_per_token(h, i, 6, s, output_range=1) == pytest.approx(5 * layer + last)
+    assert 0.84 < bert.encoder_flops_per_token(h, i, 6, s, output_range=1) / (6 * layer) < 0.87
+    encoder, _ = loading.make_encoder(TINY, output_range=1)
+    assert bert.bert_train_flops_per_example(encoder, 32) == pytest.approx(
+        3 * 32 * bert.encoder_flops_per_token(64, 128, 2, 32, output_range=1))
+
+
 def test_mismatched_safetensors_list_every_problem_and_assign_nothing(tmp_path):
     weights = ref.random_hf_weights(seed=4, **TINY_SHAPES)
     del weights["encoder.layer.1.attention.self.key.bias"]

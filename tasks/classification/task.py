@@ -157,7 +157,8 @@ class ClassificationTask(Task):
     def build_model(self) -> tf_keras.Model:
         # The engine builds the model inside its strategy's scope: the one moment a Task sees the device kind.
         self.note_build_device()
-        encoder, _ = loading.make_encoder(self.config.encoder)
+        cls_only = self.config.pooling == "cls" and self.config.last_layer_cls_only
+        encoder, _ = loading.make_encoder(self.config.encoder, output_range=1 if cls_only else None)
         self._encoder = encoder
         inputs = {name: tf_keras.layers.Input([None], dtype=tf.int32, name=name)
                   for name in ("input_word_ids", "input_mask", "input_type_ids")}

@@ -64,8 +64,12 @@ class BertConfig:
                    intermediate_size=128, max_position_embeddings=512)
 
 
-def build_encoder(config: BertConfig) -> networks.BertEncoderV2:
-    """A randomly initialised Model Garden BertEncoderV2 with the pooler, matching `config`."""
+def build_encoder(config: BertConfig, *, output_range: int | None = None) -> networks.BertEncoderV2:
+    """A randomly initialised Model Garden BertEncoderV2 with the pooler, matching `config`.
+
+    `output_range=1`: the last layer computes the first ([CLS]) position only (its keys and values still see
+    every token), so `sequence_output` has length 1 and `pooled_output` is unchanged; for heads that read
+    nothing else. Model Garden's own option; the variables are the same either way."""
     # Activations by registered name, not lambdas, so the encoder's config serialises into a SavedModel.
     # HF/TF1 "gelu" is the exact erf form ("gelu" in Keras); "gelu_new" is the tanh approximation.
     activations = {"gelu": "gelu", "relu": "relu", "gelu_new": mg_activations.gelu,
@@ -84,6 +88,7 @@ def build_encoder(config: BertConfig) -> networks.BertEncoderV2:
         output_dropout=config.hidden_dropout_prob,
         attention_dropout=config.attention_probs_dropout_prob,
         initializer=tf_keras.initializers.TruncatedNormal(stddev=config.initializer_range),
+        output_range=output_range,
     )
 
 
@@ -305,12 +310,12 @@ def check_vocab(encoder: tf_keras.layers.Layer, vocab_file: str) -> None:
                          "rows; the vocab and the weights do not belong together")
 
 
-def from_checkpoint_dir(directory: str, prefix: str) -> tf_keras.layers.Layer:
+def from_checkpoint_dir(directory: str, prefix: str, *, output_range: int | None = None) -> tf_keras.layers.Layer:
     """A TF1 (`bert/...` names) or TF2 (`tf.train.Checkpoint(encoder=...)`) checkpoint + bert_config.json."""
     config_file = os.path.join(directory, "bert_config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{directory}: has checkpoint {prefix} but no bert_config.json describing it")
-    encoder = build_variables(build_encoder(BertConfig.from_json_file(config_file)))
+    encoder = build_variables(build_encoder(BertConfig.from_json_file(config_file), output_range=output_range))
     names = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
     if "_CHECKPOINTABLE_OBJECT_GRAPH" not in names:  # name-based: a TF1 checkpoint
         load_tf1_weights(encoder, prefix)
@@ -328,13 +333,25 @@ def from_checkpoint_dir(directory: str, prefix: str) -> tf_keras.layers.Layer:
 def bert_train_flops_per_example(encoder: tf_keras.layers.Layer, seq_length: int) -> float | None:
     """Matmul FLOPs of one training example through a BertEncoderV2 (3x forward), for MFU; None if unknown.
 
-    Per layer and token: Q, K, V, output projections 4*2*h*h, FFN 2*2*h*i, attention scores and
-    mixing 2*2*s*h. Embedding lookups, LayerNorm and softmax are negligible next to these.
-    """
+    The arithmetic the encoder does, so an `output_range` last layer counts only its keys and values for every
+    token (see `layer_flops_per_token`)."""
     try:
         config = encoder.get_config()
         h, i, layers = config["hidden_size"], config["inner_dim"], config["num_layers"]
     except (AttributeError, KeyError, NotImplementedError):
         return None
-    per_token = 2 * (4 * h * h + 2 * h * i) + 4 * seq_length * h
-    return 3.0 * layers * seq_length * per_token
+    return 3.0 * seq_length * encoder_flops_per_token(h, i, layers, seq_length, config.get("output_range"))
+
+
+def encoder_flops_per_token(hidden: int, inner: int, layers: int, seq_length: int,
+                            output_range: int | None = None) -> float:
+    """Forward matmul FLOPs per token of a BERT encoder at `seq_length` tokens.
+
+    Per layer and token: Q, K, V, output projections 4*2*h*h, FFN 2*2*h*i, attention scores and mixing
+    2*2*s*h. Embedding lookups, LayerNorm and softmax are negligible next to these. With `output_range` r,
+    the last layer projects keys and values for all s tokens (2*2*h*h each) and does everything else for r."""
+    full_layer = 2 * (4 * hidden * hidden + 2 * hidden * inner) + 4 * seq_length * hidden
+    if not output_range:
+        return layers * full_layer
+    last_layer = 2 * 2 * hidden * hidden + (full_layer - 2 * 2 * hidden * hidden) * output_range / seq_length
+    return (layers - 1) * full_layer + last_layer

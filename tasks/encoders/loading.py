@@ -42,7 +42,7 @@ def tokenizer_for(config, vocab_file: str | None = None) -> WordPieceTokenizer:
     return WordPieceTokenizer(vocab, lower_case=config.lower_case, seq_length=config.max_seq_length)
 
 
-def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
+def make_encoder(init: EncoderInit, *, output_range: int | None = None) -> tuple[tf_keras.layers.Layer, str | None]:
     """Returns (encoder, vocab_file) for `init`; the encoder is built and maps the dict of int32 [batch, seq]
     `input_word_ids`, `input_mask`, `input_type_ids` to `sequence_output`, `pooled_output`, `encoder_outputs`.
 
@@ -54,9 +54,11 @@ def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
         TF2 `tf.train.Checkpoint(encoder=...)` written by `tasks.encoders.convert`;
       * a TF Hub handle (https:// URL) or SavedModel folder: a trainable hub.KerasLayer, vocab from its
         `vocab_file` asset (see tasks.encoders.hub).
+
+    `output_range` is BertEncoderV2's (`bert.build_encoder`); a Hub SavedModel has a fixed graph and ignores it.
     """
     if isinstance(init, bert.BertConfig):
-        return bert.build_variables(bert.build_encoder(init)), None
+        return bert.build_variables(bert.build_encoder(init, output_range=output_range)), None
     if not isinstance(init, str):
         raise TypeError(f"encoder init must be a BertConfig or a str, got {type(init).__name__}")
     directory = bert.minilm_dir() if init == "minilm" else init
@@ -70,10 +72,11 @@ def make_encoder(init: EncoderInit) -> tuple[tf_keras.layers.Layer, str | None]:
         config_file = os.path.join(directory, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{directory}: has model.safetensors but no config.json describing it")
-        encoder = bert.build_variables(bert.build_encoder(bert.BertConfig.from_json_file(config_file)))
+        encoder = bert.build_variables(bert.build_encoder(bert.BertConfig.from_json_file(config_file),
+                                                          output_range=output_range))
         bert.load_hf_weights(encoder, os.path.join(directory, "model.safetensors"))
     elif (prefix := bert.checkpoint_prefix(directory)) is not None:
-        encoder = bert.from_checkpoint_dir(directory, prefix)
+        encoder = bert.from_checkpoint_dir(directory, prefix, output_range=output_range)
     else:
         raise ValueError(f"encoder {init!r}: expected model.safetensors + config.json (HF), a checkpoint + "
                          f"bert_config.json, or saved_model.pb (TF Hub); found {sorted(os.listdir(directory))[:20]}")
