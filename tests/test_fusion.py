@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
+import bert_numpy_reference as ref
 from engine import dropout, fusion
 from engine_helpers import ToyTask, run_training
 from tasks.encoders import bert
@@ -53,7 +54,8 @@ def test_fused_activation_equals_stock_with_gradient():
     x = tf.random.stateless_normal([64, 96], seed=[7, 8]) * 3
     expected_y, expected_grad = _value_and_grad(layer, x)
     assert fusion.fuse_elementwise(tf_keras.Sequential([layer])) == {
-        "dropout": 0, "activation": 1, "dense": 0, "attention": 0, "layer_norm": 0, "embedding": 0}
+        "dropout": 0, "activation": 1, "dense": 0, "attention": 0, "layer_norm": 0, "embedding": 0,
+        "block": 0}
     y, grad = _value_and_grad(layer, x)
     np.testing.assert_allclose(y, expected_y, atol=1e-6)
     np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
@@ -120,7 +122,9 @@ def _outputs_and_grads(model, inputs, training):
     def compute():
         with tf.GradientTape() as tape:
             outputs = model(inputs, training=training)
-            y = tf.cast(outputs["sequence_output"], tf.float32)
+            # Real positions only: at inference the fused blocks leave zeros at padding (_unpadded_block_call).
+            mask = tf.cast(inputs["input_mask"], tf.float32)[:, :, None]
+            y = tf.cast(outputs["sequence_output"], tf.float32) * mask
             loss = tf.reduce_sum(y * y) + tf.reduce_sum(tf.cast(outputs["pooled_output"], tf.float32))
         return [y] + [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_variables)]
     return [t.numpy() for t in compute()]
@@ -131,7 +135,8 @@ def test_dense_and_attention_rewrites_give_stock_keras_values_and_gradients(trai
     config, inputs, stock, fused = _encoder_pair()
     layers = config.num_hidden_layers
     assert fusion.fuse_elementwise(fused) == {"dropout": 0, "activation": layers, "dense": 6 * layers,
-                                              "attention": layers, "layer_norm": 1 + 2 * layers, "embedding": 1}
+                                              "attention": layers, "layer_norm": 1 + 2 * layers, "embedding": 1,
+                                              "block": layers}
     expected = _outputs_and_grads(stock, inputs, training)
     got = _outputs_and_grads(fused, inputs, training)
     assert len(got) == len(expected) == len(stock.trainable_variables) + 1
@@ -140,6 +145,33 @@ def test_dense_and_attention_rewrites_give_stock_keras_values_and_gradients(trai
         # embedding row's gradient cancel to near zero, and the key biases' gradients are zero in exact math
         # (softmax ignores a shift shared by all keys), so a per-element relative tolerance would not fit.
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=3e-5 * max(np.abs(e).max(), 1e-3))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_inference_blocks_skip_padding_and_give_the_numpy_reference(policy):
+    """Rows of 16, 11, 5 and 1 tokens (48 % padding): the blocks run on the 33 tokens, zeros at padding; a batch
+    with no padding takes the stock block. Either way the float64 NumPy BERT's values at the real positions."""
+    tf_keras.mixed_precision.set_global_policy(policy)
+    try:
+        config, inputs, stock, fused = _encoder_pair()
+        assert fusion.fuse_elementwise(fused)["block"] == config.num_hidden_layers
+        full = {k: tf.ones_like(v) if k == "input_mask" else v for k, v in inputs.items()}
+        full["input_word_ids"] = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
+        run = tf.function(lambda x: fused(x, training=False))
+        for batch, padded in ((inputs, True), (full, False)):
+            numpy_inputs = {k: v.numpy() for k, v in batch.items()}
+            reference = ref.bert_forward(bert.hf_weights(fused), config.num_attention_heads, **numpy_inputs)
+            outputs = run(batch)
+            tolerance = 1e-4 if policy == "float32" else 0.1  # bf16 matmul inputs: 8 bits of mantissa
+            seq_diff, pooled_diff = ref.max_abs_diffs(reference, outputs, numpy_inputs["input_mask"])
+            assert seq_diff <= tolerance and pooled_diff <= tolerance, (seq_diff, pooled_diff)
+            at_padding = np.asarray(outputs["sequence_output"], np.float32)[numpy_inputs["input_mask"] == 0]
+            assert (np.abs(at_padding).max() == 0) if padded else at_padding.size == 0
+        # The stock block gives nonzero values at padding: zeros there mean the padding was skipped.
+        stock_padding = np.asarray(stock(inputs, training=False)["sequence_output"], np.float32)
+        assert np.abs(stock_padding[inputs["input_mask"].numpy() == 0]).min() > 0
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
@@ -191,10 +223,12 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
     safe = _encoder_pair()[3]
     safe.set_weights(stock.get_weights())
     assert fusion.fuse_elementwise(safe, export_safe=True) == {"dropout": 0, "activation": 0, "dense": 12,
-                                                               "attention": 2, "layer_norm": 5, "embedding": 0}
+                                                               "attention": 2, "layer_norm": 5, "embedding": 0,
+                                                               "block": 2}
+    real = inputs["input_mask"].numpy() == 1  # at inference the blocks leave zeros at padding
     for training in (True, False):
-        np.testing.assert_allclose(safe(inputs, training=training)["sequence_output"],
-                                   stock(inputs, training=training)["sequence_output"], atol=1e-5)
+        np.testing.assert_allclose(safe(inputs, training=training)["sequence_output"].numpy()[real],
+                                   stock(inputs, training=training)["sequence_output"].numpy()[real], atol=1e-5)
 
 
 def test_attention_transposes_run_on_integer_bits_at_inference_only():
@@ -202,10 +236,12 @@ def test_attention_transposes_run_on_integer_bits_at_inference_only():
     fusion.fuse_elementwise(fused, export_safe=True)
 
     def transposes(training):
-        graph = tf.function(lambda x: fused(x, training=training)).get_concrete_function(inputs).graph
-        return sorted(op.get_attr("T").name for op in graph.get_operations() if op.type == "Transpose")
-    # Per layer: query, key and value to heads-first, and the context back.
-    assert transposes(training=False) == ["int32"] * 4 * config.num_hidden_layers
+        graph_def = tf.function(lambda x: fused(x, training=training)).get_concrete_function(inputs).graph.as_graph_def()
+        # At inference each block's two paths (padding skipped or not) are functions of a tf.cond.
+        nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+        return sorted(tf.dtypes.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Transpose")
+    # Per layer: query, key and value to heads-first, and the context back (in each of the two paths).
+    assert transposes(training=False) == ["int32"] * 2 * 4 * config.num_hidden_layers
     assert transposes(training=True) == ["float32"] * 4 * config.num_hidden_layers
 
 
@@ -245,9 +281,9 @@ def test_fuse_elementwise_changes_only_the_given_model_in_training_mode():
     layers = config.num_hidden_layers
     assert fusion.fuse_elementwise(fused) == {"dropout": 1 + 3 * layers, "activation": layers,
                                               "dense": 6 * layers, "attention": layers, "layer_norm": 1 + 2 * layers,
-                                              "embedding": 1}
+                                              "embedding": 1, "block": layers}
     rebound = [m for m in fused.submodules if "call" in vars(m) or "_compute_attention" in vars(m)]
-    assert len(rebound) == (1 + 3 * layers) + layers + 6 * layers + layers + (1 + 2 * layers) + 1
+    assert len(rebound) == (1 + 3 * layers) + layers + 6 * layers + layers + (1 + 2 * layers) + 1 + layers
     assert not any("call" in vars(m) for m in stock.submodules)
     # Evaluation: dropout is the identity, so fused and stock agree.
     np.testing.assert_allclose(fused(inputs, training=False)["sequence_output"],
@@ -271,7 +307,7 @@ def test_trains_under_the_engine_traced_once(tmp_path, strategy, jit_compile):
                            jit_compile=jit_compile, train_steps=30, steps_per_loop=10, model_dir=str(tmp_path))
     # Dense(activation=...) is not an Activation layer, and plain Dense layers are left to Keras.
     assert trainer.fused_layers == {"dropout": 2, "activation": 0, "dense": 0, "attention": 0, "layer_norm": 0,
-                                   "embedding": 0}
+                                   "embedding": 0, "block": 0}
     losses = [h["loss"] for h in trainer.train_history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert trainer.train_loop_tracing_count == 1
