@@ -37,8 +37,10 @@ class TaggingConfig:
     max_train_sentences: int = option(0, "conll_ner: first N training sentences (smoke runs; 0: all).")
     max_eval_sentences: int = option(0, "conll_ner: first N evaluation sentences (smoke runs; 0: all).")
     shuffle_buffer: int = 20000
-    # Word-piece tensors are cut to the longest sentence of a batch; word-level tensors keep their length.
-    group_by_length: int = options.group_by_length(0)
+    # Word-piece tensors are cut to the longest sentence of a batch; word-level tensors keep their length. On by
+    # default, as for classification: CoNLL sentences fill ~a third of seq 64, and the CRF recipe trained 1.76x
+    # faster per update grouped (3.5 vs 2.0 updates/s, test F1 89.47 vs 89.53: bench/RESULTS.md).
+    group_by_length: int = options.group_by_length(16)
     seed: int = options.seed()
     predictions_dir: Optional[str] = option(None, "conll_ner: where {split}_predictions.txt go (unset: not "
                                             "written).")
