@@ -334,7 +334,7 @@ def bert_train_flops_per_example(encoder: tf_keras.layers.Layer, seq_length: int
     """Matmul FLOPs of one training example through a BertEncoderV2 (3x forward), for MFU; None if unknown.
 
     The arithmetic the encoder does, so an `output_range` last layer counts only its keys and values for every
-    token (see `layer_flops_per_token`)."""
+    token (see `encoder_flops_per_token`)."""
     try:
         config = encoder.get_config()
         h, i, layers = config["hidden_size"], config["inner_dim"], config["num_layers"]
@@ -349,7 +349,7 @@ def encoder_flops_per_token(hidden: int, inner: int, layers: int, seq_length: in
 
     Per layer and token: Q, K, V, output projections 4*2*h*h, FFN 2*2*h*i, attention scores and mixing
     2*2*s*h. Embedding lookups, LayerNorm and softmax are negligible next to these. With `output_range` r,
-    the last layer projects keys and values for all s tokens (2*2*h*h each) and does everything else for r."""
+    the last layer projects keys and values for all s tokens (2*h*h each) and does everything else for r."""
     full_layer = 2 * (4 * hidden * hidden + 2 * hidden * inner) + 4 * seq_length * hidden
     if not output_range:
         return layers * full_layer
