@@ -32,6 +32,7 @@ class Task:
     # programs want one static shape; such a Task records that in build_model (`note_build_device`).
     cut_eval_batches: Optional[bool] = None
     _built_for_tpu: bool = False
+    _traced_model_call: Optional[tuple] = None  # (model, its traced call): see traced_model_call
 
     @property
     def cuts_batches(self) -> bool:
@@ -46,12 +47,11 @@ class Task:
         """`model(features, training=False)` as a tf.function traced once for any batch size and width (every
         dimension left open, int32 like `features`), not run eagerly layer by layer (2.5x slower for MiniLM);
         cached for the last model. For a Task's `predict`."""
-        cached = getattr(self, "_traced_model_call", None)
-        if cached is None or cached[0] is not model:
+        if self._traced_model_call is None or self._traced_model_call[0] is not model:
             spec = {k: tf.TensorSpec([None] * np.ndim(v), tf.int32) for k, v in features.items()}
-            cached = (model, tf.function(lambda batch: model(batch, training=False), input_signature=[spec]))
-            self._traced_model_call = cached
-        return cached[1]
+            self._traced_model_call = (model, tf.function(lambda batch: model(batch, training=False),
+                                                          input_signature=[spec]))
+        return self._traced_model_call[1]
 
     def build_model(self) -> tf_keras.Model:
         """Builds the model. Called inside the strategy scope under the precision policy."""

@@ -134,7 +134,7 @@ class ClassificationTask(Task):
         self._encoded: dict[str, tuple] = {}   # evaluation split -> (features padded to max_seq_length, labels)
         self._encoder = None
         self._tokenizer: Optional[WordPieceTokenizer] = None
-        self._predict_fn = None   # (model, number of text columns, (its tokenize, its forward pass))
+        self._predict_encode = None   # (number of text columns, the traced tokenize)
 
     @property
     def tokenizer(self) -> WordPieceTokenizer:
@@ -288,7 +288,7 @@ class ClassificationTask(Task):
         The sentences are tokenized a window at a time and run longest first, in batches cut to their longest
         sentence (as evaluation does); the answers come back in input order. A row's answer does not depend on
         its batch: padding is masked."""
-        encode, forward = self._predict_functions(model, len(texts))
+        encode = self._predict_tokenize(len(texts))
         cut = (lambda batch: inputs.cut_to_longest(
             batch, (), length_key="input_mask", full_length=batch["input_mask"].shape[1],
             multiple=PREDICT_WIDTH_MULTIPLE)[0]) if self.cuts_batches else None
@@ -297,9 +297,10 @@ class ClassificationTask(Task):
         for start in range(0, len(texts[0]), window):
             features = encode(*[tf.constant(list(t[start:start + window]), tf.string) for t in texts])
             features = {k: v.numpy() for k, v in features.items()}
+            forward = self.traced_model_call(model, features)
             for rows, batch in inputs.longest_first_batches(features, batch_size, cut=cut):
                 rows_done.append(start + rows)
-                answers.append(forward(batch).numpy())
+                answers.append(self.probabilities(forward(batch)).numpy())
         if not answers:  # no sentences: no answers ([0, 2] for a sigmoid head, as its probabilities have 2 columns)
             return [], np.zeros([0, max(self.config.classes, 2)], np.float32)
         probabilities = np.empty([len(texts[0]), answers[0].shape[1]], np.float32)
@@ -307,19 +308,15 @@ class ClassificationTask(Task):
         ids = probabilities.argmax(-1)
         return [self.config.answer_labels[i] for i in ids], probabilities
 
-    def _predict_functions(self, model: tf_keras.Model, num_texts: int):
-        """(tokenize: strings -> features, forward: features -> probabilities), each traced once for any batch
-        size and width (shapes left open), not run eagerly layer by layer; cached for the last model."""
-        if self._predict_fn is None or self._predict_fn[0] is not model or self._predict_fn[1] != num_texts:
+    def _predict_tokenize(self, num_texts: int):
+        """strings -> features, traced once for any batch size (shapes left open); cached per number of text
+        columns. The model's forward pass is `Task.traced_model_call`."""
+        if self._predict_encode is None or self._predict_encode[0] != num_texts:
             tokenizer = self.tokenizer  # its vocab table: created eagerly, not inside the trace
             encode = tf.function(lambda *texts: tokenizer.encode(*texts, pad_to_multiple=self.predict_pad_to_multiple),
                                  input_signature=[tf.TensorSpec([None], tf.string)] * num_texts)
-            spec = {name: tf.TensorSpec([None, None], tf.int32)
-                    for name in ("input_word_ids", "input_mask", "input_type_ids")}
-            forward = tf.function(lambda features: self.probabilities(model(features, training=False)),
-                                  input_signature=[spec])
-            self._predict_fn = (model, num_texts, (encode, forward))
-        return self._predict_fn[2]
+            self._predict_encode = (num_texts, encode)
+        return self._predict_encode[1]
 
     @property
     def predict_pad_to_multiple(self) -> Optional[int]:

@@ -146,7 +146,8 @@ class SquadTask(Task):
                      input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         if squad_data.canonical_split(split) != "train" and self.cuts_batches:
             # Longest first, each batch cut to its longest window: a dev window fills 46 % of the 384 positions
-            # on average (178; 1,000 dev questions). Postprocess puts rows back by feature_index, and the metrics are sums: same results.
+            # on average (178; 1,000 dev questions). Postprocess puts rows back by feature_index, and the
+            # metrics are sums: same results.
             features, labels = self.eval_windows(split)
             order = inputs.longest_first(features["input_mask"])
             dataset = tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda v: v[order], (features, labels)))
