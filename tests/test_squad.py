@@ -301,6 +301,24 @@ def test_model_logits_are_float32_masked_and_the_loss_is_mean_start_end_cross_en
     np.testing.assert_allclose(task.per_example_loss(features, labels, outputs).numpy(), expected, rtol=1e-5)
 
 
+def test_length_grouped_training_batches_give_the_loss_of_full_padding(cache_dir):
+    task = _tiny_task(cache_dir, group_by_length=4)
+    model = task.build_model()
+    batches = list(task.build_inputs("train", batch_size=4).take(8))
+    # Each batch is cut to its longest window rounded up to 16, not padded to max_seq_length.
+    for features, _ in batches:
+        lengths = features["input_mask"].numpy().sum(axis=1)
+        assert features["input_word_ids"].shape[1] == min(-(-lengths.max() // 16) * 16, task.config.max_seq_length)
+    features, labels = next(b for b in batches if b[0]["input_word_ids"].shape[1] < task.config.max_seq_length)
+    width = features["input_word_ids"].shape[1]
+    # The answer positions still point inside each window's tokens.
+    lengths = features["input_mask"].numpy().sum(axis=1)
+    assert (labels["end_positions"].numpy() < lengths).all()
+    padded = {k: tf.pad(v, [[0, 0], [0, task.config.max_seq_length - width]]) for k, v in features.items()}
+    np.testing.assert_allclose(task.per_example_loss(features, labels, model(features)).numpy(),
+                               task.per_example_loss(padded, labels, model(padded)).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_training_under_the_engine_lowers_the_loss_and_scores_with_the_official_rules(cache_dir, tmp_path):
     predictions_dir = str(tmp_path / "predictions")
     trainer = run_training(lambda: _tiny_task(cache_dir, predictions_dir=predictions_dir), global_batch_size=8,
@@ -411,7 +429,9 @@ def _assert_same_update(reference, other):
 
 
 def test_grad_accumulation_and_two_replicas_give_the_same_update(cache_dir):
-    factory = lambda: _tiny_task(cache_dir, max_seq_length=64, doc_stride=32, max_examples=16)  # noqa: E731
+    # In file order: length grouping sorts each replica's share of a window, so its batches depend on the replicas.
+    factory = lambda: _tiny_task(cache_dir, max_seq_length=64, doc_stride=32, max_examples=16,  # noqa: E731
+                                 group_by_length=0)
     plain = one_update_weights(factory, global_batch_size=8, learning_rate=1e-3)
     _assert_same_update(plain, one_update_weights(factory, global_batch_size=8, grad_accum_steps=2,
                                                   learning_rate=1e-3))

@@ -31,6 +31,8 @@ class SquadConfig:
     max_query_length: int = option(64, "squad: question tokens kept.", model=True)
     n_best_size: int = option(20, "squad: start and end candidates per window when decoding.", model=True)
     max_answer_length: int = option(30, "squad: longest answer in tokens.", model=True)
+    # Windows are padded to max_seq_length; a dev window fills ~46 % of 384 (bench/RESULTS.md), so grouping pays.
+    group_by_length: int = options.group_by_length(16)
     max_examples: Optional[int] = option(None, "squad: first N questions of each split (smoke runs).")
     cache_dir: Optional[str] = option(None, "squad: feature cache (default ~/.cache/bert_engine/squad).")
     predictions_dir: Optional[str] = option(None, "squad: where predictions_<split>.json go (default: the run's "
@@ -40,6 +42,8 @@ class SquadConfig:
     seed: int = options.seed()
 
     def __post_init__(self):
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length={self.group_by_length}: expected 0 (off) or batches per window")
         if self.squad_file and self.data_files:
             raise ValueError("--squad_file (one file, split by article) or --train_data/--eval_data (a file per "
                              "split), not both")
