@@ -27,6 +27,10 @@ class RuntimeConfig:
         "auto", "Run the model's layers as fused CPU kernels (engine/fusion.py): Dropout, Activation and LayerNorm as "
         "small XLA kernels, dense layers as oneDNN MatMul+BiasAdd(+GELU), attention as batched MatMuls; the same "
         "values. auto: on for the CPU, where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", kind="bool_or_auto")
+    skip_padding_in_training: bool = option(
+        False, "Train the Transformer blocks' projections, FFN and LayerNorms on the real tokens only, not on padding "
+        "(engine/fusion.py, one of --fuse_elementwise's rewrites; attention keeps the padded layout). The token "
+        "count varies per batch, so not with --jit_compile or on a TPU, which compile static shapes.")
     peak_tflops: float = option(
         0.0, "MFU: peak dense TFLOP/s of one GPU or TPU device (or of one host's CPU) for the run's precision (0: a "
         "built-in table of A100/H100/V100/T4 and TPU v2-v6e, or the CPU's measured matmul peak; unknown devices "
@@ -43,6 +47,9 @@ class RuntimeConfig:
             raise ValueError(f"--strategy={self.strategy!r}: expected one of {STRATEGIES}")
         if self.fuse_elementwise not in (True, False, "auto"):
             raise ValueError(f"--fuse_elementwise={self.fuse_elementwise!r}: expected true, false or auto")
+        if self.skip_padding_in_training and (self.jit_compile or self.strategy == "tpu"):
+            raise ValueError("--skip_padding_in_training: the token count varies per batch, which XLA's static shapes "
+                             "cannot take; drop it, or --jit_compile and --strategy=tpu")
         if self.peak_tflops < 0:
             raise ValueError(f"--peak_tflops={self.peak_tflops}: must be >= 0 (0: the built-in table)")
 

@@ -21,9 +21,10 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     which oneDNN's build does not reroute to its slower small-tensor transpose (see _swap_seq_and_heads).
   * LayerNormalization over the last axis, at inference only: (x - mean) * (rsqrt(var + eps) * gamma) + beta,
     fewer ops than Keras' moments + batch_normalization (see _layer_norm_call).
-  * Model Garden's Transformer blocks, at inference, when over 15 % of the batch's positions are padding: the
-    projections, FFN and LayerNorms on the real tokens only, gathered into one row ([1, tokens, hidden]);
-    attention alone runs on the padded layout (see _unpadded_block_call). Zeros at padded positions.
+  * Model Garden's Transformer blocks, at inference when over 15 % of the batch's positions are padding, and in
+    training when asked (RuntimeConfig.skip_padding_in_training): the projections, FFN and LayerNorms on the
+    real tokens only, gathered into one row ([1, tokens, hidden]); attention alone runs on the padded layout
+    (see _unpadded_block_call). Zeros at padded positions.
   * Model Garden's word-embedding lookup (OnDeviceEmbedding): gathered from a dense read of the table
     instead of by ResourceGather, which would put the variable into TensorFlow's copy-on-read mode, where
     every optimizer update copies the whole table (see _embedding_call). Not in export_safe graphs: they
@@ -185,47 +186,66 @@ def _layer_norm_call(layer, inputs):
     return tf.cast(outputs, input_dtype)
 
 
-# _unpadded_block_call removes padding when it is more than this fraction of a batch's positions. Gathering and
-# scattering cost ~6 % of a block on sorted SST-2 batches of 32 (little padding) and at batch 1 (none), where
-# the stock block runs instead; in input order (~45 % padding) MiniLM's forward ran 1.36x. The tf.cond itself
-# costs ~0.35 ms per batch-1 forward (0.96x; bench/RESULTS.md).
+# _unpadded_block_call removes padding at inference when it is more than this fraction of a batch's positions.
+# Gathering and scattering cost ~6 % of a block on sorted SST-2 batches of 32 (little padding) and at batch 1
+# (none), where the stock block runs instead; in input order (~45 % padding) MiniLM's forward ran 1.36x. The
+# tf.cond itself costs ~0.35 ms per batch-1 forward (0.96x; bench/RESULTS.md).
 _UNPAD_ABOVE = 0.15
 
 
-def _unpadded_block_call(block, inputs, output_range=None):
-    # At inference, a TransformerEncoderBlock's projections, FFN and LayerNorms run on the real tokens only:
-    # [1, tokens, hidden] gathered from [batch, seq, hidden], so a batch of mixed lengths costs its tokens, not
-    # batch x longest. Only attention needs the padded layout: Q, K and V are scattered back for it and the
-    # context gathered again. Padded positions come out as zeros instead of the stock block's values there,
-    # which no mask lets any later position or head read. The idea of FasterTransformer's and ByteTransformer's
-    # "remove padding"; Model Garden's block has no such mode. Training and other block configurations, and
-    # batches with little padding, run the stock call.
-    if (_training() or output_range or block._output_range or not isinstance(inputs, (list, tuple))
-            or len(inputs) != 2 or inputs[1] is None):
+def _unpadded_block_call(block, on_tokens_in_training, inputs, output_range=None):
+    # A TransformerEncoderBlock's projections, FFN and LayerNorms run on the real tokens only: [1, rows, hidden]
+    # gathered from [batch, seq, hidden], so a batch of mixed lengths costs its tokens, not batch x longest.
+    # Only attention needs the padded layout: Q, K and V are scattered back for it and the context gathered
+    # again. Values at padded positions differ from the stock block's, and no mask lets any later position or
+    # head read them. The idea of FasterTransformer's and ByteTransformer's "remove padding"; Model Garden's
+    # block has no such mode. Other block configurations run the stock call, and so does training unless
+    # `on_tokens_in_training`. At inference a batch with little padding runs the stock block.
+    training = _training()
+    if ((training and not on_tokens_in_training) or output_range or block._output_range
+            or not isinstance(inputs, (list, tuple)) or len(inputs) != 2 or inputs[1] is None):
         return type(block).call(block, inputs, output_range=output_range)
     x, attention_mask = inputs
     # A position is a token if some query may attend to it (padding columns are masked out for every row).
-    is_token = tf.reduce_any(tf.cast(attention_mask, tf.bool), axis=1)
-    padding = 1.0 - tf.reduce_mean(tf.cast(is_token, tf.float32))
-    return tf.cond(padding > _UNPAD_ABOVE, lambda: _block_on_tokens(block, x, attention_mask, is_token),
+    is_token = tf.reshape(tf.reduce_any(tf.cast(attention_mask, tf.bool), axis=1), [-1])
+    tokens = tf.reduce_sum(tf.cast(is_token, tf.int32))
+    if training:
+        # No tf.cond here: keyed dropout's custom gradient cannot reach into a cond branch. Rows are bucketed
+        # (_training_rows) so the XLA dropout and GELU kernels compile once per bucket, not once per batch.
+        return _block_on_tokens(block, x, attention_mask, is_token, _training_rows(tokens, tf.size(is_token)))
+    padding = 1.0 - tf.cast(tokens, tf.float32) / tf.cast(tf.size(is_token), tf.float32)
+    return tf.cond(padding > _UNPAD_ABOVE, lambda: _block_on_tokens(block, x, attention_mask, is_token, tokens),
                    lambda: type(block).call(block, inputs))
 
 
-def _block_on_tokens(block, x, attention_mask, is_token):
-    tokens = tf.where(is_token)  # [tokens, 2]: (row, position)
-    padded_shape = tf.shape(x, out_type=tf.int64)
+def _training_rows(tokens, positions):
+    """How many rows a training batch's `tokens` run as: rounded up to 4 sizes per doubling (at most 25 % more
+    rows, ~12 % on average; at least multiples of 16), at most the batch's `positions`."""
+    octave = tf.floor(tf.math.log(tf.cast(tf.maximum(tokens, 1), tf.float32)) / math.log(2.0))
+    step = tf.maximum(tf.cast(tf.pow(2.0, octave - 2.0), tf.int32), 16)
+    return tf.minimum((tokens + step - 1) // step * step, positions)
 
-    def unpad(t):  # [batch, seq, ...] -> [1, tokens, ...]
-        return tf.expand_dims(tf.gather_nd(t, tokens), 0)
 
-    def pad(t):  # [1, tokens, ...] -> [batch, seq, ...], zeros at padding
-        return tf.scatter_nd(tokens, t[0], tf.concat([padded_shape[:2], tf.shape(t, out_type=tf.int64)[2:]], 0))
+def _block_on_tokens(block, x, attention_mask, is_token, rows):
+    """The block on the first `rows` positions of [tokens in order, then padding] (`is_token`: [batch x seq])."""
+    positions = tf.size(is_token)
+    # Tokens first, each group in row-major order; rows beyond the tokens are padding positions, whose values
+    # are computed and discarded like the stock block's.
+    order = tf.argsort(tf.cast(tf.logical_not(is_token), tf.int32), stable=True)[:rows]
+    padded_shape = tf.shape(x)[:2]
+
+    def unpad(t):  # [batch, seq, ...] -> [1, rows, ...]
+        return tf.gather(tf.reshape(t, tf.concat([[positions], tf.shape(t)[2:]], 0)), order)[None]
+
+    def pad(t):  # [1, rows, ...] -> [batch, seq, ...], zeros where no row went
+        flat = tf.scatter_nd(order[:, None], t[0], tf.concat([[positions], tf.shape(t)[2:]], 0))
+        return tf.reshape(flat, tf.concat([padded_shape, tf.shape(t)[2:]], 0))
 
     attention = block._attention_layer
     source = unpad(x)
     query, key, value = (pad(dense(source)) for dense in (
         attention._query_dense, attention._key_dense, attention._value_dense))
-    context, _ = attention._compute_attention(query, key, value, attention_mask)
+    context, _ = attention._compute_attention(query, key, value, attention_mask, training=_training())
     attended = block._attention_dropout(attention._output_dense(unpad(context)))
     attended = block._attention_layer_norm(source + attended)
     inner = block._inner_dropout_layer(block._intermediate_activation_layer(block._intermediate_dense(attended)))
@@ -276,11 +296,14 @@ def _is_plain_attention(layer) -> bool:
             and getattr(layer, "_combine_equation", None) == "acbe,aecd->abcd")
 
 
-def fuse_elementwise(model: tf.Module, *, export_safe: bool = False) -> dict[str, int]:
+def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_padding_in_training: bool = False
+                     ) -> dict[str, int]:
     """Rebinds the model's layers as the module docstring lists; returns how many of each kind.
 
     export_safe: only the rewrites made of standard TensorFlow ops (dense, attention, LayerNorm, and the GELU
-    fused into the dense at inference), no XLA kernels, and not the embedding lookup (a served graph updates nothing)."""
+    fused into the dense at inference), no XLA kernels, and not the embedding lookup (a served graph updates nothing).
+    skip_padding_in_training: Transformer blocks train on their real tokens too (_unpadded_block_call); the
+    token count is dynamic, so not under whole-step XLA (a TPU's, or --jit_compile)."""
     counts = dict.fromkeys(("dropout", "activation", "dense", "attention", "layer_norm", "embedding", "block"), 0)
     if not export_safe:
         counts["dropout"] = dropout.rebind(model, xla=True)
@@ -296,7 +319,7 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False) -> dict[str
             layer._compute_attention = functools.partial(_attention_call, layer)
             counts["attention"] += 1
         elif _is_plain_block(layer):
-            layer.call = functools.partial(_unpadded_block_call, layer)
+            layer.call = functools.partial(_unpadded_block_call, layer, skip_padding_in_training)
             counts["block"] += 1
         elif type(layer) is tf_keras.layers.LayerNormalization and len(layer.axis) == 1:
             layer.call = functools.partial(_layer_norm_call, layer)

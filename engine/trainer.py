@@ -75,8 +75,12 @@ class Trainer:
             self.model = task.build_model()
             # Dropout is always keyed (exact resume); fusion makes its kernel an XLA island and rewrites other layers.
             self.fuse_elementwise = fusion.resolve_fuse_elementwise(runtime.fuse_elementwise)  # "auto": CPU only
-            self.fused_layers = (fusion.fuse_elementwise(self.model) if self.fuse_elementwise
-                                 else {"dropout": dropout.rebind(self.model, xla=False)})
+            if runtime.skip_padding_in_training and not self.fuse_elementwise:
+                raise ValueError("--skip_padding_in_training is one of --fuse_elementwise's rewrites: it needs "
+                                 "--fuse_elementwise (auto: on for the CPU)")
+            self.fused_layers = (fusion.fuse_elementwise(
+                self.model, skip_padding_in_training=runtime.skip_padding_in_training) if self.fuse_elementwise
+                else {"dropout": dropout.rebind(self.model, xla=False)})
             self.optimizer = optimization.make_optimizer(
                 optimizer_config, config.train_steps, loss_scale=self.precision == "mixed_float16")
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",

@@ -14,6 +14,7 @@ import tf_keras
 
 import bert_numpy_reference as ref
 from engine import dropout, fusion
+from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, run_training
 from tasks.encoders import bert
 
@@ -145,6 +146,55 @@ def test_dense_and_attention_rewrites_give_stock_keras_values_and_gradients(trai
         # embedding row's gradient cancel to near zero, and the key biases' gradients are zero in exact math
         # (softmax ignores a shift shared by all keys), so a per-element relative tolerance would not fit.
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=3e-5 * max(np.abs(e).max(), 1e-3))
+
+
+def test_training_on_tokens_gives_stock_values_and_gradients_and_computes_fewer_rows():
+    """skip_padding_in_training: rows of 16, 11, 5 and 1 tokens (33 of 64 positions) train as 48 rows (33 rounded up
+    to a multiple of 16); values at real positions and every gradient are the stock encoder's."""
+    config, inputs, stock, fused = _encoder_pair()
+    assert fusion.fuse_elementwise(fused, skip_padding_in_training=True)["block"] == config.num_hidden_layers
+    expected = _outputs_and_grads(stock, inputs, True)
+    got = _outputs_and_grads(fused, inputs, True)
+    assert len(got) == len(expected) == len(stock.trainable_variables) + 1
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=3e-5 * max(np.abs(e).max(), 1e-3))
+    # The 64 - 48 positions that got no row hold zeros: the blocks ran on 48 rows, not 64.
+    output = fused(inputs, training=True)["sequence_output"].numpy().reshape(64, -1)
+    assert (np.abs(output).max(axis=1) == 0).sum() == 16
+    # Without the option training keeps the stock block (nonzero everywhere).
+    _, _, _, plain = _encoder_pair()
+    fusion.fuse_elementwise(plain)
+    assert np.abs(plain(inputs, training=True)["sequence_output"].numpy()).max(axis=-1).min() > 0
+
+
+def test_training_rows_are_bucketed_four_per_doubling():
+    rows = {t: int(fusion._training_rows(tf.constant(t), tf.constant(4096))) for t in (1, 33, 100, 300, 1000, 4090)}
+    assert rows == {1: 16, 33: 48, 100: 112, 300: 320, 1000: 1024, 4090: 4096}
+    assert int(fusion._training_rows(tf.constant(33), tf.constant(40))) == 40  # never more than the positions
+    tokens = np.arange(256, 4096, dtype=np.int32)
+    rows = fusion._training_rows(tf.constant(tokens), tf.constant(1 << 20)).numpy()
+    assert (rows >= tokens).all() and (rows <= 1.25 * tokens).all()
+    assert len(set(rows)) == 17  # 256, 320, 384, 448, 512, 640, ..., 4096: four sizes per doubling
+
+
+def test_training_on_tokens_with_dropout_is_keyed_and_finite():
+    config, inputs, _, fused = _encoder_pair(dropout_rate=0.1)
+    assert fusion.fuse_elementwise(fused, skip_padding_in_training=True)["dropout"] > 0
+
+    @tf.function
+    def forward(update):
+        with dropout.keys(dropout.step_key(7, update, 0)):
+            return fused(inputs, training=True)["sequence_output"]
+    first, again, other = forward(tf.constant(1)), forward(tf.constant(1)), forward(tf.constant(2))
+    np.testing.assert_array_equal(first.numpy(), again.numpy())  # the same update drops the same units
+    assert np.isfinite(first.numpy()).all() and np.abs(first.numpy() - other.numpy()).max() > 0
+
+
+def test_skip_padding_in_training_refuses_static_shape_compilers():
+    with pytest.raises(ValueError, match="skip_padding_in_training"):
+        RuntimeConfig(skip_padding_in_training=True, jit_compile=True)
+    with pytest.raises(ValueError, match="skip_padding_in_training"):
+        RuntimeConfig(skip_padding_in_training=True, strategy="tpu")
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])

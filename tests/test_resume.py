@@ -1,7 +1,8 @@
 """Exact continuation of `launch.train` after SIGTERM and kill -9, on a small BERT with dropout 0.1 (the masks are
 keyed by seed, update, replica, micro-batch and layer; see engine/dropout.py): per-step losses and the final
 weights and optimizer state equal the uninterrupted run, on the default strategy (input iterator in the
-checkpoint) and mirrored over two logical CPUs with gradient accumulation 2 (input re-read and skipped)."""
+checkpoint) and mirrored over two logical CPUs with gradient accumulation 2 (input re-read and skipped), the
+latter training on the real tokens only."""
 import random
 import signal
 
@@ -18,8 +19,11 @@ def workspace(tmp_path_factory):
     return sst2_workspace(tmp_path_factory.mktemp("resume_data"))
 
 
-@pytest.mark.parametrize("geometry", [{}, {"strategy": "mirrored", "cpu_devices": 2, "grad_accum_steps": 2}],
-                         ids=["default", "mirrored_accumulation"])
+# The second geometry also trains on tokens only (--skip_padding_in_training): its dropout masks have the shape
+# of each batch's token count, and must come back the same after a restart too.
+@pytest.mark.parametrize("geometry", [{}, {"strategy": "mirrored", "cpu_devices": 2, "grad_accum_steps": 2,
+                                           "skip_padding_in_training": True}],
+                         ids=["default", "mirrored_accumulation_on_tokens"])
 def test_sigterm_then_kill_9_then_resume_equals_the_uninterrupted_run(geometry, workspace, tmp_path):
     expected = run_job(sst2_args(workspace, tmp_path / "expected", **geometry), tmp_path, "expected")
     # launch.train's last line says where the time went (tests/test_summaries.py checks that its parts add up).
