@@ -31,8 +31,9 @@ class SquadConfig:
     max_query_length: int = option(64, "squad: question tokens kept.", model=True)
     n_best_size: int = option(20, "squad: start and end candidates per window when decoding.", model=True)
     max_answer_length: int = option(30, "squad: longest answer in tokens.", model=True)
-    # Windows are padded to max_seq_length; a dev window fills ~46 % of 384 (bench/RESULTS.md), so grouping pays.
-    group_by_length: int = options.group_by_length(16)
+    # Off by default for SQuAD: configs/squad.flags trained 1.2x faster grouped (16) but scored 0.7-1.8 F1 lower
+    # (two seeds each; bench/RESULTS.md, 2026-12-02). Classification and NER lost nothing measurable.
+    group_by_length: int = options.group_by_length(0)
     max_examples: Optional[int] = option(None, "squad: first N questions of each split (smoke runs).")
     cache_dir: Optional[str] = option(None, "squad: feature cache (default ~/.cache/bert_engine/squad).")
     predictions_dir: Optional[str] = option(None, "squad: where predictions_<split>.json go (default: the run's "
