@@ -75,9 +75,10 @@ class Trainer:
             self.model = task.build_model()
             # Dropout is always keyed (exact resume); fusion makes its kernel an XLA island and rewrites other layers.
             self.fuse_elementwise = fusion.resolve_fuse_elementwise(runtime.fuse_elementwise)  # "auto": CPU only
-            if runtime.skip_padding_in_training and not self.fuse_elementwise:
-                raise ValueError("--skip_padding_in_training is one of --fuse_elementwise's rewrites: it needs "
-                                 "--fuse_elementwise (auto: on for the CPU)")
+            if runtime.skip_padding_in_training and not self.fuse_elementwise and self.is_chief:
+                # Not an error: `make demo`'s flagfile asks for it and should still run on a GPU, where "auto" is off.
+                print("note: --skip_padding_in_training is one of --fuse_elementwise's rewrites, which are off here: "
+                      "training runs on padded batches", flush=True)
             self.fused_layers = (fusion.fuse_elementwise(
                 self.model, skip_padding_in_training=runtime.skip_padding_in_training) if self.fuse_elementwise
                 else {"dropout": dropout.rebind(self.model, xla=False)})

@@ -79,13 +79,13 @@ def run_training(task_factory: Callable[[], Task], *, global_batch_size: int, gr
                  strategy: str = "default", train_steps: int = 1, model_dir: Optional[str] = None,
                  precision: str = "float32", jit_compile: bool = False, learning_rate: float = 1e-2,
                  steps_per_loop: int = 1, ema_decay: Optional[float] = None, adam_epsilon: float = 1e-6,
-                 **trainer_kwargs) -> Trainer:
+                 runtime_options: Optional[dict] = None, **trainer_kwargs) -> Trainer:
     """Builds a Trainer for a fresh task and trains it; returns the trainer (weights, history)."""
     config = TrainerConfig(model_dir=model_dir or tempfile.mkdtemp(), train_steps=train_steps,
                            global_batch_size=global_batch_size, grad_accum_steps=grad_accum_steps,
                            steps_per_loop=steps_per_loop, eval_split=trainer_kwargs.pop("eval_split", ""),
                            **trainer_kwargs)
-    runtime = RuntimeConfig(strategy=strategy, precision=precision, jit_compile=jit_compile)
+    runtime = RuntimeConfig(strategy=strategy, precision=precision, jit_compile=jit_compile, **(runtime_options or {}))
     # No warmup/decay and no clipping, so one update's result shows every difference in the gradient.
     optimizer = OptimizerConfig(learning_rate=learning_rate, warmup_steps=0, decay_steps=10 ** 6,
                                 end_learning_rate=learning_rate, clip_norm=None, ema_decay=ema_decay,

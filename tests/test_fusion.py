@@ -190,6 +190,14 @@ def test_training_on_tokens_with_dropout_is_keyed_and_finite():
     assert np.isfinite(first.numpy()).all() and np.abs(first.numpy() - other.numpy()).max() > 0
 
 
+def test_skip_padding_in_training_without_fusion_says_so_and_trains_padded(capsys):
+    # make demo's flagfile asks for it; on a GPU (fusion "auto" is off there) the run must still go ahead.
+    trainer = run_training(DropoutToyTask, global_batch_size=16, train_steps=2,
+                           runtime_options={"fuse_elementwise": False, "skip_padding_in_training": True})
+    assert "--skip_padding_in_training is one of --fuse_elementwise's rewrites" in capsys.readouterr().out
+    assert trainer.fused_layers == {"dropout": 2} and np.isfinite(trainer.train_history[-1]["loss"])
+
+
 def test_skip_padding_in_training_refuses_static_shape_compilers():
     with pytest.raises(ValueError, match="skip_padding_in_training"):
         RuntimeConfig(skip_padding_in_training=True, jit_compile=True)
