@@ -24,6 +24,8 @@ What a PyTorch user would write for configs/sst2_demo.flags, step for step the s
   eval      the whole dev set every --eval_every_steps (500, and at the end), batch 128, bf16 as training,
             `torch.inference_mode`; batches padded to their longest sentence (HF's usual `padding=True`;
             --eval_padding=max_length pads to 64 as the engine's evaluation does)
+Not mirrored, on purpose: the flagfile's --skip_padding_in_training. It changes how the engine computes (the
+blocks' token-wise work on real tokens only, the same math), not the recipe; HF's BertModel has no such mode.
 
 It ends, like launch.train, with `final validation metrics: accuracy ..., f1 ...`, then a time split
 (`time | start-up ... | total ...`, start-up counted from the process's start, imports included) and
