@@ -38,6 +38,12 @@ def group_by_length(default: int) -> Any:
                   "--max_seq_length).")
 
 
+def check_group_by_length(value: int) -> None:
+    """The check every Task config with a `group_by_length` field runs in __post_init__."""
+    if value < 0:
+        raise ValueError(f"group_by_length={value}: expected 0 (off) or batches per window")
+
+
 def seed() -> Any:
     """The runtime's --seed: one flag seeds initialisation and the Task's shuffling."""
     runtime_seed = {f.name: f for f in dataclasses.fields(RuntimeConfig)}["seed"]

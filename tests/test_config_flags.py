@@ -2,6 +2,7 @@
 default, choices and help (launch/config_flags.py defines them from engine/options.py metadata), so train,
 evaluate, predict and export cannot drift apart; and defining them loads no TensorFlow (a fast --help)."""
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -117,3 +118,13 @@ def test_configs_built_from_parsed_flags():
     assert values["class_weights"] == (1.0, 3.0) and values["max_seq_length"] is None
     with pytest.raises(ValueError, match="--class_weights=1,x"):
         config_flags.value("class_weights", ["1", "x"])
+
+
+def test_every_task_config_refuses_a_negative_group_by_length():
+    from tasks.classification.config import ClassificationConfig
+    from tasks.ner.config import TaggingConfig
+    from tasks.squad.config import SquadConfig
+    for config_cls in (functools.partial(ClassificationConfig, data_files={}), TaggingConfig, SquadConfig):
+        with pytest.raises(ValueError, match=r"group_by_length=-1: expected 0 \(off\) or batches per window"):
+            config_cls(group_by_length=-1)
+        assert config_cls(group_by_length=4).group_by_length == 4

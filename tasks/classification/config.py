@@ -50,8 +50,7 @@ class ClassificationConfig:
             raise ValueError(f"head='sigmoid' is for 2 classes, got {self.classes}")
         if self.class_weights and len(self.class_weights) != self.classes:
             raise ValueError(f"class_weights has {len(self.class_weights)} values for {self.classes} classes")
-        if self.group_by_length < 0:
-            raise ValueError(f"group_by_length={self.group_by_length}: expected 0 (off) or batches per window")
+        options.check_group_by_length(self.group_by_length)
         if not 1 <= len(self.text_columns) <= 2:
             raise ValueError(f"text_columns={self.text_columns}: one sentence or a sentence pair")
 

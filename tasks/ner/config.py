@@ -48,6 +48,7 @@ class TaggingConfig:
     def __post_init__(self):
         if self.head not in ("crf", "softmax"):
             raise ValueError(f"head={self.head!r}: expected 'crf' or 'softmax'")
+        options.check_group_by_length(self.group_by_length)
         if self.max_seq_length < 3:
             raise ValueError(f"max_seq_length={self.max_seq_length}: needs room for [CLS], a word and [SEP]")
         if self.labels[0] != "O":

@@ -43,8 +43,7 @@ class SquadConfig:
     seed: int = options.seed()
 
     def __post_init__(self):
-        if self.group_by_length < 0:
-            raise ValueError(f"group_by_length={self.group_by_length}: expected 0 (off) or batches per window")
+        options.check_group_by_length(self.group_by_length)
         if self.squad_file and self.data_files:
             raise ValueError("--squad_file (one file, split by article) or --train_data/--eval_data (a file per "
                              "split), not both")
