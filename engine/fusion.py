@@ -187,16 +187,16 @@ def _layer_norm_call(layer, inputs):
 
 
 # _unpadded_block_call removes padding at inference when it is more than this fraction of a batch's positions.
-# Gathering and scattering cost ~6 % of a block on sorted SST-2 batches of 32 (little padding) and at batch 1
-# (none), where the stock block runs instead; in input order (~45 % padding) MiniLM's forward ran 1.36x. The
-# tf.cond itself costs ~0.35 ms per batch-1 forward (0.96x; bench/RESULTS.md).
+# Moving rows cost ~6 % of a block (measured with ScatterNd, before _spread_rows) on sorted SST-2 batches of 32
+# (little padding) and at batch 1 (none), where the stock block runs instead; in input order (~45 % padding)
+# MiniLM's forward ran 1.36x. The tf.cond itself costs ~0.35 ms per batch-1 forward (0.96x; bench/RESULTS.md).
 _UNPAD_ABOVE = 0.15
 
 
 def _unpadded_block_call(block, on_tokens_in_training, inputs, output_range=None):
     # A TransformerEncoderBlock's projections, FFN and LayerNorms run on the real tokens only: [1, rows, hidden]
     # gathered from [batch, seq, hidden], so a batch of mixed lengths costs its tokens, not batch x longest.
-    # Only attention needs the padded layout: Q, K and V are scattered back for it and the context gathered
+    # Only attention needs the padded layout: Q, K and V are spread back for it and the context gathered
     # again. Values at padded positions differ from the stock block's, and no mask lets any later position or
     # head read them. The idea of FasterTransformer's and ByteTransformer's "remove padding"; Model Garden's
     # block has no such mode. Other block configurations run the stock call, and so does training unless
@@ -229,23 +229,27 @@ def _training_rows(tokens, positions):
 def _block_on_tokens(block, x, attention_mask, is_token, rows):
     """The block on the first `rows` positions of [tokens in order, then padding] (`is_token`: [batch x seq])."""
     positions = tf.size(is_token)
+    training = _training()
     # Tokens first, each group in row-major order; rows beyond the tokens are padding positions, whose values
-    # are computed and discarded like the stock block's.
-    order = tf.argsort(tf.cast(tf.logical_not(is_token), tf.int32), stable=True)[:rows]
+    # are computed and discarded like the stock block's. `slot`: each position's row, or `rows` (a zero row).
+    permutation = tf.argsort(tf.cast(tf.logical_not(is_token), tf.int32), stable=True)
+    order = permutation[:rows]
+    slot = tf.minimum(tf.math.invert_permutation(permutation), rows)
     padded_shape = tf.shape(x)[:2]
 
     def unpad(t):  # [batch, seq, ...] -> [1, rows, ...]
-        return tf.gather(tf.reshape(t, tf.concat([[positions], tf.shape(t)[2:]], 0)), order)[None]
+        flat = tf.reshape(t, tf.concat([[positions], tf.shape(t)[2:]], 0))
+        return tf.expand_dims(_take_rows(flat, order, slot, training), 0)
 
     def pad(t):  # [1, rows, ...] -> [batch, seq, ...], zeros where no row went
-        flat = tf.scatter_nd(order[:, None], t[0], tf.concat([[positions], tf.shape(t)[2:]], 0))
+        flat = _spread_rows(tf.squeeze(t, 0), slot, order, training)
         return tf.reshape(flat, tf.concat([padded_shape, tf.shape(t)[2:]], 0))
 
     attention = block._attention_layer
     source = unpad(x)
     query, key, value = (pad(dense(source)) for dense in (
         attention._query_dense, attention._key_dense, attention._value_dense))
-    context, _ = attention._compute_attention(query, key, value, attention_mask, training=_training())
+    context, _ = attention._compute_attention(query, key, value, attention_mask, training=training)
     attended = block._attention_dropout(attention._output_dense(unpad(context)))
     attended = block._attention_layer_norm(source + attended)
     inner = block._inner_dropout_layer(block._intermediate_activation_layer(block._intermediate_dense(attended)))
@@ -253,6 +257,34 @@ def _block_on_tokens(block, x, attention_mask, is_token, rows):
     # As the stock block: under a mixed policy the LayerNorm works in float32 and the sum is taken there.
     output = block._output_layer_norm(tf.cast(output, tf.float32) + attended)
     return pad(output)
+
+
+# Moving rows between the padded layout and the token rows, both ways by gathers: `order` lists the rows'
+# positions, `slot` each position's row (or one past the last, a zero row). Each is the other's gradient, since
+# every row comes from exactly one position. With TensorFlow's own gradients (a gather's is a scatter-add,
+# UnsortedSegmentSum) and a zero-filled ScatterNd to pad, moving rows took 17.6 ms of op time per update of
+# make demo, 8.4 ms this way (bench/RESULTS.md). Inference (no tape, and inside a tf.cond) takes the plain ops.
+def _take_rows(flat, order, slot, with_gradient):  # [positions, ...] -> [rows, ...]
+    if not with_gradient:
+        return tf.gather(flat, order)
+
+    @tf.custom_gradient
+    def take(values):
+        return tf.gather(values, order), lambda upstream: _spread_rows(upstream, slot, order, True)
+    return take(flat)
+
+
+def _spread_rows(values, slot, order, with_gradient):  # [rows, ...] -> [positions, ...], zeros where no row
+    def spread(values):  # (a batch may have no tokens at all, e.g. a replica's share of a padded last batch)
+        zero_row = tf.zeros(tf.concat([[1], tf.shape(values)[1:]], 0), values.dtype)
+        return tf.gather(tf.concat([values, zero_row], 0), slot)
+    if not with_gradient:
+        return spread(values)
+
+    @tf.custom_gradient
+    def spread_with_gradient(values):
+        return spread(values), lambda upstream: _take_rows(upstream, order, slot, True)
+    return spread_with_gradient(values)
 
 
 def _is_plain_block(layer) -> bool:

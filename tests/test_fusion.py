@@ -5,6 +5,7 @@ export-safe rewrite has no XLA kernel; fusing touches only the model it was appl
 under the engine (mirrored + accumulation + XLA), traced once."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
+import collections
 import math
 
 import numpy as np
@@ -165,6 +166,42 @@ def test_training_on_tokens_gives_stock_values_and_gradients_and_computes_fewer_
     _, _, _, plain = _encoder_pair()
     fusion.fuse_elementwise(plain)
     assert np.abs(plain(inputs, training=True)["sequence_output"].numpy()).max(axis=-1).min() > 0
+
+
+def test_training_on_tokens_moves_rows_by_gathers_both_ways():
+    """Rows go between the padded layout and the token rows by gathers, forward and backward (_take_rows and
+    _spread_rows are each other's gradient): no zero-filled ScatterNd and no scatter-add per block, which took
+    twice the time in make demo's step (bench/RESULTS.md). The values are checked by the test above."""
+    config, inputs, _, fused = _encoder_pair()
+    fusion.fuse_elementwise(fused, skip_padding_in_training=True)
+
+    @tf.function
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(fused(inputs, training=True)["sequence_output"]))
+        return tape.gradient(loss, fused.trainable_variables)
+    op_types = collections.Counter(op.type for op in gradients.get_concrete_function().graph.get_operations())
+    assert op_types["ScatterNd"] == op_types["UnsortedSegmentSum"] == op_types["GatherNd"] == 0, op_types
+    # Per block forward: x and the context to rows, Q, K, V and the output back; the same again backward.
+    assert op_types["GatherV2"] >= 2 * 6 * config.num_hidden_layers
+
+
+def test_blocks_on_tokens_take_a_batch_without_tokens():
+    """All padding (a replica's share of the engine's padded last evaluation batch): no rows, zeros out, finite
+    gradients, at inference and in training."""
+    _, inputs, _, fused = _encoder_pair()
+    fusion.fuse_elementwise(fused, skip_padding_in_training=True)
+    empty = {**inputs, "input_mask": tf.zeros_like(inputs["input_mask"])}
+
+    @tf.function
+    def run(training):
+        with tf.GradientTape() as tape:
+            output = fused(empty, training=training)["sequence_output"]
+            loss = tf.reduce_sum(tf.square(tf.cast(output, tf.float32)))
+        return output, tape.gradient(loss, fused.trainable_variables[-6])  # a block's weight
+    for training in (False, True):
+        output, gradient = run(training)
+        assert np.abs(output.numpy()).max() == 0 and np.isfinite(gradient.numpy()).all()
 
 
 def test_training_rows_are_bucketed_four_per_doubling():
