@@ -131,6 +131,25 @@ def shard_shuffle_batch(dataset: tf.data.Dataset, *, training: bool, batch_size:
     return pipeline_share(dataset, input_context, batch_size)
 
 
+def batches(dataset: tf.data.Dataset, *, training: bool, batch_size: int, window_batches: int,
+            input_context: Optional[tf.distribute.InputContext], shuffle_buffer: int, seed: int,
+            decode: Optional[Callable] = None, length_key: str = "input_mask", multiple: int = 16
+            ) -> tf.data.Dataset:
+    """A Task's batches: `shard_shuffle_batch`, then `decode` on whole batches (tokenizing or parsing a batch per
+    call is much cheaper than per example), then in training, with `window_batches` > 0 (a Task's
+    group_by_length option), `group_by_length`'s batches of similar lengths: windows of that many batches are
+    batched first and sorted after decoding, so the order depends only on the seed (and stays resumable)."""
+    window = window_batches if training else 0
+    dataset = shard_shuffle_batch(dataset, training=training, batch_size=batch_size * max(window, 1),
+                                  input_context=input_context, shuffle_buffer=shuffle_buffer, seed=seed)
+    if decode is not None:
+        dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if window:
+        dataset = group_by_length(dataset, batch_size=batch_size, window_batches=window, length_key=length_key,
+                                  multiple=multiple, seed=seed)
+    return dataset
+
+
 def bucket_widths(full_length: int, multiple: int = 16) -> tuple[int, ...]:
     """The sequence widths `group_by_length` can produce: multiples of `multiple` up to, and ending at,
     `full_length`. Known before training, so XLA (and a TPU) compiles the step at most once per width."""

@@ -224,16 +224,12 @@ class ClassificationTask(Task):
             *texts, label = texts_and_label
             return tokenizer.encode(*texts), label
 
-        window = self.config.group_by_length
         dataset = tf.data.Dataset.from_tensor_slices(tuple(list(t) for t in examples.texts) + (examples.labels,))
         # Batch first: tensorflow-text tokenizes a whole batch per call, much faster than per example.
-        dataset = inputs.shard_shuffle_batch(
-            dataset, training=True, batch_size=batch_size * max(window, 1), input_context=input_context,
-            shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
-        dataset = dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if window:
-            dataset = inputs.group_by_length(dataset, batch_size=batch_size, window_batches=window,
-                                             length_key="input_mask", multiple=BUCKET_MULTIPLE, seed=self.config.seed)
+        dataset = inputs.batches(
+            dataset, training=True, batch_size=batch_size, window_batches=self.config.group_by_length,
+            input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed,
+            decode=encode, multiple=BUCKET_MULTIPLE)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     # ------------------------------------------------------------------------------------ loss

@@ -179,13 +179,9 @@ class TaggingTask(Task):
             arrays, labels = {k: v[order] for k, v in arrays.items()}, labels[order]
         # Everything is precomputed: the pipeline only slices, shuffles and batches in-memory arrays.
         dataset = tf.data.Dataset.from_tensor_slices((arrays, labels))
-        window = self.config.group_by_length if split == "train" else 0
-        dataset = inputs.shard_shuffle_batch(
-            dataset, training=split == "train", batch_size=batch_size * max(window, 1), input_context=input_context,
-            shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
-        if window:
-            dataset = inputs.group_by_length(dataset, batch_size=batch_size, window_batches=window,
-                                             length_key="input_mask", seed=self.config.seed)
+        dataset = inputs.batches(
+            dataset, training=split == "train", batch_size=batch_size, window_batches=self.config.group_by_length,
+            input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
         if cut:
             dataset = dataset.map(lambda features, labels: self._cut_to_longest(features, labels,
                                                                                 self.eval_width_multiple))

@@ -157,18 +157,13 @@ class SquadTask(Task):
         _, record_path = self.features(split)
         dataset = tf.data.TFRecordDataset(record_path)
         training = squad_data.canonical_split(split) == "train"
-        window = self.config.group_by_length if training else 0
-        # Batch, then parse the whole batch in one op: cheaper than parsing record by record.
-        dataset = inputs.shard_shuffle_batch(
-            dataset, training=training, batch_size=batch_size * max(window, 1),
-            input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed)
-        dataset = dataset.map(squad_cache.parse_batch_fn(self.config.max_seq_length),
-                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if window:
-            # Windows of similar length per batch, cut to the longest: positions stay valid (an answer, or
-            # [CLS] for none, lies inside its window's tokens) and only padding is cut.
-            dataset = inputs.group_by_length(dataset, batch_size=batch_size, window_batches=window,
-                                             length_key="input_mask", seed=self.config.seed)
+        # Batch, then parse the whole batch in one op: cheaper than parsing record by record. Grouped by length,
+        # batches are cut to their longest window: positions stay valid (an answer, or [CLS] for none, lies
+        # inside its window's tokens) and only padding is cut.
+        dataset = inputs.batches(
+            dataset, training=training, batch_size=batch_size, window_batches=self.config.group_by_length,
+            input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed,
+            decode=squad_cache.parse_batch_fn(self.config.max_seq_length))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     def eval_windows(self, split: str) -> tuple[dict, dict]:
