@@ -111,8 +111,20 @@ def main(argv=None) -> int:
                         "configs/sst2_demo.flags; change both together).")
     parser.add_argument("--ours_flags", default="", help="Extra launch.train flags (e.g. for a smoke run).")
     parser.add_argument("--peer_flags", default="", help="Extra bench/pytorch_sst2_demo.py flags.")
-    parser.add_argument("--work_dir", default=None, help="Scratch folder for the runs (default: a new temporary one).")
+    parser.add_argument("--work_dir", default=None, help="Scratch folder for the runs, new or empty (default: a new "
+                        "temporary one).")
     args = parser.parse_args(argv)
+    if args.work_dir:
+        # A round folder with a run in it would make launch.train resume its last checkpoint and train nothing,
+        # and the bench would report that as our time to accuracy.
+        used = [f"round{r + 1}" for r in range(args.rounds)
+                if os.path.isdir(os.path.join(args.work_dir, f"round{r + 1}"))
+                and os.listdir(os.path.join(args.work_dir, f"round{r + 1}"))]
+        if used:
+            holds = "hold runs" if len(used) > 1 else "holds a run"
+            print(f"--work_dir={args.work_dir}: {', '.join(used)} already {holds} (launch.train would resume it "
+                  "and time nothing); give a new or empty --work_dir", file=sys.stderr)
+            return 2
 
     missing = missing_peer_modules()
     if missing:

@@ -205,3 +205,15 @@ def test_bench_tta_says_when_the_bench_extra_is_missing(tmp_path):
     assert result.stdout.startswith("PyTorch side: NOT RUN, the bench extra is not installed (torch and transformers "
                                     "do not import"), result.stdout
     assert "pip install -e '.[bench]'" in result.stdout and not list(tmp_path.iterdir())  # nothing was run
+
+
+def test_bench_tta_refuses_a_work_dir_that_already_holds_a_run(tmp_path):
+    # A finished run there would be resumed from its last checkpoint and timed as 10 s "to accuracy".
+    (tmp_path / "round1" / "ours").mkdir(parents=True)
+    (tmp_path / "round1" / "ours.log").write_text("an earlier run\n")
+    result = subprocess.run([sys.executable, "-c", TIME_TO_ACCURACY_WITHOUT_TORCH, f"--work_dir={tmp_path}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr[-2000:])
+    assert result.stderr.strip() == (f"--work_dir={tmp_path}: round1 already holds a run (launch.train would resume "
+                                     "it and time nothing); give a new or empty --work_dir")
+    assert result.stdout == ""
