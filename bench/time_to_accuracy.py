@@ -59,6 +59,11 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+def round_folder(work_dir: str, index: int) -> str:
+    """Where round `index` (from 0) keeps its runs."""
+    return os.path.join(work_dir, f"round{index + 1}")
+
+
 def run(name: str, command: list[str], log_path: str) -> float:
     """Runs `command` from the repository root with its output in `log_path`; returns its wall seconds."""
     print(f"{name}: load average {load_average()} | {shlex.join(command)}", flush=True)
@@ -117,9 +122,8 @@ def main(argv=None) -> int:
     if args.work_dir:
         # A round folder with a run in it would make launch.train resume its last checkpoint and train nothing,
         # and the bench would report that as our time to accuracy.
-        used = [f"round{r + 1}" for r in range(args.rounds)
-                if os.path.isdir(os.path.join(args.work_dir, f"round{r + 1}"))
-                and os.listdir(os.path.join(args.work_dir, f"round{r + 1}"))]
+        folders = [round_folder(args.work_dir, r) for r in range(args.rounds)]
+        used = [os.path.basename(f) for f in folders if os.path.isdir(f) and os.listdir(f)]
         if used:
             holds = "hold runs" if len(used) > 1 else "holds a run"
             print(f"--work_dir={args.work_dir}: {', '.join(used)} already {holds} (launch.train would resume it "
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
           flush=True)
     rounds = []
     for r in range(args.rounds):
-        folder = os.path.join(work_dir, f"round{r + 1}")
+        folder = round_folder(work_dir, r)
         os.makedirs(folder, exist_ok=True)
         order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
         results = {}
