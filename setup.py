@@ -20,6 +20,8 @@ setup(
     version="0.1.0",
     description="tf.distribute-aware trainer for fine-tuning BERT encoders (classification, span QA, CRF NER)",
     packages=["engine", "tasks", "launch"],
+    # The AdamW kernel's source, compiled on first use against the installed TensorFlow (engine/adamw_kernel.py).
+    package_data={"engine": ["adamw_kernel.cc"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     # tokenizers: the Hugging Face tokenizer, an independent check of our tf-text tokenization in tests.

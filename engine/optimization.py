@@ -14,6 +14,7 @@ import tensorflow as tf
 import tf_keras
 from official.modeling.optimization import lr_schedule
 
+from engine import adamw_kernel
 from engine.config import OptimizerConfig
 
 
@@ -103,8 +104,14 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
     variable gets `ResourceApplyAdam`, the fused kernel tf_keras' legacy Adam uses (the same formula:
     m += (g - m)(1 - b1), v += (g^2 - v)(1 - b2), w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)),
     preceded by the decoupled decay w -= lr wd w as one `ResourceApplyGradientDescent`.
+    On the CPU, float32 variables are updated instead by engine/adamw_kernel's one-pass kernel, which computes
+    the same (bit for bit) in one pass over memory, and can also take the global-norm clip's factor
+    (`gradient_scale`), saving the engine's separate scaling pass.
     Sparse gradients (which tf_keras deduplicates first) are applied dense: the same values as tf_keras'
     sparse path, which also decays every row of m and v. No AMSGrad."""
+
+    # TrainStep passes the clip factor to apply_gradients instead of scaling the gradients itself.
+    accepts_gradient_scale = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -114,13 +121,18 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
         # update being built; tensors, so not tracked. Cleared at every apply_gradients.
         self._step_scalars = self._no_dependency({})
         self._decayed_keys = self._no_dependency(set())
+        self._gradient_scale = None
 
-    def apply_gradients(self, grads_and_vars, *args, **kwargs):
+    def apply_gradients(self, grads_and_vars, *args, gradient_scale=None, **kwargs):
+        """As tf_keras' apply_gradients; `gradient_scale` (a scalar tensor, e.g. the global-norm clip's factor)
+        multiplies every gradient first, as `tf.clip_by_global_norm` would have."""
         self._step_scalars.clear()
+        self._gradient_scale = gradient_scale
         try:
             return super().apply_gradients(grads_and_vars, *args, **kwargs)
         finally:
             self._step_scalars.clear()
+            self._gradient_scale = None
 
     def _apply_weight_decay(self, variables):
         # Only note which variables decay (decided on the distributed variables, as the stock method does):
@@ -146,14 +158,26 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
         if scale != 1.0:
             lr = lr * tf.cast(scale, lr.dtype)
         key = self._var_key(variable)
-        if key in self._decayed_keys:
+        decayed = key in self._decayed_keys
+        index = self._index_dict[key]
+        m, v = self._momentums[index], self._velocities[index]
+        gradient = tf.cast(tf.convert_to_tensor(gradient), variable.dtype)
+        kernel = adamw_kernel.load() if adamw_kernel.usable_for(variable) else None
+        if kernel is not None:
+            grad_scale = tf.constant(1.0, variable.dtype) if self._gradient_scale is None else tf.cast(
+                self._gradient_scale, variable.dtype)
+            adamw_kernel.apply(kernel, variable=variable, m=m, v=v, grad=gradient, grad_scale=grad_scale, lr=lr,
+                               beta1_power=beta_1_power, beta2_power=beta_2_power, beta1=beta_1, beta2=beta_2,
+                               epsilon=epsilon, decay=lr * weight_decay if decayed else tf.zeros_like(lr))
+            return
+        if self._gradient_scale is not None:
+            gradient = gradient * tf.cast(self._gradient_scale, variable.dtype)
+        if decayed:
             tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr * weight_decay,
                                                     delta=variable.read_value())
-        index = self._index_dict[key]
         tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=self._momentums[index].handle, v=self._velocities[index].handle,
-            beta1_power=beta_1_power, beta2_power=beta_2_power, lr=lr, beta1=beta_1, beta2=beta_2,
-            epsilon=epsilon, grad=tf.cast(tf.convert_to_tensor(gradient), variable.dtype))
+            var=variable.handle, m=m.handle, v=v.handle, beta1_power=beta_1_power, beta2_power=beta_2_power,
+            lr=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon, grad=gradient)
 
 
 class LAMB(_LayerwiseLearningRate, tf_keras.optimizers.Optimizer):

@@ -5,7 +5,7 @@ One update, per replica:
   2. loop over K micro-batches (inside one function, optionally XLA-compiled), adding the gradients
      of sum(loss * weight) / global_weight into local buffers;
   3. one all-reduce of the gradients, unscale (fp16), clip by global norm, one optimizer update,
-     skipped when anything is non-finite.
+     skipped when anything is non-finite (FusedAdamW applies the clip's factor inside its update).
 Because every micro-batch is normalised by the same global weight, K micro-batches of b examples on
 R replicas give exactly the update of one batch of K*b*R.
 """
@@ -31,6 +31,13 @@ def split_micro_batches(structure: Any, num_micro_batches: int) -> Any:
     return tf.nest.map_structure(split, structure)
 
 
+def clip_scale(grad_norm: tf.Tensor, clip_norm: float) -> tf.Tensor:
+    """The factor `tf.clip_by_global_norm(..., clip_norm, use_norm=grad_norm)` multiplies every gradient by,
+    computed by the same ops (so the same float): min(1, clip_norm / grad_norm), NaN for a non-finite norm."""
+    scale = clip_norm * tf.minimum(1.0 / grad_norm, tf.constant(1.0, dtype=grad_norm.dtype) / clip_norm)
+    return scale + (grad_norm - grad_norm)
+
+
 class TrainStep:
     """The per-replica train step for one (task, model, optimizer) triple."""
 
@@ -45,6 +52,10 @@ class TrainStep:
         self._grad_accum_steps = grad_accum_steps
         self._clip_norm = clip_norm
         self._loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+        # FusedAdamW takes the clip's factor into its one-pass kernel (engine/adamw_kernel), which saves a pass
+        # over every gradient. Only where the update runs in replica context: under merge_call (TPU) the
+        # factor, a replica-context tensor, would be used in cross-replica context.
+        self._fold_clip = bool(clip_norm) and getattr(optimizer, "accepts_gradient_scale", False)
         # Only the pure computation (forward, backward, accumulation) is XLA-compiled: all-reduce and
         # the optimizer's merge_call cannot live inside an XLA cluster under tf.distribute.
         self._accumulate = tf.function(self._accumulate_gradients, jit_compile=jit_compile)
@@ -97,7 +108,10 @@ class TrainStep:
         if self._loss_scaled:
             grads = self._optimizer.get_unscaled_gradients(grads)
         grad_norm = tf.linalg.global_norm(grads)
-        if self._clip_norm:
+        scale = None
+        if self._fold_clip and tf.__internal__.distribute.strategy_supports_no_merge_call():
+            scale = clip_scale(grad_norm, self._clip_norm)
+        elif self._clip_norm:
             grads, _ = tf.clip_by_global_norm(grads, self._clip_norm, use_norm=grad_norm)
         # The global norm is inf or NaN exactly when some gradient element is (or when the squares overflow
         # float32, a norm above 1e19, which is no update to apply either): one check instead of two ops per
@@ -106,12 +120,13 @@ class TrainStep:
         overflow = tf.constant(False)
         if self._loss_scaled:
             overflow = tf.logical_not(applied) & tf.math.is_finite(loss) & (self._optimizer.loss_scale > 1.0)
-        self._apply(grads, applied)
+        self._apply(grads, applied, scale)
         if self._weight_average is not None:
             self._weight_average.update(self._optimizer.iterations, applied)
         return loss, grad_norm, applied, overflow
 
-    def _apply(self, grads, should_apply):
+    def _apply(self, grads, should_apply, scale=None):
+        """Applies the gradients, multiplied by `scale` (the clip's factor, folded into FusedAdamW) if given."""
         variables = self._model.trainable_variables
         if self._loss_scaled:
             # LossScaleOptimizer skips non-finite updates itself and lowers the scale.
@@ -119,7 +134,8 @@ class TrainStep:
             return
 
         def apply_now(g):
-            self._optimizer.apply_gradients(zip(g, variables), skip_gradients_aggregation=True)
+            extra = {} if scale is None else {"gradient_scale": scale}
+            self._optimizer.apply_gradients(zip(g, variables), skip_gradients_aggregation=True, **extra)
 
         def skip():
             # Count the attempt, as LossScaleOptimizer does, so the schedule stays aligned with the step.

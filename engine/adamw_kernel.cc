@@ -1,0 +1,118 @@
+// One-pass AdamW for float32 variables on the CPU: the EngineFusedAdamW op that engine/adamw_kernel.py builds
+// and engine/optimization.py's FusedAdamW calls. Why it exists: see engine/adamw_kernel.py.
+//
+// Per element, in the order TensorFlow's kernels apply them today (clip Mul, ResourceApplyGradientDescent for
+// the decoupled decay, then ResourceApplyAdam), with the same float operations, so the results are equal bit
+// for bit (built with -ffp-contract=off: no fused multiply-add):
+//   g = grad * grad_scale                       (skipped when grad_scale == 1)
+//   w = w - decay * w                           (skipped when decay == 0; decay = lr * weight_decay)
+//   m = m + (g - m) * (1 - beta1)
+//   v = v + (g * g - v) * (1 - beta2)
+//   w = w - (m * alpha) / (sqrt(v) + epsilon),  alpha = lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+#define EIGEN_USE_THREADS
+
+#include <cmath>
+#include <cstdint>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/kernels/training_op_helpers.h"
+
+namespace tensorflow {
+namespace {
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+REGISTER_OP("EngineFusedAdamW")
+    .Input("var: resource")
+    .Input("m: resource")
+    .Input("v: resource")
+    .Input("grad: float")
+    .Input("grad_scale: float")
+    .Input("lr: float")
+    .Input("beta1_power: float")
+    .Input("beta2_power: float")
+    .Input("beta1: float")
+    .Input("beta2: float")
+    .Input("epsilon: float")
+    .Input("decay: float")
+    .SetIsStateful()
+    .SetShapeFn([](shape_inference::InferenceContext*) { return absl::OkStatus(); });
+
+// One pass over [begin, end), branch-free in the loop so that the compiler vectorizes it.
+template <bool kScaled, bool kDecayed>
+void Update(int64_t begin, int64_t end, const float* __restrict g, float scale, float decay, float one_minus_beta1,
+            float one_minus_beta2, float alpha, float epsilon, float* __restrict w, float* __restrict m,
+            float* __restrict v) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float gi = kScaled ? g[i] * scale : g[i];
+    float wi = w[i];
+    if (kDecayed) wi = wi - decay * wi;
+    const float mi = m[i] + (gi - m[i]) * one_minus_beta1;
+    const float vi = v[i] + (gi * gi - v[i]) * one_minus_beta2;
+    m[i] = mi;
+    v[i] = vi;
+    w[i] = wi - (mi * alpha) / (std::sqrt(vi) + epsilon);
+  }
+}
+
+class EngineFusedAdamWOp : public OpKernel {
+ public:
+  explicit EngineFusedAdamWOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    // Locks var, m and v, and copies a variable first only if something else still holds its buffer, as
+    // TensorFlow's own Apply* kernels do.
+    auto locks = MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(ctx, /*do_lock=*/true,
+                                                                        /*sparse=*/false, {0, 1, 2});
+    Tensor var, m, v;
+    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 0, true, false, &var));
+    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 1, true, false, &m));
+    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 2, true, false, &v));
+    const Tensor& grad = ctx->input(3);
+    OP_REQUIRES(ctx, var.IsInitialized() && m.IsInitialized() && v.IsInitialized(),
+                absl::FailedPreconditionError("EngineFusedAdamW: a variable is not initialized"));
+    OP_REQUIRES(ctx,
+                var.shape().IsSameSize(m.shape()) && var.shape().IsSameSize(v.shape()) &&
+                    var.shape().IsSameSize(grad.shape()),
+                absl::InvalidArgumentError("EngineFusedAdamW: var, m, v and grad differ in shape: " +
+                                           var.shape().DebugString() + " " + grad.shape().DebugString()));
+    float scalars[8];
+    for (int i = 0; i < 8; ++i) {
+      const Tensor& t = ctx->input(4 + i);
+      OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(t.shape()),
+                  absl::InvalidArgumentError("EngineFusedAdamW: hyperparameters must be scalars"));
+      scalars[i] = t.scalar<float>()();
+    }
+    const float scale = scalars[0], lr = scalars[1], beta1_power = scalars[2], beta2_power = scalars[3];
+    const float beta1 = scalars[4], beta2 = scalars[5], epsilon = scalars[6], decay = scalars[7];
+    // The same scalar expression as TensorFlow's ApplyAdam kernel.
+    const float alpha = lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power);
+    const float one_minus_beta1 = 1.0f - beta1, one_minus_beta2 = 1.0f - beta2;
+    const float* g = grad.flat<float>().data();
+    float* w = var.flat<float>().data();
+    float* mp = m.flat<float>().data();
+    float* vp = v.flat<float>().data();
+    const bool scaled = scale != 1.0f, decayed = decay != 0.0f;
+    auto shard = [&](int64_t begin, int64_t end) {
+      if (scaled && decayed) {
+        Update<true, true>(begin, end, g, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, w, mp, vp);
+      } else if (scaled) {
+        Update<true, false>(begin, end, g, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, w, mp, vp);
+      } else if (decayed) {
+        Update<false, true>(begin, end, g, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, w, mp, vp);
+      } else {
+        Update<false, false>(begin, end, g, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, w, mp, vp);
+      }
+    };
+    // Per element: 4 floats read, 3 written, about 30 cycles of arithmetic (a division and a square root).
+    const Eigen::TensorOpCost cost(4 * sizeof(float), 3 * sizeof(float), 30);
+    ctx->eigen_cpu_device().parallelFor(var.NumElements(), cost, shard);
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("EngineFusedAdamW").Device(DEVICE_CPU), EngineFusedAdamWOp);
+
+}  // namespace
+}  // namespace tensorflow
