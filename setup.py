@@ -1,5 +1,5 @@
 """BERT fine-tuning engine for TensorFlow 2: trainer (engine/), tasks (tasks/), absl launchers (launch/)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Pinned to the stack that resolves together: TF 2.21 conflicts with tf-models-official 2.20,
 # and an unpinned install backtracks for a long time and then fails.
@@ -19,7 +19,9 @@ setup(
     name="bert-engine",
     version="0.1.0",
     description="tf.distribute-aware trainer for fine-tuning BERT encoders (classification, span QA, CRF NER)",
-    packages=["engine", "tasks", "launch"],
+    # Subpackages too (tasks.classification, ...): a plain list of the three top-level names left them out of
+    # non-editable installs.
+    packages=find_packages(include=["engine", "engine.*", "tasks", "tasks.*", "launch", "launch.*"]),
     # The AdamW kernel's source, compiled on first use against the installed TensorFlow (engine/adamw_kernel.py).
     package_data={"engine": ["adamw_kernel.cc"]},
     python_requires=">=3.10",

@@ -80,3 +80,23 @@ def test_every_task_lives_in_its_own_package():
 def test_modules_stay_small():
     big = {m: n for m, p in _modules().items() if (n := sum(1 for _ in open(p, encoding="utf-8"))) > 400}
     assert not big, f"modules over 400 lines: {big}"
+
+
+def test_the_wheel_holds_every_module_and_the_kernel_source(tmp_path):
+    """`pip install .` (not editable) must ship every package, the subpackages included, and adamw_kernel.cc."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"
+    for name in LAYERS:
+        shutil.copytree(os.path.join(REPO, name), source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(REPO, "setup.py"), source / "setup.py")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").iterdir()
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {os.path.relpath(path, REPO).replace(os.sep, "/") for path in _modules().values()}
+    assert expected - shipped == set()
+    assert "engine/adamw_kernel.cc" in shipped
