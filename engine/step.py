@@ -55,7 +55,9 @@ class TrainStep:
         # FusedAdamW takes the clip's factor into its one-pass kernel (engine/adamw_kernel), which saves a pass
         # over every gradient. Only where the update runs in replica context: under merge_call (TPU) the
         # factor, a replica-context tensor, would be used in cross-replica context.
-        self._fold_clip = bool(clip_norm) and getattr(optimizer, "accepts_gradient_scale", False)
+        # Not under loss scaling: LossScaleOptimizer's apply_gradients would not pass the factor on.
+        self._fold_clip = (bool(clip_norm) and not self._loss_scaled
+                           and getattr(optimizer, "accepts_gradient_scale", False))
         # Only the pure computation (forward, backward, accumulation) is XLA-compiled: all-reduce and
         # the optimizer's merge_call cannot live inside an XLA cluster under tf.distribute.
         self._accumulate = tf.function(self._accumulate_gradients, jit_compile=jit_compile)
