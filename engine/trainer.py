@@ -267,13 +267,20 @@ class Trainer:
                 self.strategy, self.task, self.model, self.metrics, jit_compile=self.runtime.jit_compile)
             # That step takes any width unless XLA compiles it (then once per width): tell the Task's inputs.
             self.task.eval_width_multiple = 16 if self.runtime.jit_compile else 1
+        first_use = split not in self._eval_inputs
         with self.times.measure("data"), self.times.measure("eval_data"):
-            if split not in self._eval_inputs:
+            if first_use:
                 # Built once and iterated again at every evaluation: rebuilding traced the pipeline's
                 # functions each time, ~50 ms per evaluation of 256 SST-2 sentences (bench/RESULTS.md).
                 self._eval_inputs[split] = inputs.distribute_eval_inputs(
                     self.strategy, functools.partial(self.task.build_inputs, split), self.config.eval_batch_size)
             batches = iter(self._eval_inputs[split])
+        if first_use:
+            # One trace for every batch width, from the pipeline's spec (widths unknown): left to itself,
+            # tf.function traced the first batch's exact shapes, then relaxed ones, three traces of the whole
+            # model in the demo's first evaluation (7.6 s of compiling; bench/RESULTS.md).
+            with self.times.measure("eval_compile"):
+                self._eval_step.get_concrete_function(self._eval_inputs[split].element_spec)
         for metric in self.metrics:
             metric.reset_state()
         gathered = defaultdict(list)
@@ -288,7 +295,8 @@ class Trainer:
             for name, value in self._eval_step(batch).items():
                 gathered[name].append(value.numpy())
             seconds.append(time.perf_counter() - start)
-            traced.append(self._eval_step.experimental_get_tracing_count() > traces)
+            # A split's first batch also pays the traced graph's first run (optimization, kernel set-up).
+            traced.append(self._eval_step.experimental_get_tracing_count() > traces or (first_use and done == 1))
             progress.update(done)
         steady = [t for t, new in zip(seconds, traced) if not new]
         if steady:

@@ -259,7 +259,11 @@ class ClassificationTask(Task):
         metrics = [tf_keras.metrics.Accuracy(name="accuracy")]
         if self.config.classes == 2:
             # F1 of the positive class (label id 1).
-            metrics.append(tf_keras.metrics.F1Score(average="micro", threshold=0.5, name="f1"))
+            f1 = tf_keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")
+            # Built now (it takes [n, 1] columns, see update_metrics), not at its first update: a first trace of
+            # the eval step that creates variables makes tf.function trace it again, ~2 s for MiniLM.
+            f1.build((None, 1), (None, 1))
+            metrics.append(f1)
         return metrics
 
     def update_metrics(self, metrics, features, labels, outputs, mask) -> None:
