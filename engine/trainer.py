@@ -278,7 +278,7 @@ class Trainer:
         if first_use:
             # One trace for every batch width, from the pipeline's spec (widths unknown): left to itself,
             # tf.function traced the first batch's exact shapes, then relaxed ones, three traces of the whole
-            # model in the demo's first evaluation (7.6 s of compiling; bench/RESULTS.md).
+            # model in the demo's first evaluation (5.6 s of compiling for a 1.4 s evaluation; bench/RESULTS.md).
             with self.times.measure("eval_compile"):
                 self._eval_step.get_concrete_function(self._eval_inputs[split].element_spec)
         for metric in self.metrics:
