@@ -54,11 +54,41 @@ def test_quick_run_gives_finite_positive_throughputs(tmp_path):
 # torch is hidden (sys.modules["torch"] = None makes `import torch` fail), as on an install without the bench
 # extra: the engine side runs alone and the bench says in one line that the PyTorch rows are skipped.
 def failure_text(stderr: str) -> str:
-    """What to show when a bench subprocess failed: the end of its stderr, or, after a crash (one SIGSEGV was seen
-    once in a fresh clone's run, not reproduced), faulthandler's report with the crashing thread's stack, which
-    comes before the long list of extension modules that ends stderr."""
+    """What to show when a bench subprocess failed: the end of its stderr, or, after a crash, the lines before
+    faulthandler's report (where TensorFlow logs a failed check) and the report with the crashing thread's stack,
+    which come before the long list of extension modules that ends stderr."""
     crash = stderr.find("Fatal Python error")
-    return stderr[crash:crash + 4000] if crash >= 0 else stderr[-3000:]
+    return stderr[max(crash - 1500, 0):crash + 4000] if crash >= 0 else stderr[-3000:]
+
+
+def run_once_more_after_a_crash(command: list, **kwargs) -> subprocess.CompletedProcess:
+    """Runs a bench subprocess; if a signal killed it, warns with its crash report and runs it once more.
+
+    Why: twice, in fresh clones' first `make test` (2026-12-02), `bench/vs_pytorch.py --quick` died inside
+    TensorFlow (a SIGSEGV, then a SIGABRT in the stock `model.fit` warm-up), and passed on every rerun (6 of 6).
+    A crash inside TensorFlow's runtime is not what this smoke test checks (the bench's output), but it must stay
+    visible: the warning carries the report into the test summary. A second crash, or any ordinary failure, fails."""
+    result = subprocess.run(command, **kwargs)
+    if result.returncode < 0:
+        import warnings
+        warnings.warn(f"bench subprocess killed by signal {-result.returncode}, rerunning once: "
+                      f"{failure_text(result.stderr)}")
+        result = subprocess.run(command, **kwargs)
+    return result
+
+
+def test_a_crashed_bench_subprocess_runs_once_more_with_a_warning_and_a_failure_does_not(tmp_path):
+    marker = tmp_path / "crashed_once"
+    crash_first_time = (f"import os, sys, pathlib\nm = pathlib.Path({str(marker)!r})\n"
+                        "if not m.exists():\n    m.touch(); sys.stderr.write('F check failed\\n'); "
+                        "sys.stderr.write('Fatal Python error: Aborted\\n'); sys.stderr.flush(); os.abort()\n")
+    with pytest.warns(UserWarning, match="killed by signal 6.*F check failed"):
+        result = run_once_more_after_a_crash([sys.executable, "-c", crash_first_time], capture_output=True, text=True)
+    assert result.returncode == 0
+    runs = tmp_path / "runs"
+    fail = f"import pathlib\np = pathlib.Path({str(runs)!r})\np.write_text(p.read_text() + 'x' if p.exists() else 'x')\nraise SystemExit(3)"
+    assert run_once_more_after_a_crash([sys.executable, "-c", fail], capture_output=True, text=True).returncode == 3
+    assert runs.read_text() == "x"  # an ordinary failure is not rerun
 
 
 VS_PYTORCH_WITHOUT_TORCH = """
@@ -71,7 +101,7 @@ runpy.run_path("bench/vs_pytorch.py", run_name="__main__")
 
 def test_vs_pytorch_engine_side_prints_its_ratio_lines(tmp_path):
     output = tmp_path / "bench.md"
-    result = subprocess.run(
+    result = run_once_more_after_a_crash(
         [sys.executable, "-c", VS_PYTORCH_WITHOUT_TORCH, "--quick", "--rounds=1", "--steps=1", "--num_examples=32",
          "--precisions=float32", "--grad_accum_steps=2", "--eval_examples=8", "--serving_batch_size=4",
          "--latency_calls=2", f"--data_dir={DATA_DIR}", f"--output={output}"],
