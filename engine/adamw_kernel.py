@@ -7,7 +7,8 @@ variable) and `ResourceApplyAdam`'s separate passes over m, v and the weight. On
 per update, as much as every matmul of the demo's step, where PyTorch's fused AdamW makes one pass (bench/RESULTS.md).
 XLA's version of the one-pass update runs on one CPU thread and was slower. So this kernel does the clip scaling,
 the decay and Adam in one multi-threaded pass, with the same float operations as those TensorFlow kernels, so its
-results equal theirs bit for bit (tests/test_adamw_kernel.py).
+results equal theirs bit for bit (tests/test_adamw_kernel.py). A second op takes an embedding's gradient as the
+rows a batch touched, so the 47 MB dense gradient of MiniLM's word embedding is never built.
 
 It is built from source on first use (about 10 s; `make setup` does it ahead, or `python -m engine.adamw_kernel`)
 with the C++ compiler in $CXX (default g++) against the installed TensorFlow's headers, into the environment
@@ -140,6 +141,15 @@ def apply(module, *, variable, m, v, grad, grad_scale, lr, beta1_power, beta2_po
     """One AdamW update of `variable` (and its slots m, v) in place; the arguments as in adamw_kernel.cc."""
     return module.engine_fused_adam_w(
         var=variable.handle, m=m.handle, v=v.handle, grad=grad, grad_scale=grad_scale, lr=lr,
+        beta1_power=beta1_power, beta2_power=beta2_power, beta1=beta1, beta2=beta2, epsilon=epsilon, decay=decay)
+
+
+def apply_rows(module, *, variable, m, v, rows, indices, grad_scale, lr, beta1_power, beta2_power, beta1, beta2,
+               epsilon, decay):
+    """The same update for a gradient given as `rows` of the variable at unique `indices` (zero elsewhere), as a
+    deduplicated tf.IndexedSlices holds it: every row is updated, without building the dense gradient."""
+    return module.engine_fused_adam_w_rows(
+        var=variable.handle, m=m.handle, v=v.handle, rows=rows, indices=indices, grad_scale=grad_scale, lr=lr,
         beta1_power=beta1_power, beta2_power=beta2_power, beta1=beta1, beta2=beta2, epsilon=epsilon, decay=decay)
 
 

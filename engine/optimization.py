@@ -107,11 +107,14 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
     On the CPU, float32 variables are updated instead by engine/adamw_kernel's one-pass kernel, which computes
     the same (bit for bit) in one pass over memory, and can also take the global-norm clip's factor
     (`gradient_scale`), saving the engine's separate scaling pass.
-    Sparse gradients (which tf_keras deduplicates first) are applied dense: the same values as tf_keras'
-    sparse path, which also decays every row of m and v. No AMSGrad."""
+    Sparse gradients (which tf_keras deduplicates first) are applied as dense AdamW applies them: every row of m,
+    v and the weight is updated, rows without a gradient with a zero one (the same values as tf_keras' sparse
+    path); the kernel takes them as rows, TensorFlow's kernels densified. No AMSGrad."""
 
-    # TrainStep passes the clip factor to apply_gradients instead of scaling the gradients itself.
+    # TrainStep passes the clip factor to apply_gradients instead of scaling the gradients itself, and leaves
+    # embedding gradients as rows (tf.IndexedSlices) instead of densifying them.
     accepts_gradient_scale = True
+    accepts_sparse_gradients = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -161,8 +164,16 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
         decayed = key in self._decayed_keys
         index = self._index_dict[key]
         m, v = self._momentums[index], self._velocities[index]
-        gradient = tf.cast(tf.convert_to_tensor(gradient), variable.dtype)
         kernel = adamw_kernel.load() if adamw_kernel.usable_for(variable) else None
+        if kernel is not None and isinstance(gradient, tf.IndexedSlices):  # deduplicated by apply_gradients
+            grad_scale = tf.constant(1.0, variable.dtype) if self._gradient_scale is None else tf.cast(
+                self._gradient_scale, variable.dtype)
+            adamw_kernel.apply_rows(kernel, variable=variable, m=m, v=v, rows=tf.cast(gradient.values, variable.dtype),
+                                    indices=gradient.indices, grad_scale=grad_scale, lr=lr,
+                                    beta1_power=beta_1_power, beta2_power=beta_2_power, beta1=beta_1, beta2=beta_2,
+                                    epsilon=epsilon, decay=lr * weight_decay if decayed else tf.zeros_like(lr))
+            return
+        gradient = tf.cast(tf.convert_to_tensor(gradient), variable.dtype)
         if kernel is not None:
             grad_scale = tf.constant(1.0, variable.dtype) if self._gradient_scale is None else tf.cast(
                 self._gradient_scale, variable.dtype)

@@ -38,6 +38,13 @@ def clip_scale(grad_norm: tf.Tensor, clip_norm: float) -> tf.Tensor:
     return scale + (grad_norm - grad_norm)
 
 
+def summed_rows(grad: tf.IndexedSlices) -> tf.IndexedSlices:
+    """`grad` with each index once, its rows summed in order of appearance (as densifying would sum them)."""
+    indices, position = tf.unique(grad.indices)
+    values = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(indices)[0])
+    return tf.IndexedSlices(values, indices, grad.dense_shape)
+
+
 class TrainStep:
     """The per-replica train step for one (task, model, optimizer) triple."""
 
@@ -58,6 +65,12 @@ class TrainStep:
         # Not under loss scaling: LossScaleOptimizer's apply_gradients would not pass the factor on.
         self._fold_clip = (bool(clip_norm) and not self._loss_scaled
                            and getattr(optimizer, "accepts_gradient_scale", False))
+        # Embedding gradients stay rows (tf.IndexedSlices) where the optimizer takes them so (FusedAdamW's kernel
+        # updates from the rows): densifying MiniLM's word-embedding gradient wrote, normed and read 47 MB per
+        # update for the ~1,000 rows a batch touches. Not with micro-batches (the sum is a loop-carried dense
+        # buffer), XLA (no dynamic row counts), loss scaling, or where the update runs under merge_call (TPU).
+        self._sparse_gradients = (grad_accum_steps == 1 and not jit_compile and not self._loss_scaled
+                                  and getattr(optimizer, "accepts_sparse_gradients", False))
         # Only the pure computation (forward, backward, accumulation) is XLA-compiled: all-reduce and
         # the optimizer's merge_call cannot live inside an XLA cluster under tf.distribute.
         self._accumulate = tf.function(self._accumulate_gradients, jit_compile=jit_compile)
@@ -71,9 +84,14 @@ class TrainStep:
             loss = tf.reduce_sum(per_example * weights) / global_weight
             scaled = self._optimizer.get_scaled_loss(loss) if self._loss_scaled else loss
         grads = tape.gradient(scaled, variables)
-        # Dense buffers: embedding gradients arrive as IndexedSlices, which cannot be loop-carried.
-        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+        # Otherwise dense buffers: embedding gradients arrive as IndexedSlices, which cannot be loop-carried.
+        keep_rows = self._keeps_rows()
+        grads = [tf.zeros_like(v) if g is None else g if keep_rows and isinstance(g, tf.IndexedSlices)
+                 else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
         return loss, grads
+
+    def _keeps_rows(self) -> bool:
+        return self._sparse_gradients and tf.__internal__.distribute.strategy_supports_no_merge_call()
 
     def _accumulate_gradients(self, micro_features, micro_labels, global_weight, key):
         def micro_batch(i):
@@ -107,6 +125,9 @@ class TrainStep:
         loss, grads = self._accumulate(micro_features, micro_labels, global_weight, key)
         loss = ctx.all_reduce(SUM, loss)
         grads = ctx.all_reduce(SUM, grads)
+        # One row per index (the batch repeats tokens, and the all-reduce concatenates the replicas' rows), so
+        # that the global norm below, which reads IndexedSlices' values, is the norm of the summed gradient.
+        grads = [summed_rows(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         if self._loss_scaled:
             grads = self._optimizer.get_unscaled_gradients(grads)
         grad_norm = tf.linalg.global_norm(grads)

@@ -65,6 +65,114 @@ def test_the_kernel_equals_tensorflow_kernels_bit_for_bit(monkeypatch, gradient_
         np.testing.assert_array_equal(a, b)
 
 
+def embedding_updates(*, use_kernel: bool, monkeypatch, index_dtype, steps=3):
+    """Three FusedAdamW updates of a decayed [50, 7] table from IndexedSlices gradients with repeated indices."""
+    if not use_kernel:
+        monkeypatch.setattr(adamw_kernel, "load", lambda: None)
+    rng = np.random.default_rng(7)
+    table = tf.Variable(rng.normal(size=(50, 7)).astype(np.float32), name="word_embeddings/embeddings")
+    indices = [[3, 17, 3, 0, 49, 17], [5, 5, 5, 20, 21, 0], [49, 8, 9, 10, 8, 1]][:steps]
+    grads = [tf.IndexedSlices(tf.constant(rng.normal(size=(6, 7)).astype(np.float32)), tf.constant(i, index_dtype),
+                              tf.constant([50, 7], index_dtype)) for i in indices]
+    optimizer = optimization.FusedAdamW(learning_rate=0.01, weight_decay=0.1, beta_1=B1, beta_2=B2, epsilon=EPS,
+                                        jit_compile=False)
+    optimizer.build([table])
+    scale = tf.constant(0.37)
+
+    @tf.function
+    def update(g):
+        optimizer.apply_gradients([(g, table)], gradient_scale=scale)
+
+    for g in grads:
+        update(g)
+    monkeypatch.undo()
+    return [table.numpy()] + [s.numpy() for s in optimizer.variables[1:]], graph_op_types(update, grads[0])
+
+
+@pytest.mark.parametrize("index_dtype", [tf.int32, tf.int64])
+def test_the_rows_kernel_equals_tensorflow_kernels_on_the_densified_gradient(monkeypatch, index_dtype):
+    """An embedding's gradient as rows (tf.IndexedSlices, indices repeated as a batch repeats tokens): every row
+    of the table, m and v equals TensorFlow's kernels applied to the densified gradient, untouched rows (which
+    still decay) included, bit for bit."""
+    rows, rows_ops = embedding_updates(use_kernel=True, monkeypatch=monkeypatch, index_dtype=index_dtype)
+    dense, dense_ops = embedding_updates(use_kernel=False, monkeypatch=monkeypatch, index_dtype=index_dtype)
+    assert "EngineFusedAdamWRows" in rows_ops and "ResourceApplyAdam" not in rows_ops
+    assert "ResourceApplyAdam" in dense_ops
+    for a, b in zip(rows, dense):
+        np.testing.assert_array_equal(a, b)
+    table, m, v = rows
+    # Rows 3 and 17 had a gradient in the first update only: their m and v decayed since, as dense AdamW's do.
+    assert np.all(m[[3, 17]] != 0.0) and np.all(v[[3, 17]] != 0.0)
+    assert np.all(m[[2, 30]] == 0.0)  # never a gradient
+
+
+def test_the_rows_kernel_rejects_repeated_and_out_of_range_indices():
+    module = adamw_kernel.load()
+    variable, m, v = (tf.Variable(tf.zeros([4, 3])) for _ in range(3))
+    one = tf.constant(1.0)
+    scalars = dict(grad_scale=one, lr=one, beta1_power=one * 0.9, beta2_power=one * 0.999, beta1=one * 0.9,
+                   beta2=one * 0.999, epsilon=one * 1e-6, decay=one * 0.0)
+    for indices, message in (([1, 1], "index repeated: 1"), ([0, 4], "index out of range: 4")):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            adamw_kernel.apply_rows(module, variable=variable, m=m, v=v, rows=tf.ones([2, 3]),
+                                    indices=tf.constant(indices), **scalars)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="do not match"):
+        adamw_kernel.apply_rows(module, variable=variable, m=m, v=v, rows=tf.ones([2, 4]),
+                                indices=tf.constant([0, 1]), **scalars)
+
+
+class EmbeddingToyTask(ToyTask):
+    """ToyTask's data as 4 token ids per example (a vocabulary of 40, tokens repeated) into an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = np.random.default_rng(3).integers(0, 40, size=(len(self.y), 4)).astype(np.int32)
+
+    def build_model(self):
+        ids = tf_keras.Input(shape=(4,), dtype=tf.int32, name="x")
+        hidden = tf_keras.layers.GlobalAveragePooling1D()(tf_keras.layers.Embedding(40, 8)(ids))
+        logits = tf_keras.layers.Dense(self.classes, dtype="float32")(tf_keras.layers.Dense(16, "tanh")(hidden))
+        return tf_keras.Model(ids, logits)
+
+
+def test_training_step_updates_the_embedding_from_rows_against_numpy():
+    """TrainStep keeps the embedding's gradient as rows into FusedAdamW's rows kernel (no dense [vocab, width]
+    gradient), with the clip active; the update against float64 NumPy from TensorFlow's dense gradients."""
+    task = EmbeddingToyTask()
+    features = {"x": tf.constant(task.ids[:16]), "w": tf.constant(task.w[:16])}
+    y = tf.constant(task.y[:16])
+    tf_keras.utils.set_random_seed(0)
+    model = task.build_model()
+    initial = [w.copy() for w in model.get_weights()]
+    optimizer = optimization.FusedAdamW(learning_rate=0.01, weight_decay=0.1, beta_1=B1, beta_2=B2, epsilon=EPS,
+                                        jit_compile=False)
+    optimizer.build(model.trainable_variables)
+    step = TrainStep(task=task, model=model, optimizer=optimizer, grad_accum_steps=1, clip_norm=0.05,
+                     jit_compile=False)
+    run = tf.function(step)
+    _, grad_norm, applied, _ = run(features, y)
+    assert bool(applied)
+    assert {"EngineFusedAdamWRows", "EngineFusedAdamW"} <= graph_op_types(run, features, y)
+    updated = model.get_weights()
+
+    model.set_weights(initial)
+    with tf.GradientTape() as tape:
+        per_example = task.per_example_loss(features, y, model(features["x"]))
+        loss = tf.reduce_sum(per_example * features["w"]) / tf.reduce_sum(features["w"])
+    grads = [tf.convert_to_tensor(g).numpy().astype(np.float64)
+             for g in tape.gradient(loss, model.trainable_variables)]
+    norm = np.sqrt(sum(np.sum(g * g) for g in grads))
+    np.testing.assert_allclose(float(grad_norm), norm, rtol=1e-5)
+    assert norm > 0.05, "the clip must be active for this test to mean anything"
+    assert np.count_nonzero(np.abs(grads[0]).sum(axis=1)) < 40, "some rows must have no gradient"
+    lr, wd, alpha = 0.01, 0.1, 0.01 * np.sqrt(1 - B2) / (1 - B1)
+    for variable, g, w0, w1 in zip(model.trainable_variables, grads, initial, updated):
+        g = g * 0.05 / norm
+        w = w0.astype(np.float64) - lr * wd * w0  # no exclusions: every variable decays, untouched rows too
+        m, v = (1 - B1) * g, (1 - B2) * g * g
+        np.testing.assert_allclose(w1, w - alpha * m / (np.sqrt(v) + EPS), rtol=1e-5, atol=1e-7, err_msg=variable.name)
+
+
 def test_clipped_training_step_against_numpy():
     """One TrainStep update with the clip active (folded into the kernel) against clip + AdamW in float64 NumPy;
     and the engine's explicit clip (the path without the kernel) gives the same bits."""
