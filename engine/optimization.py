@@ -165,22 +165,19 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
         index = self._index_dict[key]
         m, v = self._momentums[index], self._velocities[index]
         kernel = adamw_kernel.load() if adamw_kernel.usable_for(variable) else None
-        if kernel is not None and isinstance(gradient, tf.IndexedSlices):  # deduplicated by apply_gradients
-            grad_scale = tf.constant(1.0, variable.dtype) if self._gradient_scale is None else tf.cast(
-                self._gradient_scale, variable.dtype)
-            adamw_kernel.apply_rows(kernel, variable=variable, m=m, v=v, rows=tf.cast(gradient.values, variable.dtype),
-                                    indices=gradient.indices, grad_scale=grad_scale, lr=lr,
-                                    beta1_power=beta_1_power, beta2_power=beta_2_power, beta1=beta_1, beta2=beta_2,
-                                    epsilon=epsilon, decay=lr * weight_decay if decayed else tf.zeros_like(lr))
-            return
-        gradient = tf.cast(tf.convert_to_tensor(gradient), variable.dtype)
         if kernel is not None:
             grad_scale = tf.constant(1.0, variable.dtype) if self._gradient_scale is None else tf.cast(
                 self._gradient_scale, variable.dtype)
-            adamw_kernel.apply(kernel, variable=variable, m=m, v=v, grad=gradient, grad_scale=grad_scale, lr=lr,
-                               beta1_power=beta_1_power, beta2_power=beta_2_power, beta1=beta_1, beta2=beta_2,
-                               epsilon=epsilon, decay=lr * weight_decay if decayed else tf.zeros_like(lr))
+            common = dict(variable=variable, m=m, v=v, grad_scale=grad_scale, lr=lr, beta1_power=beta_1_power,
+                          beta2_power=beta_2_power, beta1=beta_1, beta2=beta_2, epsilon=epsilon,
+                          decay=lr * weight_decay if decayed else tf.zeros_like(lr))
+            if isinstance(gradient, tf.IndexedSlices):  # one row per index: apply_gradients deduplicated them
+                adamw_kernel.apply_rows(kernel, rows=tf.cast(gradient.values, variable.dtype),
+                                        indices=gradient.indices, **common)
+            else:
+                adamw_kernel.apply(kernel, grad=tf.cast(gradient, variable.dtype), **common)
             return
+        gradient = tf.cast(tf.convert_to_tensor(gradient), variable.dtype)
         if self._gradient_scale is not None:
             gradient = gradient * tf.cast(self._gradient_scale, variable.dtype)
         if decayed:
