@@ -59,55 +59,77 @@ void Update(int64_t begin, int64_t end, const float* __restrict g, float scale, 
   }
 }
 
+// The eight scalar inputs from `first` on (grad_scale, lr, beta1_power, beta2_power, beta1, beta2, epsilon,
+// decay), as the per-element loop uses them.
+struct Hyperparameters {
+  float scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon;
+};
+
+absl::Status ReadHyperparameters(OpKernelContext* ctx, int first, const std::string& op, Hyperparameters* h) {
+  float s[8];
+  for (int i = 0; i < 8; ++i) {
+    const Tensor& t = ctx->input(first + i);
+    if (!TensorShapeUtils::IsScalar(t.shape())) {
+      return absl::InvalidArgumentError(op + ": hyperparameters must be scalars");
+    }
+    s[i] = t.scalar<float>()();
+  }
+  const float lr = s[1], beta1_power = s[2], beta2_power = s[3], beta1 = s[4], beta2 = s[5];
+  // The same scalar expression as TensorFlow's ApplyAdam kernel.
+  *h = {s[0], s[7], 1.0f - beta1, 1.0f - beta2, lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power), s[6]};
+  return absl::OkStatus();
+}
+
+// The gradient's and the three variables' float buffers.
+struct Buffers {
+  const float* g;
+  float *w, *m, *v;
+};
+
+Buffers BuffersOf(const Tensor& grad, Tensor& var, Tensor& m, Tensor& v) {
+  return {grad.flat<float>().data(), var.flat<float>().data(), m.flat<float>().data(), v.flat<float>().data()};
+}
+
+// Update() over [begin, end) with the scale and decay branches taken once, outside the loop.
+void UpdateSpan(const Hyperparameters& h, int64_t begin, int64_t end, const float* g, float* w, float* m, float* v) {
+  const bool scaled = h.scale != 1.0f, decayed = h.decay != 0.0f;
+  auto update = scaled && decayed ? Update<true, true>
+                : scaled          ? Update<true, false>
+                : decayed         ? Update<false, true>
+                                  : Update<false, false>;
+  update(begin, end, g, h.scale, h.decay, h.one_minus_beta1, h.one_minus_beta2, h.alpha, h.epsilon, w, m, v);
+}
+
+// var, m and v (inputs 0-2, locked by the caller), copied first only if something else still holds a buffer, as
+// TensorFlow's own Apply* kernels do.
+absl::Status ReadSlots(OpKernelContext* ctx, const std::string& op, Tensor* var, Tensor* m, Tensor* v) {
+  TF_RETURN_IF_ERROR((GetInputTensorFromVariable<CPUDevice, float>(ctx, 0, true, false, var)));
+  TF_RETURN_IF_ERROR((GetInputTensorFromVariable<CPUDevice, float>(ctx, 1, true, false, m)));
+  TF_RETURN_IF_ERROR((GetInputTensorFromVariable<CPUDevice, float>(ctx, 2, true, false, v)));
+  if (!var->IsInitialized() || !m->IsInitialized() || !v->IsInitialized()) {
+    return absl::FailedPreconditionError(op + ": a variable is not initialized");
+  }
+  return absl::OkStatus();
+}
+
 class EngineFusedAdamWOp : public OpKernel {
  public:
   explicit EngineFusedAdamWOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    // Locks var, m and v, and copies a variable first only if something else still holds its buffer, as
-    // TensorFlow's own Apply* kernels do.
     auto locks = MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(ctx, /*do_lock=*/true,
                                                                         /*sparse=*/false, {0, 1, 2});
     Tensor var, m, v;
-    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 0, true, false, &var));
-    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 1, true, false, &m));
-    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 2, true, false, &v));
+    OP_REQUIRES_OK(ctx, ReadSlots(ctx, "EngineFusedAdamW", &var, &m, &v));
     const Tensor& grad = ctx->input(3);
-    OP_REQUIRES(ctx, var.IsInitialized() && m.IsInitialized() && v.IsInitialized(),
-                absl::FailedPreconditionError("EngineFusedAdamW: a variable is not initialized"));
-    OP_REQUIRES(ctx,
-                var.shape().IsSameSize(m.shape()) && var.shape().IsSameSize(v.shape()) &&
-                    var.shape().IsSameSize(grad.shape()),
+    OP_REQUIRES(ctx, var.shape().IsSameSize(m.shape()) && var.shape().IsSameSize(v.shape()) &&
+                         var.shape().IsSameSize(grad.shape()),
                 absl::InvalidArgumentError("EngineFusedAdamW: var, m, v and grad differ in shape: " +
                                            var.shape().DebugString() + " " + grad.shape().DebugString()));
-    float scalars[8];
-    for (int i = 0; i < 8; ++i) {
-      const Tensor& t = ctx->input(4 + i);
-      OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(t.shape()),
-                  absl::InvalidArgumentError("EngineFusedAdamW: hyperparameters must be scalars"));
-      scalars[i] = t.scalar<float>()();
-    }
-    const float scale = scalars[0], lr = scalars[1], beta1_power = scalars[2], beta2_power = scalars[3];
-    const float beta1 = scalars[4], beta2 = scalars[5], epsilon = scalars[6], decay = scalars[7];
-    // The same scalar expression as TensorFlow's ApplyAdam kernel.
-    const float alpha = lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power);
-    const float one_minus_beta1 = 1.0f - beta1, one_minus_beta2 = 1.0f - beta2;
-    const float* g = grad.flat<float>().data();
-    float* w = var.flat<float>().data();
-    float* mp = m.flat<float>().data();
-    float* vp = v.flat<float>().data();
-    const bool scaled = scale != 1.0f, decayed = decay != 0.0f;
-    auto shard = [&](int64_t begin, int64_t end) {
-      if (scaled && decayed) {
-        Update<true, true>(begin, end, g, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, w, mp, vp);
-      } else if (scaled) {
-        Update<true, false>(begin, end, g, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, w, mp, vp);
-      } else if (decayed) {
-        Update<false, true>(begin, end, g, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, w, mp, vp);
-      } else {
-        Update<false, false>(begin, end, g, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, w, mp, vp);
-      }
-    };
+    Hyperparameters h;
+    OP_REQUIRES_OK(ctx, ReadHyperparameters(ctx, 4, "EngineFusedAdamW", &h));
+    const Buffers b = BuffersOf(grad, var, m, v);
+    auto shard = [&](int64_t begin, int64_t end) { UpdateSpan(h, begin, end, b.g, b.w, b.m, b.v); };
     // Per element: 4 floats read, 3 written, about 30 cycles of arithmetic (a division and a square root).
     const Eigen::TensorOpCost cost(4 * sizeof(float), 3 * sizeof(float), 30);
     ctx->eigen_cpu_device().parallelFor(var.NumElements(), cost, shard);
@@ -150,13 +172,9 @@ class EngineFusedAdamWRowsOp : public OpKernel {
     auto locks = MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(ctx, /*do_lock=*/true,
                                                                         /*sparse=*/false, {0, 1, 2});
     Tensor var, m, v;
-    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 0, true, false, &var));
-    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 1, true, false, &m));
-    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, 2, true, false, &v));
+    OP_REQUIRES_OK(ctx, ReadSlots(ctx, "EngineFusedAdamWRows", &var, &m, &v));
     const Tensor& rows = ctx->input(3);
     const Tensor& indices = ctx->input(4);
-    OP_REQUIRES(ctx, var.IsInitialized() && m.IsInitialized() && v.IsInitialized(),
-                absl::FailedPreconditionError("EngineFusedAdamWRows: a variable is not initialized"));
     OP_REQUIRES(ctx, var.shape().IsSameSize(m.shape()) && var.shape().IsSameSize(v.shape()) && var.dims() >= 1,
                 absl::InvalidArgumentError("EngineFusedAdamWRows: var, m and v differ in shape"));
     const int64_t num_rows = var.dim_size(0);
@@ -178,39 +196,14 @@ class EngineFusedAdamWRowsOp : public OpKernel {
                   absl::InvalidArgumentError("EngineFusedAdamWRows: index repeated: " + std::to_string(r)));
       slot[r] = i;
     }
-    float scalars[8];
-    for (int i = 0; i < 8; ++i) {
-      const Tensor& t = ctx->input(5 + i);
-      OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(t.shape()),
-                  absl::InvalidArgumentError("EngineFusedAdamWRows: hyperparameters must be scalars"));
-      scalars[i] = t.scalar<float>()();
-    }
-    const float scale = scalars[0], lr = scalars[1], beta1_power = scalars[2], beta2_power = scalars[3];
-    const float beta1 = scalars[4], beta2 = scalars[5], epsilon = scalars[6], decay = scalars[7];
-    const float alpha = lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power);
-    const float one_minus_beta1 = 1.0f - beta1, one_minus_beta2 = 1.0f - beta2;
-    const float* g = rows.flat<float>().data();
-    float* w = var.flat<float>().data();
-    float* mp = m.flat<float>().data();
-    float* vp = v.flat<float>().data();
+    Hyperparameters h;
+    OP_REQUIRES_OK(ctx, ReadHyperparameters(ctx, 5, "EngineFusedAdamWRows", &h));
+    const Buffers b = BuffersOf(rows, var, m, v);
     const std::vector<float> zeros(width, 0.0f);
-    const bool scaled = scale != 1.0f, decayed = decay != 0.0f;
     auto shard = [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const float* gr = slot[r] < 0 ? zeros.data() : g + slot[r] * width;
-        float* wr = w + r * width;
-        float* mr = mp + r * width;
-        float* vr = vp + r * width;
-        if (scaled && decayed) {
-          Update<true, true>(0, width, gr, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, wr, mr, vr);
-        } else if (scaled) {
-          Update<true, false>(0, width, gr, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, wr, mr, vr);
-        } else if (decayed) {
-          Update<false, true>(0, width, gr, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, wr, mr, vr);
-        } else {
-          Update<false, false>(0, width, gr, scale, decay, one_minus_beta1, one_minus_beta2, alpha, epsilon, wr, mr,
-                               vr);
-        }
+        const float* gr = slot[r] < 0 ? zeros.data() : b.g + slot[r] * width;
+        UpdateSpan(h, 0, width, gr, b.w + r * width, b.m + r * width, b.v + r * width);
       }
     };
     // Per row: 3 floats read and 3 written per element (the gradient row mostly the shared zeros, in cache).
