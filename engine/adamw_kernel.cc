@@ -1,5 +1,6 @@
-// One-pass AdamW for float32 variables on the CPU: the EngineFusedAdamW op that engine/adamw_kernel.py builds
-// and engine/optimization.py's FusedAdamW calls. Why it exists: see engine/adamw_kernel.py.
+// One-pass AdamW for float32 variables on the CPU: the EngineFusedAdamW op (and EngineFusedAdamWRows, for a
+// gradient given as rows) that engine/adamw_kernel.py builds and engine/optimization.py's FusedAdamW calls.
+// Why it exists: see engine/adamw_kernel.py.
 //
 // Per element, in the order TensorFlow's kernels apply them today (clip Mul, ResourceApplyGradientDescent for
 // the decoupled decay, then ResourceApplyAdam), with the same float operations, so the results are equal bit
