@@ -54,7 +54,8 @@ bench: setup
 # Issue 14, time to accuracy: `make demo`'s recipe by launch.train and by PyTorch + HF (bench/pytorch_sst2_demo.py),
 # each a fresh process timed start to exit; prints both dev accuracies and wall times and ours / PyTorch. ROUNDS=2
 # runs ours, PyTorch, then PyTorch, ours. Needs the bench extra (see `bench` above); without it, it says so.
-# About 10 minutes per round on 2 quiet cores. TTA_FLAGS e.g. "--work_dir=/tmp/tta" (new or empty) to keep the runs' logs.
+# About 10 minutes per round on 2 quiet cores. TTA_FLAGS e.g. "--work_dir=/tmp/tta" (new or empty) to keep the runs' logs,
+# "--seeds=0,1,2" (with ROUNDS=3) to compare accuracy on each side's mean over three seeds, not on one seed's run.
 ROUNDS ?= 1
 TTA_FLAGS ?=
 bench-tta: setup

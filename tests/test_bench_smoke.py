@@ -255,3 +255,30 @@ def test_bench_tta_refuses_a_work_dir_that_already_holds_a_run(tmp_path):
     assert result.stderr.strip() == (f"--work_dir={tmp_path}: round1 already holds a run (launch.train would resume "
                                      "it and time nothing); give a new or empty --work_dir")
     assert result.stdout == ""
+
+
+import time_to_accuracy  # noqa: E402  (standard library only at module level)
+
+
+def test_bench_tta_compares_accuracy_on_each_sides_mean_over_seeds():
+    # Seed 0 ran twice (rounds 1 and 3): it counts once, as its rounds' mean, beside seed 1.
+    rounds = [(0, 0.90, 0.88), (1, 0.86, 0.89), (0, 0.88, 0.90)]
+    by_seed, ours, peer = time_to_accuracy.accuracy_by_seed(rounds)
+    assert list(by_seed) == [0, 1]
+    assert by_seed[0] == pytest.approx((0.89, 0.89)) and by_seed[1] == pytest.approx((0.86, 0.89))
+    assert ours == pytest.approx((0.89 + 0.86) / 2) and peer == pytest.approx(0.89)
+
+
+@pytest.mark.parametrize("text", ["", "0,x", "1,1", "0,,2"])
+def test_bench_tta_refuses_seeds_that_are_not_distinct_integers(text):
+    with pytest.raises(Exception, match="want distinct integers separated by commas"):
+        time_to_accuracy.parse_seeds(text)
+    assert time_to_accuracy.parse_seeds("2,0,1") == [2, 0, 1]
+
+
+def test_bench_tta_refuses_fewer_rounds_than_seeds(tmp_path):
+    result = subprocess.run([sys.executable, "-c", TIME_TO_ACCURACY_WITHOUT_TORCH, f"--work_dir={tmp_path}",
+                             "--seeds=0,1,2", "--rounds=2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr[-2000:])
+    assert result.stderr.strip().endswith("error: --rounds=2 is fewer than the 3 --seeds: some would not run")
+    assert not list(tmp_path.iterdir())
