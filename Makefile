@@ -55,11 +55,12 @@ bench: setup
 # each a fresh process timed start to exit; prints both dev accuracies and wall times and ours / PyTorch. ROUNDS=2
 # runs ours, PyTorch, then PyTorch, ours. Needs the bench extra (see `bench` above); without it, it says so.
 # About 10 minutes per round on 2 quiet cores. TTA_FLAGS e.g. "--work_dir=/tmp/tta" (new or empty) to keep the runs' logs,
-# "--seeds=0,1,2" (with ROUNDS=3) to compare accuracy on each side's mean over three seeds, not on one seed's run.
-ROUNDS ?= 1
+# "--seeds=0,1,2" to compare accuracy on each side's mean over three seeds (a round each), not on one seed's run.
+# ROUNDS unset: one round per seed (one round by default).
+ROUNDS ?=
 TTA_FLAGS ?=
 bench-tta: setup
-	$(PY) bench/time_to_accuracy.py --data_dir=$(DATA_DIR) --rounds=$(ROUNDS) $(TTA_FLAGS)
+	$(PY) bench/time_to_accuracy.py --data_dir=$(DATA_DIR) $(if $(ROUNDS),--rounds=$(ROUNDS)) $(TTA_FLAGS)
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(RUN_DIR)

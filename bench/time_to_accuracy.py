@@ -1,6 +1,6 @@
 """Issue 14, time to accuracy: `make demo`'s recipe run by the engine and by PyTorch + HF, back to back.
 
-  python bench/time_to_accuracy.py --data_dir=../shared/data --rounds=1     # `make bench-tta` (ROUNDS=1)
+  python bench/time_to_accuracy.py --data_dir=../shared/data             # `make bench-tta`: one round, seed 0
   python bench/time_to_accuracy.py --rounds=2    # ours, peer, then peer, ours: the order alternates by round
   python bench/time_to_accuracy.py --seeds=0,1,2  # one round per seed (both sides get --seed), accuracy compared
                                                   # on the mean over the seeds
