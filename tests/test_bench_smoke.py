@@ -1,5 +1,5 @@
 """Smoke runs of bench/engine_vs_fit.py and bench/vs_pytorch.py (engine side): a 2-layer hidden-64 encoder, a few steps;
-of bench/cut_inference.py; and of bench/pytorch_sst2_demo.py (the PyTorch peer of `make bench-tta`; skipped without the bench extra).
+of bench/cut_inference.py and bench/matmul_kernels.py (TensorFlow side); and of bench/pytorch_sst2_demo.py (the PyTorch peer of `make bench-tta`; skipped without the bench extra).
 
 Benchmarks are not tests: nothing here looks at speed, only that every configuration trains and yields
 finite positive throughputs, and that the analytical FLOP count is the formula it claims to be.
@@ -120,6 +120,18 @@ def test_vs_pytorch_engine_side_prints_its_ratio_lines(tmp_path):
                      "| serving batch 4 | SavedModel batch 4 |", "| serving batch 1 | SavedModel batch 1 |"):
         assert expected in text, (expected, text)
     assert "pytorch" not in text.split("- peer:")[1].split("\n", 1)[1]  # no PyTorch rows without the extra
+
+
+def test_matmul_kernels_bench_times_both_tensorflow_variants_per_shape_and_dtype():
+    result = subprocess.run([sys.executable, os.path.join("bench", "matmul_kernels.py"), "--quick", "--nopytorch"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, failure_text(result.stderr)
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| float32 |")
+            or line.startswith("| bfloat16 |")]
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+        (f"| {dtype}", shape, variant) for dtype in ("float32", "bfloat16") for shape in ("64x32x32", "64x32x128")
+        for variant in ("tf MatMul+BiasAdd (fused)", "tf MatMul")), result.stdout
+    assert all(math.isfinite(float(r[3])) and float(r[3]) > 0 for r in rows), result.stdout
 
 
 def test_engine_tasks_and_launchers_never_import_torch():
