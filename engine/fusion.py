@@ -11,9 +11,10 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     is switched to the 16-bit dtype, which gives the same values without the casts around it.
   * EinsumDense layers whose equation contracts the input's trailing axes (BERT's Q/K/V, attention output
     and FFN projections): one 2-D MatMul + BiasAdd, which grappler's oneDNN remapper fuses into a single
-    `_MklFusedMatMul` (Keras' Einsum + AddV2 runs the bias as a separate pass). At inference the FFN's GELU
-    joins that fusion too (MatMul + BiasAdd + GeluExact); in training it stays the XLA Activation kernel,
-    since the backward pass needs the pre-activation the fused op does not keep.
+    `_MklFusedMatMul` (Keras' Einsum + AddV2 runs the bias as a separate pass); in bfloat16 on AMX CPUs the
+    bias stays a separate op, since that fused op has no AMX kernel (see _bias_apart_from_matmul). At inference
+    the FFN's GELU joins the fusion (MatMul + BiasAdd + GeluExact); in training it stays the XLA Activation
+    kernel, since the backward pass needs the pre-activation the fused op does not keep.
   * Multi-head attention (Keras' MultiHeadAttention over one sequence axis): the scores and the context as
     batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums, which oneDNN runs as
     many small head_dim-32 contractions with their own transposes. Masking, softmax and attention dropout
@@ -112,12 +113,36 @@ def _dense_call(layer, inputs):
     kernel = layer.kernel
     fan_in = int(np.prod(kernel.shape[:contracted]))
     outputs = tf.matmul(tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]))
-    if layer.bias is not None:
-        outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
+    bias = tf.reshape(layer.bias, [-1]) if layer.bias is not None else None
     activation = getattr(layer, "_fused_activation", None)
-    if activation is not None and not _training():
+    activation = activation if not _training() else None
+    if bias is not None and (activation is not None or not _bias_apart_from_matmul(outputs.dtype)):
+        outputs, bias = tf.nn.bias_add(outputs, bias), None
+    if activation is not None:
         outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
-    return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
+    outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
+    if bias is not None:  # added after the Reshape, which keeps grappler from fusing it into the MatMul
+        outputs += layer.bias  # [..., out] or [..., heads, head_dim]: the kernel's trailing shape
+    return outputs
+
+
+def _bias_apart_from_matmul(dtype) -> bool:
+    """Whether a dense layer adds its bias as its own op instead of in grappler's fused MatMul+BiasAdd: in bfloat16
+    on CPUs with AMX. There TensorFlow 2.20's oneDNN runs the fused op as a `gemm:jit` inner product without AMX,
+    0.35-0.65x PyTorch's F.linear on MiniLM's shapes, while the plain MatMul runs the AMX `brg_matmul` kernel at
+    0.63-0.91x (bench/matmul_kernels.py). With the bias apart, bf16 training on an AMX Xeon ran 1.01-1.05x faster
+    at seq 128 and 1.03-1.10x on `make demo`'s short batches (bench/RESULTS.md, 2026-12-04). Not measured on CPUs
+    with bf16 but no AMX (the Zen 4), which keep the fusion; float32 keeps it everywhere (same speed as PyTorch)."""
+    return dtype == tf.bfloat16 and _cpu_has_amx()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:  # not Linux: keep the fusion
+        return False
 
 
 def _is_plain_dense(layer) -> bool:

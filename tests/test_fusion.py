@@ -326,6 +326,47 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
                                    stock(inputs, training=training)["sequence_output"].numpy()[real], atol=1e-5)
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only(monkeypatch, amx):
+    # On AMX CPUs TensorFlow's fused bf16 MatMul+BiasAdd has no AMX kernel (fusion._bias_apart_from_matmul): the
+    # bias is added after the output's Reshape, where grappler cannot fuse it. Values stay stock Keras' either way.
+    monkeypatch.setattr(fusion, "_cpu_has_amx", lambda: amx)
+    tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        for equation, shape, output in (("abc,cd->abd", [2, 5, 64], [32]), ("abc,cde->abde", [2, 5, 64], [4, 8]),
+                                        ("abcd,cde->abe", [2, 5, 4, 8], [64])):
+            bias_axes = equation.split("->")[1][-len(output):]
+            stock, fused = (tf_keras.layers.EinsumDense(equation, output_shape=[None] + output, bias_axes=bias_axes)
+                            for _ in range(2))
+            x = tf.random.stateless_normal(shape, seed=[1, 2])
+            stock(x), fused(x)
+            stock.set_weights([w + 0.1 for w in fused.get_weights()])  # a bias that is not zero
+            fused.set_weights(stock.get_weights())
+            assert fusion.fuse_elementwise(tf_keras.Sequential([fused]))["dense"] == 1
+
+            def value_and_grads(layer):
+                @tf.function  # a graph, as the Trainer runs it (grappler and oneDNN's rewrites)
+                def compute():
+                    with tf.GradientTape() as tape:
+                        y = tf.cast(layer(x, training=True), tf.float32)
+                        loss = tf.reduce_sum(y * y)
+                    return [y] + tape.gradient(loss, layer.trainable_variables)
+                return [t.numpy() for t in compute()], compute.get_concrete_function().graph
+            expected, _ = value_and_grads(stock)
+            got, graph = value_and_grads(fused)
+            for e, g in zip(expected, got):  # the fused op adds the bias before rounding to bf16: one bf16 ulp
+                np.testing.assert_allclose(g, e, rtol=1e-2, atol=1e-2 * np.abs(e).max())
+            if amx:  # as stock Keras, which adds the bias to the rounded bf16 product: the same bits
+                np.testing.assert_array_equal(got[0], expected[0])
+            matmul = next(op for op in graph.get_operations() if op.type == "MatMul")
+            consumers = [c.type for c in matmul.outputs[0].consumers()]
+            assert consumers == (["Reshape"] if amx else ["BiasAdd"]), (equation, consumers)
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    # In float32 the fused op runs oneDNN's usual kernel at PyTorch's speed: the bias stays fused everywhere.
+    assert not fusion._bias_apart_from_matmul(tf.float32)
+
+
 def test_attention_transposes_run_on_integer_bits_at_inference_only():
     config, inputs, _, fused = _encoder_pair()
     fusion.fuse_elementwise(fused, export_safe=True)
