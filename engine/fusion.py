@@ -113,15 +113,14 @@ def _dense_call(layer, inputs):
     kernel = layer.kernel
     fan_in = int(np.prod(kernel.shape[:contracted]))
     outputs = tf.matmul(tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]))
-    bias = tf.reshape(layer.bias, [-1]) if layer.bias is not None else None
-    activation = getattr(layer, "_fused_activation", None)
-    activation = activation if not _training() else None
-    if bias is not None and (activation is not None or not _bias_apart_from_matmul(outputs.dtype)):
-        outputs, bias = tf.nn.bias_add(outputs, bias), None
+    activation = getattr(layer, "_fused_activation", None) if not _training() else None
+    bias_apart = layer.bias is not None and activation is None and _bias_apart_from_matmul(outputs.dtype)
+    if layer.bias is not None and not bias_apart:
+        outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
     if activation is not None:
         outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
     outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
-    if bias is not None:  # added after the Reshape, which keeps grappler from fusing it into the MatMul
+    if bias_apart:  # added after the Reshape, which keeps grappler from fusing it into the MatMul
         outputs += layer.bias  # [..., out] or [..., heads, head_dim]: the kernel's trailing shape
     return outputs
 
