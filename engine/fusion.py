@@ -25,7 +25,7 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
   * Model Garden's Transformer blocks, at inference when over 15 % of the batch's positions are padding, and in
     training when asked (RuntimeConfig.skip_padding_in_training): the projections, FFN and LayerNorms on the
     real tokens only, gathered into one row ([1, tokens, hidden]); attention alone runs on the padded layout
-    (see _unpadded_block_call). Zeros at padded positions.
+    (see _unpadded_block_call; the rows move in engine/unpadding.py). Zeros at padded positions.
   * Model Garden's word-embedding lookup (OnDeviceEmbedding): gathered from a dense read of the table
     instead of by ResourceGather, which would put the variable into TensorFlow's copy-on-read mode, where
     every optimizer update copies the whole table (see _embedding_call). Not in export_safe graphs: they
@@ -58,7 +58,7 @@ import tf_keras
 from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
 from tf_keras.src.mixed_precision import autocast_variable  # reading a variable in its own dtype
 
-from engine import dropout
+from engine import dropout, host, unpadding
 
 
 def resolve_fuse_elementwise(setting) -> bool:
@@ -132,16 +132,7 @@ def _bias_apart_from_matmul(dtype) -> bool:
     0.63-0.91x (bench/matmul_kernels.py). With the bias apart, bf16 training on an AMX Xeon ran 1.01-1.05x faster
     at seq 128 and 1.03-1.10x on `make demo`'s short batches (bench/RESULTS.md, 2026-12-04). Not measured on CPUs
     with bf16 but no AMX (the Zen 4), which keep the fusion; float32 keeps it everywhere (same speed as PyTorch)."""
-    return dtype == tf.bfloat16 and _cpu_has_amx()
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:  # not Linux: keep the fusion
-        return False
+    return dtype == tf.bfloat16 and host.cpu_has_amx()
 
 
 def _is_plain_dense(layer) -> bool:
@@ -211,8 +202,8 @@ def _layer_norm_call(layer, inputs):
 
 
 # _unpadded_block_call removes padding at inference when it is more than this fraction of a batch's positions.
-# Moving rows cost ~6 % of a block (measured with ScatterNd, before _spread_rows) on sorted SST-2 batches of 32
-# (little padding) and at batch 1 (none), where the stock block runs instead; in input order (~45 % padding)
+# Moving rows cost ~6 % of a block (measured with ScatterNd, before unpadding.spread_rows) on sorted SST-2
+# batches of 32 (little padding) and at batch 1 (none), where the stock block runs instead; in input order (~45 % padding)
 # MiniLM's forward ran 1.36x. The tf.cond itself costs ~0.35 ms per batch-1 forward (0.96x; bench/RESULTS.md).
 _UNPAD_ABOVE = 0.15
 
@@ -235,80 +226,13 @@ def _unpadded_block_call(block, on_tokens_in_training, inputs, output_range=None
     tokens = tf.reduce_sum(tf.cast(is_token, tf.int32))
     if training:
         # No tf.cond here: keyed dropout's custom gradient cannot reach into a cond branch. Rows are bucketed
-        # (_training_rows) so the XLA dropout and GELU kernels compile once per bucket, not once per batch.
-        return _block_on_tokens(block, x, attention_mask, is_token, _training_rows(tokens, tf.size(is_token)))
+        # (unpadding.training_rows) so the XLA dropout and GELU kernels compile once per bucket, not per batch.
+        return unpadding.block_on_tokens(block, x, attention_mask, is_token,
+                                         unpadding.training_rows(tokens, tf.size(is_token)), training)
     padding = 1.0 - tf.cast(tokens, tf.float32) / tf.cast(tf.size(is_token), tf.float32)
-    return tf.cond(padding > _UNPAD_ABOVE, lambda: _block_on_tokens(block, x, attention_mask, is_token, tokens),
+    return tf.cond(padding > _UNPAD_ABOVE,
+                   lambda: unpadding.block_on_tokens(block, x, attention_mask, is_token, tokens, False),
                    lambda: type(block).call(block, inputs))
-
-
-def _training_rows(tokens, positions):
-    """How many rows a training batch's `tokens` run as: rounded up to 4 sizes per doubling (at most 25 % more
-    rows, ~12 % on average; at least multiples of 16), at most the batch's `positions`."""
-    octave = tf.floor(tf.math.log(tf.cast(tf.maximum(tokens, 1), tf.float32)) / math.log(2.0))
-    step = tf.maximum(tf.cast(tf.pow(2.0, octave - 2.0), tf.int32), 16)
-    return tf.minimum((tokens + step - 1) // step * step, positions)
-
-
-def _block_on_tokens(block, x, attention_mask, is_token, rows):
-    """The block on the first `rows` positions of [tokens in order, then padding] (`is_token`: [batch x seq])."""
-    positions = tf.size(is_token)
-    training = _training()
-    # Tokens first, each group in row-major order; rows beyond the tokens are padding positions, whose values
-    # are computed and discarded like the stock block's. `slot`: each position's row, or `rows` (a zero row).
-    permutation = tf.argsort(tf.cast(tf.logical_not(is_token), tf.int32), stable=True)
-    order = permutation[:rows]
-    slot = tf.minimum(tf.math.invert_permutation(permutation), rows)
-    padded_shape = tf.shape(x)[:2]
-
-    def unpad(t):  # [batch, seq, ...] -> [1, rows, ...]
-        flat = tf.reshape(t, tf.concat([[positions], tf.shape(t)[2:]], 0))
-        return tf.expand_dims(_take_rows(flat, order, slot, training), 0)
-
-    def pad(t):  # [1, rows, ...] -> [batch, seq, ...], zeros where no row went
-        flat = _spread_rows(tf.squeeze(t, 0), slot, order, training)
-        return tf.reshape(flat, tf.concat([padded_shape, tf.shape(t)[2:]], 0))
-
-    attention = block._attention_layer
-    source = unpad(x)
-    query, key, value = (pad(dense(source)) for dense in (
-        attention._query_dense, attention._key_dense, attention._value_dense))
-    context, _ = attention._compute_attention(query, key, value, attention_mask, training=training)
-    attended = block._attention_dropout(attention._output_dense(unpad(context)))
-    attended = block._attention_layer_norm(source + attended)
-    inner = block._inner_dropout_layer(block._intermediate_activation_layer(block._intermediate_dense(attended)))
-    output = block._output_dropout(block._output_dense(inner))
-    # As the stock block: under a mixed policy the LayerNorm works in float32 and the sum is taken there.
-    output = block._output_layer_norm(tf.cast(output, tf.float32) + attended)
-    return pad(output)
-
-
-# Moving rows between the padded layout and the token rows, both ways by gathers: `order` lists the rows'
-# positions, `slot` each position's row (or one past the last, a zero row). Each is the other's gradient, since
-# every row comes from exactly one position. With TensorFlow's own gradients (a gather's is a scatter-add,
-# UnsortedSegmentSum) and a zero-filled ScatterNd to pad, moving rows took 17.6 ms of op time per update of
-# make demo, 8.4 ms this way (bench/RESULTS.md). Inference (no tape, and inside a tf.cond) takes the plain ops.
-def _take_rows(flat, order, slot, with_gradient):  # [positions, ...] -> [rows, ...]
-    if not with_gradient:
-        return tf.gather(flat, order)
-
-    @tf.custom_gradient
-    def take(values):
-        return tf.gather(values, order), lambda upstream: _spread_rows(upstream, slot, order, True)
-    return take(flat)
-
-
-def _spread_rows(values, slot, order, with_gradient):  # [rows, ...] -> [positions, ...], zeros where no row
-    def spread(values):  # (a batch may have no tokens at all, e.g. a replica's share of a padded last batch)
-        zero_row = tf.zeros(tf.concat([[1], tf.shape(values)[1:]], 0), values.dtype)
-        return tf.gather(tf.concat([values, zero_row], 0), slot)
-    if not with_gradient:
-        return spread(values)
-
-    @tf.custom_gradient
-    def spread_with_gradient(values):
-        return spread(values), lambda upstream: _take_rows(upstream, order, slot, True)
-    return spread_with_gradient(values)
 
 
 def _is_plain_block(layer) -> bool:

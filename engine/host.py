@@ -2,6 +2,7 @@
 so the PyTorch peers in bench/ use the same answers."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -14,6 +15,16 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.lru_cache(maxsize=None)  # asked once per dense layer while a graph is traced
+def cpu_has_amx() -> bool:
+    """True when the CPU has AMX tiles for bf16 (Sapphire Rapids and later Xeons); False off Linux."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
 
 
 def cpu_model_name() -> str:

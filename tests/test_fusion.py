@@ -14,7 +14,7 @@ import tensorflow as tf
 import tf_keras
 
 import bert_numpy_reference as ref
-from engine import dropout, fusion
+from engine import dropout, fusion, host, unpadding
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, run_training
 from tasks.encoders import bert
@@ -169,8 +169,8 @@ def test_training_on_tokens_gives_stock_values_and_gradients_and_computes_fewer_
 
 
 def test_training_on_tokens_moves_rows_by_gathers_both_ways():
-    """Rows go between the padded layout and the token rows by gathers, forward and backward (_take_rows and
-    _spread_rows are each other's gradient): no zero-filled ScatterNd and no scatter-add per block, which took
+    """Rows go between the padded layout and the token rows by gathers, forward and backward (unpadding.take_rows
+    and spread_rows are each other's gradient): no zero-filled ScatterNd and no scatter-add per block, which took
     twice the time in make demo's step (bench/RESULTS.md). The values are checked by the test above."""
     config, inputs, _, fused = _encoder_pair()
     fusion.fuse_elementwise(fused, skip_padding_in_training=True)
@@ -205,11 +205,11 @@ def test_blocks_on_tokens_take_a_batch_without_tokens():
 
 
 def test_training_rows_are_bucketed_four_per_doubling():
-    rows = {t: int(fusion._training_rows(tf.constant(t), tf.constant(4096))) for t in (1, 33, 100, 300, 1000, 4090)}
+    rows = {t: int(unpadding.training_rows(tf.constant(t), tf.constant(4096))) for t in (1, 33, 100, 300, 1000, 4090)}
     assert rows == {1: 16, 33: 48, 100: 112, 300: 320, 1000: 1024, 4090: 4096}
-    assert int(fusion._training_rows(tf.constant(33), tf.constant(40))) == 40  # never more than the positions
+    assert int(unpadding.training_rows(tf.constant(33), tf.constant(40))) == 40  # never more than the positions
     tokens = np.arange(256, 4096, dtype=np.int32)
-    rows = fusion._training_rows(tf.constant(tokens), tf.constant(1 << 20)).numpy()
+    rows = unpadding.training_rows(tf.constant(tokens), tf.constant(1 << 20)).numpy()
     assert (rows >= tokens).all() and (rows <= 1.25 * tokens).all()
     assert len(set(rows)) == 17  # 256, 320, 384, 448, 512, 640, ..., 4096: four sizes per doubling
 
@@ -330,7 +330,7 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
 def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only(monkeypatch, amx):
     # On AMX CPUs TensorFlow's fused bf16 MatMul+BiasAdd has no AMX kernel (fusion._bias_apart_from_matmul): the
     # bias is added after the output's Reshape, where grappler cannot fuse it. Values stay stock Keras' either way.
-    monkeypatch.setattr(fusion, "_cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(host, "cpu_has_amx", lambda: amx)
     tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         for equation, shape, output in (("abc,cd->abd", [2, 5, 64], [32]), ("abc,cde->abde", [2, 5, 64], [4, 8]),
