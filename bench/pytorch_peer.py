@@ -14,7 +14,12 @@ Only this file imports torch: the engine, tasks and launchers never do. `availab
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -120,6 +125,7 @@ class TrainRunner:
         self.types = torch.from_numpy(np.asarray(features["input_type_ids"], np.int64))
         self.labels = torch.from_numpy(np.asarray(labels, np.int64))
         self.position = 0
+        self.last_loss = float("nan")
 
     def _batch(self):
         n = len(self.labels)
@@ -142,12 +148,12 @@ class TrainRunner:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     def run(self, steps: int) -> tuple[float, float]:
         start = time.perf_counter(), time.process_time()
         for _ in range(steps):
-            self.step()  # float(loss) synchronises, as int(steps_done) does on the TF side
+            self.last_loss = self.step()  # float(loss) synchronises, as int(steps_done) does on the TF side
         return time.perf_counter() - start[0], time.process_time() - start[1]
 
     def close(self):
@@ -200,3 +206,148 @@ class Classifier:
                 probabilities = np.empty([len(order), answer.shape[1]], np.float32)
             probabilities[rows] = answer
         return probabilities
+
+
+class _PeerProcess:
+    """The peer in a process of its own, which does nothing but the peer's work, on request.
+
+    Why: inside bench/vs_pytorch.py's process (TensorFlow's models, tf.data pipelines and threads beside it)
+    PyTorch eager trained up to a third slower, and unsteadily, than in a process of its own (bf16 21-34 against
+    33-37 examples/s; bench/RESULTS.md, 2026-12-04): a handicapped peer. The child gets the model's config and
+    weights, arrays and settings through files, then answers one JSON line per request; it times its work
+    itself (wall, and CPU as its own process time), so the pipe costs nothing measured. Requests come one at a
+    time between ours, so the rounds stay interleaved."""
+
+    _REPLY = "@pytorch_peer "  # marks protocol lines: libraries may print to the child's stdout too
+
+    def __init__(self, model, settings: dict, arrays: dict):
+        import torch  # noqa: PLC0415
+        self._folder = tempfile.mkdtemp(prefix="pytorch_peer_")
+        model.config.to_json_file(os.path.join(self._folder, "config.json"))
+        torch.save(model.state_dict(), os.path.join(self._folder, "weights.pt"))
+        np.savez(os.path.join(self._folder, "arrays.npz"), **arrays)
+        settings = dict(settings, threads=torch.get_num_threads(),
+                        attn_implementation=getattr(model.config, "_attn_implementation", None))
+        with open(os.path.join(self._folder, "settings.json"), "w", encoding="utf-8") as f:
+            json.dump(settings, f)
+        self._child = subprocess.Popen([sys.executable, os.path.abspath(__file__), self._folder],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._reply()  # "ready": the model is loaded
+
+    def ask(self, request: dict) -> dict:
+        self._child.stdin.write(json.dumps(request) + "\n")
+        self._child.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict:
+        for line in self._child.stdout:
+            if line.startswith(self._REPLY):
+                return json.loads(line[len(self._REPLY):])
+        raise RuntimeError(f"the PyTorch peer's process ended (exit code {self._child.wait()}); its error is above")
+
+    def close(self) -> int:
+        """Ends the child (end of requests) and returns its exit code."""
+        if self._child.poll() is None:
+            self._child.stdin.close()
+            self._child.wait(timeout=60)
+        shutil.rmtree(self._folder, ignore_errors=True)
+        return self._child.returncode
+
+
+class TrainRunnerProcess:
+    """A TrainRunner in a process of its own (see _PeerProcess), with TrainRunner's interface. `seed` seeds torch
+    just before the child builds the runner, as a caller of TrainRunner can, so both draw the same dropout masks."""
+
+    kind = "torch"
+
+    def __init__(self, model, features: dict, labels: np.ndarray, *, batch_size: int, precision: str,
+                 compile_model: bool, optimizer_kwargs: dict, clip_norm: float, seed: int = 0):
+        self.precision, self.jit = precision, compile_model
+        self.name = "pytorch " + ("compile" if compile_model else "eager")
+        self.last_loss = float("nan")
+        arrays = {k: np.asarray(features[k]) for k in ("input_word_ids", "input_mask", "input_type_ids")}
+        self._process = _PeerProcess(model, dict(role="train", batch_size=batch_size, precision=precision,
+                                                 compile_model=compile_model, optimizer_kwargs=optimizer_kwargs,
+                                                 clip_norm=clip_norm, seed=seed),
+                                     dict(arrays, labels=np.asarray(labels)))
+
+    def run(self, steps: int) -> tuple[float, float]:
+        reply = self._process.ask({"steps": steps})
+        self.last_loss = reply["loss"]
+        return reply["wall"], reply["cpu"]
+
+    def close(self) -> int:
+        return self._process.close()
+
+
+class ClassifierProcess:
+    """Classifiers (one per padding mode) over fixed sentences in a process of its own (see _PeerProcess).
+    `predict(...)` times Classifier.predict over all sentences; `singles(...)` times the first `count` sentences
+    one call each. Both return {"wall", "cpu"} seconds, `singles` also "latencies" (s per call)."""
+
+    def __init__(self, model, tokenizer_dir: str, sentences: list[str], *, max_length: int, batch_size: int):
+        self._process = _PeerProcess(model, dict(role="classify", tokenizer_dir=tokenizer_dir, sentences=sentences,
+                                                 max_length=max_length, batch_size=batch_size), {})
+
+    def predict(self, padding: str, longest_first: bool, *, values: bool = False) -> dict:
+        """values=True: the reply holds the "probabilities" too (computed in the timed call, sent after it)."""
+        return self._process.ask({"predict": dict(padding=padding, longest_first=longest_first), "values": values})
+
+    def singles(self, padding: str, count: int) -> dict:
+        return self._process.ask({"singles": dict(padding=padding, count=count)})
+
+    def close(self) -> int:
+        return self._process.close()
+
+
+def _serve(folder: str) -> None:
+    """The child of _PeerProcess: loads what the parent wrote, then answers one request per line of stdin."""
+    import torch  # noqa: PLC0415
+    from transformers import BertConfig, BertForSequenceClassification  # noqa: PLC0415
+    with open(os.path.join(folder, "settings.json"), encoding="utf-8") as f:
+        settings = json.load(f)
+    set_threads(settings["threads"])
+    config = BertConfig.from_json_file(os.path.join(folder, "config.json"))
+    if settings["attn_implementation"]:
+        config._attn_implementation = settings["attn_implementation"]  # as the parent's model ran (e.g. "sdpa")
+    model = BertForSequenceClassification(config)
+    model.load_state_dict(torch.load(os.path.join(folder, "weights.pt")))
+    arrays = np.load(os.path.join(folder, "arrays.npz"))
+    if settings["role"] == "train":
+        torch.manual_seed(settings["seed"])
+        runner = TrainRunner(model, {k: arrays[k] for k in ("input_word_ids", "input_mask", "input_type_ids")},
+                             arrays["labels"], batch_size=settings["batch_size"], precision=settings["precision"],
+                             compile_model=settings["compile_model"], optimizer_kwargs=settings["optimizer_kwargs"],
+                             clip_norm=settings["clip_norm"])
+    else:
+        classifiers, sentences = {}, settings["sentences"]
+
+        def classifier(padding, longest_first=False):
+            key = (padding, longest_first)
+            if key not in classifiers:
+                classifiers[key] = Classifier(model, settings["tokenizer_dir"], max_length=settings["max_length"],
+                                              padding=padding, longest_first=longest_first)
+            return classifiers[key]
+    print(_PeerProcess._REPLY + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        start = time.perf_counter(), time.process_time()
+        reply = {}
+        if "steps" in request:
+            runner.run(request["steps"])
+            reply["loss"] = runner.last_loss
+        elif "predict" in request:
+            probabilities = classifier(**request["predict"]).predict(sentences, settings["batch_size"])
+        else:
+            clf, reply["latencies"] = classifier(request["singles"]["padding"]), []
+            for sentence in sentences[:request["singles"]["count"]]:
+                t = time.perf_counter()
+                clf.probabilities([sentence])
+                reply["latencies"].append(time.perf_counter() - t)
+        reply.update(wall=time.perf_counter() - start[0], cpu=time.process_time() - start[1])
+        if request.get("values"):
+            reply["probabilities"] = probabilities.tolist()
+        print(_PeerProcess._REPLY + json.dumps(reply), flush=True)
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])

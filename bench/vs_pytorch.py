@@ -17,7 +17,9 @@ weight decay 0.01 except LayerNorm/bias, global-norm clip 1.0), in every --preci
   engine:  engine.trainer.Trainer's compiled loop (steps_per_loop = --steps, XLA-fused elementwise layers,
            the default on this CPU, AdamW as one fused kernel per variable); plus "engine accum KxM": K micro-batches of M = batch / K, same global batch
   fit:     `model.compile(tf_keras AdamW)` + `model.fit`, steps_per_execution 1 (4 is no faster: bench/RESULTS.md)
-  pytorch: eager, and `torch.compile` (--torch_compile), bf16 by `torch.autocast`; torch's fused AdamW
+  pytorch: eager, and `torch.compile` (--torch_compile), bf16 by `torch.autocast`; torch's fused AdamW;
+           each in a child process of its own, timed on request (pytorch_peer.TrainRunnerProcess: inside this
+           process PyTorch eager trained up to a third slower than alone)
 Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, raw strings in):
   Trainer.evaluate (compiled eval step over the split tokenized once per task + metrics), the launch.predict
   path (`task.predict` on the model restored as launch.predict restores it), and the raw-string SavedModel
@@ -27,7 +29,7 @@ Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, 
   sentences longest first (answers in input order), so batches hold similar lengths; the SavedModel answers
   the batches it is given. With --full_padding_rows ours also padded to the full seq ("... pad 128", as before
   issue 14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on the same sentences
-  (tokenizing inside every call), padded to 128 ("pad 128"), to the batch's longest ("pad longest": HF's
+  (tokenizing inside every call; in a process of its own, pytorch_peer.ClassifierProcess), padded to 128 ("pad 128"), to the batch's longest ("pad longest": HF's
   usual `padding=True`), and, for evaluate and predict, longest first as ours ("pad longest, longest first":
   tokenized once, batches padded by `tokenizer.pad`). A target compares with the fastest peer row.
   --notraining times evaluation/serving only.
@@ -40,6 +42,7 @@ per-round values listed. Examples per CPU-second (process CPU time) are a cross-
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import shutil
 import statistics
@@ -101,6 +104,27 @@ class Timed:
                 self.latencies[-1].append(time.perf_counter() - t)
         return self.examples, time.perf_counter() - start[0], time.process_time() - start[1]
 
+    def close(self):
+        pass
+
+
+class RemoteTimed(Timed):
+    """A peer configuration timed in the peer's own process (pytorch_peer.ClassifierProcess): `request()` returns
+    its wall and CPU seconds, and per-call latencies for batch 1."""
+
+    def __init__(self, group: str, name: str, request, examples: int, process):
+        super().__init__(group, name, None, examples)
+        self._request, self._process = request, process
+
+    def run(self) -> tuple[int, float, float]:
+        reply = self._request()
+        if "latencies" in reply:
+            self.latencies.append(reply["latencies"])
+        return self.examples, reply["wall"], reply["cpu"]
+
+    def close(self):
+        self._process.close()  # shared by the peer's configurations; closing twice is harmless
+
 
 def _write_eval_tsv(data_dir: str, count: int, folder: str) -> tuple[str, list[str], list[int]]:
     """The first `count` SST-2 dev rows in a scratch TSV (outside the repo), and their sentences and labels."""
@@ -129,7 +153,7 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     from tasks import serving  # noqa: PLC0415
     from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
 
-    path, sentences, labels = _write_eval_tsv(data_dir, eval_examples, folder)
+    path, sentences, _ = _write_eval_tsv(data_dir, eval_examples, folder)
     vocab_file = os.path.join(bert.minilm_dir(), "vocab.txt")
     config = ClassificationConfig(data_files={"validation": path}, encoder=encoder_init, vocab_file=vocab_file,
                                   max_seq_length=setup.seq_length, last_layer_cls_only=setup.last_layer_cls_only)
@@ -187,26 +211,27 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         import pytorch_peer  # noqa: PLC0415
         task = ClassificationTask(config)
         peer = peer_model_fn(trainer.model)
+        # Timed in a process of its own, as the training peer (pytorch_peer._PeerProcess says why); the
+        # classifiers built here only check the values.
+        remote = pytorch_peer.ClassifierProcess(peer, bert.minilm_dir(), sentences, max_length=setup.seq_length,
+                                                batch_size=batch_size)
         for padding, longest_first, label in (("max_length", False, f"pad {setup.seq_length}"),
                                               ("longest", False, "pad longest"),
                                               ("longest", True, "pad longest, longest first")):
             clf = pytorch_peer.Classifier(peer, bert.minilm_dir(), max_length=setup.seq_length, padding=padding,
                                           longest_first=longest_first)
-
-            def evaluate(clf=clf):
-                probabilities = clf.predict(sentences, batch_size)
-                return float(np.mean(probabilities.argmax(-1) == np.asarray(labels)))
             # Sorting by length is for whole datasets (evaluate, predict); a server answers the batches it gets.
             groups = ("evaluate", "predict") if longest_first else ("evaluate", "predict", f"serving batch {batch_size}")
             for group in groups:
                 # One timing serves these groups (the peer's evaluate and predict are the same loop);
                 # it is timed once per round, in the first group, and reused for the others.
-                configs.append(Timed(group, f"pytorch inference_mode {label}", evaluate, n))
+                configs.append(RemoteTimed(group, f"pytorch inference_mode {label}",
+                                           functools.partial(remote.predict, padding, longest_first), n, remote))
             if longest_first:
                 in_input_order = clf.predict(sentences, batch_size)
                 continue
-            configs.append(Timed("serving batch 1", f"pytorch inference_mode {label}",
-                                 lambda s, clf=clf: clf.probabilities([s]), len(singles), per_call=singles))
+            configs.append(RemoteTimed("serving batch 1", f"pytorch inference_mode {label}",
+                                       functools.partial(remote.singles, padding, len(singles)), len(singles), remote))
             if padding == "max_length":
                 theirs = clf.predict(sentences, batch_size)
                 ids_ours = task.tokenizer.encode(tf.constant(sentences))["input_word_ids"].numpy()
@@ -315,7 +340,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
         if have_torch:
             head_model = runners[-1].trainer.model if not fit else runners[0].model
             for compiled in ([False, True] if torch_compile else [False]):
-                runners.append(pytorch_peer.TrainRunner(
+                runners.append(pytorch_peer.TrainRunnerProcess(  # in a process of its own: see there
                     peer_model(head_model), train_task.features, train_task.labels, batch_size=setup.batch_size,
                     precision=precision, compile_model=compiled, clip_norm=opt.clip_norm,
                     optimizer_kwargs=dict(learning_rate=opt.learning_rate, weight_decay=opt.weight_decay,
@@ -373,6 +398,8 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
     finally:
         for runner in runners:
             runner.close()
+        for config in serving_configs:
+            config.close()
         shutil.rmtree(folder, ignore_errors=True)
     header["load at end"] = _load()
     header["matmul peak (best over rounds)"] = (f"fp32 {peaks['float32'][0]:.0f} GFLOP/s, "

@@ -294,3 +294,57 @@ def test_bench_tta_refuses_fewer_rounds_than_seeds(tmp_path):
     assert result.returncode == 2, (result.stdout, result.stderr[-2000:])
     assert result.stderr.strip().endswith("error: --rounds=2 is fewer than the 3 --seeds: some would not run")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not _torch_installed(), reason="the bench extra (torch, transformers) is not installed")
+def test_pytorch_peer_in_a_process_of_its_own_trains_as_the_one_in_process():
+    """`make bench` times PyTorch's training in a child process (pytorch_peer.TrainRunnerProcess; in the bench's
+    own process PyTorch ran up to a third slower). The child must get the same model, batches and settings: with
+    dropout on and the same seed, it computes the same losses as the runner in this process."""
+    import torch  # noqa: PLC0415
+    import pytorch_peer  # noqa: PLC0415
+    setup = engine_vs_fit.make_setup(quick=True, num_examples=16)
+    task = engine_vs_fit.make_task(setup, DATA_DIR)
+    peer = pytorch_peer.from_config(setup.encoder, task.build_model())
+    assert peer.config.hidden_dropout_prob > 0 and peer.config.attention_probs_dropout_prob > 0
+    settings = dict(batch_size=4, precision="float32", compile_model=False, clip_norm=1.0, optimizer_kwargs=dict(
+        learning_rate=1e-3, weight_decay=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-6))
+    child = pytorch_peer.TrainRunnerProcess(peer, task.features, task.labels, seed=3, **settings)  # saves the weights
+    try:
+        torch.manual_seed(3)
+        here = pytorch_peer.TrainRunner(peer, task.features, task.labels, **settings)
+        losses = []
+        for steps in (1, 2, 1):
+            wall, cpu = child.run(steps)
+            assert wall > 0 and cpu > 0
+            here.run(steps)
+            losses.append((child.last_loss, here.last_loss))
+        np.testing.assert_allclose(*zip(*losses), rtol=1e-5)
+        assert len({round(theirs, 6) for theirs, _ in losses}) == 3, losses  # it trains: the loss moves
+    finally:
+        assert child.close() == 0
+
+
+@pytest.mark.skipif(not _torch_installed(), reason="the bench extra (torch, transformers) is not installed")
+def test_pytorch_classifier_in_a_process_of_its_own_answers_as_the_one_in_process():
+    """`make bench` times the peer's evaluation and batch-1 serving in a child process too: same model, same
+    sentences, same probabilities as pytorch_peer.Classifier here; batch 1 gives one latency per sentence."""
+    import pytorch_peer  # noqa: PLC0415
+    from tasks.encoders import bert  # noqa: PLC0415
+    setup = engine_vs_fit.make_setup(quick=True, num_examples=8)
+    task = engine_vs_fit.make_task(setup, DATA_DIR)
+    peer = pytorch_peer.from_config(setup.encoder, task.build_model())
+    with open(os.path.join(DATA_DIR, "sst2", "dev.tsv"), encoding="utf-8") as f:
+        sentences = [line.split("\t")[0] for line in f.read().splitlines()[1:8]]
+    child = pytorch_peer.ClassifierProcess(peer, bert.minilm_dir(), sentences, max_length=setup.seq_length,
+                                           batch_size=4)
+    try:
+        for padding, longest_first in (("max_length", False), ("longest", True)):
+            here = pytorch_peer.Classifier(peer, bert.minilm_dir(), max_length=setup.seq_length, padding=padding,
+                                           longest_first=longest_first).predict(sentences, 4)
+            reply = child.predict(padding, longest_first, values=True)
+            assert reply["wall"] > 0 and reply["cpu"] > 0
+            np.testing.assert_allclose(reply["probabilities"], here, atol=1e-6)
+        assert len(child.singles("longest", 3)["latencies"]) == 3
+    finally:
+        assert child.close() == 0
