@@ -243,6 +243,7 @@ class _PeerProcess:
         for line in self._child.stdout:
             if line.startswith(self._REPLY):
                 return json.loads(line[len(self._REPLY):])
+            print(line, end="", flush=True)  # a library's own output: passed on, not lost
         raise RuntimeError(f"the PyTorch peer's process ended (exit code {self._child.wait()}); its error is above")
 
     def close(self) -> int:
