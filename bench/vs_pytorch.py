@@ -306,7 +306,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
         import pytorch_peer  # noqa: PLC0415  (imports no torch by itself)
         have_torch, why = pytorch_peer.available()
     if have_torch:
-        header["peer"] = why
+        header["peer"] = f"{why}, each timed in a process of its own"
         pytorch_peer.set_threads()
     else:
         header["peer"] = NO_PEER.format(why)
