@@ -204,7 +204,8 @@ def _layer_norm_call(layer, inputs):
 # _unpadded_block_call removes padding at inference when it is more than this fraction of a batch's positions.
 # Moving rows cost ~6 % of a block (measured with ScatterNd, before unpadding.spread_rows) on sorted SST-2
 # batches of 32 (little padding) and at batch 1 (none), where the stock block runs instead; in input order
-# (~45 % padding) MiniLM's forward ran 1.36x. The tf.cond itself costs ~0.35 ms per batch-1 forward (0.96x; bench/RESULTS.md).
+# (~45 % padding) MiniLM's forward ran 1.36x. The tf.cond itself costs ~0.35 ms per batch-1 forward (0.96x;
+# bench/RESULTS.md).
 _UNPAD_ABOVE = 0.15
 
 

@@ -7,24 +7,27 @@ import os
 from typing import Optional
 
 
+@functools.lru_cache(maxsize=None)  # asked once per dense layer while a graph is traced (cpu_has_amx)
+def _cpu_flags() -> frozenset:
+    """The first CPU's feature flags from /proc/cpuinfo; empty where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); otherwise TF emulates it, slowly."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
-@functools.lru_cache(maxsize=None)  # asked once per dense layer while a graph is traced
 def cpu_has_amx() -> bool:
     """True when the CPU has AMX tiles for bf16 (Sapphire Rapids and later Xeons); False off Linux."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return False
+    return "amx_bf16" in _cpu_flags()
 
 
 def cpu_model_name() -> str:
