@@ -208,6 +208,9 @@ class Classifier:
         return probabilities
 
 
+_FEATURES = ("input_word_ids", "input_mask", "input_type_ids")  # the training arrays TrainRunner reads
+
+
 class _PeerProcess:
     """The peer in a process of its own, which does nothing but the peer's work, on request.
 
@@ -266,7 +269,7 @@ class TrainRunnerProcess:
         self.precision, self.jit = precision, compile_model
         self.name = "pytorch " + ("compile" if compile_model else "eager")
         self.last_loss = float("nan")
-        arrays = {k: np.asarray(features[k]) for k in ("input_word_ids", "input_mask", "input_type_ids")}
+        arrays = {k: np.asarray(features[k]) for k in _FEATURES}
         self._process = _PeerProcess(model, dict(role="train", batch_size=batch_size, precision=precision,
                                                  compile_model=compile_model, optimizer_kwargs=optimizer_kwargs,
                                                  clip_norm=clip_norm, seed=seed),
@@ -316,7 +319,7 @@ def _serve(folder: str) -> None:
     arrays = np.load(os.path.join(folder, "arrays.npz"))
     if settings["role"] == "train":
         torch.manual_seed(settings["seed"])
-        runner = TrainRunner(model, {k: arrays[k] for k in ("input_word_ids", "input_mask", "input_type_ids")},
+        runner = TrainRunner(model, {k: arrays[k] for k in _FEATURES},
                              arrays["labels"], batch_size=settings["batch_size"], precision=settings["precision"],
                              compile_model=settings["compile_model"], optimizer_kwargs=settings["optimizer_kwargs"],
                              clip_norm=settings["clip_norm"])
