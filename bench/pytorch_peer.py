@@ -9,8 +9,9 @@ weight decay 0.01 except LayerNorm and biases, global-norm clip 1.0), fp32 or bf
 the same vocab (MiniLM's tokenizer.json; same ids as ours, checked), padded to max_length (the engine's
 fixed shape) or to the batch's longest sentence (HF's usual `padding=True`).
 
-Only this file imports torch: the engine, tasks and launchers never do. `available()` says whether the
-`bench` extra is installed (`pip install -e .[bench]`).
+The engine, tasks and launchers never import torch. Nor does bench/vs_pytorch.py's own process: its peer runs
+in processes of its own (_PeerProcess), built there from model_spec's plain arrays. `available()` says whether
+the `bench` extra is installed (`pip install -e .[bench]`) without importing it.
 """
 from __future__ import annotations
 
@@ -26,13 +27,15 @@ import numpy as np
 
 
 def available() -> tuple[bool, str]:
-    """(True, versions) when torch and transformers import, else (False, why)."""
-    try:
-        import torch  # noqa: PLC0415
-        import transformers  # noqa: PLC0415
-    except ImportError as error:
-        return False, f"{error}"
-    return True, f"torch {torch.__version__}, transformers {transformers.__version__}"
+    """(True, versions) when torch and transformers are installed, else (False, why). Imports neither: the
+    bench's own process never loads torch (see _PeerProcess)."""
+    import importlib.metadata  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+    for name in ("torch", "transformers"):
+        if importlib.util.find_spec(name) is None:
+            return False, f"No module named '{name}'"
+    version = importlib.metadata.version
+    return True, f"torch {version('torch')}, transformers {version('transformers')}"
 
 
 def set_threads(num_threads: int | None = None) -> None:
@@ -40,51 +43,50 @@ def set_threads(num_threads: int | None = None) -> None:
     torch.set_num_threads(num_threads or os.cpu_count())
 
 
-def load_classifier(model_dir: str, keras_model=None, num_labels: int = 2):
-    """HF BertForSequenceClassification from `model_dir` (config.json + model.safetensors); with `keras_model`
-    (tasks.classification.task's model), its `logits` Dense layer becomes the classifier, so the weights match."""
-    from transformers import BertForSequenceClassification, logging as hf_logging  # noqa: PLC0415
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "classifier.* newly initialized" report: we set it just below
-    try:
-        model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if keras_model is not None:
-        load_classifier_head(model, keras_model)
-    return model
-
-
-def from_config(encoder_config, keras_model=None, num_labels: int = 2):
-    """A HF classifier of a tasks.encoders.bert.BertConfig's shape (quick runs), holding `keras_model`'s weights
-    (its randomly initialised encoder and head) when given, so both sides compute the same function."""
-    import torch  # noqa: PLC0415
-    from transformers import BertConfig, BertForSequenceClassification  # noqa: PLC0415
-
+def model_spec(keras_model, *, model_dir: str | None = None, encoder_config=None) -> dict:
+    """What it takes to build the peer of `keras_model` (tasks.classification.task's model), as plain data, so a
+    process without torch can hand it over: the HF model from `model_dir` (config.json + model.safetensors, the
+    files our "minilm" encoder converts), or of `encoder_config`'s shape (a tasks.encoders.bert.BertConfig; quick
+    runs) holding our randomly initialised encoder's weights; either way with our classifier head."""
+    kernel, bias = keras_model.get_layer("logits").get_weights()
+    arrays = {"head/kernel": kernel, "head/bias": bias}
+    if model_dir:
+        return {"model_dir": model_dir, "arrays": arrays}
     from tasks.encoders import bert  # noqa: PLC0415
+    encoder, = [layer for layer in keras_model.layers if hasattr(layer, "transformer_layers")]
+    arrays.update({"encoder/" + name: value for name, value in bert.hf_weights(encoder).items()})
     fields = {k: getattr(encoder_config, k) for k in (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
         "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob", "attention_probs_dropout_prob")}
-    model = BertForSequenceClassification(BertConfig(num_labels=num_labels, **fields))
-    if keras_model is not None:
-        encoder, = [layer for layer in keras_model.layers if hasattr(layer, "transformer_layers")]
-        state = {name: torch.from_numpy(value) for name, value in bert.hf_weights(encoder).items()}
+    return {"config": fields, "arrays": arrays}
+
+
+def build_model(spec: dict):
+    """The HF BertForSequenceClassification that model_spec describes, with the same weights as our model
+    (checked by the bench: probabilities agree)."""
+    import torch  # noqa: PLC0415
+    from transformers import BertConfig, BertForSequenceClassification, logging as hf_logging  # noqa: PLC0415
+    arrays = spec["arrays"]
+    kernel, bias = arrays["head/kernel"], arrays["head/bias"]
+    if "model_dir" in spec:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the "classifier.* newly initialized" report: we set it just below
+        try:
+            model = BertForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=kernel.shape[1])
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    else:
+        model = BertForSequenceClassification(BertConfig(num_labels=kernel.shape[1], **spec["config"]))
+        prefix = "encoder/"
+        state = {k[len(prefix):]: torch.from_numpy(np.asarray(v)) for k, v in arrays.items() if k.startswith(prefix)}
         missing, unexpected = model.bert.load_state_dict(state, strict=False)
         missing = [name for name in missing if not name.endswith("position_ids")]  # a buffer, not a weight
         if missing or unexpected:
             raise ValueError(f"HF BertModel and our encoder differ: missing {missing}, unexpected {unexpected}")
-        load_classifier_head(model, keras_model)
+    with torch.no_grad():  # our Dense kernel is [hidden, labels], HF's Linear weight [labels, hidden]
+        model.classifier.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(kernel).T)))
+        model.classifier.bias.copy_(torch.from_numpy(np.asarray(bias)))
     return model
-
-
-def load_classifier_head(model, keras_model) -> None:
-    """The Keras `logits` Dense layer ([hidden, labels] kernel) into HF's classifier Linear ([labels, hidden])."""
-    import torch  # noqa: PLC0415
-    kernel, bias = keras_model.get_layer("logits").get_weights()
-    with torch.no_grad():
-        model.classifier.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.T)))
-        model.classifier.bias.copy_(torch.from_numpy(bias))
 
 
 def make_adamw(model, *, learning_rate: float, weight_decay: float, beta_1: float, beta_2: float,
@@ -216,21 +218,20 @@ class _PeerProcess:
 
     Why: inside bench/vs_pytorch.py's process (TensorFlow's models, tf.data pipelines and threads beside it)
     PyTorch eager trained up to a third slower, and unsteadily, than in a process of its own (bf16 21-34 against
-    33-37 examples/s; bench/RESULTS.md, 2026-12-04): a handicapped peer. The child gets the model's config and
-    weights, arrays and settings through files, then answers one JSON line per request; it times its work
-    itself (wall, and CPU as its own process time), so the pipe costs nothing measured. Requests come one at a
+    33-37 examples/s; bench/RESULTS.md, 2026-12-04): a handicapped peer. The bench's own process never loads
+    torch at all, so neither side's timings share a process with the other runtime's allocator and thread pools.
+    The child gets model_spec's weights (numpy), arrays and settings through files, builds the peer itself,
+    then answers one JSON line per request; it times its work itself (wall, and CPU as its own process time),
+    so the pipe costs nothing measured. Requests come one at a
     time between ours, so the rounds stay interleaved."""
 
     _REPLY = "@pytorch_peer "  # marks protocol lines: libraries may print to the child's stdout too
 
-    def __init__(self, model, settings: dict, arrays: dict):
-        import torch  # noqa: PLC0415
+    def __init__(self, spec: dict, settings: dict, arrays: dict):
         self._folder = tempfile.mkdtemp(prefix="pytorch_peer_")
-        model.config.to_json_file(os.path.join(self._folder, "config.json"))
-        torch.save(model.state_dict(), os.path.join(self._folder, "weights.pt"))
+        np.savez(os.path.join(self._folder, "weights.npz"), **spec["arrays"])
         np.savez(os.path.join(self._folder, "arrays.npz"), **arrays)
-        settings = dict(settings, threads=torch.get_num_threads(),
-                        attn_implementation=getattr(model.config, "_attn_implementation", None))
+        settings = dict(settings, model={k: v for k, v in spec.items() if k != "arrays"})
         with open(os.path.join(self._folder, "settings.json"), "w", encoding="utf-8") as f:
             json.dump(settings, f)
         self._child = subprocess.Popen([sys.executable, os.path.abspath(__file__), self._folder],
@@ -264,13 +265,13 @@ class TrainRunnerProcess:
 
     kind = "torch"
 
-    def __init__(self, model, features: dict, labels: np.ndarray, *, batch_size: int, precision: str,
+    def __init__(self, spec: dict, features: dict, labels: np.ndarray, *, batch_size: int, precision: str,
                  compile_model: bool, optimizer_kwargs: dict, clip_norm: float, seed: int = 0):
         self.precision, self.jit = precision, compile_model
         self.name = "pytorch " + ("compile" if compile_model else "eager")
         self.last_loss = float("nan")
         arrays = {k: np.asarray(features[k]) for k in _FEATURES}
-        self._process = _PeerProcess(model, dict(role="train", batch_size=batch_size, precision=precision,
+        self._process = _PeerProcess(spec, dict(role="train", batch_size=batch_size, precision=precision,
                                                  compile_model=compile_model, optimizer_kwargs=optimizer_kwargs,
                                                  clip_norm=clip_norm, seed=seed),
                                      dict(arrays, labels=np.asarray(labels)))
@@ -287,10 +288,11 @@ class TrainRunnerProcess:
 class ClassifierProcess:
     """Classifiers (one per padding mode) over fixed sentences in a process of its own (see _PeerProcess).
     `predict(...)` times Classifier.predict over all sentences; `singles(...)` times the first `count` sentences
-    one call each. Both return {"wall", "cpu"} seconds, `singles` also "latencies" (s per call)."""
+    one call each. Both return {"wall", "cpu"} seconds, `singles` also "latencies" (s per call). `token_ids(...)`
+    is HF's tokenization of the sentences (untimed), for checking it against ours."""
 
-    def __init__(self, model, tokenizer_dir: str, sentences: list[str], *, max_length: int, batch_size: int):
-        self._process = _PeerProcess(model, dict(role="classify", tokenizer_dir=tokenizer_dir, sentences=sentences,
+    def __init__(self, spec: dict, tokenizer_dir: str, sentences: list[str], *, max_length: int, batch_size: int):
+        self._process = _PeerProcess(spec, dict(role="classify", tokenizer_dir=tokenizer_dir, sentences=sentences,
                                                  max_length=max_length, batch_size=batch_size), {})
 
     def predict(self, padding: str, longest_first: bool, *, values: bool = False) -> dict:
@@ -300,6 +302,9 @@ class ClassifierProcess:
     def singles(self, padding: str, count: int) -> dict:
         return self._process.ask({"singles": dict(padding=padding, count=count)})
 
+    def token_ids(self, padding: str) -> np.ndarray:
+        return np.asarray(self._process.ask({"token_ids": dict(padding=padding)})["token_ids"])
+
     def close(self) -> int:
         return self._process.close()
 
@@ -307,15 +312,10 @@ class ClassifierProcess:
 def _serve(folder: str) -> None:
     """The child of _PeerProcess: loads what the parent wrote, then answers one request per line of stdin."""
     import torch  # noqa: PLC0415
-    from transformers import BertConfig, BertForSequenceClassification  # noqa: PLC0415
     with open(os.path.join(folder, "settings.json"), encoding="utf-8") as f:
         settings = json.load(f)
-    set_threads(settings["threads"])
-    config = BertConfig.from_json_file(os.path.join(folder, "config.json"))
-    if settings["attn_implementation"]:
-        config._attn_implementation = settings["attn_implementation"]  # as the parent's model ran (e.g. "sdpa")
-    model = BertForSequenceClassification(config)
-    model.load_state_dict(torch.load(os.path.join(folder, "weights.pt")))
+    set_threads()
+    model = build_model(dict(settings["model"], arrays=dict(np.load(os.path.join(folder, "weights.npz")))))
     arrays = np.load(os.path.join(folder, "arrays.npz"))
     if settings["role"] == "train":
         torch.manual_seed(settings["seed"])
@@ -342,6 +342,8 @@ def _serve(folder: str) -> None:
             reply["loss"] = runner.last_loss
         elif "predict" in request:
             probabilities = classifier(**request["predict"]).predict(sentences, settings["batch_size"])
+        elif "token_ids" in request:
+            reply["token_ids"] = classifier(**request["token_ids"]).encode(sentences)["input_ids"].tolist()
         else:
             clf, reply["latencies"] = classifier(request["singles"]["padding"]), []
             for sentence in sentences[:request["singles"]["count"]]:

@@ -211,10 +211,9 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     if peer_model_fn is not None:
         import pytorch_peer  # noqa: PLC0415
         task = ClassificationTask(config)
-        peer = peer_model_fn(trainer.model)
         # Timed in a process of its own, as the training peer (pytorch_peer._PeerProcess says why).
-        remote = pytorch_peer.ClassifierProcess(peer, bert.minilm_dir(), sentences, max_length=setup.seq_length,
-                                                batch_size=batch_size)
+        remote = pytorch_peer.ClassifierProcess(peer_model_fn(trainer.model), bert.minilm_dir(), sentences,
+                                                max_length=setup.seq_length, batch_size=batch_size)
         for padding, longest_first, label in (("max_length", False, f"pad {setup.seq_length}"),
                                               ("longest", False, "pad longest"),
                                               ("longest", True, "pad longest, longest first")):
@@ -229,12 +228,11 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
                 configs.append(RemoteTimed("serving batch 1", f"pytorch inference_mode {label}",
                                            functools.partial(remote.singles, padding, len(singles)), len(singles),
                                            remote))
-        # The values come from the process that is timed; the tokenizer check needs only HF's tokenizer here.
+        # The values come from the process that is timed.
         theirs = np.asarray(remote.predict("max_length", False, values=True)["probabilities"])
         theirs_longest_first = np.asarray(remote.predict("longest", True, values=True)["probabilities"])
         ids_ours = task.tokenizer.encode(tf.constant(sentences))["input_word_ids"].numpy()
-        ids_theirs = pytorch_peer.Classifier(peer, bert.minilm_dir(), max_length=setup.seq_length,
-                                             padding="max_length").encode(sentences)["input_ids"].numpy()
+        ids_theirs = remote.token_ids("max_length")
         same_ids = int(np.sum(np.all(ids_ours == ids_theirs, axis=1)))
         checks.append(f"same weights: HF tokenizer gives our token ids for {same_ids}/{n} sentences; "
                       f"largest probability difference ours vs peer {np.max(np.abs(ours - theirs)):.2e}")
@@ -305,8 +303,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
         import pytorch_peer  # noqa: PLC0415  (imports no torch by itself)
         have_torch, why = pytorch_peer.available()
     if have_torch:
-        header["peer"] = f"{why}, each timed in a process of its own"
-        pytorch_peer.set_threads()
+        header["peer"] = f"{why}, each timed in a process of its own (this one never loads torch)"
     else:
         header["peer"] = NO_PEER.format(why)
     for k, v in header.items():
@@ -316,10 +313,10 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
     train_task = engine_vs_fit.make_task(dataclasses.replace(setup, encoder=encoder_init), data_dir) if training else None
     opt = engine_vs_fit.optimizer_config()
 
-    def peer_model(keras_model):
+    def peer_model(keras_model):  # plain data: the peer's process builds the torch model
         if quick:
-            return pytorch_peer.from_config(setup.encoder, keras_model)
-        return pytorch_peer.load_classifier(bert.minilm_dir(), keras_model)
+            return pytorch_peer.model_spec(keras_model, encoder_config=setup.encoder)
+        return pytorch_peer.model_spec(keras_model, model_dir=bert.minilm_dir())
 
     # --- configurations (all built before any timing)
     serving_configs, checks = [], []

@@ -203,7 +203,7 @@ def test_quick_peer_holds_the_random_tiny_models_weights():
     setup = engine_vs_fit.make_setup(quick=True, num_examples=8)
     task = engine_vs_fit.make_task(setup, DATA_DIR)
     model = task.build_model()
-    peer = pytorch_peer.from_config(setup.encoder, model).eval()
+    peer = pytorch_peer.build_model(pytorch_peer.model_spec(model, encoder_config=setup.encoder)).eval()
     features = {k: v[:8] for k, v in task.features.items()}
     ours = model(features, training=False).numpy()
     with torch.inference_mode():
@@ -305,11 +305,12 @@ def test_pytorch_peer_in_a_process_of_its_own_trains_as_the_one_in_process():
     import pytorch_peer  # noqa: PLC0415
     setup = engine_vs_fit.make_setup(quick=True, num_examples=16)
     task = engine_vs_fit.make_task(setup, DATA_DIR)
-    peer = pytorch_peer.from_config(setup.encoder, task.build_model())
+    spec = pytorch_peer.model_spec(task.build_model(), encoder_config=setup.encoder)
+    peer = pytorch_peer.build_model(spec)
     assert peer.config.hidden_dropout_prob > 0 and peer.config.attention_probs_dropout_prob > 0
     settings = dict(batch_size=4, precision="float32", compile_model=False, clip_norm=1.0, optimizer_kwargs=dict(
         learning_rate=1e-3, weight_decay=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-6))
-    child = pytorch_peer.TrainRunnerProcess(peer, task.features, task.labels, seed=3, **settings)  # saves the weights
+    child = pytorch_peer.TrainRunnerProcess(spec, task.features, task.labels, seed=3, **settings)
     try:
         torch.manual_seed(3)
         here = pytorch_peer.TrainRunner(peer, task.features, task.labels, **settings)
@@ -333,10 +334,11 @@ def test_pytorch_classifier_in_a_process_of_its_own_answers_as_the_one_in_proces
     from tasks.encoders import bert  # noqa: PLC0415
     setup = engine_vs_fit.make_setup(quick=True, num_examples=8)
     task = engine_vs_fit.make_task(setup, DATA_DIR)
-    peer = pytorch_peer.from_config(setup.encoder, task.build_model())
+    spec = pytorch_peer.model_spec(task.build_model(), encoder_config=setup.encoder)
+    peer = pytorch_peer.build_model(spec)
     with open(os.path.join(DATA_DIR, "sst2", "dev.tsv"), encoding="utf-8") as f:
         sentences = [line.split("\t")[0] for line in f.read().splitlines()[1:8]]
-    child = pytorch_peer.ClassifierProcess(peer, bert.minilm_dir(), sentences, max_length=setup.seq_length,
+    child = pytorch_peer.ClassifierProcess(spec, bert.minilm_dir(), sentences, max_length=setup.seq_length,
                                            batch_size=4)
     try:
         for padding, longest_first in (("max_length", False), ("longest", True)):
@@ -348,3 +350,34 @@ def test_pytorch_classifier_in_a_process_of_its_own_answers_as_the_one_in_proces
         assert len(child.singles("longest", 3)["latencies"]) == 3
     finally:
         assert child.close() == 0
+
+
+PEER_WITHOUT_TORCH_HERE = """
+import sys
+import numpy as np
+sys.path.insert(0, "bench")
+import pytorch_peer
+from tasks.encoders import bert
+have, why = pytorch_peer.available()
+assert have, why
+head = {"head/kernel": np.full([384, 2], 0.01, np.float32), "head/bias": np.array([0.5, -0.5], np.float32)}
+sentences = ["a gripping , funny film .", "dull ."]
+child = pytorch_peer.ClassifierProcess({"model_dir": bert.minilm_dir(), "arrays": head}, bert.minilm_dir(),
+                                       sentences, max_length=16, batch_size=2)
+reply = child.predict("longest", False, values=True)
+ids = child.token_ids("max_length")
+assert child.close() == 0
+print(sorted(name for name in ("torch", "transformers") if name in sys.modules), ids.shape,
+      np.asarray(reply["probabilities"]).shape)
+"""
+
+
+@pytest.mark.skipif(not _torch_installed(), reason="the bench extra (torch, transformers) is not installed")
+def test_the_bench_process_never_loads_torch_the_peers_process_does():
+    """The bench's own process hands the peer plain data (model_spec) and never imports torch or transformers,
+    so our timings never share a process with PyTorch's allocator and thread pools. Here the child builds the
+    MiniLM peer from its model folder and our head, and answers."""
+    result = subprocess.run([sys.executable, "-c", PEER_WITHOUT_TORCH_HERE], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, failure_text(result.stderr)
+    assert result.stdout.splitlines()[-1] == "[] (2, 16) (2, 2)", result.stdout
