@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import tasks  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from engine import host  # noqa: E402
 from engine.config import OptimizerConfig, RuntimeConfig, TrainerConfig  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 from tasks.ner import crf  # noqa: E402
@@ -34,13 +34,7 @@ from tasks.ner.task import TaggingConfig, TaggingTask  # noqa: E402
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else platform.processor()
-    except OSError:
-        model = platform.processor()
-    return f"{model} | {os.cpu_count()} logical CPUs"
+    return f"{host.cpu_model_name()} | {os.cpu_count()} logical CPUs"
 
 
 def load() -> str:

@@ -32,6 +32,9 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from engine.host import cpu_model_name  # noqa: E402  (reads /proc; imports no TensorFlow)
+
 PEER_SCRIPT = os.path.join("bench", "pytorch_sst2_demo.py")
 NO_PEER = ("PyTorch side: NOT RUN, the bench extra is not installed ({missing} in {python}). "
            "Install it with `{python} -m pip install torch==2.13.0` (the CPU wheel), then "
@@ -52,16 +55,6 @@ def load_average() -> str:
         return " ".join(open("/proc/loadavg", encoding="utf-8").read().split()[:3])
     except OSError:
         return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def round_folder(work_dir: str, index: int) -> str:
@@ -168,7 +161,7 @@ def main(argv=None) -> int:
         print(NO_PEER.format(missing=what, python=sys.executable), flush=True)
         return 1
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="tta_")
-    print(f"time to accuracy | {cpu_model()}, {os.cpu_count()} CPUs | data {args.data_dir} | runs in {work_dir}",
+    print(f"time to accuracy | {cpu_model_name()}, {os.cpu_count()} CPUs | data {args.data_dir} | runs in {work_dir}",
           flush=True)
     rounds = []
     for r in range(args.rounds):
