@@ -121,8 +121,22 @@ def _dense_call(layer, inputs):
         outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
     outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
     if bias_apart:  # added after the Reshape, which keeps grappler from fusing it into the MatMul
-        outputs += layer.bias  # [..., out] or [..., heads, head_dim]: the kernel's trailing shape
+        outputs = _add_bias(outputs, tf.cast(layer.bias, outputs.dtype))  # bias: the kernel's trailing shape
     return outputs
+
+
+@tf.custom_gradient
+def _add_bias(outputs, bias):
+    """outputs + bias, with the bias gradient as a [1, rows] x [rows, bias size] matmul of ones and the outputs'
+    gradient. Autodiff's is a bf16 `Sum` over the rows in Eigen's portable code: on the AMX Xeon 2.5 ms for
+    MiniLM's [32, 128, 1536] FFN gradient, against 0.85 ms for the matmul (bench/RESULTS.md, 2026-12-04). oneDNN
+    accumulates the matmul in float32, rounding once."""
+    def gradient(upstream):
+        size = int(np.prod(bias.shape))
+        rows = tf.reshape(upstream, [-1, size])
+        ones = tf.ones(tf.stack([1, tf.shape(rows)[0]]), upstream.dtype)
+        return upstream, tf.reshape(tf.matmul(ones, rows), tf.shape(bias))
+    return outputs + bias, gradient
 
 
 def _bias_apart_from_matmul(dtype) -> bool:

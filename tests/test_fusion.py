@@ -358,6 +358,14 @@ def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only(monkeypatc
                 np.testing.assert_allclose(g, e, rtol=1e-2, atol=1e-2 * np.abs(e).max())
             if amx:  # as stock Keras, which adds the bias to the rounded bf16 product: the same bits
                 np.testing.assert_array_equal(got[0], expected[0])
+                # The bias gradient is a matmul of ones and the bf16 upstream gradient (fusion._add_bias),
+                # accumulated in float32: within one bf16 rounding of the exact sum of bf16(2 y) over the rows.
+                upstream = tf.cast(tf.cast(2 * got[0], tf.bfloat16), tf.float64).numpy()
+                exact = upstream.reshape([-1] + list(got[2].shape)).sum(axis=0)
+                np.testing.assert_allclose(got[2], exact, rtol=2.0 ** -8, atol=1e-6 * np.abs(exact).max())
+                ones_matmuls = [op for op in graph.get_operations() if op.type == "MatMul"
+                                and op.inputs[0].op.type == "Fill"]
+                assert len(ones_matmuls) == 1, [op.name for op in graph.get_operations() if op.type == "MatMul"]
             matmul = next(op for op in graph.get_operations() if op.type == "MatMul")
             consumers = [c.type for c in matmul.outputs[0].consumers()]
             assert consumers == (["Reshape"] if amx else ["BiasAdd"]), (equation, consumers)
