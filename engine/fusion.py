@@ -20,8 +20,8 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     many small head_dim-32 contractions with their own transposes. Masking, softmax and attention dropout
     are the layer's own. At inference the transposes to and from heads-first run on the bits as integers,
     which oneDNN's build does not reroute to its slower small-tensor transpose (see _swap_seq_and_heads).
-  * LayerNormalization over the last axis, at inference only: (x - mean) * (rsqrt(var + eps) * gamma) + beta,
-    fewer ops than Keras' moments + batch_normalization (see _layer_norm_call).
+  * LayerNormalization over the last axis (engine/layer_norm.py): at inference in fewer ops than Keras' moments
+    + batch_normalization; in training with Keras' forward ops and a closed-form gradient.
   * Model Garden's Transformer blocks, at inference when over 15 % of the batch's positions are padding, and in
     training when asked (RuntimeConfig.skip_padding_in_training): the projections, FFN and LayerNorms on the
     real tokens only, gathered into one row ([1, tokens, hidden]); attention alone runs on the padded layout
@@ -58,7 +58,7 @@ import tf_keras
 from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
 from tf_keras.src.mixed_precision import autocast_variable  # reading a variable in its own dtype
 
-from engine import dropout, host, unpadding
+from engine import dropout, host, layer_norm, unpadding
 
 
 def resolve_fuse_elementwise(setting) -> bool:
@@ -192,26 +192,21 @@ def _swap_as_integers(tensor):
 
 
 def _layer_norm_call(layer, inputs):
-    # At inference, Keras' LayerNormalization as (x - mean) * (rsqrt(variance + epsilon) * gamma) + beta: the same
-    # math in fewer ops than its moments + batch_normalization path (a SquaredDifference against a stop_gradient,
-    # then x * inv + (beta - mean * inv)). MiniLM's fp32 forward ran ~1.06x at batch 32 and ~1.1x at batch 1 on an
-    # AMX Xeon (bench/RESULTS.md). Training keeps Keras' own call and its gradient, so its numerics are unchanged.
+    # Keras' LayerNormalization over the last axis with engine/layer_norm's kernels: fewer ops at inference, Keras'
+    # own forward ops with a closed-form gradient in training. Keras' call elsewhere (other axes, its fused path).
     last = inputs.shape.rank - 1 if inputs.shape.rank is not None else None
-    if _training() or isinstance(inputs, tf.RaggedTensor) or layer.axis != [last]:
+    if isinstance(inputs, tf.RaggedTensor) or layer.axis != [last]:
+        return type(layer).call(layer, inputs)
+    training = _training()
+    if training and (layer._fused or not (layer.scale and layer.center)):
         return type(layer).call(layer, inputs)
     inputs = tf.cast(inputs, layer.compute_dtype)
     input_dtype = inputs.dtype
     if input_dtype in (tf.float16, tf.bfloat16) and layer.dtype == "float32":
         inputs = tf.cast(inputs, tf.float32)  # as Keras does: statistics in float32 under a mixed policy
-    mean = tf.reduce_mean(inputs, axis=[last], keepdims=True)
-    centered = inputs - mean
-    variance = tf.reduce_mean(tf.square(centered), axis=[last], keepdims=True)
-    inverse = tf.math.rsqrt(variance + layer.epsilon)
-    if layer.scale:
-        inverse *= tf.cast(layer.gamma, inverse.dtype)
-    outputs = centered * inverse
-    if layer.center:
-        outputs += tf.cast(layer.beta, outputs.dtype)
+    gamma = tf.cast(layer.gamma, inputs.dtype) if layer.scale else None
+    beta = tf.cast(layer.beta, inputs.dtype) if layer.center else None
+    outputs = (layer_norm.training if training else layer_norm.inference)(inputs, gamma, beta, layer.epsilon)
     return tf.cast(outputs, input_dtype)
 
 

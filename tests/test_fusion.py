@@ -270,7 +270,7 @@ def test_inference_blocks_skip_padding_and_give_the_numpy_reference(policy):
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_layer_norm_at_inference_matches_float64_numpy_and_training_keeps_keras_call(policy):
+def test_layer_norm_matches_float64_at_inference_and_in_training_keeps_keras_forward_bits(policy):
     tf_keras.mixed_precision.set_global_policy(policy)
     try:
         # As Model Garden builds it: float32 under any policy, BERT's epsilon (too small for Keras' fused path).
@@ -281,6 +281,7 @@ def test_layer_norm_at_inference_matches_float64_numpy_and_training_keeps_keras_
         layer(x)
         layer.set_weights([np.linspace(0.5, 1.5, 16), np.linspace(-0.2, 0.2, 16)])
         stock = layer(x, training=False).numpy()
+        stock_training = tf.cast(tf.function(lambda t: layer(t, training=True))(x), tf.float64).numpy()
         assert fusion.fuse_elementwise(tf_keras.Sequential([layer]))["layer_norm"] == 1
         rows = tf.cast(x, tf.float32).numpy().astype(np.float64)
         mean, variance = rows.mean(-1, keepdims=True), rows.var(-1, keepdims=True)
@@ -294,6 +295,30 @@ def test_layer_norm_at_inference_matches_float64_numpy_and_training_keeps_keras_
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
         np.testing.assert_allclose(got, stock, rtol=0, atol=2e-6)
         assert "SquaredDifference" not in ops(training=False) and "SquaredDifference" in ops(training=True)
+
+        # Training: Keras' forward ops (the same bits as the stock layer), and a closed-form gradient
+        # (engine/layer_norm.training) within float32 rounding of autodiff through a float64 Keras layer.
+        reference = tf_keras.layers.LayerNormalization(axis=-1, epsilon=1e-12, dtype="float64")
+        reference(rows)
+        reference.set_weights([w.astype(np.float64) for w in layer.get_weights()])
+        upstream = tf.random.stateless_normal(x.shape, seed=[7, 8])
+
+        def value_and_gradients(norm, inputs):
+            @tf.function
+            def compute(inputs):
+                with tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    y = norm(inputs, training=True)
+                    loss = tf.reduce_sum(tf.cast(y, tf.float64) * tf.cast(upstream, tf.float64))
+                return [y] + tape.gradient(loss, [inputs, norm.gamma, norm.beta])
+            return [tf.cast(t, tf.float64).numpy() for t in compute(inputs)]
+        got = value_and_gradients(layer, x)
+        np.testing.assert_array_equal(got[0], stock_training)
+        expected = value_and_gradients(reference, tf.constant(rows))
+        # x's gradient reaches x in its own dtype: bf16 under the mixed policy
+        input_tolerance = 2e-6 if policy == "float32" else 2.0 ** -8
+        for g, e, rtol in zip(got[1:], expected[1:], (input_tolerance, 1e-5, 1e-5)):
+            np.testing.assert_allclose(g, e, rtol=rtol, atol=rtol * np.abs(e).max())
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
 

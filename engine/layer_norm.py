@@ -1,0 +1,46 @@
+"""LayerNormalization over the last axis as engine/fusion.py runs it: fewer ops than Keras at inference, and in
+training Keras' own forward ops with a closed-form gradient. Inputs arrive in the dtype Keras would normalize in
+(float32 under a mixed policy); gamma and beta in the same dtype, or None where the layer has none."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def inference(inputs, gamma, beta, epsilon: float):
+    """(x - mean) * (rsqrt(variance + epsilon) * gamma) + beta: the same math as Keras' moments +
+    batch_normalization path (a SquaredDifference against a stop_gradient, then x * inv + (beta - mean * inv)) in
+    fewer ops. MiniLM's fp32 forward ran ~1.06x at batch 32 and ~1.1x at batch 1 on an AMX Xeon (bench/RESULTS.md)."""
+    mean = tf.reduce_mean(inputs, axis=[-1], keepdims=True)
+    centered = inputs - mean
+    inverse = tf.math.rsqrt(tf.reduce_mean(tf.square(centered), axis=[-1], keepdims=True) + epsilon)
+    if gamma is not None:
+        inverse *= gamma
+    outputs = centered * inverse
+    return outputs + beta if beta is not None else outputs
+
+
+def training(inputs, gamma, beta, epsilon: float):
+    """Keras' forward with its own ops (moments, then batch_normalization's x * inv + (beta - mean * inv)), so the
+    same bits, and the closed-form gradient instead of autodiff's ~20 ops through those: with
+    x_hat = (x - mean) * rsqrt(variance + epsilon) and g = dy * gamma,
+    dx = rsqrt(variance + epsilon) * (g - mean(g) - x_hat * mean(g * x_hat)), dgamma = sum(dy * x_hat),
+    dbeta = sum(dy). One LayerNorm's forward + backward on [32, 128, 384] (bf16 in, float32 statistics) took 5.6
+    ms against Keras' 7.2 on the AMX Xeon (bench/RESULTS.md, 2026-12-04); the gradients equal autodiff's up to
+    float rounding (tests/test_fusion.py). Needs both gamma and beta (BERT's LayerNorms have them)."""
+    @tf.custom_gradient
+    def layer_norm(inputs, gamma, beta):
+        mean, variance = tf.nn.moments(inputs, [-1], keepdims=True)
+        inverse = tf.math.rsqrt(variance + epsilon)
+        scaled = inverse * gamma
+        outputs = inputs * scaled + (beta - mean * scaled)
+
+        def gradient(upstream):
+            normalized = (inputs - mean) * inverse
+            scaled_upstream = upstream * gamma
+            inputs_gradient = inverse * (
+                scaled_upstream - tf.reduce_mean(scaled_upstream, -1, keepdims=True)
+                - normalized * tf.reduce_mean(scaled_upstream * normalized, -1, keepdims=True))
+            rows = list(range(inputs.shape.rank - 1))
+            return inputs_gradient, tf.reduce_sum(upstream * normalized, rows), tf.reduce_sum(upstream, rows)
+        return outputs, gradient
+    return layer_norm(inputs, gamma, beta)
