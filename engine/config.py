@@ -24,9 +24,9 @@ class RuntimeConfig:
         "only where it is native (else float32).", choices=PRECISIONS, launch_default="auto")
     jit_compile: bool = option(False, "XLA-compile the forward/backward step (measure: helps on some CPUs).")
     fuse_elementwise: Union[bool, str] = option(
-        "auto", "Run the model's layers as fused CPU kernels (engine/fusion.py): Dropout, Activation and LayerNorm as "
-        "small XLA kernels, dense layers as oneDNN MatMul+BiasAdd(+GELU), attention as batched MatMuls; the same "
-        "values. auto: on for the CPU, where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", kind="bool_or_auto")
+        "auto", "Run the model's layers as fused CPU kernels (engine/fusion.py): Dropout and Activation as small XLA "
+        "kernels, dense layers as oneDNN MatMul+BiasAdd(+GELU), attention as batched MatMuls, LayerNorm in fewer "
+        "ops (a closed-form gradient in training); the same values up to float rounding. auto: on for the CPU, where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", kind="bool_or_auto")
     skip_padding_in_training: bool = option(
         False, "Train the Transformer blocks' projections, FFN and LayerNorms on the real tokens only, not on padding "
         "(engine/fusion.py, one of --fuse_elementwise's rewrites; attention keeps the padded layout). The token "
