@@ -222,8 +222,8 @@ class _PeerProcess:
     torch at all, so neither side's timings share a process with the other runtime's allocator and thread pools.
     The child gets model_spec's weights (numpy), arrays and settings through files, builds the peer itself,
     then answers one JSON line per request; it times its work itself (wall, and CPU as its own process time),
-    so the pipe costs nothing measured. Requests come one at a
-    time between ours, so the rounds stay interleaved."""
+    so the pipe costs nothing measured. Requests come one at a time between ours, so the rounds stay
+    interleaved."""
 
     _REPLY = "@pytorch_peer "  # marks protocol lines: libraries may print to the child's stdout too
 

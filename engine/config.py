@@ -26,7 +26,8 @@ class RuntimeConfig:
     fuse_elementwise: Union[bool, str] = option(
         "auto", "Run the model's layers as fused CPU kernels (engine/fusion.py): Dropout and Activation as small XLA "
         "kernels, dense layers as oneDNN MatMul+BiasAdd(+GELU), attention as batched MatMuls, LayerNorm in fewer "
-        "ops (a closed-form gradient in training); the same values up to float rounding. auto: on for the CPU, where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", kind="bool_or_auto")
+        "ops (a closed-form gradient in training); the same values up to float rounding. auto: on for the CPU, "
+        "where it is measured faster; off on GPU/TPU, where XLA and cuDNN fuse anyway.", kind="bool_or_auto")
     skip_padding_in_training: bool = option(
         False, "Train the Transformer blocks' projections, FFN and LayerNorms on the real tokens only, not on padding "
         "(engine/fusion.py, one of --fuse_elementwise's rewrites; attention keeps the padded layout). The token "
