@@ -355,5 +355,6 @@ def _serve(folder: str) -> None:
             reply["probabilities"] = probabilities.tolist()
         print(_PeerProcess._REPLY + json.dumps(reply), flush=True)
 
+
 if __name__ == "__main__":
     _serve(sys.argv[1])

@@ -334,10 +334,10 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
             runners.append(engine_vs_fit.EngineRunner(train_task, setup.batch_size, precision, False, steps,
                                                       grad_accum_steps=grad_accum_steps))
         if have_torch:
-            head_model = runners[-1].trainer.model if not fit else runners[0].model
+            spec = peer_model(runners[-1].trainer.model if not fit else runners[0].model)  # one for both variants
             for compiled in ([False, True] if torch_compile else [False]):
                 runners.append(pytorch_peer.TrainRunnerProcess(  # in a process of its own: see there
-                    peer_model(head_model), train_task.features, train_task.labels, batch_size=setup.batch_size,
+                    spec, train_task.features, train_task.labels, batch_size=setup.batch_size,
                     precision=precision, compile_model=compiled, clip_norm=opt.clip_norm,
                     optimizer_kwargs=dict(learning_rate=opt.learning_rate, weight_decay=opt.weight_decay,
                                           beta_1=opt.beta_1, beta_2=opt.beta_2, epsilon=opt.epsilon)))
