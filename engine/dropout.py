@@ -10,10 +10,12 @@ Masks still differ between replicas and micro-batches (each folds in its own ind
 never share one. Outside a `keys` block (e.g. `model.fit` on a rebound model) a layer falls back to the
 stateful draw, like the stock layer.
 
-Semantics are those of `tf_keras.layers.Dropout` without noise_shape: keep with probability 1 - rate
-(a float32 uniform >= rate; stock bf16 dropout draws bf16 uniforms, whose coarse grid drops 10.14%
-instead of 10% at rate 0.1), scale by 1 / (1 - rate); the gradient reuses the mask. With `xla=True`
-mask and scaling run as one small XLA kernel (faster on CPU, see engine/fusion.py).
+Semantics are those of `tf_keras.layers.Dropout` without noise_shape: keep with probability 1 - rate,
+scale by 1 / (1 - rate); the gradient reuses the mask. Each keep decision compares a 16-bit uniform with
+the rate rounded to the nearest 1/65536 (rate 0.1 drops 10.0006%; stock bf16 dropout draws bf16 uniforms,
+whose coarse grid drops 10.14%), two decisions per 32-bit Philox output: half the random numbers a
+float32 uniform per unit needs, the mask's main cost. With `xla=True` mask and scaling run as one small
+XLA kernel (faster on CPU, see engine/fusion.py).
 """
 from __future__ import annotations
 
@@ -61,16 +63,31 @@ def _layer_key(layer_id: int) -> Optional[tf.Tensor]:
     return fold_in(fold_in(key, layer_id), call)
 
 
+_GRID = 1 << 16  # keep decisions are 16-bit uniforms
+
+
+def keep_mask(shape, key: tf.Tensor, rate: float) -> tf.Tensor:
+    """A bool mask of `shape`, True with probability 1 - round(rate * 65536) / 65536, from `key` ([2] int64).
+
+    Each 32-bit Philox output gives two units their 16-bit uniforms: the high halves go to the first half of the
+    units (in row-major order), the low halves to the second. Split by shift, mask and concat, this fuses into
+    the XLA kernel: the [32, 12, 128, 128] attention mask (with the select) took 9.7 ms against 14.0 for a
+    float32 uniform per unit on the AMX Xeon; a bitcast to uint16 pairs did not fuse and took 20 ms
+    (bench/RESULTS.md, 2026-12-04)."""
+    size = tf.reduce_prod(shape)
+    bits = tf.random.stateless_uniform(tf.reshape((size + 1) // 2, [1]), seed=key, dtype=tf.uint32, minval=None,
+                                       maxval=None, alg=_ALG)
+    halves = tf.concat([tf.bitwise.right_shift(bits, tf.constant(16, tf.uint32)),
+                        tf.bitwise.bitwise_and(bits, tf.constant(_GRID - 1, tf.uint32))], 0)
+    return tf.reshape(halves[:size] >= tf.constant(round(rate * _GRID), tf.uint32), shape)
+
+
 @functools.lru_cache(maxsize=None)
-def _kernels(rate: float, xla: bool, keyed: bool):
+def _kernels(rate: float, xla: bool):
     scale = 1.0 / (1.0 - rate)
 
     def forward(x, key):
-        if keyed:
-            uniform = tf.random.stateless_uniform(tf.shape(x), seed=key, dtype=tf.float32, alg=_ALG)
-        else:
-            uniform = tf.random.uniform(tf.shape(x), dtype=tf.float32)
-        keep = uniform >= rate
+        keep = keep_mask(tf.shape(x), key, rate)
         return tf.where(keep, x * tf.cast(scale, x.dtype), tf.zeros_like(x)), keep
 
     def backward(grad, keep):
@@ -85,8 +102,9 @@ def dropout(x: tf.Tensor, rate: float, key: Optional[tf.Tensor] = None, *, xla: 
         raise ValueError(f"dropout rate {rate} must be in [0, 1)")
     if rate == 0.0:
         return tf.identity(x)
-    forward, backward = _kernels(float(rate), xla, key is not None)
-    key = tf.zeros([2], tf.int64) if key is None else key
+    forward, backward = _kernels(float(rate), xla)
+    if key is None:  # the stateful fallback: a key from the global generator
+        key = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
 
     @tf.custom_gradient
     def masked(x):

@@ -41,6 +41,25 @@ def test_keeps_one_minus_rate_scaled_and_gradient_uses_the_same_mask(dtype):
     np.testing.assert_array_equal(grad, expected_grad)
 
 
+@pytest.mark.parametrize("size", [1_000_001, 6])  # odd: the last Philox output's low half goes unused
+def test_keep_mask_is_two_16_bit_uniforms_per_philox_output_the_same_in_xla_or_not(size):
+    rate, key = 0.1, tf.constant([7, 11], tf.int64)
+    # The expected mask from the raw 32-bit Philox outputs, split with NumPy.
+    bits = tf.random.stateless_uniform([(size + 1) // 2], seed=key, dtype=tf.uint32, minval=None, maxval=None,
+                                       alg="philox").numpy()
+    uniforms = np.concatenate([bits >> 16, bits & 0xFFFF])[:size]
+    expected = uniforms >= 6554  # rate 0.1 on a 1/65536 grid
+    eager = dropout.keep_mask(tf.constant([size]), key, rate).numpy()
+    compiled = tf.function(lambda: dropout.keep_mask(tf.constant([size]), key, rate), jit_compile=True)().numpy()
+    np.testing.assert_array_equal(eager, expected)
+    np.testing.assert_array_equal(compiled, expected)
+    if size > 1000:
+        half = size // 2  # a unit of the first half and its partner in the second share one Philox output
+        first, second = ~expected[:half], ~expected[half:2 * half]
+        assert abs(first.mean() - rate) < 2e-3 and abs(second.mean() - rate) < 2e-3
+        assert abs(np.mean(first & second) - rate ** 2) < 1e-3  # independent halves: P(both dropped) = rate^2
+
+
 def test_a_fresh_mask_on_every_call_and_rate_zero_is_identity():
     x = tf.ones([100_000])
     first, second = (dropout.dropout(x, 0.5).numpy() != 0 for _ in range(2))
