@@ -195,10 +195,9 @@ def _layer_norm_call(layer, inputs):
     # Keras' LayerNormalization over the last axis with engine/layer_norm's kernels: fewer ops at inference, Keras'
     # own forward ops with a closed-form gradient in training. Keras' call elsewhere (other axes, its fused path).
     last = inputs.shape.rank - 1 if inputs.shape.rank is not None else None
-    if isinstance(inputs, tf.RaggedTensor) or layer.axis != [last]:
-        return type(layer).call(layer, inputs)
     training = _training()
-    if training and (layer._fused or not (layer.scale and layer.center)):
+    if (isinstance(inputs, tf.RaggedTensor) or layer.axis != [last]
+            or training and (layer._fused or not (layer.scale and layer.center))):
         return type(layer).call(layer, inputs)
     inputs = tf.cast(inputs, layer.compute_dtype)
     input_dtype = inputs.dtype
