@@ -18,6 +18,13 @@ from engine.task import Task
 from engine.trainer import Trainer
 
 
+def graph_op_types(function, *args) -> set:
+    """Op types of the traced tf.function, including those inside its conds and nested functions."""
+    graph_def = function.get_concrete_function(*args).graph.as_graph_def()
+    return {node.op for node in graph_def.node} | {
+        node.op for f in graph_def.library.function for node in f.node_def}
+
+
 class ToyTask(Task):
     """A 2-layer classifier on fixed random data, with unequal example weights (so the reduction matters)."""
 

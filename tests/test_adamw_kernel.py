@@ -7,16 +7,9 @@ import tf_keras
 
 from engine import adamw_kernel, optimization
 from engine.step import TrainStep, clip_scale
-from engine_helpers import ToyTask
+from engine_helpers import ToyTask, graph_op_types
 
 B1, B2, EPS = 0.9, 0.999, 1e-6
-
-
-def graph_op_types(function, *args) -> set:
-    """Op types of the traced function, including those inside its conds and nested functions."""
-    graph_def = function.get_concrete_function(*args).graph.as_graph_def()
-    return {node.op for node in graph_def.node} | {
-        node.op for f in graph_def.library.function for node in f.node_def}
 
 
 def test_the_kernel_is_built_in_this_environment():
@@ -244,10 +237,10 @@ def test_the_kernel_rejects_mismatched_shapes():
 
 def test_without_a_compiler_training_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(adamw_kernel, "library_path", lambda: str(tmp_path / "adamw_kernel-test.so"))
-    monkeypatch.setattr(adamw_kernel, "_loaded", {})
+    monkeypatch.setattr(adamw_kernel.LIBRARY, "library_path", lambda: str(tmp_path / "adamw_kernel-test.so"))
+    monkeypatch.setattr(adamw_kernel.LIBRARY, "_loaded", {})
     with pytest.raises(adamw_kernel.BuildError, match="no-such-compiler"):
-        adamw_kernel.build()
+        adamw_kernel.LIBRARY.build()
     assert not list(tmp_path.iterdir())  # no half-written library left behind
     assert adamw_kernel.load() is None and adamw_kernel.load() is None
     warnings = [r.getMessage() for r in caplog.records if "Fused AdamW kernel unavailable" in r.getMessage()]
