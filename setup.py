@@ -22,8 +22,8 @@ setup(
     # Subpackages too (tasks.classification, ...): a plain list of the three top-level names left them out of
     # non-editable installs.
     packages=find_packages(include=["engine", "engine.*", "tasks", "tasks.*", "launch", "launch.*"]),
-    # The AdamW kernel's source, compiled on first use against the installed TensorFlow (engine/adamw_kernel.py).
-    package_data={"engine": ["adamw_kernel.cc"]},
+    # Our C++ ops' sources, compiled on first use against the installed TensorFlow (engine/native.py).
+    package_data={"engine": ["adamw_kernel.cc", "dropout_kernel.cc"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     # tokenizers: the Hugging Face tokenizer, an independent check of our tf-text tokenization in tests.

@@ -1,7 +1,7 @@
 """Our C++ ops for the CPU (engine/*.cc), each compiled once per environment against the installed TensorFlow.
 
-Why our own: TensorFlow 2.20 has no fused AdamW; adamw_kernel.cc does it in one multi-threaded pass
-(adamw_kernel.py says what it gains).
+Why our own: TensorFlow 2.20 has no fused AdamW, and its XLA CPU code leaves dropout's Philox numbers unvectorized;
+the ops here do those jobs in one multi-threaded pass (adamw_kernel.py and dropout.py say what each gains).
 
 A library is built from source on first use (about 10 s each; `make setup` does it ahead, or `python -m
 engine.native`) with the C++ compiler in $CXX (default g++) against the installed TensorFlow's headers, into the
@@ -145,10 +145,12 @@ class Library:
         return True
 
 
-# Every library of ours; engine/adamw_kernel.py calls its ops.
+# Every library of ours; engine/adamw_kernel.py and engine/dropout.py call their ops.
 ADAMW = Library("adamw_kernel", switch="BERT_ENGINE_FUSED_ADAMW", description="fused AdamW kernel",
                 fallback="TensorFlow's Adam and decay kernels: same results, slower updates")
-LIBRARIES = (ADAMW,)
+DROPOUT = Library("dropout_kernel", switch="BERT_ENGINE_NATIVE_DROPOUT", description="dropout kernel",
+                  fallback="TensorFlow's ops for dropout: the same masks, slower")
+LIBRARIES = (ADAMW, DROPOUT)
 
 
 def main(argv: Optional[list] = None) -> int:

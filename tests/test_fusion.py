@@ -1,5 +1,5 @@
 """engine/fusion.py: the XLA dropout is Bernoulli(1 - rate) inverted dropout with the mask reused by the gradient
-and fresh on every call; fused activations equal the stock ones with their gradients; the dense and attention
+and fresh on every call, and our C++ forward (engine/dropout_kernel.cc) gives its bits outside XLA; fused activations equal the stock ones with their gradients; the dense and attention
 rewrites give stock Keras' values and gradients (training and inference, GELU fused at inference); the
 export-safe rewrite has no XLA kernel; fusing touches only the model it was applied to; and the fused model trains
 under the engine (mirrored + accumulation + XLA), traced once."""
@@ -16,7 +16,7 @@ import tf_keras
 import bert_numpy_reference as ref
 from engine import dropout, fusion, host, unpadding
 from engine.config import RuntimeConfig
-from engine_helpers import ToyTask, run_training
+from engine_helpers import ToyTask, graph_op_types, run_training
 from tasks.encoders import bert
 
 
@@ -58,6 +58,44 @@ def test_keep_mask_is_two_16_bit_uniforms_per_philox_output_the_same_in_xla_or_n
         first, second = ~expected[:half], ~expected[half:2 * half]
         assert abs(first.mean() - rate) < 2e-3 and abs(second.mean() - rate) < 2e-3
         assert abs(np.mean(first & second) - rate ** 2) < 1e-3  # independent halves: P(both dropped) = rate^2
+
+
+def test_the_dropout_kernel_is_built_in_this_environment():
+    # `make setup` builds it; without it, training runs TensorFlow's ops for dropout (same values, slower).
+    assert dropout.LIBRARY.load() is not None, "engine/dropout_kernel.cc did not build: run python -m engine.native"
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+@pytest.mark.parametrize("shape", [[7], [2, 3, 167], [4, 12, 33, 33]])  # odd sizes: a half word goes unused
+def test_the_dropout_kernel_equals_tensorflows_forward_bit_for_bit(dtype, shape):
+    rate, key = 0.1, tf.constant([0x1234_5678_9ABC_DEF0, -11], tf.int64)
+    values = tf.random.stateless_normal(shape, seed=[1, 2]) * 1e3
+    # Values whose scaled product rounds differently in bf16, and infinities and NaNs that must pass through.
+    flat = tf.tensor_scatter_nd_update(tf.reshape(values, [-1]), [[0], [1], [2], [3]],
+                                       [np.inf, -np.inf, np.nan, 3.3895e38])
+    x = tf.cast(tf.reshape(flat, shape), dtype)
+    philox_key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=key)
+    native_y, native_keep = dropout.LIBRARY.load().engine_keyed_dropout(
+        x, philox_key, counter, threshold=round(rate * 65536), scale=1 / (1 - rate))
+    for xla in (True, False):
+        expected_y, expected_keep = dropout._kernels(rate, xla)[0](x, key)
+        np.testing.assert_array_equal(native_keep.numpy(), expected_keep.numpy())
+        # NaN where kept on both sides (assert_array_equal treats NaNs as equal)
+        np.testing.assert_array_equal(tf.cast(native_y, tf.float64).numpy(), tf.cast(expected_y, tf.float64).numpy())
+
+
+def test_dropout_runs_the_kernel_outside_xla_only_and_the_switch_turns_it_off(monkeypatch):
+    key = tf.constant([5, 6], tf.int64)
+    x = tf.random.stateless_normal([64, 33], seed=[3, 4])
+    plain = tf.function(lambda x: dropout.dropout(x, 0.1, key))
+    compiled = tf.function(lambda x: dropout.dropout(x, 0.1, key), jit_compile=True)
+    assert "EngineKeyedDropout" in graph_op_types(plain, x)
+    assert "EngineKeyedDropout" not in graph_op_types(compiled, x)  # XLA has no kernel for it: XLA's ops there
+    np.testing.assert_array_equal(plain(x), compiled(x))
+    monkeypatch.setenv(dropout.LIBRARY.switch, "0")
+    off = tf.function(lambda x: dropout.dropout(x, 0.1, key))
+    assert "EngineKeyedDropout" not in graph_op_types(off, x)
+    np.testing.assert_array_equal(off(x), plain(x))
 
 
 def test_a_fresh_mask_on_every_call_and_rate_zero_is_identity():

@@ -83,7 +83,7 @@ def test_modules_stay_small():
 
 
 def test_the_wheel_holds_every_module_and_the_kernel_source(tmp_path):
-    """`pip install .` (not editable) must ship every package, the subpackages included, and adamw_kernel.cc."""
+    """`pip install .` (not editable) must ship every package, the subpackages included, and our ops' C++ sources."""
     import shutil
     import subprocess
     import sys
@@ -99,4 +99,4 @@ def test_the_wheel_holds_every_module_and_the_kernel_source(tmp_path):
     shipped = set(zipfile.ZipFile(wheel).namelist())
     expected = {os.path.relpath(path, REPO).replace(os.sep, "/") for path in _modules().values()}
     assert expected - shipped == set()
-    assert "engine/adamw_kernel.cc" in shipped
+    assert "engine/adamw_kernel.cc" in shipped and "engine/dropout_kernel.cc" in shipped
