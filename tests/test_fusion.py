@@ -125,14 +125,20 @@ def test_fused_activation_in_bf16_rounds_float32_math_once():
     x = tf.cast(tf.random.stateless_normal([64, 96], seed=[9, 10]) * 3, tf.bfloat16)
     stock = layer(x)
     fusion.fuse_elementwise(tf_keras.Sequential([layer]))
-    y = layer(x)
-    assert y.dtype == tf.bfloat16
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    grad = tape.gradient(y, x)  # upstream ones: the derivative, from the backward kernel
+    assert y.dtype == tf.bfloat16 and grad.dtype == tf.bfloat16
     x64 = x.numpy().astype(np.float64)
-    exact = 0.5 * x64 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    exact = x64 * cdf
+    exact_grad = cdf + x64 * np.exp(-x64 * x64 / 2) / math.sqrt(2 * math.pi)
     error = np.abs(y.numpy().astype(np.float64) - exact)
     # One rounding to bf16 (8 significant bits): within half a unit in the last place, plus float32 noise.
     assert np.all(error <= np.abs(exact) * 2.0 ** -8 + 1e-6)
     assert error.mean() <= np.abs(stock.numpy().astype(np.float64) - exact).mean()
+    assert np.all(np.abs(grad.numpy().astype(np.float64) - exact_grad) <= np.abs(exact_grad) * 2.0 ** -8 + 1e-6)
 
 
 def test_fused_gelu_under_mixed_bfloat16_is_bit_identical_without_the_float32_round_trip():
