@@ -8,8 +8,9 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
   * Dropout: engine/dropout.py's keyed dropout, mask and scaling as one XLA kernel (on the CPU outside XLA,
     the forward pass as our C++ op with the same bits).
   * Activation layers: their activation function XLA-compiled, and its gradient as a second XLA kernel that
-    differentiates it inside (see _compiled), in float32 inside the kernels for 16-bit inputs; one pinned to float32 under a mixed policy (Model Garden's FFN GELU)
-    is switched to the 16-bit dtype, which gives the same values without the casts around it.
+    differentiates it inside (see _compiled), in float32 inside the kernels for 16-bit inputs; one pinned to
+    float32 under a mixed policy (Model Garden's FFN GELU) is switched to the 16-bit dtype, which gives the
+    same values without the casts around it.
   * EinsumDense layers whose equation contracts the input's trailing axes (BERT's Q/K/V, attention output
     and FFN projections): one 2-D MatMul + BiasAdd, which grappler's oneDNN remapper fuses into a single
     `_MklFusedMatMul` (Keras' Einsum + AddV2 runs the bias as a separate pass); in bfloat16 on AMX CPUs the
@@ -91,7 +92,8 @@ def _compiled(activation):
     """The activation as two XLA kernels: the forward, and a backward that differentiates it inside one kernel,
     recomputing the forward from x there. TensorFlow's own gradient of the compiled forward ran ~3x the forward's
     time: GELU's forward + backward on [32, 128, 1536] bf16 took 21.1 ms that way, 11.2 ms this way (AMX Xeon,
-    bench/RESULTS.md); the gradients are the same math (equal but for the last bit of a few in 10^5)."""
+    bench/RESULTS.md). The same math: in bf16 a few gradients in 10^6 differ from TensorFlow's by one unit in
+    the last place, in float32 by at most 5e-7."""
     def in_float32(x):
         # XLA:CPU runs bf16/fp16 transcendentals (GELU's erf) through per-op conversions: upcasting once
         # inside the kernel halves GELU's forward+backward CPU time in bf16 and rounds once instead of per op.

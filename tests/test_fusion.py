@@ -1,8 +1,9 @@
 """engine/fusion.py: the XLA dropout is Bernoulli(1 - rate) inverted dropout with the mask reused by the gradient
-and fresh on every call, and our C++ forward (engine/dropout_kernel.cc) gives its bits outside XLA; fused activations equal the stock ones with their gradients; the dense and attention
-rewrites give stock Keras' values and gradients (training and inference, GELU fused at inference); the
-export-safe rewrite has no XLA kernel; fusing touches only the model it was applied to; and the fused model trains
-under the engine (mirrored + accumulation + XLA), traced once."""
+and fresh on every call, and our C++ forward (engine/dropout_kernel.cc) gives its bits outside XLA; fused
+activations equal the stock ones with their gradients; the dense and attention rewrites give stock Keras' values
+and gradients (training and inference, GELU fused at inference); the export-safe rewrite has no XLA kernel;
+fusing touches only the model it was applied to; and the fused model trains under the engine (mirrored +
+accumulation + XLA), traced once."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 import collections
