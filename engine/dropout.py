@@ -75,6 +75,11 @@ def _layer_key(layer_id: int) -> Optional[tf.Tensor]:
 _GRID = 1 << 16  # keep decisions are 16-bit uniforms
 
 
+def _threshold(rate: float) -> int:
+    """The 16-bit uniforms below this are dropped: the rate on the 1/65536 grid (keep_mask and the C++ op agree)."""
+    return round(rate * _GRID)
+
+
 def keep_mask(shape, key: tf.Tensor, rate: float) -> tf.Tensor:
     """A bool mask of `shape`, True with probability 1 - round(rate * 65536) / 65536, from `key` ([2] int64).
 
@@ -88,7 +93,7 @@ def keep_mask(shape, key: tf.Tensor, rate: float) -> tf.Tensor:
                                        maxval=None, alg=_ALG)
     halves = tf.concat([tf.bitwise.right_shift(bits, tf.constant(16, tf.uint32)),
                         tf.bitwise.bitwise_and(bits, tf.constant(_GRID - 1, tf.uint32))], 0)
-    return tf.reshape(halves[:size] >= tf.constant(round(rate * _GRID), tf.uint32), shape)
+    return tf.reshape(halves[:size] >= tf.constant(_threshold(rate), tf.uint32), shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,7 +128,7 @@ def dropout(x: tf.Tensor, rate: float, key: Optional[tf.Tensor] = None, *, xla: 
             y, keep = forward(x, key)
         else:  # the same bits as `forward` (dropout_kernel.cc): Philox keyed as stateless_uniform keys it
             philox_key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=key)
-            y, keep = module.engine_keyed_dropout(x, philox_key, counter, threshold=round(rate * _GRID),
+            y, keep = module.engine_keyed_dropout(x, philox_key, counter, threshold=_threshold(rate),
                                                   scale=1.0 / (1.0 - rate))
         return y, lambda grad: backward(grad, keep)
 
