@@ -22,6 +22,9 @@ the same masks and values bit for bit, with Philox vectorized, which XLA's CPU c
 [32, 12, 128, 128] attention dropout took 6.2 ms against XLA's 9.6 in bf16, and the bench's training step
 ran 1.044x in bf16, 1.031x in float32 on the AMX Xeon (bench/RESULTS.md, 2026-12-04). The gradient stays the
 XLA kernel (a masked scale, as fast in C++). BERT_ENGINE_NATIVE_DROPOUT=0 turns the op off.
+
+The attention's dropout goes further (softmax_dropout, called by engine/fusion.py): Keras' masked softmax and this
+dropout as one C++ pass and their gradient as another, with the masks a keyed layer would draw.
 """
 from __future__ import annotations
 
@@ -135,6 +138,50 @@ def dropout(x: tf.Tensor, rate: float, key: Optional[tf.Tensor] = None, *, xla: 
     return masked(x)
 
 
+def softmax_dropout(logits: tf.Tensor, mask: Optional[tf.Tensor], layer: tf_keras.layers.Dropout):
+    """Keras' masked softmax of attention logits [batch, heads, queries, keys] (mask [batch, queries, keys]), then
+    `layer`, a Dropout that `rebind` keyed, in training, as one C++ pass (dropout_kernel.cc) and its gradient as
+    another: (dropped, probabilities). The dropped values equal the keyed layer's on the op's probabilities, bit
+    for bit (the same key: this counts as the layer's call). None where the op cannot run (not a CPU outside XLA,
+    another dtype or layout, no mask, a layer not keyed); the caller then runs the layers."""
+    layer_id = getattr(layer, "_engine_keyed_id", None)
+    if (layer_id is None or mask is None or logits.dtype not in (tf.float32, tf.bfloat16) or logits.shape.rank != 4
+            or mask.shape.rank != 3 or not native.usable_on(logits.device)):
+        return None
+    module = LIBRARY.load()
+    if module is None:
+        return None
+    key = _layer_key(layer_id)
+    if key is None:  # the stateful fallback, as _keyed_call's
+        key = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
+    philox_key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=key)
+    mask = tf.cast(mask, tf.float32)
+    scale = 1.0 / (1.0 - layer.rate)
+
+    @tf.custom_gradient
+    def fused(logits):
+        dropped, probabilities = module.engine_softmax_dropout(logits, mask, philox_key, counter,
+                                                               threshold=_threshold(layer.rate), scale=scale)
+
+        def gradient(upstream, upstream_of_probabilities):
+            grad = module.engine_softmax_dropout_grad(upstream, probabilities, dropped, scale=scale)
+            if not _is_zero_fill(upstream_of_probabilities):  # the probabilities were used (as attention scores)
+                used = upstream_of_probabilities * probabilities
+                grad += used - probabilities * tf.reduce_sum(used, axis=-1, keepdims=True)
+            return grad
+        return (dropped, probabilities), gradient
+
+    return fused(logits)
+
+
+def _is_zero_fill(tensor) -> bool:
+    """Whether `tensor` is the zeros TensorFlow's graph-mode gradient fills in for an output nothing used."""
+    if tensor is None:
+        return True
+    op = getattr(tensor, "op", None)  # eager tensors have none
+    return op is not None and op.type == "Fill" and tf.get_static_value(op.inputs[1]) == 0
+
+
 def _keyed_call(layer: tf_keras.layers.Dropout, layer_id: int, xla: bool, inputs, training=None):
     if training is None:
         training = tf_keras.backend.learning_phase()
@@ -151,5 +198,6 @@ def rebind(model: tf.Module, *, xla: bool) -> int:
     for layer_id, layer in enumerate(model.submodules):
         if type(layer) is tf_keras.layers.Dropout and layer.noise_shape is None and layer.rate > 0:
             layer.call = functools.partial(_keyed_call, layer, layer_id, xla)
+            layer._engine_keyed_id = layer_id  # for softmax_dropout, which draws this layer's masks
             count += 1
     return count

@@ -1,5 +1,6 @@
 // Keyed dropout's forward pass on the CPU in one multi-threaded pass: the EngineKeyedDropout op that
-// engine/dropout.py builds (through engine/native.py) and calls. Why it exists: see engine/dropout.py.
+// engine/dropout.py builds (through engine/native.py) and calls. Why it exists: see engine/dropout.py. Further
+// down, the attention's masked softmax with its dropout (EngineSoftmaxDropout), which draws the same masks.
 //
 // The same numbers as engine/dropout.py's TensorFlow/XLA forward, bit for bit (tests/test_fusion.py):
 //   word j         = output j of Philox-4x32-10 from (key, counter), as tf.random.stateless_uniform(uint32)
@@ -14,7 +15,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -112,6 +115,31 @@ ENGINE_CLONES void ApplyBfloat16(const uint16_t* __restrict x, uint16_t* __restr
   }
 }
 
+// Words [first, first + count) of the Philox stream, returned at out + first % 4 (whole blocks are drawn, so `out`
+// holds count + 6 words).
+const uint32_t* DrawWords(uint64_t counter_low, uint64_t counter_high, uint32_t key0, uint32_t key1, int64_t first,
+                          int64_t count, uint32_t* out) {
+  const int64_t first_block = first / 4;
+  PhiloxWords(counter_low, counter_high, key0, key1, first_block,
+              static_cast<int>((first + count + 3) / 4 - first_block), out);
+  return out + first % 4;
+}
+
+// The 16-bit uniforms of units [first, first + count) of an n-unit mask (`words` = ceil(n / 2)), one per entry of
+// `out` (shift 0), in the order described at the top; `scratch` holds count + 6 words.
+void UnitUniforms(uint64_t counter_low, uint64_t counter_high, uint32_t key0, uint32_t key1, int64_t words,
+                  int64_t first, int64_t count, uint32_t* out, uint32_t* scratch) {
+  auto take = [&](int64_t word_begin, int64_t word_end, int shift, uint32_t* destination) {
+    const uint32_t* drawn = DrawWords(counter_low, counter_high, key0, key1, word_begin, word_end - word_begin,
+                                      scratch);
+    for (int64_t w = 0; w < word_end - word_begin; ++w) destination[w] = (drawn[w] >> shift) & 0xFFFFu;
+  };
+  const int64_t end = first + count;
+  if (first < words) take(first, std::min(end, words), 16, out);  // units below `words`: the words' high halves
+  const int64_t low_first = std::max(first, words);
+  if (low_first < end) take(low_first - words, end - words, 0, out + (low_first - first));
+}
+
 template <typename T>
 class KeyedDropoutOp : public OpKernel {
  public:
@@ -188,6 +216,329 @@ REGISTER_KERNEL_BUILDER(Name("EngineKeyedDropout").Device(DEVICE_CPU).TypeConstr
                         KeyedDropoutOp<float>);
 REGISTER_KERNEL_BUILDER(Name("EngineKeyedDropout").Device(DEVICE_CPU).TypeConstraint<bfloat16>("T"),
                         KeyedDropoutOp<bfloat16>);
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention probabilities in training: Keras' masked softmax and keyed dropout as one pass (EngineSoftmaxDropout),
+// and the gradient of both as another (EngineSoftmaxDropoutGrad). Why: TensorFlow runs them as ~10 ops, each a
+// pass over the [batch, heads, queries, keys] tensor in Eigen's portable bfloat16 code (the mask's add alone took
+// 18 ms of a 690 ms MiniLM step, the softmax gradient's four ops 34 ms; bench/RESULTS.md).
+//   probs = softmax(logits + (1 - mask) * -1e9) over keys, in float32, rounded once to T; the mask [batch,
+//           queries, keys] is shared by the heads, as Keras' MultiHeadAttention broadcasts it
+//   y     = EngineKeyedDropout(probs) with the same key and counter, bit for bit (the same code below)
+//   dlogits = probs * (g - sum(g * probs)) with g = (y != 0) ? dy * scale : 0, in float32, rounded once
+// (where probs != 0, y == 0 exactly when the unit was dropped: probs * scale > probs cannot round to 0).
+
+REGISTER_OP("EngineSoftmaxDropout")
+    .Input("logits: T")               // [batch, heads, queries, keys]
+    .Input("mask: float")             // [batch, queries, keys]: 1 attends, 0 does not
+    .Input("philox_key: uint64")      // [1], as StatelessRandomGetKeyCounter gives it
+    .Input("philox_counter: uint64")  // [2]
+    .Output("y: T")
+    .Output("probs: T")
+    .Attr("T: {float, bfloat16}")
+    .Attr("threshold: int")
+    .Attr("scale: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(0));
+      return OkStatus();
+    });
+
+REGISTER_OP("EngineSoftmaxDropoutGrad")
+    .Input("upstream: T")  // the gradient of y
+    .Input("probs: T")
+    .Input("y: T")
+    .Output("logits_grad: T")
+    .Attr("T: {float, bfloat16}")
+    .Attr("scale: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return OkStatus();
+    });
+
+constexpr float kMaskedOut = -1e9f;  // what Keras' Softmax adds where the mask is 0 (tf_keras softmax.py)
+constexpr int kLanes = 16;
+typedef float Lanes __attribute__((vector_size(4 * kLanes)));  // partial maxima and sums: GCC vectorizes these
+                                                                // (split for narrower targets), not a reduction
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, within 2 ulp of the true value); 0 below -87.3, where the result would
+// be subnormal; NaN stays NaN. Written without branches so that the row loops vectorize.
+inline float ExpNonPositive(float x) {
+  const float clamped = x < -87.3f ? -87.3f : x;
+  const int32_t k = static_cast<int32_t>(clamped * 1.44269504088896341f - 0.5f);  // round(x / ln 2), as x <= 0
+  const float n = static_cast<float>(k);
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t power_bits = static_cast<uint32_t>(k + 127) << 23;  // 2^n
+  float power;
+  std::memcpy(&power, &power_bits, 4);
+  const float result = p * power;
+  uint32_t bits;
+  std::memcpy(&bits, &result, 4);
+  bits &= 0u - static_cast<uint32_t>(!(x < -87.3f));
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// Element access for the row bodies below, which take float or bfloat16's bits (uint16_t): widen to float, round
+// from float (to nearest even for bfloat16, as TensorFlow's and XLA's ops do), and zero where not kept (a bit mask,
+// which vectorizes where a float select would not).
+inline float Widen(float v) { return v; }
+inline float Widen(uint16_t v) { return FromBfloat16(v); }
+template <typename Bits>
+inline Bits Round(float v);
+template <>
+inline float Round<float>(float v) { return v; }
+template <>
+inline uint16_t Round<uint16_t>(float v) { return ToBfloat16(v); }
+inline float KeptOrZero(float v, uint32_t kept) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits &= 0u - kept;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+inline uint16_t KeptOrZero(uint16_t v, uint32_t kept) { return static_cast<uint16_t>(v & (0u - kept)); }
+
+// One row of EngineSoftmaxDropout: probs and y from logits, the mask row and the 16-bit uniforms
+// (words[j] >> shift) & 0xFFFF; `x` is scratch for n floats.
+template <typename Bits>
+__attribute__((always_inline)) inline void SoftmaxDropoutRow(const Bits* __restrict logits, const float* __restrict mask,
+                                                             const uint32_t* __restrict words, int shift,
+                                                             uint32_t threshold, float scale, float* __restrict x,
+                                                             Bits* __restrict probs, Bits* __restrict y, int64_t n) {
+  // Plain loops over j where GCC's loop vectorizer does best; the reductions over Lanes accumulators.
+  for (int64_t j = 0; j < n; ++j) x[j] = Widen(logits[j]) + (1.0f - mask[j]) * kMaskedOut;
+  const float lowest = -std::numeric_limits<float>::infinity();
+  Lanes top = Lanes{} + lowest;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    Lanes values;
+    std::memcpy(&values, x + j, sizeof(Lanes));
+    top = values > top ? values : top;
+  }
+  float row_max = lowest;
+  for (int l = 0; l < kLanes; ++l) row_max = top[l] > row_max ? top[l] : row_max;
+  for (; j < n; ++j) row_max = x[j] > row_max ? x[j] : row_max;
+  for (j = 0; j < n; ++j) x[j] = ExpNonPositive(x[j] - row_max);
+  Lanes sums = {};
+  for (j = 0; j + kLanes <= n; j += kLanes) {
+    Lanes values;
+    std::memcpy(&values, x + j, sizeof(Lanes));
+    sums += values;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += sums[l];
+  for (; j < n; ++j) total += x[j];
+  const float inverse = 1.0f / total;
+  for (j = 0; j < n; ++j) {  // the probability, then EngineKeyedDropout's select and scaled product on it
+    const Bits probability = Round<Bits>(x[j] * inverse);
+    probs[j] = probability;
+    const uint32_t kept = ((words[j] >> shift) & 0xFFFFu) >= threshold;
+    y[j] = KeptOrZero(Round<Bits>(Widen(probability) * scale), kept);
+  }
+}
+
+ENGINE_CLONES void SoftmaxDropoutRowFloat(const float* logits, const float* mask, const uint32_t* words, int shift,
+                                          uint32_t threshold, float scale, float* x, float* probs, float* y,
+                                          int64_t n) {
+  SoftmaxDropoutRow(logits, mask, words, shift, threshold, scale, x, probs, y, n);
+}
+
+ENGINE_CLONES void SoftmaxDropoutRowBfloat16(const uint16_t* logits, const float* mask, const uint32_t* words,
+                                             int shift, uint32_t threshold, float scale, float* x, uint16_t* probs,
+                                             uint16_t* y, int64_t n) {
+  SoftmaxDropoutRow(logits, mask, words, shift, threshold, scale, x, probs, y, n);
+}
+
+// One row of EngineSoftmaxDropoutGrad: g = (y != 0) ? dy * scale : 0, dx = probs * (g - sum(g * probs)), in float32.
+template <typename Bits>
+__attribute__((always_inline)) inline void SoftmaxDropoutGradRow(const Bits* __restrict dy,
+                                                                 const Bits* __restrict probs,
+                                                                 const Bits* __restrict y, float scale,
+                                                                 float* __restrict g, Bits* __restrict dx,
+                                                                 int64_t n) {
+  for (int64_t j = 0; j < n; ++j) g[j] = KeptOrZero(Widen(dy[j]) * scale, static_cast<uint32_t>(Widen(y[j]) != 0.0f));
+  Lanes dots = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) dots[l] += g[j + l] * Widen(probs[j + l]);
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += dots[l];
+  for (; j < n; ++j) total += g[j] * Widen(probs[j]);
+  for (j = 0; j < n; ++j) dx[j] = Round<Bits>(Widen(probs[j]) * (g[j] - total));
+}
+
+ENGINE_CLONES void SoftmaxDropoutGradRowFloat(const float* dy, const float* probs, const float* y, float scale,
+                                              float* g, float* dx, int64_t n) {
+  SoftmaxDropoutGradRow(dy, probs, y, scale, g, dx, n);
+}
+
+ENGINE_CLONES void SoftmaxDropoutGradRowBfloat16(const uint16_t* dy, const uint16_t* probs, const uint16_t* y,
+                                                 float scale, float* g, uint16_t* dx, int64_t n) {
+  SoftmaxDropoutGradRow(dy, probs, y, scale, g, dx, n);
+}
+
+template <typename T>
+class SoftmaxDropoutOp : public OpKernel {
+ public:
+  explicit SoftmaxDropoutOp(OpKernelConstruction* context) : OpKernel(context) {
+    int threshold;
+    OP_REQUIRES_OK(context, context->GetAttr("threshold", &threshold));
+    OP_REQUIRES(context, threshold >= 0 && threshold <= 65536,
+                errors::InvalidArgument("threshold must be in [0, 65536], got ", threshold));
+    threshold_ = static_cast<uint32_t>(threshold);
+    float scale;
+    OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
+    scale_ = std::is_same<T, bfloat16>::value ? FromBfloat16(ToBfloat16(scale)) : scale;  // as KeyedDropoutOp
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& logits = context->input(0);
+    const Tensor& mask = context->input(1);
+    const Tensor& key = context->input(2);
+    const Tensor& counter = context->input(3);
+    OP_REQUIRES(context, logits.dims() == 4 && mask.dims() == 3 && mask.dim_size(0) == logits.dim_size(0) &&
+                             mask.dim_size(1) == logits.dim_size(2) && mask.dim_size(2) == logits.dim_size(3),
+                errors::InvalidArgument("expected logits [batch, heads, queries, keys] and mask [batch, queries, "
+                                        "keys], got ", logits.shape().DebugString(), " and ",
+                                        mask.shape().DebugString()));
+    OP_REQUIRES(context, key.NumElements() == 1 && counter.NumElements() == 2,
+                errors::InvalidArgument("philox_key must hold 1 value and philox_counter 2, got ",
+                                        key.NumElements(), " and ", counter.NumElements()));
+    Tensor* y = nullptr;
+    Tensor* probs = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, logits.shape(), &y));
+    OP_REQUIRES_OK(context, context->allocate_output(1, logits.shape(), &probs));
+    const int64_t heads = logits.dim_size(1), queries = logits.dim_size(2), keys = logits.dim_size(3);
+    const int64_t rows = logits.NumElements() / std::max<int64_t>(keys, 1);
+    const int64_t words = (logits.NumElements() + 1) / 2;
+    const uint64_t key_value = key.flat<uint64>()(0);
+    const uint32_t key0 = static_cast<uint32_t>(key_value), key1 = static_cast<uint32_t>(key_value >> 32);
+    const uint64_t counter_low = counter.flat<uint64>()(0), counter_high = counter.flat<uint64>()(1);
+    const T* logits_data = logits.flat<T>().data();
+    const float* mask_data = mask.flat<float>().data();
+    T* y_data = y->flat<T>().data();
+    T* probs_data = probs->flat<T>().data();
+    const int64_t group = std::max<int64_t>(1, 4096 / std::max<int64_t>(keys, 1));  // rows per Philox call
+    const uint32_t threshold = threshold_;
+    const float scale = scale_;
+
+    // One row: softmax into probs, then the dropout with the 16-bit uniforms (row_words[j] >> shift) & 0xFFFF.
+    auto softmax_row = [&](int64_t row, const uint32_t* row_words, int shift, float* x) {
+      const int64_t offset = row * keys;
+      const float* mask_row = mask_data + (row / (heads * queries) * queries + row % queries) * keys;
+      if (std::is_same<T, float>::value) {
+        SoftmaxDropoutRowFloat(reinterpret_cast<const float*>(logits_data) + offset, mask_row, row_words, shift,
+                               threshold, scale, x, reinterpret_cast<float*>(probs_data) + offset,
+                               reinterpret_cast<float*>(y_data) + offset, keys);
+      } else {
+        SoftmaxDropoutRowBfloat16(reinterpret_cast<const uint16_t*>(logits_data) + offset, mask_row, row_words,
+                                  shift, threshold, scale, x, reinterpret_cast<uint16_t*>(probs_data) + offset,
+                                  reinterpret_cast<uint16_t*>(y_data) + offset, keys);
+      }
+    };
+    // With an even number of rows, row r and row r + rows / 2 take the high and the low halves of the same words
+    // (r * keys onwards), so each word is drawn once; with an odd number, rows straddle the halves (UnitUniforms).
+    const bool paired = rows % 2 == 0;
+    auto work = [&](int64_t first, int64_t end) {  // rows, or pairs of rows
+      std::vector<float> x(keys);
+      std::vector<uint32_t> uniforms(group * keys), scratch(group * keys + 6);
+      for (int64_t group_first = first; group_first < end; group_first += group) {
+        const int64_t group_rows = std::min(group, end - group_first);
+        if (paired) {
+          const uint32_t* drawn = DrawWords(counter_low, counter_high, key0, key1, group_first * keys,
+                                            group_rows * keys, scratch.data());
+          for (int64_t row = group_first; row < group_first + group_rows; ++row) {
+            const uint32_t* row_words = drawn + (row - group_first) * keys;
+            softmax_row(row, row_words, 16, x.data());
+            softmax_row(row + rows / 2, row_words, 0, x.data());
+          }
+        } else {
+          UnitUniforms(counter_low, counter_high, key0, key1, words, group_first * keys, group_rows * keys,
+                       uniforms.data(), scratch.data());
+          for (int64_t row = group_first; row < group_first + group_rows; ++row)
+            softmax_row(row, uniforms.data() + (row - group_first) * keys, 0, x.data());
+        }
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    // Cost per row in cycles, roughly: the exp polynomial, Philox's rounds and the loads and stores per unit.
+    const int64_t units = paired ? rows / 2 : rows;
+    Shard(workers->num_threads, workers->workers, units, (paired ? 120 : 60) * keys, work);
+  }
+
+ private:
+  uint32_t threshold_;
+  float scale_;
+};
+
+template <typename T>
+class SoftmaxDropoutGradOp : public OpKernel {
+ public:
+  explicit SoftmaxDropoutGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    float scale;
+    OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
+    scale_ = std::is_same<T, bfloat16>::value ? FromBfloat16(ToBfloat16(scale)) : scale;
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& upstream = context->input(0);
+    const Tensor& probs = context->input(1);
+    const Tensor& y = context->input(2);
+    OP_REQUIRES(context, upstream.shape() == probs.shape() && probs.shape() == y.shape() && probs.dims() >= 1,
+                errors::InvalidArgument("upstream, probs and y must have one shape, got ",
+                                        upstream.shape().DebugString(), ", ", probs.shape().DebugString(), ", ",
+                                        y.shape().DebugString()));
+    Tensor* dx = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, probs.shape(), &dx));
+    const int64_t keys = probs.dim_size(probs.dims() - 1);
+    const int64_t rows = probs.NumElements() / std::max<int64_t>(keys, 1);
+    const T* dy_data = upstream.flat<T>().data();
+    const T* probs_data = probs.flat<T>().data();
+    const T* y_data = y.flat<T>().data();
+    T* dx_data = dx->flat<T>().data();
+    const float scale = scale_;
+
+    auto work = [&](int64_t first_row, int64_t end_row) {
+      std::vector<float> g(keys);
+      for (int64_t row = first_row; row < end_row; ++row) {
+        const int64_t offset = row * keys;
+        if (std::is_same<T, float>::value) {
+          SoftmaxDropoutGradRowFloat(reinterpret_cast<const float*>(dy_data) + offset,
+                                     reinterpret_cast<const float*>(probs_data) + offset,
+                                     reinterpret_cast<const float*>(y_data) + offset, scale, g.data(),
+                                     reinterpret_cast<float*>(dx_data) + offset, keys);
+        } else {
+          SoftmaxDropoutGradRowBfloat16(reinterpret_cast<const uint16_t*>(dy_data) + offset,
+                                        reinterpret_cast<const uint16_t*>(probs_data) + offset,
+                                        reinterpret_cast<const uint16_t*>(y_data) + offset, scale, g.data(),
+                                        reinterpret_cast<uint16_t*>(dx_data) + offset, keys);
+        }
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    Shard(workers->num_threads, workers->workers, rows, 20 * keys, work);
+  }
+
+ private:
+  float scale_;
+};
+
+#define ENGINE_REGISTER_ATTENTION_KERNELS(T)                                                                     \
+  REGISTER_KERNEL_BUILDER(Name("EngineSoftmaxDropout").Device(DEVICE_CPU).TypeConstraint<T>("T"),               \
+                          SoftmaxDropoutOp<T>);                                                                  \
+  REGISTER_KERNEL_BUILDER(Name("EngineSoftmaxDropoutGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),           \
+                          SoftmaxDropoutGradOp<T>);
+ENGINE_REGISTER_ATTENTION_KERNELS(float)
+ENGINE_REGISTER_ATTENTION_KERNELS(bfloat16)
 
 }  // namespace
 }  // namespace tensorflow

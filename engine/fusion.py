@@ -19,9 +19,11 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     kernel, since the backward pass needs the pre-activation the fused op does not keep.
   * Multi-head attention (Keras' MultiHeadAttention over one sequence axis): the scores and the context as
     batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums, which oneDNN runs as
-    many small head_dim-32 contractions with their own transposes. Masking, softmax and attention dropout
-    are the layer's own. At inference the transposes to and from heads-first run on the bits as integers,
-    which oneDNN's build does not reroute to its slower small-tensor transpose (see _swap_seq_and_heads).
+    many small head_dim-32 contractions with their own transposes. In training on the CPU, the masked softmax
+    and the attention dropout are one C++ op and their gradient another (engine/dropout.softmax_dropout: the same
+    masks as the keyed Dropout layer); elsewhere they are the layer's own. At inference the transposes to and
+    from heads-first run on the bits as integers, which oneDNN's build does not reroute to its slower
+    small-tensor transpose (see _swap_seq_and_heads).
   * LayerNormalization over the last axis (engine/layer_norm.py): at inference in fewer ops than Keras' moments
     + batch_normalization; in training with Keras' forward ops and a closed-form gradient.
   * Model Garden's Transformer blocks, at inference when over 15 % of the batch's positions are padding, and in
@@ -183,9 +185,15 @@ def _attention_call(layer, query, key, value, attention_mask=None, training=None
     # MatMuls over [batch, heads, seq, head_dim]; the scale, masked softmax and dropout are the layer's own.
     query = tf.multiply(query, 1.0 / math.sqrt(float(layer._key_dim)))
     query, key, value = (_swap_seq_and_heads(t) for t in (query, key, value))
-    scores = layer._masked_softmax(tf.matmul(query, key, transpose_b=True), attention_mask)
-    context = tf.matmul(layer._dropout_layer(scores, training=training), value)
-    return _swap_seq_and_heads(context), scores
+    logits = tf.matmul(query, key, transpose_b=True)
+    in_training = training is True or (training is None and _training())
+    fused = dropout.softmax_dropout(logits, attention_mask, layer._dropout_layer) if in_training else None
+    if fused is None:
+        scores = layer._masked_softmax(logits, attention_mask)
+        dropped = layer._dropout_layer(scores, training=training)
+    else:
+        dropped, scores = fused
+    return _swap_seq_and_heads(tf.matmul(dropped, value)), scores
 
 
 # Same-width integer types for _swap_seq_and_heads.
