@@ -23,7 +23,7 @@ setup(
     # non-editable installs.
     packages=find_packages(include=["engine", "engine.*", "tasks", "tasks.*", "launch", "launch.*"]),
     # Our C++ ops' sources, compiled on first use against the installed TensorFlow (engine/native.py).
-    package_data={"engine": ["adamw_kernel.cc", "dropout_kernel.cc"]},
+    package_data={"engine": ["*.cc", "*.h"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     # tokenizers: the Hugging Face tokenizer, an independent check of our tf-text tokenization in tests.

@@ -23,9 +23,12 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/util/work_sharder.h"
+#include "cpu_kernels.h"
 
 namespace tensorflow {
 namespace {
+
+using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, bfloat16 rounding, Lanes
 
 REGISTER_OP("EngineKeyedDropout")
     .Input("x: T")
@@ -42,7 +45,7 @@ REGISTER_OP("EngineKeyedDropout")
       return OkStatus();
     });
 
-#define ENGINE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
 
 constexpr int kChunkBlocks = 256;  // Philox blocks (4 words each) per chunk: 4 KiB of words on the stack
 
@@ -72,21 +75,6 @@ ENGINE_CLONES void PhiloxWords(uint64_t counter_low, uint64_t counter_high, uint
     out[4 * b + 2] = c2;
     out[4 * b + 3] = c3;
   }
-}
-
-inline uint16_t ToBfloat16(float f) {  // round to nearest even, as Eigen's bfloat16; NaN stays a quiet NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const uint32_t nan = (bits >> 16) | 0x40u;
-  return static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
-}
-
-inline float FromBfloat16(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
 }
 
 // Units [0, count) from the 16 bits of words[i] at `shift`.
@@ -257,9 +245,6 @@ REGISTER_OP("EngineSoftmaxDropoutGrad")
     });
 
 constexpr float kMaskedOut = -1e9f;  // what Keras' Softmax adds where the mask is 0 (tf_keras softmax.py)
-constexpr int kLanes = 16;
-typedef float Lanes __attribute__((vector_size(4 * kLanes)));  // partial maxima and sums: GCC vectorizes these
-                                                                // (split for narrower targets), not a reduction
 
 // exp(x) for x <= 0 (Cephes' expf polynomial, within 2 ulp of the true value); 0 below -87.3, where the result would
 // be subnormal; NaN stays NaN. Written without branches so that the row loops vectorize.
@@ -287,17 +272,6 @@ inline float ExpNonPositive(float x) {
   return out;
 }
 
-// Element access for the row bodies below, which take float or bfloat16's bits (uint16_t): widen to float, round
-// from float (to nearest even for bfloat16, as TensorFlow's and XLA's ops do), and zero where not kept (a bit mask,
-// which vectorizes where a float select would not).
-inline float Widen(float v) { return v; }
-inline float Widen(uint16_t v) { return FromBfloat16(v); }
-template <typename Bits>
-inline Bits Round(float v);
-template <>
-inline float Round<float>(float v) { return v; }
-template <>
-inline uint16_t Round<uint16_t>(float v) { return ToBfloat16(v); }
 inline float KeptOrZero(float v, uint32_t kept) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
@@ -310,7 +284,8 @@ inline uint16_t KeptOrZero(uint16_t v, uint32_t kept) { return static_cast<uint1
 // One row of EngineSoftmaxDropout: probs and y from logits, the mask row and the 16-bit uniforms
 // (words[j] >> shift) & 0xFFFF; `x` is scratch for n floats.
 template <typename Bits>
-__attribute__((always_inline)) inline void SoftmaxDropoutRow(const Bits* __restrict logits, const float* __restrict mask,
+__attribute__((always_inline)) inline void SoftmaxDropoutRow(const Bits* __restrict logits,
+                                                             const float* __restrict mask,
                                                              const uint32_t* __restrict words, int shift,
                                                              uint32_t threshold, float scale, float* __restrict x,
                                                              Bits* __restrict probs, Bits* __restrict y, int64_t n) {
@@ -320,8 +295,7 @@ __attribute__((always_inline)) inline void SoftmaxDropoutRow(const Bits* __restr
   Lanes top = Lanes{} + lowest;
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    Lanes values;
-    std::memcpy(&values, x + j, sizeof(Lanes));
+    const Lanes values = LoadLanes(x + j);
     top = values > top ? values : top;
   }
   float row_max = lowest;
@@ -329,13 +303,8 @@ __attribute__((always_inline)) inline void SoftmaxDropoutRow(const Bits* __restr
   for (; j < n; ++j) row_max = x[j] > row_max ? x[j] : row_max;
   for (j = 0; j < n; ++j) x[j] = ExpNonPositive(x[j] - row_max);
   Lanes sums = {};
-  for (j = 0; j + kLanes <= n; j += kLanes) {
-    Lanes values;
-    std::memcpy(&values, x + j, sizeof(Lanes));
-    sums += values;
-  }
-  float total = 0.0f;
-  for (int l = 0; l < kLanes; ++l) total += sums[l];
+  for (j = 0; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
+  float total = SumOfLanes(sums);
   for (; j < n; ++j) total += x[j];
   const float inverse = 1.0f / total;
   for (j = 0; j < n; ++j) {  // the probability, then EngineKeyedDropout's select and scaled product on it
@@ -370,8 +339,7 @@ __attribute__((always_inline)) inline void SoftmaxDropoutGradRow(const Bits* __r
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l) dots[l] += g[j + l] * Widen(probs[j + l]);
-  float total = 0.0f;
-  for (int l = 0; l < kLanes; ++l) total += dots[l];
+  float total = SumOfLanes(dots);
   for (; j < n; ++j) total += g[j] * Widen(probs[j]);
   for (j = 0; j < n; ++j) dx[j] = Round<Bits>(Widen(probs[j]) * (g[j] - total));
 }

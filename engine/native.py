@@ -1,17 +1,20 @@
 """Our C++ ops for the CPU (engine/*.cc), each compiled once per environment against the installed TensorFlow.
 
-Why our own: TensorFlow 2.20 has no fused AdamW, and its XLA CPU code leaves dropout's Philox numbers unvectorized;
-the ops here do those jobs in one multi-threaded pass (adamw_kernel.py and dropout.py say what each gains).
+Why our own: TensorFlow 2.20 has no fused AdamW, its XLA CPU code leaves dropout's Philox numbers unvectorized, and
+it runs the attention's softmax in training as many passes; the ops here do those jobs in one multi-threaded pass
+(adamw_kernel.py and dropout.py say what each gains).
 
 A library is built from source on first use (about 10 s each; `make setup` does it ahead, or `python -m
 engine.native`) with the C++ compiler in $CXX (default g++) against the installed TensorFlow's headers, into the
-environment (`<sys.prefix>/share/bert-engine`, else ~/.cache/bert-engine), named by a hash of the source,
-TensorFlow's version and the flags, so a new TensorFlow or a changed kernel builds anew. Where one cannot be built
-or loaded, or with its switch (e.g. BERT_ENGINE_FUSED_ADAMW=0) off, its users run TensorFlow's kernels: the same
-numbers, slower. GPU and TPU tensors always do (the ops are CPU-only), and so does code that XLA compiles.
+environment (`<sys.prefix>/share/bert-engine`, else ~/.cache/bert-engine), named by a hash of the source and
+engine/*.h, TensorFlow's version and the flags, so a new TensorFlow or a changed kernel builds anew. Where one
+cannot be built or loaded, or with its switch (e.g. BERT_ENGINE_FUSED_ADAMW=0) off, its users run TensorFlow's
+kernels: the same numbers, slower. GPU and TPU tensors always do (the ops are CPU-only), and so does code that XLA
+compiles.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shlex
@@ -72,8 +75,10 @@ class Library:
 
     def library_path(self) -> str:
         """Where the built library for this source, TensorFlow and compiler flags lives (it may not exist yet)."""
-        with open(self.source, "rb") as f:
-            key = hashlib.sha256(f.read())
+        key = hashlib.sha256()
+        for path in [self.source] + sorted(glob.glob(os.path.join(os.path.dirname(self.source), "*.h"))):
+            with open(path, "rb") as f:  # the source and the headers it may include (engine/*.h)
+                key.update(f.read())
         key.update(" ".join([tf.__version__, tf.sysconfig.get_build_info().get("cpu_compiler", "")]
                             + _compiler() + _flags()).encode())
         filename = f"{self.name}-{key.hexdigest()[:16]}.so"

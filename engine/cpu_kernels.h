@@ -1,0 +1,60 @@
+// Helpers shared by our C++ CPU ops (engine/*.cc; engine/native.py builds each with this header, and rebuilds
+// them when it changes).
+#ifndef ENGINE_CPU_KERNELS_H_
+#define ENGINE_CPU_KERNELS_H_
+
+#include <cstdint>
+#include <cstring>
+
+namespace engine_kernels {
+
+// The libraries are built without -march so that they run on any CPU TensorFlow supports; a function marked with
+// this gets AVX-512, AVX2 and baseline versions, and the loader picks one for the CPU at hand.
+#define ENGINE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+inline uint16_t ToBfloat16(float f) {  // round to nearest even, as Eigen's bfloat16; NaN stays a quiet NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t nan = (bits >> 16) | 0x40u;
+  return static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
+}
+
+inline float FromBfloat16(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Row bodies written once for float and for bfloat16's bits (uint16_t): widen an element to float, and round a
+// float result to the element type (to nearest even for bfloat16, as TensorFlow's and XLA's ops do).
+inline float Widen(float v) { return v; }
+inline float Widen(uint16_t v) { return FromBfloat16(v); }
+template <typename Bits>
+inline Bits Round(float v);
+template <>
+inline float Round<float>(float v) { return v; }
+template <>
+inline uint16_t Round<uint16_t>(float v) { return ToBfloat16(v); }
+
+// Partial sums and maxima over a row: GCC vectorizes a loop over these (split for narrower targets), not a plain
+// float reduction, whose order it must keep.
+constexpr int kLanes = 16;
+typedef float Lanes __attribute__((vector_size(4 * kLanes)));
+
+inline Lanes LoadLanes(const float* values) {
+  Lanes lanes;
+  std::memcpy(&lanes, values, sizeof(Lanes));
+  return lanes;
+}
+
+inline float SumOfLanes(Lanes lanes) {
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+}  // namespace engine_kernels
+
+#endif  // ENGINE_CPU_KERNELS_H_
