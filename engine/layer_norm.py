@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from engine import native
+
+LIBRARY = native.LAYER_NORM
+
 
 def inference(inputs, gamma, beta, epsilon: float):
     """(x - mean) * (rsqrt(variance + epsilon) * gamma) + beta: the same math as Keras' moments +
@@ -20,6 +24,30 @@ def inference(inputs, gamma, beta, epsilon: float):
 
 
 def training(inputs, gamma, beta, epsilon: float):
+    """LayerNorm in training: our C++ op where it can run (float32 on a CPU, outside XLA; native_training), else
+    TensorFlow's ops (tf_training)."""
+    outputs = native_training(inputs, gamma, beta, epsilon)
+    return tf_training(inputs, gamma, beta, epsilon) if outputs is None else outputs
+
+
+def native_training(inputs, gamma, beta, epsilon: float):
+    """The same math as tf_training in one C++ pass forward (keeping each row's mean and 1/std) and one backward
+    (layer_norm_kernel.cc), in float32 with other summation orders; None where the op cannot run."""
+    if (inputs.dtype != tf.float32 or gamma is None or beta is None or gamma.dtype != tf.float32
+            or beta.dtype != tf.float32 or not native.usable_on(inputs.device)):
+        return None
+    module = LIBRARY.load()
+    if module is None:
+        return None
+
+    @tf.custom_gradient
+    def layer_norm(inputs, gamma, beta):
+        outputs, mean, rstd = module.engine_layer_norm(inputs, gamma, beta, epsilon=epsilon)
+        return outputs, lambda upstream: module.engine_layer_norm_grad(upstream, inputs, mean, rstd, gamma)
+    return layer_norm(inputs, gamma, beta)
+
+
+def tf_training(inputs, gamma, beta, epsilon: float):
     """Keras' forward with its own ops (moments, then batch_normalization's x * inv + (beta - mean * inv)), so the
     same bits, and the closed-form gradient instead of autodiff's ~20 ops through those: with
     x_hat = (x - mean) * rsqrt(variance + epsilon) and g = dy * gamma,

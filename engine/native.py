@@ -1,8 +1,8 @@
 """Our C++ ops for the CPU (engine/*.cc), each compiled once per environment against the installed TensorFlow.
 
 Why our own: TensorFlow 2.20 has no fused AdamW, its XLA CPU code leaves dropout's Philox numbers unvectorized, and
-it runs the attention's softmax in training as many passes; the ops here do those jobs in one multi-threaded pass
-(adamw_kernel.py and dropout.py say what each gains).
+it runs softmax and LayerNorm in training as many passes; the ops here do those jobs in one multi-threaded pass
+(adamw_kernel.py, dropout.py and layer_norm.py say what each gains).
 
 A library is built from source on first use (about 10 s each; `make setup` does it ahead, or `python -m
 engine.native`) with the C++ compiler in $CXX (default g++) against the installed TensorFlow's headers, into the
@@ -152,12 +152,14 @@ class Library:
         return True
 
 
-# Every library of ours; engine/adamw_kernel.py and engine/dropout.py call their ops.
+# Every library of ours; engine/adamw_kernel.py, engine/dropout.py and engine/layer_norm.py call their ops.
 ADAMW = Library("adamw_kernel", switch="BERT_ENGINE_FUSED_ADAMW", description="fused AdamW kernel",
                 fallback="TensorFlow's Adam and decay kernels: same results, slower updates")
 DROPOUT = Library("dropout_kernel", switch="BERT_ENGINE_NATIVE_DROPOUT", description="dropout kernel",
                   fallback="TensorFlow's ops for dropout: the same masks, slower")
-LIBRARIES = (ADAMW, DROPOUT)
+LAYER_NORM = Library("layer_norm_kernel", switch="BERT_ENGINE_NATIVE_LAYER_NORM", description="LayerNorm kernel",
+                     fallback="TensorFlow's ops for LayerNorm in training: the same math, slower")
+LIBRARIES = (ADAMW, DROPOUT, LAYER_NORM)
 
 
 def main(argv: Optional[list] = None) -> int:

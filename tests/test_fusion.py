@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 import bert_numpy_reference as ref
-from engine import dropout, fusion, host, unpadding
+from engine import dropout, fusion, host, layer_norm, unpadding
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, graph_op_types, run_training
 from tasks.encoders import bert
@@ -334,7 +334,7 @@ def test_inference_blocks_skip_padding_and_give_the_numpy_reference(policy):
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_layer_norm_matches_float64_at_inference_and_in_training_keeps_keras_forward_bits(policy):
+def test_layer_norm_matches_float64_at_inference_and_in_training(policy, monkeypatch):
     tf_keras.mixed_precision.set_global_policy(policy)
     try:
         # As Model Garden builds it: float32 under any policy, BERT's epsilon (too small for Keras' fused path).
@@ -358,10 +358,11 @@ def test_layer_norm_matches_float64_at_inference_and_in_training_keeps_keras_for
         assert got.dtype == stock.dtype == np.float32
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
         np.testing.assert_allclose(got, stock, rtol=0, atol=2e-6)
-        assert "SquaredDifference" not in ops(training=False) and "SquaredDifference" in ops(training=True)
+        assert "SquaredDifference" not in ops(training=False) and "EngineLayerNorm" in ops(training=True)
 
-        # Training: Keras' forward ops (the same bits as the stock layer), and a closed-form gradient
-        # (engine/layer_norm.training) within float32 rounding of autodiff through a float64 Keras layer.
+        # Training: our C++ op (engine/layer_norm_kernel.cc), or with it switched off Keras' forward ops (the same
+        # bits as the stock layer) and a closed-form gradient; both within float32 rounding of autodiff through a
+        # float64 Keras layer.
         reference = tf_keras.layers.LayerNormalization(axis=-1, epsilon=1e-12, dtype="float64")
         reference(rows)
         reference.set_weights([w.astype(np.float64) for w in layer.get_weights()])
@@ -376,13 +377,18 @@ def test_layer_norm_matches_float64_at_inference_and_in_training_keeps_keras_for
                     loss = tf.reduce_sum(tf.cast(y, tf.float64) * tf.cast(upstream, tf.float64))
                 return [y] + tape.gradient(loss, [inputs, norm.gamma, norm.beta])
             return [tf.cast(t, tf.float64).numpy() for t in compute(inputs)]
-        got = value_and_gradients(layer, x)
-        np.testing.assert_array_equal(got[0], stock_training)
         expected = value_and_gradients(reference, tf.constant(rows))
+        native = value_and_gradients(layer, x)
+        monkeypatch.setenv(layer_norm.LIBRARY.switch, "0")
+        assert "EngineLayerNorm" not in ops(training=True)
+        keras_forward = value_and_gradients(layer, x)
+        np.testing.assert_array_equal(keras_forward[0], stock_training)
         # x's gradient reaches x in its own dtype: bf16 under the mixed policy
         input_tolerance = 2e-6 if policy == "float32" else 2.0 ** -8
-        for g, e, rtol in zip(got[1:], expected[1:], (input_tolerance, 1e-5, 1e-5)):
-            np.testing.assert_allclose(g, e, rtol=rtol, atol=rtol * np.abs(e).max())
+        for got in (native, keras_forward):
+            np.testing.assert_allclose(got[0], expected[0], rtol=0, atol=2e-6)
+            for g, e, rtol in zip(got[1:], expected[1:], (input_tolerance, 1e-5, 1e-5)):
+                np.testing.assert_allclose(g, e, rtol=rtol, atol=rtol * np.abs(e).max())
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
 

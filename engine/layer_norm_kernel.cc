@@ -1,0 +1,216 @@
+// LayerNorm over the last axis in training on the CPU, as one pass forward (EngineLayerNorm, which keeps each row's
+// mean and 1/std for the gradient) and one backward (EngineLayerNormGrad). engine/layer_norm.py builds them
+// (through engine/native.py) and says why they exist. float32 only: Model Garden's LayerNorms compute in float32
+// under every policy (their inputs are cast up).
+//   forward   mean and variance of the row; inverse_j = rsqrt(variance + epsilon) * gamma_j;
+//             y_j = x_j * inverse_j + (beta_j - mean * inverse_j) (Keras' batch_normalization form)
+//   backward  x_hat = (x - mean) * rstd, g = dy * gamma: dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat));
+//             dgamma = sum over rows of dy * x_hat, dbeta = sum of dy. These column sums run over fixed chunks of
+//             rows, added in order, so they do not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+#include "cpu_kernels.h"
+
+namespace tensorflow {
+namespace {
+
+using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, Lanes
+
+REGISTER_OP("EngineLayerNorm")
+    .Input("x: float")  // [..., features]
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Output("y: float")
+    .Output("mean: float")  // [...]
+    .Output("rstd: float")  // [...]: rsqrt(variance + epsilon)
+    .Attr("epsilon: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle rows;
+      TF_RETURN_IF_ERROR(c->Subshape(c->input(0), 0, -1, &rows));
+      c->set_output(0, c->input(0));
+      c->set_output(1, rows);
+      c->set_output(2, rows);
+      return OkStatus();
+    });
+
+REGISTER_OP("EngineLayerNormGrad")
+    .Input("upstream: float")
+    .Input("x: float")
+    .Input("mean: float")
+    .Input("rstd: float")
+    .Input("gamma: float")
+    .Output("x_grad: float")
+    .Output("gamma_grad: float")
+    .Output("beta_grad: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      c->set_output(1, c->input(4));
+      c->set_output(2, c->input(4));
+      return OkStatus();
+    });
+
+constexpr int64_t kChunkRows = 32;  // rows per partial column sum of the gradient (fixed: deterministic sums)
+
+ENGINE_CLONES void ForwardRow(const float* __restrict x, const float* __restrict gamma, const float* __restrict beta,
+                              float epsilon, float* __restrict y, float* mean_out, float* rstd_out, int64_t n) {
+  Lanes sums = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
+  float total = SumOfLanes(sums);
+  for (; j < n; ++j) total += x[j];
+  const float mean = total / static_cast<float>(n);
+  Lanes squares = {};
+  for (j = 0; j + kLanes <= n; j += kLanes) {
+    const Lanes centered = LoadLanes(x + j) - mean;
+    squares += centered * centered;
+  }
+  float square_total = SumOfLanes(squares);
+  for (; j < n; ++j) square_total += (x[j] - mean) * (x[j] - mean);
+  const float rstd = 1.0f / std::sqrt(square_total / static_cast<float>(n) + epsilon);
+  for (j = 0; j < n; ++j) {
+    const float inverse = rstd * gamma[j];
+    y[j] = x[j] * inverse + (beta[j] - mean * inverse);
+  }
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// Adds the row's dgamma and dbeta terms into `gamma_sums` and `beta_sums`; `scratch` holds 2n floats.
+ENGINE_CLONES void BackwardRow(const float* __restrict dy, const float* __restrict x, float mean, float rstd,
+                               const float* __restrict gamma, float* __restrict scratch, float* __restrict dx,
+                               float* __restrict gamma_sums, float* __restrict beta_sums, int64_t n) {
+  float* __restrict x_hat = scratch;
+  float* __restrict g = scratch + n;
+  for (int64_t j = 0; j < n; ++j) {
+    x_hat[j] = (x[j] - mean) * rstd;
+    g[j] = dy[j] * gamma[j];
+  }
+  Lanes g_sums = {}, g_x_hat_sums = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const Lanes lanes_g = LoadLanes(g + j);
+    g_sums += lanes_g;
+    g_x_hat_sums += lanes_g * LoadLanes(x_hat + j);
+  }
+  float g_total = SumOfLanes(g_sums), g_x_hat_total = SumOfLanes(g_x_hat_sums);
+  for (; j < n; ++j) {
+    g_total += g[j];
+    g_x_hat_total += g[j] * x_hat[j];
+  }
+  const float g_mean = g_total / static_cast<float>(n), g_x_hat_mean = g_x_hat_total / static_cast<float>(n);
+  for (j = 0; j < n; ++j) {
+    dx[j] = rstd * (g[j] - g_mean - x_hat[j] * g_x_hat_mean);
+    gamma_sums[j] += dy[j] * x_hat[j];
+    beta_sums[j] += dy[j];
+  }
+}
+
+class LayerNormOp : public OpKernel {
+ public:
+  explicit LayerNormOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& x = context->input(0);
+    const Tensor& gamma = context->input(1);
+    const Tensor& beta = context->input(2);
+    OP_REQUIRES(context, x.dims() >= 1, errors::InvalidArgument("x must have a feature axis"));
+    const int64_t n = x.dim_size(x.dims() - 1);
+    OP_REQUIRES(context, gamma.NumElements() == n && beta.NumElements() == n,
+                errors::InvalidArgument("gamma and beta must hold ", n, " values, got ", gamma.NumElements(),
+                                        " and ", beta.NumElements()));
+    TensorShape rows_shape = x.shape();
+    rows_shape.RemoveLastDims(1);
+    Tensor *y = nullptr, *mean = nullptr, *rstd = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(context, context->allocate_output(1, rows_shape, &mean));
+    OP_REQUIRES_OK(context, context->allocate_output(2, rows_shape, &rstd));
+    const int64_t rows = rows_shape.num_elements();
+    if (rows == 0 || n == 0) return;
+    const float* x_data = x.flat<float>().data();
+    const float* gamma_data = gamma.flat<float>().data();
+    const float* beta_data = beta.flat<float>().data();
+    float* y_data = y->flat<float>().data();
+    float* mean_data = mean->flat<float>().data();
+    float* rstd_data = rstd->flat<float>().data();
+    const float epsilon = epsilon_;
+    auto work = [&](int64_t first, int64_t end) {
+      for (int64_t row = first; row < end; ++row)
+        ForwardRow(x_data + row * n, gamma_data, beta_data, epsilon, y_data + row * n, mean_data + row,
+                   rstd_data + row, n);
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    Shard(workers->num_threads, workers->workers, rows, 10 * n, work);
+  }
+
+ private:
+  float epsilon_;
+};
+
+class LayerNormGradOp : public OpKernel {
+ public:
+  explicit LayerNormGradOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& upstream = context->input(0);
+    const Tensor& x = context->input(1);
+    const Tensor& mean = context->input(2);
+    const Tensor& rstd = context->input(3);
+    const Tensor& gamma = context->input(4);
+    OP_REQUIRES(context, x.dims() >= 1 && upstream.shape() == x.shape(),
+                errors::InvalidArgument("upstream and x must have one shape, got ", upstream.shape().DebugString(),
+                                        " and ", x.shape().DebugString()));
+    const int64_t n = x.dim_size(x.dims() - 1);
+    const int64_t rows = n == 0 ? 0 : x.NumElements() / n;
+    OP_REQUIRES(context, gamma.NumElements() == n && mean.NumElements() == rows && rstd.NumElements() == rows,
+                errors::InvalidArgument("gamma must hold ", n, " values and mean and rstd ", rows));
+    Tensor *dx = nullptr, *dgamma = nullptr, *dbeta = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(context, context->allocate_output(1, gamma.shape(), &dgamma));
+    OP_REQUIRES_OK(context, context->allocate_output(2, gamma.shape(), &dbeta));
+    const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+    std::vector<float> partials(2 * chunks * n, 0.0f);  // per chunk: dgamma's, then dbeta's partial sums
+    const float* dy_data = upstream.flat<float>().data();
+    const float* x_data = x.flat<float>().data();
+    const float* mean_data = mean.flat<float>().data();
+    const float* rstd_data = rstd.flat<float>().data();
+    const float* gamma_data = gamma.flat<float>().data();
+    float* dx_data = dx->flat<float>().data();
+    auto work = [&](int64_t first_chunk, int64_t end_chunk) {
+      std::vector<float> scratch(2 * n);
+      for (int64_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
+        float* gamma_sums = partials.data() + 2 * chunk * n;
+        for (int64_t row = chunk * kChunkRows; row < std::min(rows, (chunk + 1) * kChunkRows); ++row)
+          BackwardRow(dy_data + row * n, x_data + row * n, mean_data[row], rstd_data[row], gamma_data,
+                      scratch.data(), dx_data + row * n, gamma_sums, gamma_sums + n, n);
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    Shard(workers->num_threads, workers->workers, chunks, 20 * kChunkRows * n, work);
+    float* dgamma_data = dgamma->flat<float>().data();
+    float* dbeta_data = dbeta->flat<float>().data();
+    std::fill(dgamma_data, dgamma_data + n, 0.0f);
+    std::fill(dbeta_data, dbeta_data + n, 0.0f);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // in order: the same sums for any thread count
+      const float* sums = partials.data() + 2 * chunk * n;
+      for (int64_t j = 0; j < n; ++j) {
+        dgamma_data[j] += sums[j];
+        dbeta_data[j] += sums[n + j];
+      }
+    }
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("EngineLayerNorm").Device(DEVICE_CPU), LayerNormOp);
+REGISTER_KERNEL_BUILDER(Name("EngineLayerNormGrad").Device(DEVICE_CPU), LayerNormGradOp);
+
+}  // namespace
+}  // namespace tensorflow
