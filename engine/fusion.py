@@ -25,7 +25,8 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     from heads-first run on the bits as integers, which oneDNN's build does not reroute to its slower
     small-tensor transpose (see _swap_seq_and_heads).
   * LayerNormalization over the last axis (engine/layer_norm.py): at inference in fewer ops than Keras' moments
-    + batch_normalization; in training with Keras' forward ops and a closed-form gradient.
+    + batch_normalization; in training on the CPU as one C++ pass forward and one backward (elsewhere Keras'
+    forward ops and a closed-form gradient).
   * Model Garden's Transformer blocks, at inference when over 15 % of the batch's positions are padding, and in
     training when asked (RuntimeConfig.skip_padding_in_training): the projections, FFN and LayerNorms on the
     real tokens only, gathered into one row ([1, tokens, hidden]); attention alone runs on the padded layout
@@ -45,7 +46,8 @@ The embedding lookup, on an Intel Xeon with AMX (2026-12-01): bf16 batch 32, seq
 Not an XLA kernel, on purpose: LayerNorm. As an XLA kernel it made MiniLM inference about 4 % faster, but its results
 depended on the batch's shape (two workers evaluating 7 rows each disagreed with one process evaluating 14:
 tests/test_multi_worker.py), and its gradient reductions rounded differently enough to show after Adam's first
-step (1 x 16 vs 4 x 4 micro-batches, tests/test_classification.py).
+step (1 x 16 vs 4 x 4 micro-batches, tests/test_classification.py). The C++ training kernel computes every row
+alike whatever the batch, and sums its gradient over fixed chunks of rows.
 
 `fuse_elementwise(model)` rebinds `call` on the model's own layer instances, not on the classes, so other
 models in the process, e.g. a `model.fit` baseline, keep the stock layers. `export_safe=True` leaves out
@@ -220,8 +222,9 @@ def _swap_as_integers(tensor):
 
 
 def _layer_norm_call(layer, inputs):
-    # Keras' LayerNormalization over the last axis with engine/layer_norm's kernels: fewer ops at inference, Keras'
-    # own forward ops with a closed-form gradient in training. Keras' call elsewhere (other axes, its fused path).
+    # Keras' LayerNormalization over the last axis with engine/layer_norm's kernels: fewer ops at inference, the
+    # C++ op (or Keras' forward ops with a closed-form gradient) in training. Keras' call elsewhere (other axes,
+    # its fused path).
     last = inputs.shape.rank - 1 if inputs.shape.rank is not None else None
     training = _training()
     if (isinstance(inputs, tf.RaggedTensor) or layer.axis != [last]

@@ -1,6 +1,9 @@
 """LayerNormalization over the last axis as engine/fusion.py runs it: fewer ops than Keras at inference, and in
-training Keras' own forward ops with a closed-form gradient. Inputs arrive in the dtype Keras would normalize in
-(float32 under a mixed policy); gamma and beta in the same dtype, or None where the layer has none."""
+training our C++ op on the CPU (layer_norm_kernel.cc: one pass forward and one backward, 1.1 ms against 5.7 for
+TensorFlow's ops on [32, 128, 384]; the bench's MiniLM step 1.17x in bf16, 1.07x in fp32 on the AMX Xeon,
+bench/RESULTS.md), elsewhere Keras' own forward ops with a closed-form gradient. Inputs arrive in the dtype Keras
+would normalize in (float32 under a mixed policy); gamma and beta in the same dtype, or None where the layer has
+none. BERT_ENGINE_NATIVE_LAYER_NORM=0 turns the op off."""
 from __future__ import annotations
 
 import tensorflow as tf
