@@ -45,8 +45,6 @@ REGISTER_OP("EngineKeyedDropout")
       return OkStatus();
     });
 
-
-
 constexpr int kChunkBlocks = 256;  // Philox blocks (4 words each) per chunk: 4 KiB of words on the stack
 
 // Philox-4x32-10 (Salmon et al., 2011) for `blocks` consecutive counters from counter + first_block.
@@ -128,10 +126,17 @@ void UnitUniforms(uint64_t counter_low, uint64_t counter_high, uint32_t key0, ui
   if (low_first < end) take(low_first - words, end - words, 0, out + (low_first - first));
 }
 
+// The Philox key and counter of one call, as StatelessRandomGetKeyCounter gives them.
+struct PhiloxKey {
+  uint32_t key0, key1;
+  uint64_t counter_low, counter_high;
+};
+
+// What both keyed-dropout ops read: the threshold and scale attributes, and the Philox inputs.
 template <typename T>
-class KeyedDropoutOp : public OpKernel {
+class KeyedOpBase : public OpKernel {
  public:
-  explicit KeyedDropoutOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit KeyedOpBase(OpKernelConstruction* context) : OpKernel(context) {
     int threshold;
     OP_REQUIRES_OK(context, context->GetAttr("threshold", &threshold));
     OP_REQUIRES(context, threshold >= 0 && threshold <= 65536,
@@ -143,13 +148,33 @@ class KeyedDropoutOp : public OpKernel {
     scale_ = std::is_same<T, bfloat16>::value ? FromBfloat16(ToBfloat16(scale)) : scale;
   }
 
+ protected:
+  // False, with the op failed, unless `key` holds 1 value and `counter` 2.
+  static bool ReadPhilox(OpKernelContext* context, const Tensor& key, const Tensor& counter, PhiloxKey* philox) {
+    if (key.NumElements() != 1 || counter.NumElements() != 2) {
+      context->CtxFailure(errors::InvalidArgument("philox_key must hold 1 value and philox_counter 2, got ",
+                                                  key.NumElements(), " and ", counter.NumElements()));
+      return false;
+    }
+    const uint64_t key_value = key.flat<uint64>()(0);
+    *philox = {static_cast<uint32_t>(key_value), static_cast<uint32_t>(key_value >> 32), counter.flat<uint64>()(0),
+               counter.flat<uint64>()(1)};
+    return true;
+  }
+
+  uint32_t threshold_;
+  float scale_;
+};
+
+template <typename T>
+class KeyedDropoutOp : public KeyedOpBase<T> {
+ public:
+  explicit KeyedDropoutOp(OpKernelConstruction* context) : KeyedOpBase<T>(context) {}
+
   void Compute(OpKernelContext* context) override {
     const Tensor& x = context->input(0);
-    const Tensor& key = context->input(1);
-    const Tensor& counter = context->input(2);
-    OP_REQUIRES(context, key.NumElements() == 1 && counter.NumElements() == 2,
-                errors::InvalidArgument("philox_key must hold 1 value and philox_counter 2, got ",
-                                        key.NumElements(), " and ", counter.NumElements()));
+    PhiloxKey philox;
+    if (!this->ReadPhilox(context, context->input(1), context->input(2), &philox)) return;
     Tensor* y = nullptr;
     Tensor* keep = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
@@ -157,14 +182,13 @@ class KeyedDropoutOp : public OpKernel {
     const int64_t n = x.NumElements();
     const int64_t words = (n + 1) / 2;
     const int64_t blocks = (words + 3) / 4;
-    const uint64_t key_value = key.flat<uint64>()(0);
-    const uint32_t key0 = static_cast<uint32_t>(key_value), key1 = static_cast<uint32_t>(key_value >> 32);
-    const uint64_t counter_low = counter.flat<uint64>()(0), counter_high = counter.flat<uint64>()(1);
+    const uint32_t key0 = philox.key0, key1 = philox.key1;
+    const uint64_t counter_low = philox.counter_low, counter_high = philox.counter_high;
     const T* x_data = x.flat<T>().data();
     T* y_data = y->flat<T>().data();
     uint8_t* keep_data = reinterpret_cast<uint8_t*>(keep->flat<bool>().data());
-    const uint32_t threshold = threshold_;
-    const float scale = scale_;
+    const uint32_t threshold = this->threshold_;
+    const float scale = this->scale_;
 
     auto apply = [&](int64_t offset, int64_t count, const uint32_t* chunk_words, int shift) {
       if (std::is_same<T, float>::value) {
@@ -195,9 +219,6 @@ class KeyedDropoutOp : public OpKernel {
     Shard(workers->num_threads, workers->workers, chunks, 40 * 4 * kChunkBlocks, work);
   }
 
- private:
-  uint32_t threshold_;
-  float scale_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("EngineKeyedDropout").Device(DEVICE_CPU).TypeConstraint<float>("T"),
@@ -355,32 +376,20 @@ ENGINE_CLONES void SoftmaxDropoutGradRowBfloat16(const uint16_t* dy, const uint1
 }
 
 template <typename T>
-class SoftmaxDropoutOp : public OpKernel {
+class SoftmaxDropoutOp : public KeyedOpBase<T> {
  public:
-  explicit SoftmaxDropoutOp(OpKernelConstruction* context) : OpKernel(context) {
-    int threshold;
-    OP_REQUIRES_OK(context, context->GetAttr("threshold", &threshold));
-    OP_REQUIRES(context, threshold >= 0 && threshold <= 65536,
-                errors::InvalidArgument("threshold must be in [0, 65536], got ", threshold));
-    threshold_ = static_cast<uint32_t>(threshold);
-    float scale;
-    OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
-    scale_ = std::is_same<T, bfloat16>::value ? FromBfloat16(ToBfloat16(scale)) : scale;  // as KeyedDropoutOp
-  }
+  explicit SoftmaxDropoutOp(OpKernelConstruction* context) : KeyedOpBase<T>(context) {}
 
   void Compute(OpKernelContext* context) override {
     const Tensor& logits = context->input(0);
     const Tensor& mask = context->input(1);
-    const Tensor& key = context->input(2);
-    const Tensor& counter = context->input(3);
+    PhiloxKey philox;
+    if (!this->ReadPhilox(context, context->input(2), context->input(3), &philox)) return;
     OP_REQUIRES(context, logits.dims() == 4 && mask.dims() == 3 && mask.dim_size(0) == logits.dim_size(0) &&
                              mask.dim_size(1) == logits.dim_size(2) && mask.dim_size(2) == logits.dim_size(3),
                 errors::InvalidArgument("expected logits [batch, heads, queries, keys] and mask [batch, queries, "
                                         "keys], got ", logits.shape().DebugString(), " and ",
                                         mask.shape().DebugString()));
-    OP_REQUIRES(context, key.NumElements() == 1 && counter.NumElements() == 2,
-                errors::InvalidArgument("philox_key must hold 1 value and philox_counter 2, got ",
-                                        key.NumElements(), " and ", counter.NumElements()));
     Tensor* y = nullptr;
     Tensor* probs = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, logits.shape(), &y));
@@ -388,16 +397,15 @@ class SoftmaxDropoutOp : public OpKernel {
     const int64_t heads = logits.dim_size(1), queries = logits.dim_size(2), keys = logits.dim_size(3);
     const int64_t rows = logits.NumElements() / std::max<int64_t>(keys, 1);
     const int64_t words = (logits.NumElements() + 1) / 2;
-    const uint64_t key_value = key.flat<uint64>()(0);
-    const uint32_t key0 = static_cast<uint32_t>(key_value), key1 = static_cast<uint32_t>(key_value >> 32);
-    const uint64_t counter_low = counter.flat<uint64>()(0), counter_high = counter.flat<uint64>()(1);
+    const uint32_t key0 = philox.key0, key1 = philox.key1;
+    const uint64_t counter_low = philox.counter_low, counter_high = philox.counter_high;
     const T* logits_data = logits.flat<T>().data();
     const float* mask_data = mask.flat<float>().data();
     T* y_data = y->flat<T>().data();
     T* probs_data = probs->flat<T>().data();
     const int64_t group = std::max<int64_t>(1, 4096 / std::max<int64_t>(keys, 1));  // rows per Philox call
-    const uint32_t threshold = threshold_;
-    const float scale = scale_;
+    const uint32_t threshold = this->threshold_;
+    const float scale = this->scale_;
 
     // One row: softmax into probs, then the dropout with the 16-bit uniforms (row_words[j] >> shift) & 0xFFFF.
     auto softmax_row = [&](int64_t row, const uint32_t* row_words, int shift, float* x) {
@@ -443,9 +451,6 @@ class SoftmaxDropoutOp : public OpKernel {
     Shard(workers->num_threads, workers->workers, units, (paired ? 120 : 60) * keys, work);
   }
 
- private:
-  uint32_t threshold_;
-  float scale_;
 };
 
 template <typename T>
