@@ -155,7 +155,8 @@ def softmax_dropout(logits: tf.Tensor, mask: Optional[tf.Tensor], layer: tf_kera
     if key is None:  # the stateful fallback, as _keyed_call's
         key = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
     philox_key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=key)
-    mask = tf.cast(mask, tf.float32)
+    shape = tf.shape(logits)  # the op takes the mask as [batch, queries, keys]; Keras' add would broadcast it
+    mask = tf.broadcast_to(tf.cast(mask, tf.float32), tf.stack([shape[0], shape[2], shape[3]]))
     scale = 1.0 / (1.0 - layer.rate)
 
     @tf.custom_gradient

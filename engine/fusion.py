@@ -184,7 +184,8 @@ def _is_plain_dense(layer) -> bool:
 
 def _attention_call(layer, query, key, value, attention_mask=None, training=None):
     # Keras' _compute_attention with its two einsums ("aecd,abcd->acbe", "acbe,aecd->abcd") as batched
-    # MatMuls over [batch, heads, seq, head_dim]; the scale, masked softmax and dropout are the layer's own.
+    # MatMuls over [batch, heads, seq, head_dim]; the scale is the layer's own, and so are the masked softmax and
+    # dropout except in training on the CPU, where dropout.softmax_dropout runs them as one C++ op.
     query = tf.multiply(query, 1.0 / math.sqrt(float(layer._key_dim)))
     query, key, value = (_swap_seq_and_heads(t) for t in (query, key, value))
     logits = tf.matmul(query, key, transpose_b=True)

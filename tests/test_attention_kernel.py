@@ -66,6 +66,16 @@ def test_probabilities_are_kerass_masked_softmax_and_dropped_values_keyed_dropou
     assert abs(1 - keep.numpy().mean() - RATE) < 0.05
 
 
+def test_a_mask_shared_by_the_batch_broadcasts_as_in_keras():
+    logits, mask = _inputs(tf.float32, [3, 2, 5, 7])
+    layer, _ = _keyed_dropout_layer()
+    with dropout.keys(KEY):
+        _, probabilities = dropout.softmax_dropout(logits, mask[:1], layer)
+    expected = _keras_softmax_float64(logits, tf.repeat(mask[:1], 3, axis=0))
+    # Query 0 attends to nothing (uniform: see above); the others as if each batch row had the mask.
+    np.testing.assert_allclose(probabilities[:, :, 1:], expected[:, :, 1:], rtol=2e-6, atol=1e-30)
+
+
 def test_nan_logits_give_a_nan_row_and_other_rows_stay_finite():
     logits, mask = _inputs(tf.float32, [1, 2, 4, 16])
     logits = tf.tensor_scatter_nd_update(logits, [[0, 1, 2, 3]], [np.nan])
