@@ -75,30 +75,49 @@ ENGINE_CLONES void PhiloxWords(uint64_t counter_low, uint64_t counter_high, uint
   }
 }
 
+// v where kept, else +0.0: by masking the bits, since a float select would not vectorize.
+inline float KeptOrZero(float v, uint32_t kept) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits &= 0u - kept;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+inline uint16_t KeptOrZero(uint16_t v, uint32_t kept) { return static_cast<uint16_t>(v & (0u - kept)); }
+
+// One unit of keyed dropout (float or bfloat16's bits): x * scale rounded once to x's type where kept, else 0.
+// EngineSoftmaxDropout applies it to its probabilities too, so both ops give the same values.
+template <typename Bits>
+inline Bits Dropped(Bits x, uint32_t kept, float scale) {
+  return KeptOrZero(Round<Bits>(Widen(x) * scale), kept);
+}
+
 // Units [0, count) from the 16 bits of words[i] at `shift`.
-ENGINE_CLONES void ApplyFloat(const float* __restrict x, float* __restrict y, uint8_t* __restrict keep,
-                              const uint32_t* __restrict words, int64_t count, int shift, uint32_t threshold,
-                              float scale) {
+template <typename Bits>
+__attribute__((always_inline)) inline void Apply(const Bits* __restrict x, Bits* __restrict y,
+                                                 uint8_t* __restrict keep, const uint32_t* __restrict words,
+                                                 int64_t count, int shift, uint32_t threshold, float scale) {
   for (int64_t i = 0; i < count; ++i) {
     const uint32_t kept = ((words[i] >> shift) & 0xFFFFu) >= threshold;
     keep[i] = static_cast<uint8_t>(kept);
-    const float product = x[i] * scale;
-    uint32_t bits;  // +0.0 where dropped by masking the bits: a float select would not vectorize
-    std::memcpy(&bits, &product, 4);
-    bits &= 0u - kept;
-    std::memcpy(&y[i], &bits, 4);
+    y[i] = Dropped(x[i], kept, scale);
   }
 }
 
-ENGINE_CLONES void ApplyBfloat16(const uint16_t* __restrict x, uint16_t* __restrict y, uint8_t* __restrict keep,
-                                 const uint32_t* __restrict words, int64_t count, int shift, uint32_t threshold,
-                                 float scale) {
-  for (int64_t i = 0; i < count; ++i) {
-    const uint32_t kept = ((words[i] >> shift) & 0xFFFFu) >= threshold;
-    keep[i] = static_cast<uint8_t>(kept);
-    const uint16_t product = ToBfloat16(FromBfloat16(x[i]) * scale);
-    y[i] = kept ? product : static_cast<uint16_t>(0);
-  }
+ENGINE_CLONES void ApplyFloat(const float* x, float* y, uint8_t* keep, const uint32_t* words, int64_t count,
+                              int shift, uint32_t threshold, float scale) {
+  Apply(x, y, keep, words, count, shift, threshold, scale);
+}
+
+ENGINE_CLONES void ApplyBfloat16(const uint16_t* x, uint16_t* y, uint8_t* keep, const uint32_t* words,
+                                 int64_t count, int shift, uint32_t threshold, float scale) {
+  Apply(x, y, keep, words, count, shift, threshold, scale);
+}
+
+// A scale attribute as TensorFlow's forward multiplies by it: first cast to the tensor's dtype.
+template <typename T>
+float ScaleIn(float scale) {
+  return std::is_same<T, bfloat16>::value ? FromBfloat16(ToBfloat16(scale)) : scale;
 }
 
 // Words [first, first + count) of the Philox stream, returned at out + first % 4 (whole blocks are drawn, so `out`
@@ -144,8 +163,7 @@ class KeyedOpBase : public OpKernel {
     threshold_ = static_cast<uint32_t>(threshold);
     float scale;
     OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
-    // The scale as the TensorFlow forward multiplies by it: first cast to x's dtype.
-    scale_ = std::is_same<T, bfloat16>::value ? FromBfloat16(ToBfloat16(scale)) : scale;
+    scale_ = ScaleIn<T>(scale);
   }
 
  protected:
@@ -218,7 +236,6 @@ class KeyedDropoutOp : public KeyedOpBase<T> {
     // Cost per chunk in cycles, roughly: Philox's 10 rounds for 256 blocks plus 2048 units' loads and stores.
     Shard(workers->num_threads, workers->workers, chunks, 40 * 4 * kChunkBlocks, work);
   }
-
 };
 
 REGISTER_KERNEL_BUILDER(Name("EngineKeyedDropout").Device(DEVICE_CPU).TypeConstraint<float>("T"),
@@ -293,15 +310,6 @@ inline float ExpNonPositive(float x) {
   return out;
 }
 
-inline float KeptOrZero(float v, uint32_t kept) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits &= 0u - kept;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
-inline uint16_t KeptOrZero(uint16_t v, uint32_t kept) { return static_cast<uint16_t>(v & (0u - kept)); }
-
 // One row of EngineSoftmaxDropout: probs and y from logits, the mask row and the 16-bit uniforms
 // (words[j] >> shift) & 0xFFFF; `x` is scratch for n floats.
 template <typename Bits>
@@ -332,7 +340,7 @@ __attribute__((always_inline)) inline void SoftmaxDropoutRow(const Bits* __restr
     const Bits probability = Round<Bits>(x[j] * inverse);
     probs[j] = probability;
     const uint32_t kept = ((words[j] >> shift) & 0xFFFFu) >= threshold;
-    y[j] = KeptOrZero(Round<Bits>(Widen(probability) * scale), kept);
+    y[j] = Dropped(probability, kept, scale);
   }
 }
 
@@ -450,7 +458,6 @@ class SoftmaxDropoutOp : public KeyedOpBase<T> {
     const int64_t units = paired ? rows / 2 : rows;
     Shard(workers->num_threads, workers->workers, units, (paired ? 120 : 60) * keys, work);
   }
-
 };
 
 template <typename T>
@@ -459,7 +466,7 @@ class SoftmaxDropoutGradOp : public OpKernel {
   explicit SoftmaxDropoutGradOp(OpKernelConstruction* context) : OpKernel(context) {
     float scale;
     OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
-    scale_ = std::is_same<T, bfloat16>::value ? FromBfloat16(ToBfloat16(scale)) : scale;
+    scale_ = ScaleIn<T>(scale);
   }
 
   void Compute(OpKernelContext* context) override {
