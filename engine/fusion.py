@@ -17,13 +17,9 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     bias stays a separate op, since that fused op has no AMX kernel (see _bias_apart_from_matmul). At inference
     the FFN's GELU joins the fusion (MatMul + BiasAdd + GeluExact); in training it stays the XLA Activation
     kernel, since the backward pass needs the pre-activation the fused op does not keep.
-  * Multi-head attention (Keras' MultiHeadAttention over one sequence axis): the scores and the context as
-    batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums, which oneDNN runs as
-    many small head_dim-32 contractions with their own transposes. In training on the CPU, the masked softmax
-    and the attention dropout are one C++ op and their gradient another (engine/dropout.softmax_dropout: the same
-    masks as the keyed Dropout layer); elsewhere they are the layer's own. At inference the transposes to and
-    from heads-first run on the bits as integers, which oneDNN's build does not reroute to its slower
-    small-tensor transpose (see _swap_seq_and_heads).
+  * Multi-head attention (Keras' MultiHeadAttention over one sequence axis; engine/attention.py): the scores and
+    the context as batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums; in training
+    on the CPU the masked softmax and the attention dropout as one C++ op, and their gradient as another.
   * LayerNormalization over the last axis (engine/layer_norm.py): at inference in fewer ops than Keras' moments
     + batch_normalization; in training on the CPU as one C++ pass forward and one backward (elsewhere Keras'
     forward ops and a closed-form gradient).
@@ -56,7 +52,6 @@ the XLA kernels, for graphs that must run where XLA may not exist (a SavedModel 
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 import tensorflow as tf
@@ -64,7 +59,7 @@ import tf_keras
 from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
 from tf_keras.src.mixed_precision import autocast_variable  # reading a variable in its own dtype
 
-from engine import dropout, host, layer_norm, unpadding
+from engine import attention, dropout, host, layer_norm, unpadding
 
 
 def resolve_fuse_elementwise(setting) -> bool:
@@ -182,46 +177,6 @@ def _is_plain_dense(layer) -> bool:
     return layer.bias is None or tuple(layer.bias.shape) == free_dims
 
 
-def _attention_call(layer, query, key, value, attention_mask=None, training=None):
-    # Keras' _compute_attention with its two einsums ("aecd,abcd->acbe", "acbe,aecd->abcd") as batched
-    # MatMuls over [batch, heads, seq, head_dim]; the scale is the layer's own, and so are the masked softmax and
-    # dropout except in training on the CPU, where dropout.softmax_dropout runs them as one C++ op.
-    query = tf.multiply(query, 1.0 / math.sqrt(float(layer._key_dim)))
-    query, key, value = (_swap_seq_and_heads(t) for t in (query, key, value))
-    logits = tf.matmul(query, key, transpose_b=True)
-    in_training = training is True or (training is None and _training())
-    fused = dropout.softmax_dropout(logits, attention_mask, layer._dropout_layer) if in_training else None
-    if fused is None:
-        scores = layer._masked_softmax(logits, attention_mask)
-        dropped = layer._dropout_layer(scores, training=training)
-    else:
-        dropped, scores = fused
-    return _swap_seq_and_heads(tf.matmul(dropped, value)), scores
-
-
-# Same-width integer types for _swap_seq_and_heads.
-_AS_INTEGERS = {tf.float32: tf.int32, tf.bfloat16: tf.int16, tf.float16: tf.int16}
-
-
-def _swap_seq_and_heads(tensor):
-    """[batch, seq, heads, head_dim] <-> [batch, heads, seq, head_dim].
-
-    At inference the transpose runs on the bits as same-width integers: TensorFlow's oneDNN build rewrites every
-    float Transpose into _MklTranspose, which took ~50 us for one sentence's [1, 25, 12, 32] against ~5 us for
-    Eigen's integer transpose (the same at batch 32; bench/RESULTS.md), and a forward has 4 per layer. Bitcasts
-    are views; the gradient (for gradients taken at inference, e.g. saliency) is the plain transpose. Training
-    keeps tf.transpose."""
-    if _training() or tensor.dtype not in _AS_INTEGERS:
-        return tf.transpose(tensor, [0, 2, 1, 3])
-    return _swap_as_integers(tensor)
-
-
-@tf.custom_gradient
-def _swap_as_integers(tensor):
-    swapped = tf.bitcast(tf.transpose(tf.bitcast(tensor, _AS_INTEGERS[tensor.dtype]), [0, 2, 1, 3]), tensor.dtype)
-    return swapped, lambda upstream: tf.transpose(upstream, [0, 2, 1, 3])  # the swap is its own inverse
-
-
 def _layer_norm_call(layer, inputs):
     # Keras' LayerNormalization over the last axis with engine/layer_norm's kernels: fewer ops at inference, the
     # C++ op (or Keras' forward ops with a closed-form gradient) in training. Keras' call elsewhere (other axes,
@@ -282,7 +237,7 @@ def _is_plain_block(layer) -> bool:
     cls = type(layer)
     return (cls.__name__ == "TransformerEncoderBlock" and cls.__module__.startswith("official.")
             and not layer._norm_first and layer._use_query_residual and layer._linformer_dim is None
-            and not layer._return_attention_scores and _is_plain_attention(layer._attention_layer))
+            and not layer._return_attention_scores and attention.is_plain(layer._attention_layer))
 
 
 def _embedding_call(layer, inputs):
@@ -310,13 +265,6 @@ def _is_plain_embedding(layer) -> bool:
             and not getattr(layer, "_use_one_hot", True) and hasattr(layer, "_embedding_width"))
 
 
-def _is_plain_attention(layer) -> bool:
-    return (isinstance(layer, tf_keras.layers.MultiHeadAttention)
-            and type(layer)._compute_attention is tf_keras.layers.MultiHeadAttention._compute_attention
-            and getattr(layer, "_dot_product_equation", None) == "aecd,abcd->acbe"
-            and getattr(layer, "_combine_equation", None) == "acbe,aecd->abcd")
-
-
 def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_padding_in_training: bool = False
                      ) -> dict[str, int]:
     """Rebinds the model's layers as the module docstring lists; returns how many of each kind.
@@ -336,8 +284,8 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
         elif _is_plain_embedding(layer) and not export_safe:
             layer.call = functools.partial(_embedding_call, layer)
             counts["embedding"] += 1
-        elif _is_plain_attention(layer):
-            layer._compute_attention = functools.partial(_attention_call, layer)
+        elif attention.is_plain(layer):
+            layer._compute_attention = functools.partial(attention.compute_attention, layer)
             counts["attention"] += 1
         elif _is_plain_block(layer):
             layer.call = functools.partial(_unpadded_block_call, layer, skip_padding_in_training)
