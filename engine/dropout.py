@@ -23,7 +23,7 @@ the same masks and values bit for bit, with Philox vectorized, which XLA's CPU c
 ran 1.044x in bf16, 1.031x in float32 on the AMX Xeon (bench/RESULTS.md, 2026-12-04). The gradient stays the
 XLA kernel (a masked scale, as fast in C++). BERT_ENGINE_NATIVE_DROPOUT=0 turns the op off.
 
-The attention's dropout goes further (softmax_dropout, called by engine/fusion.py): Keras' masked softmax and this
+The attention's dropout goes further (softmax_dropout, called by engine/attention.py): Keras' masked softmax and this
 dropout as one C++ pass and their gradient as another, with the masks a keyed layer would draw.
 """
 from __future__ import annotations

@@ -284,32 +284,6 @@ REGISTER_OP("EngineSoftmaxDropoutGrad")
 
 constexpr float kMaskedOut = -1e9f;  // what Keras' Softmax adds where the mask is 0 (tf_keras softmax.py)
 
-// exp(x) for x <= 0 (Cephes' expf polynomial, within 2 ulp of the true value); 0 below -87.3, where the result would
-// be subnormal; NaN stays NaN. Written without branches so that the row loops vectorize.
-inline float ExpNonPositive(float x) {
-  const float clamped = x < -87.3f ? -87.3f : x;
-  const int32_t k = static_cast<int32_t>(clamped * 1.44269504088896341f - 0.5f);  // round(x / ln 2), as x <= 0
-  const float n = static_cast<float>(k);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const uint32_t power_bits = static_cast<uint32_t>(k + 127) << 23;  // 2^n
-  float power;
-  std::memcpy(&power, &power_bits, 4);
-  const float result = p * power;
-  uint32_t bits;
-  std::memcpy(&bits, &result, 4);
-  bits &= 0u - static_cast<uint32_t>(!(x < -87.3f));
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
-
 // One row of EngineSoftmaxDropout: probs and y from logits, the mask row and the 16-bit uniforms
 // (words[j] >> shift) & 0xFFFF; `x` is scratch for n floats.
 template <typename Bits>

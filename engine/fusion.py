@@ -15,18 +15,20 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     and FFN projections): one 2-D MatMul + BiasAdd, which grappler's oneDNN remapper fuses into a single
     `_MklFusedMatMul` (Keras' Einsum + AddV2 runs the bias as a separate pass); in bfloat16 on AMX CPUs the
     bias stays a separate op, since that fused op has no AMX kernel (see _bias_apart_from_matmul). At inference
-    the FFN's GELU joins the fusion (MatMul + BiasAdd + GeluExact); in training it stays the XLA Activation
-    kernel, since the backward pass needs the pre-activation the fused op does not keep.
+    the FFN's GELU joins the fusion (MatMul + BiasAdd + GeluExact); in training on the CPU the FFN's bias and
+    GELU are our C++ op (engine/bias_gelu.py, which recomputes the pre-activation in its backward pass), and
+    elsewhere the GELU stays the XLA Activation kernel.
   * Multi-head attention (Keras' MultiHeadAttention over one sequence axis; engine/attention.py): the scores and
     the context as batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums; in training
     on the CPU the masked softmax and the attention dropout as one C++ op, and their gradient as another.
   * LayerNormalization over the last axis (engine/layer_norm.py): at inference in fewer ops than Keras' moments
     + batch_normalization; in training on the CPU as one C++ pass forward and one backward (elsewhere Keras'
     forward ops and a closed-form gradient).
-  * Model Garden's Transformer blocks, at inference when over 15 % of the batch's positions are padding, and in
-    training when asked (RuntimeConfig.skip_padding_in_training): the projections, FFN and LayerNorms on the
-    real tokens only, gathered into one row ([1, tokens, hidden]); attention alone runs on the padded layout
-    (see _unpadded_block_call; the rows move in engine/unpadding.py). Zeros at padded positions.
+  * Model Garden's Transformer blocks, sublayer by sublayer (so that the FFN can take the C++ op); at inference
+    when over 15 % of the batch's positions are padding, and in training when asked
+    (RuntimeConfig.skip_padding_in_training), the projections, FFN and LayerNorms on the real tokens only,
+    gathered into one row ([1, tokens, hidden]); attention alone runs on the padded layout (see _block_call;
+    the rows move in engine/unpadding.py). Zeros at padded positions.
   * Model Garden's word-embedding lookup (OnDeviceEmbedding): gathered from a dense read of the table
     instead of by ResourceGather, which would put the variable into TensorFlow's copy-on-read mode, where
     every optimizer update copies the whole table (see _embedding_call). Not in export_safe graphs: they
@@ -59,7 +61,7 @@ import tf_keras
 from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
 from tf_keras.src.mixed_precision import autocast_variable  # reading a variable in its own dtype
 
-from engine import attention, dropout, host, layer_norm, unpadding
+from engine import attention, bias_gelu, dropout, host, layer_norm, unpadding
 
 
 def resolve_fuse_elementwise(setting) -> bool:
@@ -127,18 +129,24 @@ def _fused_activation_call(layer: tf_keras.layers.Activation, inputs):
 _TRAILING_CONTRACTIONS = {"abc,cd->abd": 1, "abc,cde->abde": 1, "abcd,cde->abe": 2}
 
 
-def _dense_call(layer, inputs):
+def _dense_product(layer, inputs):
+    """The EinsumDense's contraction as one 2-D MatMul, [rows, fan_in] x [fan_in, units], and the output shape."""
     contracted = _TRAILING_CONTRACTIONS[layer.equation]
     kernel = layer.kernel
     fan_in = int(np.prod(kernel.shape[:contracted]))
-    outputs = tf.matmul(tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]))
+    product = tf.matmul(tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]))
+    return product, tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0)
+
+
+def _dense_call(layer, inputs):
+    outputs, output_shape = _dense_product(layer, inputs)
     activation = getattr(layer, "_fused_activation", None) if not _training() else None
     bias_apart = layer.bias is not None and activation is None and _bias_apart_from_matmul(outputs.dtype)
     if layer.bias is not None and not bias_apart:
         outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
     if activation is not None:
         outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
-    outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
+    outputs = tf.reshape(outputs, output_shape)
     if bias_apart:  # added after the Reshape, which keeps grappler from fusing it into the MatMul
         outputs = _add_bias(outputs, tf.cast(layer.bias, outputs.dtype))  # bias: the kernel's trailing shape
     return outputs
@@ -196,7 +204,7 @@ def _layer_norm_call(layer, inputs):
     return tf.cast(outputs, input_dtype)
 
 
-# _unpadded_block_call removes padding at inference when it is more than this fraction of a batch's positions.
+# _block_call removes padding at inference when it is more than this fraction of a batch's positions.
 # Moving rows cost ~6 % of a block (measured with ScatterNd, before unpadding.spread_rows) on sorted SST-2
 # batches of 32 (little padding) and at batch 1 (none), where the stock block runs instead; in input order
 # (~45 % padding) MiniLM's forward ran 1.36x. The tf.cond itself costs ~0.35 ms per batch-1 forward (0.96x;
@@ -204,36 +212,55 @@ def _layer_norm_call(layer, inputs):
 _UNPAD_ABOVE = 0.15
 
 
-def _unpadded_block_call(block, on_tokens_in_training, inputs, output_range=None):
-    # A TransformerEncoderBlock's projections, FFN and LayerNorms run on the real tokens only: [1, rows, hidden]
-    # gathered from [batch, seq, hidden], so a batch of mixed lengths costs its tokens, not batch x longest.
-    # Only attention needs the padded layout: Q, K and V are spread back for it and the context gathered
-    # again. Values at padded positions differ from the stock block's, and no mask lets any later position or
-    # head read them. The idea of FasterTransformer's and ByteTransformer's "remove padding"; Model Garden's
-    # block has no such mode. Other block configurations run the stock call, and so does training unless
-    # `on_tokens_in_training`. At inference a batch with little padding runs the stock block.
-    training = _training()
-    if ((training and not on_tokens_in_training) or output_range or block._output_range
-            or not isinstance(inputs, (list, tuple)) or len(inputs) != 2 or inputs[1] is None):
+def _block_call(block, on_tokens_in_training, inputs, output_range=None):
+    # A TransformerEncoderBlock sublayer by sublayer (unpadding.block_sublayers), so that its FFN can run as one
+    # C++ op in training (_ffn_inner); and its projections, FFN and LayerNorms on the real tokens only at inference,
+    # and in training when `on_tokens_in_training`: [1, rows, hidden] gathered from [batch, seq, hidden], so a
+    # batch of mixed lengths costs its tokens, not batch x longest. Only attention needs the padded layout: Q, K
+    # and V are spread back for it and the context gathered again. Values at padded positions differ from the
+    # stock block's, and no mask lets any later position or head read them. The idea of FasterTransformer's and
+    # ByteTransformer's "remove padding"; Model Garden's block has no such mode. Other block configurations run
+    # the stock call. At inference a batch with little padding runs the stock block.
+    if (output_range or block._output_range or not isinstance(inputs, (list, tuple)) or len(inputs) != 2
+            or inputs[1] is None):
         return type(block).call(block, inputs, output_range=output_range)
     x, attention_mask = inputs
+    training = _training()
+    ffn = functools.partial(_ffn_inner, block)
+    if training and not on_tokens_in_training:
+        return unpadding.block_sublayers(block, x, attention_mask, training, ffn)
     # A position is a token if some query may attend to it (padding columns are masked out for every row).
     is_token = tf.reshape(tf.reduce_any(tf.cast(attention_mask, tf.bool), axis=1), [-1])
     tokens = tf.reduce_sum(tf.cast(is_token, tf.int32))
     if training:
         # No tf.cond here: keyed dropout's custom gradient cannot reach into a cond branch. Rows are bucketed
-        # (unpadding.training_rows) so the XLA dropout and GELU kernels compile once per bucket, not per batch.
+        # (unpadding.training_rows) so the XLA dropout kernels compile once per bucket, not per batch.
         return unpadding.block_on_tokens(block, x, attention_mask, is_token,
-                                         unpadding.training_rows(tokens, tf.size(is_token)), training)
+                                         unpadding.training_rows(tokens, tf.size(is_token)), training, ffn)
     padding = 1.0 - tf.cast(tokens, tf.float32) / tf.cast(tf.size(is_token), tf.float32)
     return tf.cond(padding > _UNPAD_ABOVE,
-                   lambda: unpadding.block_on_tokens(block, x, attention_mask, is_token, tokens, False),
+                   lambda: unpadding.block_on_tokens(block, x, attention_mask, is_token, tokens, False, ffn),
                    lambda: type(block).call(block, inputs))
+
+
+def _ffn_inner(block, inputs):
+    """A TransformerEncoderBlock's FFN up to its output projection: intermediate dense, GELU, inner dropout. In
+    training with Keras' exact GELU on the CPU: the dense's MatMul, then its bias and the GELU as one C++ op and
+    their gradient as another (engine/bias_gelu.py); else the layers."""
+    dense, activation = block._intermediate_dense, block._intermediate_activation_layer
+    if _training() and getattr(activation, "_fused_into_dense", False) and dense.bias is not None:
+        product, output_shape = _dense_product(dense, tf.cast(inputs, dense.compute_dtype))
+        with autocast_variable.enable_auto_cast_variables(None):
+            bias = tf.reshape(dense.bias.value(), [-1])  # float32: the op rounds it as Keras' autocast would
+        activated = bias_gelu.training(product, bias)
+        if activated is not None:
+            return block._inner_dropout_layer(tf.reshape(activated, output_shape))
+    return block._inner_dropout_layer(activation(dense(inputs)))
 
 
 def _is_plain_block(layer) -> bool:
     # Recognized by name and module, so the engine does not import Model Garden for this check; the settings
-    # _unpadded_block_call replicates (post-LayerNorm BERT with the query residual, full attention).
+    # _block_call replicates (post-LayerNorm BERT with the query residual, full attention).
     cls = type(layer)
     return (cls.__name__ == "TransformerEncoderBlock" and cls.__module__.startswith("official.")
             and not layer._norm_first and layer._use_query_residual and layer._linformer_dim is None
@@ -271,7 +298,7 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
 
     export_safe: only the rewrites made of standard TensorFlow ops (dense, attention, LayerNorm, and the GELU
     fused into the dense at inference), no XLA kernels, and not the embedding lookup (a served graph updates nothing).
-    skip_padding_in_training: Transformer blocks train on their real tokens too (_unpadded_block_call); the
+    skip_padding_in_training: Transformer blocks train on their real tokens too (_block_call); the
     token count is dynamic, so not under whole-step XLA (a TPU's, or --jit_compile)."""
     counts = dict.fromkeys(("dropout", "activation", "dense", "attention", "layer_norm", "embedding", "block"), 0)
     if not export_safe:
@@ -288,7 +315,7 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
             layer._compute_attention = functools.partial(attention.compute_attention, layer)
             counts["attention"] += 1
         elif _is_plain_block(layer):
-            layer.call = functools.partial(_unpadded_block_call, layer, skip_padding_in_training)
+            layer.call = functools.partial(_block_call, layer, skip_padding_in_training)
             counts["block"] += 1
         elif type(layer) is tf_keras.layers.LayerNormalization and len(layer.axis) == 1:
             layer.call = functools.partial(_layer_norm_call, layer)

@@ -20,7 +20,7 @@ def training_rows(tokens, positions):
     return tf.minimum((tokens + step - 1) // step * step, positions)
 
 
-def block_on_tokens(block, x, attention_mask, is_token, rows, training):
+def block_on_tokens(block, x, attention_mask, is_token, rows, training, ffn):
     """The block on the first `rows` positions of [tokens in order, then padding] (`is_token`: [batch x seq])."""
     positions = tf.size(is_token)
     # Tokens first, each group in row-major order; rows beyond the tokens are padding positions, whose values
@@ -38,6 +38,16 @@ def block_on_tokens(block, x, attention_mask, is_token, rows, training):
         flat = spread_rows(tf.squeeze(t, 0), slot, order, training)
         return tf.reshape(flat, tf.concat([padded_shape, tf.shape(t)[2:]], 0))
 
+    return block_sublayers(block, x, attention_mask, training, ffn, unpad, pad)
+
+
+def block_sublayers(block, x, attention_mask, training, ffn, unpad=None, pad=None):
+    """A post-LayerNorm TransformerEncoderBlock's call (query residual, full attention), sublayer by sublayer:
+    the projections, FFN (`ffn(attended)`: from the attention's LayerNorm output to the inner dropout's) and
+    LayerNorms on `unpad(x)`'s rows, attention on the padded layout; `pad` brings rows back. Without unpad/pad:
+    the padded layout throughout, the stock call's ops."""
+    unpad = unpad or (lambda t: t)
+    pad = pad or (lambda t: t)
     attention = block._attention_layer
     source = unpad(x)
     query, key, value = (pad(dense(source)) for dense in (
@@ -45,8 +55,7 @@ def block_on_tokens(block, x, attention_mask, is_token, rows, training):
     context, _ = attention._compute_attention(query, key, value, attention_mask, training=training)
     attended = block._attention_dropout(attention._output_dense(unpad(context)))
     attended = block._attention_layer_norm(source + attended)
-    inner = block._inner_dropout_layer(block._intermediate_activation_layer(block._intermediate_dense(attended)))
-    output = block._output_dropout(block._output_dense(inner))
+    output = block._output_dropout(block._output_dense(ffn(attended)))
     # As the stock block: under a mixed policy the LayerNorm works in float32 and the sum is taken there.
     output = block._output_layer_norm(tf.cast(output, tf.float32) + attended)
     return pad(output)

@@ -117,3 +117,40 @@ def reads_alias(variable) -> bool:
     (engine/fusion.py). `_numpy()` is the view of a tensor's buffer; `numpy()` would copy."""
     first, second = variable.value(), variable.value()
     return first._numpy().__array_interface__["data"][0] == second._numpy().__array_interface__["data"][0]
+
+
+def encoder_pair_with_dropout():
+    """(inputs, stock, fused): two tiny BERT encoders with dropout on and the same weights; `stock` with keyed
+    dropout only (the engine's stock path: the same masks), `fused` with all of engine/fusion.py's rewrites."""
+    from engine import dropout, fusion  # noqa: PLC0415
+    from tasks.encoders import bert  # noqa: PLC0415
+    config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.1,
+                                    "attention_probs_dropout_prob": 0.1})
+    ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
+    mask = tf.cast(tf.range(16)[None] < tf.constant([[16], [11], [5], [1]]), tf.int32)
+    inputs = {"input_word_ids": ids * mask, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
+    stock, fused = bert.build_encoder(config), bert.build_encoder(config)
+    stock(inputs), fused(inputs)
+    fused.set_weights(stock.get_weights())
+    dropout.rebind(stock, xla=False)
+    fusion.fuse_elementwise(fused)
+    return inputs, stock, fused
+
+
+DROPOUT_KEY = tf.constant([0x1234_5678_9ABC_DEF0, -11], tf.int64)
+
+
+def encoder_training_step(model, inputs):
+    """A tf.function: the encoder's training forward under dropout key DROPOUT_KEY, returning the real positions'
+    sequence output and the gradients of a loss on both outputs."""
+    from engine import dropout  # noqa: PLC0415
+
+    @tf.function
+    def compute():
+        with tf.GradientTape() as tape, dropout.keys(DROPOUT_KEY):
+            outputs = model(inputs, training=True)
+            real = tf.cast(inputs["input_mask"], tf.float32)[:, :, None]
+            y = tf.cast(outputs["sequence_output"], tf.float32) * real
+            loss = tf.reduce_sum(y * y) + tf.reduce_sum(tf.cast(outputs["pooled_output"], tf.float32))
+        return [y] + [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_variables)]
+    return compute

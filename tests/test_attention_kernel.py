@@ -9,12 +9,11 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from engine import dropout, fusion
-from engine_helpers import graph_op_types
-from tasks.encoders import bert
+from engine import dropout
+from engine_helpers import DROPOUT_KEY, encoder_pair_with_dropout, encoder_training_step, graph_op_types
 
 RATE = 0.1
-KEY = tf.constant([0x1234_5678_9ABC_DEF0, -11], tf.int64)
+KEY = DROPOUT_KEY
 
 
 def _keyed_dropout_layer():
@@ -120,38 +119,12 @@ def test_gradient_matches_float64(dtype, use_probabilities):
     np.testing.assert_allclose(got, expected, atol=atol, rtol=_relative_tolerance(dtype))
 
 
-def _encoder_pair():
-    config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "hidden_dropout_prob": 0.1,
-                                    "attention_probs_dropout_prob": 0.1})
-    ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
-    mask = tf.cast(tf.range(16)[None] < tf.constant([[16], [11], [5], [1]]), tf.int32)
-    inputs = {"input_word_ids": ids * mask, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
-    stock, fused = bert.build_encoder(config), bert.build_encoder(config)
-    stock(inputs), fused(inputs)
-    fused.set_weights(stock.get_weights())
-    dropout.rebind(stock, xla=False)  # the engine's stock path: keyed dropout, the same masks
-    fusion.fuse_elementwise(fused)
-    return inputs, stock, fused
-
-
-def _training_step(model, inputs):
-    @tf.function
-    def compute():
-        with tf.GradientTape() as tape, dropout.keys(KEY):
-            outputs = model(inputs, training=True)
-            real = tf.cast(inputs["input_mask"], tf.float32)[:, :, None]
-            y = tf.cast(outputs["sequence_output"], tf.float32) * real
-            loss = tf.reduce_sum(y * y) + tf.reduce_sum(tf.cast(outputs["pooled_output"], tf.float32))
-        return [y] + [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_variables)]
-    return compute
-
-
 def test_fused_encoder_trains_with_stock_values_and_gradients_under_the_same_keys(monkeypatch):
-    inputs, stock, fused = _encoder_pair()
-    fused_step = _training_step(fused, inputs)
+    inputs, stock, fused = encoder_pair_with_dropout()
+    fused_step = encoder_training_step(fused, inputs)
     assert "EngineSoftmaxDropout" in graph_op_types(fused_step)
     assert "EngineSoftmaxDropoutGrad" in graph_op_types(fused_step)
-    expected = [t.numpy() for t in _training_step(stock, inputs)()]
+    expected = [t.numpy() for t in encoder_training_step(stock, inputs)()]
     got = [t.numpy() for t in fused_step()]
     assert len(got) == len(expected) == len(stock.trainable_variables) + 1
     for e, g in zip(expected, got):
@@ -159,4 +132,4 @@ def test_fused_encoder_trains_with_stock_values_and_gradients_under_the_same_key
     # Inference has no dropout, so the layer's own softmax runs; with the switch off, training runs it too.
     assert "EngineSoftmaxDropout" not in graph_op_types(tf.function(lambda: fused(inputs, training=False)))
     monkeypatch.setenv(dropout.LIBRARY.switch, "0")
-    assert "EngineSoftmaxDropout" not in graph_op_types(_training_step(fused, inputs))
+    assert "EngineSoftmaxDropout" not in graph_op_types(encoder_training_step(fused, inputs))

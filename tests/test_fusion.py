@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 import bert_numpy_reference as ref
-from engine import dropout, fusion, host, layer_norm, unpadding
+from engine import bias_gelu, dropout, fusion, host, layer_norm, unpadding
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, graph_op_types, run_training
 from tasks.encoders import bert
@@ -484,9 +484,10 @@ def test_attention_transposes_run_on_integer_bits_at_inference_only():
     assert transposes(training=True) == ["float32"] * 4 * config.num_hidden_layers
 
 
-def test_export_safe_graph_has_no_xla_kernel():
+def test_export_safe_graph_has_no_xla_kernel(monkeypatch):
     _, inputs, _, fused = _encoder_pair()
     _, _, _, safe = _encoder_pair()
+    monkeypatch.setenv(bias_gelu.LIBRARY.switch, "0")  # so that training runs the XLA GELU kernels
 
     def xla_functions(model, training):
         graph = tf.function(lambda x: model(x, training=training)).get_concrete_function(inputs).graph
