@@ -16,7 +16,7 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     `_MklFusedMatMul` (Keras' Einsum + AddV2 runs the bias as a separate pass); in bfloat16 on AMX CPUs the
     bias stays a separate op, since that fused op has no AMX kernel (see _bias_apart_from_matmul). At inference
     the FFN's GELU joins the fusion (MatMul + BiasAdd + GeluExact); in training on the CPU the FFN's bias and
-    GELU are our C++ op (engine/bias_gelu.py, which recomputes the pre-activation in its backward pass), and
+    GELU are our C++ op (engine/bias.py, which recomputes the pre-activation in its backward pass), and
     elsewhere the GELU stays the XLA Activation kernel.
   * Multi-head attention (Keras' MultiHeadAttention over one sequence axis; engine/attention.py): the scores and
     the context as batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums; in training
@@ -61,7 +61,8 @@ import tf_keras
 from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
 from tf_keras.src.mixed_precision import autocast_variable  # reading a variable in its own dtype
 
-from engine import attention, bias_gelu, dropout, host, layer_norm, unpadding
+from engine import attention, dropout, host, layer_norm, unpadding
+from engine import bias as bias_ops  # (layers have `bias` attributes and arguments)
 
 
 def resolve_fuse_elementwise(setting) -> bool:
@@ -163,7 +164,8 @@ def _add_bias(outputs, bias):
         rows = tf.reshape(upstream, [-1, size])
         ones = tf.ones(tf.stack([1, tf.shape(rows)[0]]), upstream.dtype)
         return upstream, tf.reshape(tf.matmul(ones, rows), tf.shape(bias))
-    return outputs + bias, gradient
+    added = bias_ops.add(outputs, bias)
+    return (outputs + bias if added is None else added), gradient
 
 
 def _bias_apart_from_matmul(dtype) -> bool:
@@ -246,13 +248,13 @@ def _block_call(block, on_tokens_in_training, inputs, output_range=None):
 def _ffn_inner(block, inputs):
     """A TransformerEncoderBlock's FFN up to its output projection: intermediate dense, GELU, inner dropout. In
     training with Keras' exact GELU on the CPU: the dense's MatMul, then its bias and the GELU as one C++ op and
-    their gradient as another (engine/bias_gelu.py); else the layers."""
+    their gradient as another (engine/bias.py); else the layers."""
     dense, activation = block._intermediate_dense, block._intermediate_activation_layer
     if _training() and getattr(activation, "_fused_into_dense", False) and dense.bias is not None:
         product, output_shape = _dense_product(dense, tf.cast(inputs, dense.compute_dtype))
         with autocast_variable.enable_auto_cast_variables(None):
             bias = tf.reshape(dense.bias.value(), [-1])  # float32: the op rounds it as Keras' autocast would
-        activated = bias_gelu.training(product, bias)
+        activated = bias_ops.add_gelu(product, bias)
         if activated is not None:
             return block._inner_dropout_layer(tf.reshape(activated, output_shape))
     return block._inner_dropout_layer(activation(dense(inputs)))

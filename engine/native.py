@@ -159,9 +159,9 @@ DROPOUT = Library("dropout_kernel", switch="BERT_ENGINE_NATIVE_DROPOUT", descrip
                   fallback="TensorFlow's ops for dropout: the same masks, slower")
 LAYER_NORM = Library("layer_norm_kernel", switch="BERT_ENGINE_NATIVE_LAYER_NORM", description="LayerNorm kernel",
                      fallback="TensorFlow's ops for LayerNorm in training: the same math, slower")
-BIAS_GELU = Library("gelu_kernel", switch="BERT_ENGINE_NATIVE_GELU", description="bias + GELU kernel",
+BIAS = Library("bias_kernel", switch="BERT_ENGINE_NATIVE_BIAS", description="bias kernel",
                     fallback="TensorFlow's bias add and XLA's GELU in training: the same math, slower")
-LIBRARIES = (ADAMW, DROPOUT, LAYER_NORM, BIAS_GELU)
+LIBRARIES = (ADAMW, DROPOUT, LAYER_NORM, BIAS)
 
 
 def main(argv: Optional[list] = None) -> int:

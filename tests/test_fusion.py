@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 import bert_numpy_reference as ref
-from engine import bias_gelu, dropout, fusion, host, layer_norm, unpadding
+from engine import bias, dropout, fusion, host, layer_norm, unpadding
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, graph_op_types, run_training
 from tasks.encoders import bert
@@ -461,6 +461,7 @@ def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only(monkeypatc
                 ones_matmuls = [op for op in graph.get_operations() if op.type == "MatMul"
                                 and op.inputs[0].op.type == "Fill"]
                 assert len(ones_matmuls) == 1, [op.name for op in graph.get_operations() if op.type == "MatMul"]
+                assert "EngineBiasAdd" in {op.type for op in graph.get_operations()}  # engine/bias.add
             matmul = next(op for op in graph.get_operations() if op.type == "MatMul")
             consumers = [c.type for c in matmul.outputs[0].consumers()]
             assert consumers == (["Reshape"] if amx else ["BiasAdd"]), (equation, consumers)
@@ -487,7 +488,7 @@ def test_attention_transposes_run_on_integer_bits_at_inference_only():
 def test_export_safe_graph_has_no_xla_kernel(monkeypatch):
     _, inputs, _, fused = _encoder_pair()
     _, _, _, safe = _encoder_pair()
-    monkeypatch.setenv(bias_gelu.LIBRARY.switch, "0")  # so that training runs the XLA GELU kernels
+    monkeypatch.setenv(bias.LIBRARY.switch, "0")  # so that training runs the XLA GELU kernels
 
     def xla_functions(model, training):
         graph = tf.function(lambda x: model(x, training=training)).get_concrete_function(inputs).graph

@@ -1,6 +1,10 @@
-// The FFN's bias add and exact GELU in training on the CPU: one pass forward (EngineBiasGelu) and one backward
-// (EngineBiasGeluGrad), which recomputes the pre-activation from the dense layer's product and the bias instead of
-// keeping it. engine/bias_gelu.py builds them (through engine/native.py) and says why they exist. Per unit, with T
+// A dense layer's bias in training on the CPU. engine/bias.py builds these ops (through engine/native.py) and says
+// why they exist.
+//
+// EngineBiasAdd: x + round_T(bias) rounded to T, the bits of TensorFlow's AddV2 (forward only).
+//
+// The FFN's bias add and exact GELU: one pass forward (EngineBiasGelu) and one backward (EngineBiasGeluGrad), which
+// recomputes the pre-activation from the dense layer's product and the bias instead of keeping it. Per unit, with T
 // the tensors' type (float or bfloat16):
 //   a       = x + round_T(bias) in float32         (TensorFlow's AddV2 would round a to T first: a rounding less)
 //   y       = round_T(gelu(a)),  gelu(a) = a / 2 * (1 + erf(a / sqrt 2)) in float32 (Keras' gelu, exact form)
@@ -26,6 +30,16 @@ using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, bfloat16 rounding, Ex
 REGISTER_OP("EngineBiasGelu")
     .Input("x: T")       // [..., n]: a dense layer's product, before its bias
     .Input("bias: float")  // [n]
+    .Output("y: T")
+    .Attr("T: {float, bfloat16}")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return OkStatus();
+    });
+
+REGISTER_OP("EngineBiasAdd")
+    .Input("x: T")         // [..., n]
+    .Input("bias: float")  // [n], rounded to T first
     .Output("y: T")
     .Attr("T: {float, bfloat16}")
     .SetShapeFn([](shape_inference::InferenceContext* c) {
@@ -130,6 +144,18 @@ inline void BackwardRowOf(const uint16_t* dy, const uint16_t* x, const float* bi
   BackwardRowBfloat16(dy, x, bias, dx, sums, n);
 }
 
+template <typename Bits>
+__attribute__((always_inline)) inline void AddRow(const Bits* __restrict x, const float* __restrict bias,
+                                                  Bits* __restrict y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] = Round<Bits>(Widen(x[j]) + bias[j]);
+}
+ENGINE_CLONES void AddRowFloat(const float* x, const float* bias, float* y, int64_t n) { AddRow(x, bias, y, n); }
+ENGINE_CLONES void AddRowBfloat16(const uint16_t* x, const float* bias, uint16_t* y, int64_t n) {
+  AddRow(x, bias, y, n);
+}
+inline void AddRowOf(const float* x, const float* bias, float* y, int64_t n) { AddRowFloat(x, bias, y, n); }
+inline void AddRowOf(const uint16_t* x, const float* bias, uint16_t* y, int64_t n) { AddRowBfloat16(x, bias, y, n); }
+
 // The bias as the ops add it, rounded to T. False, with the op failed, unless it has one value per unit of x's last
 // axis.
 template <typename T>
@@ -166,6 +192,29 @@ class BiasGeluOp : public OpKernel {
     };
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
     Shard(workers->num_threads, workers->workers, rows, 30 * n, work);  // cycles per row, roughly
+  }
+};
+
+template <typename T>
+class BiasAddOp : public OpKernel {
+ public:
+  explicit BiasAddOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& x = context->input(0);
+    std::vector<float> bias;
+    if (!BiasInT<T>(context, x, context->input(1), &bias)) return;
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, x.shape(), &y));  // in place when x is not used elsewhere
+    const int64_t n = x.dim_size(x.dims() - 1);
+    const int64_t rows = n == 0 ? 0 : x.NumElements() / n;
+    const BitsOf<T>* x_data = reinterpret_cast<const BitsOf<T>*>(x.flat<T>().data());
+    BitsOf<T>* y_data = reinterpret_cast<BitsOf<T>*>(y->flat<T>().data());
+    auto work = [&](int64_t first, int64_t end) {
+      for (int64_t row = first; row < end; ++row) AddRowOf(x_data + row * n, bias.data(), y_data + row * n, n);
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    Shard(workers->num_threads, workers->workers, rows, 3 * n, work);
   }
 };
 
@@ -210,6 +259,7 @@ class BiasGeluGradOp : public OpKernel {
 
 #define ENGINE_REGISTER_BIAS_GELU_KERNELS(T)                                                                     \
   REGISTER_KERNEL_BUILDER(Name("EngineBiasGelu").Device(DEVICE_CPU).TypeConstraint<T>("T"), BiasGeluOp<T>);     \
+  REGISTER_KERNEL_BUILDER(Name("EngineBiasAdd").Device(DEVICE_CPU).TypeConstraint<T>("T"), BiasAddOp<T>);       \
   REGISTER_KERNEL_BUILDER(Name("EngineBiasGeluGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), BiasGeluGradOp<T>);
 ENGINE_REGISTER_BIAS_GELU_KERNELS(float)
 ENGINE_REGISTER_BIAS_GELU_KERNELS(bfloat16)

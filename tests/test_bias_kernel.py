@@ -1,6 +1,6 @@
-"""engine/gelu_kernel.cc's EngineBiasGelu and its gradient, which the fused FFN runs in training on the CPU: the
-values and gradients against a float64 GELU (math.erf), the bias gradient summed over fixed chunks of rows, and a
-fused encoder that runs them in training only (and not with the switch off)."""
+"""engine/bias_kernel.cc: EngineBiasAdd has the bits of TensorFlow's AddV2; EngineBiasGelu and its gradient, which
+the fused FFN runs in training on the CPU, match a float64 GELU (math.erf) in values and gradients, sum the bias
+gradient over fixed chunks of rows, and run in a fused encoder's training graph only (not with the switch off)."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import bias_gelu
+from engine import bias as bias_ops
 from engine_helpers import encoder_pair_with_dropout, encoder_training_step, graph_op_types
 
 _erf = np.vectorize(math.erf)
@@ -55,11 +55,11 @@ def _cancellation(a):
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
 def test_forward_is_gelu_of_x_plus_bias(dtype):
     x, bias, _ = _inputs(dtype)
-    got = _float64(bias_gelu.training(x, bias))
+    got = _float64(bias_ops.add_gelu(x, bias))
     a = _pre_activation(x, bias)
     expected = _gelu64(a)
     assert (np.abs(got - expected) <= _rtol(dtype) * np.abs(expected) + _cancellation(a) + 1e-30).all()
-    assert bias_gelu.training(x, bias).dtype == dtype
+    assert bias_ops.add_gelu(x, bias).dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
@@ -67,7 +67,7 @@ def test_gradient_matches_float64(dtype):
     x, bias, upstream = _inputs(dtype, seed=1)
     with tf.GradientTape() as tape:
         tape.watch([x, bias])
-        y = bias_gelu.training(x, bias)
+        y = bias_ops.add_gelu(x, bias)
     x_grad, bias_grad = tape.gradient(y, [x, bias], output_gradients=upstream)
     assert x_grad.dtype == dtype and bias_grad.dtype == tf.float32
     a, upstream = _pre_activation(x, bias), _float64(upstream)
@@ -84,7 +84,7 @@ def test_nan_propagates():
     x = tf.tensor_scatter_nd_update(x, [[3, 5]], [np.nan])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = bias_gelu.training(x, bias)
+        y = bias_ops.add_gelu(x, bias)
     x_grad = tape.gradient(y, x, output_gradients=upstream)
     assert np.isnan(y.numpy()[3, 5]) and np.isnan(x_grad.numpy()[3, 5])
     assert np.isfinite(np.delete(y.numpy().ravel(), 3 * 40 + 5)).all()
@@ -97,11 +97,11 @@ def test_bias_gradient_sums_fixed_chunks_of_32_rows_in_order():
     def gradients(rows):
         with tf.GradientTape() as tape:
             tape.watch(bias)
-            y = bias_gelu.training(x[:rows], bias)
+            y = bias_ops.add_gelu(x[:rows], bias)
         return tape.gradient(y, [bias], output_gradients=upstream[:rows])[0].numpy()
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = bias_gelu.training(x, bias)
+        y = bias_ops.add_gelu(x, bias)
     last_row = tape.gradient(y, x, output_gradients=upstream).numpy()[32]
     np.testing.assert_array_equal(gradients(33), gradients(32) + last_row)
 
@@ -111,5 +111,16 @@ def test_fused_encoder_runs_the_op_in_training_only(monkeypatch):
     training_ops = graph_op_types(encoder_training_step(fused, inputs))
     assert {"EngineBiasGelu", "EngineBiasGeluGrad"} <= training_ops
     assert "EngineBiasGelu" not in graph_op_types(tf.function(lambda: fused(inputs, training=False)))
-    monkeypatch.setenv(bias_gelu.LIBRARY.switch, "0")
+    monkeypatch.setenv(bias_ops.LIBRARY.switch, "0")
     assert "EngineBiasGelu" not in graph_op_types(encoder_training_step(fused, inputs))
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_bias_add_has_the_bits_of_tensorflows_add(dtype):
+    # Q/K/V biases have the kernel's trailing shape [heads, head_dim]: the op adds over the flattened trailing axes.
+    x = tf.cast(tf.random.stateless_normal([3, 5, 4, 6], seed=[1, 2]) * 10, dtype)
+    bias_values = tf.cast(tf.random.stateless_normal([4, 6], seed=[3, 4]), dtype)
+    got, expected = bias_ops.add(x, bias_values), x + bias_values
+    assert got.dtype == dtype and got.shape == x.shape
+    np.testing.assert_array_equal(tf.bitcast(got, tf.int16 if dtype == tf.bfloat16 else tf.int32).numpy(),
+                                  tf.bitcast(expected, tf.int16 if dtype == tf.bfloat16 else tf.int32).numpy())
