@@ -172,49 +172,33 @@ bool BiasInT(OpKernelContext* context, const Tensor& x, const Tensor& bias, std:
   return true;
 }
 
-template <typename T>
-class BiasGeluOp : public OpKernel {
+// EngineBiasAdd (kGelu false) and EngineBiasGelu (kGelu true).
+template <typename T, bool kGelu>
+class BiasForwardOp : public OpKernel {
  public:
-  explicit BiasGeluOp(OpKernelConstruction* context) : OpKernel(context) {}
+  explicit BiasForwardOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
     const Tensor& x = context->input(0);
     std::vector<float> bias;
     if (!BiasInT<T>(context, x, context->input(1), &bias)) return;
-    Tensor* y = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
+    Tensor* y = nullptr;  // in place where nothing else uses x (the bias add's product; GELU's backward keeps it)
+    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
     const int64_t n = x.dim_size(x.dims() - 1);
     const int64_t rows = n == 0 ? 0 : x.NumElements() / n;
     const BitsOf<T>* x_data = reinterpret_cast<const BitsOf<T>*>(x.flat<T>().data());
     BitsOf<T>* y_data = reinterpret_cast<BitsOf<T>*>(y->flat<T>().data());
     auto work = [&](int64_t first, int64_t end) {
-      for (int64_t row = first; row < end; ++row) ForwardRowOf(x_data + row * n, bias.data(), y_data + row * n, n);
+      for (int64_t row = first; row < end; ++row) {
+        if (kGelu) {
+          ForwardRowOf(x_data + row * n, bias.data(), y_data + row * n, n);
+        } else {
+          AddRowOf(x_data + row * n, bias.data(), y_data + row * n, n);
+        }
+      }
     };
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    Shard(workers->num_threads, workers->workers, rows, 30 * n, work);  // cycles per row, roughly
-  }
-};
-
-template <typename T>
-class BiasAddOp : public OpKernel {
- public:
-  explicit BiasAddOp(OpKernelConstruction* context) : OpKernel(context) {}
-
-  void Compute(OpKernelContext* context) override {
-    const Tensor& x = context->input(0);
-    std::vector<float> bias;
-    if (!BiasInT<T>(context, x, context->input(1), &bias)) return;
-    Tensor* y = nullptr;
-    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, x.shape(), &y));  // in place when x is not used elsewhere
-    const int64_t n = x.dim_size(x.dims() - 1);
-    const int64_t rows = n == 0 ? 0 : x.NumElements() / n;
-    const BitsOf<T>* x_data = reinterpret_cast<const BitsOf<T>*>(x.flat<T>().data());
-    BitsOf<T>* y_data = reinterpret_cast<BitsOf<T>*>(y->flat<T>().data());
-    auto work = [&](int64_t first, int64_t end) {
-      for (int64_t row = first; row < end; ++row) AddRowOf(x_data + row * n, bias.data(), y_data + row * n, n);
-    };
-    auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    Shard(workers->num_threads, workers->workers, rows, 3 * n, work);
+    Shard(workers->num_threads, workers->workers, rows, (kGelu ? 30 : 3) * n, work);  // cycles per row, roughly
   }
 };
 
@@ -258,8 +242,10 @@ class BiasGeluGradOp : public OpKernel {
 };
 
 #define ENGINE_REGISTER_BIAS_GELU_KERNELS(T)                                                                     \
-  REGISTER_KERNEL_BUILDER(Name("EngineBiasGelu").Device(DEVICE_CPU).TypeConstraint<T>("T"), BiasGeluOp<T>);     \
-  REGISTER_KERNEL_BUILDER(Name("EngineBiasAdd").Device(DEVICE_CPU).TypeConstraint<T>("T"), BiasAddOp<T>);       \
+  REGISTER_KERNEL_BUILDER(Name("EngineBiasGelu").Device(DEVICE_CPU).TypeConstraint<T>("T"),                    \
+                          BiasForwardOp<T, true>);                                                           \
+  REGISTER_KERNEL_BUILDER(Name("EngineBiasAdd").Device(DEVICE_CPU).TypeConstraint<T>("T"),                     \
+                          BiasForwardOp<T, false>);                                                          \
   REGISTER_KERNEL_BUILDER(Name("EngineBiasGeluGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), BiasGeluGradOp<T>);
 ENGINE_REGISTER_BIAS_GELU_KERNELS(float)
 ENGINE_REGISTER_BIAS_GELU_KERNELS(bfloat16)

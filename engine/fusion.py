@@ -23,9 +23,9 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     on the CPU the masked softmax and the attention dropout as one C++ op, and their gradient as another.
   * LayerNormalization over the last axis (engine/layer_norm.py): at inference in fewer ops than Keras' moments
     + batch_normalization; in training on the CPU as one C++ pass forward and one backward (elsewhere Keras'
-    forward ops and a closed-form gradient).
-  * Model Garden's Transformer blocks, sublayer by sublayer (so that the FFN can take the C++ op); at inference
-    when over 15 % of the batch's positions are padding, and in training when asked
+    forward ops and a closed-form gradient), in a Transformer block with its residual add (_add_layer_norm).
+  * Model Garden's Transformer blocks, sublayer by sublayer (so that the FFN and the residual adds can take the
+    C++ ops); at inference when over 15 % of the batch's positions are padding, and in training when asked
     (RuntimeConfig.skip_padding_in_training), the projections, FFN and LayerNorms on the real tokens only,
     gathered into one row ([1, tokens, hidden]); attention alone runs on the padded layout (see _block_call;
     the rows move in engine/unpadding.py). Zeros at padded positions.
@@ -230,7 +230,7 @@ def _block_call(block, on_tokens_in_training, inputs, output_range=None):
     training = _training()
     ffn = functools.partial(_ffn_inner, block)
     if training and not on_tokens_in_training:
-        return unpadding.block_sublayers(block, x, attention_mask, training, ffn)
+        return unpadding.block_sublayers(block, x, attention_mask, training, ffn, _add_layer_norm)
     # A position is a token if some query may attend to it (padding columns are masked out for every row).
     is_token = tf.reshape(tf.reduce_any(tf.cast(attention_mask, tf.bool), axis=1), [-1])
     tokens = tf.reduce_sum(tf.cast(is_token, tf.int32))
@@ -238,11 +238,27 @@ def _block_call(block, on_tokens_in_training, inputs, output_range=None):
         # No tf.cond here: keyed dropout's custom gradient cannot reach into a cond branch. Rows are bucketed
         # (unpadding.training_rows) so the XLA dropout kernels compile once per bucket, not per batch.
         return unpadding.block_on_tokens(block, x, attention_mask, is_token,
-                                         unpadding.training_rows(tokens, tf.size(is_token)), training, ffn)
+                                         unpadding.training_rows(tokens, tf.size(is_token)), training, ffn,
+                                         _add_layer_norm)
     padding = 1.0 - tf.cast(tokens, tf.float32) / tf.cast(tf.size(is_token), tf.float32)
     return tf.cond(padding > _UNPAD_ABOVE,
-                   lambda: unpadding.block_on_tokens(block, x, attention_mask, is_token, tokens, False, ffn),
+                   lambda: unpadding.block_on_tokens(block, x, attention_mask, is_token, tokens, False, ffn,
+                                                     _add_layer_norm),
                    lambda: type(block).call(block, inputs))
+
+
+def _add_layer_norm(layer, x, residual):
+    """layer(x + residual) with the sum in the residual's dtype, as Model Garden's block computes it. In training on
+    the CPU, for a float32 LayerNorm over the last axis: add and LayerNorm as one C++ pass (the sum in float32 from
+    bf16 or float32 inputs, saving the add and the cast; engine/layer_norm.add_native_training)."""
+    if (_training() and layer.dtype == "float32" and layer.axis == [x.shape.rank - 1] and layer.scale
+            and layer.center and not layer._fused):
+        with autocast_variable.enable_auto_cast_variables(None):  # float32, not the block's compute dtype
+            gamma, beta = layer.gamma.value(), layer.beta.value()
+        outputs = layer_norm.add_native_training(x, residual, gamma, beta, layer.epsilon)
+        if outputs is not None:
+            return outputs
+    return layer(tf.cast(x, residual.dtype) + residual)
 
 
 def _ffn_inner(block, inputs):

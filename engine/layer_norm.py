@@ -3,7 +3,8 @@ training our C++ op on the CPU (layer_norm_kernel.cc: one pass forward and one b
 TensorFlow's ops on [32, 128, 384]; the bench's MiniLM step 1.17x in bf16, 1.07x in fp32 on the AMX Xeon,
 bench/RESULTS.md), elsewhere Keras' own forward ops with a closed-form gradient. Inputs arrive in the dtype Keras
 would normalize in (float32 under a mixed policy); gamma and beta in the same dtype, or None where the layer has
-none. BERT_ENGINE_NATIVE_LAYER_NORM=0 turns the op off."""
+none. A Transformer block's LayerNorms take their residual add into the op too (add_native_training).
+BERT_ENGINE_NATIVE_LAYER_NORM=0 turns the ops off."""
 from __future__ import annotations
 
 import tensorflow as tf
@@ -48,6 +49,32 @@ def native_training(inputs, gamma, beta, epsilon: float):
         outputs, mean, rstd = module.engine_layer_norm(inputs, gamma, beta, epsilon=epsilon)
         return outputs, lambda upstream: module.engine_layer_norm_grad(upstream, inputs, mean, rstd, gamma)
     return layer_norm(inputs, gamma, beta)
+
+
+def add_native_training(x, residual, gamma, beta, epsilon: float):
+    """LayerNorm(x + residual) in training as one C++ pass forward (EngineAddLayerNorm: the sum in float32, from x
+    and a residual in float32 or bfloat16) and EngineLayerNormGrad backward, its gradient cast back to each input's
+    dtype; gamma and beta in float32. Saves the add and the casts to float32 before Model Garden's float32
+    LayerNorms. None where the op cannot run (as native_training)."""
+    if (x.dtype not in (tf.float32, tf.bfloat16) or residual.dtype not in (tf.float32, tf.bfloat16)
+            or gamma is None or beta is None or gamma.dtype != tf.float32 or beta.dtype != tf.float32
+            or not native.usable_on(x.device)):
+        return None
+    module = LIBRARY.load()
+    if module is None:
+        return None
+
+    @tf.custom_gradient
+    def add_layer_norm(x, residual, gamma, beta):
+        outputs, total, mean, rstd = module.engine_add_layer_norm(x, residual, gamma, beta, epsilon=epsilon)
+
+        def gradient(upstream):
+            grad, gamma_grad, beta_grad = module.engine_layer_norm_grad(upstream, total, mean, rstd, gamma)
+            x_grad = tf.cast(grad, x.dtype)
+            residual_grad = x_grad if residual.dtype == x.dtype else tf.cast(grad, residual.dtype)
+            return x_grad, residual_grad, gamma_grad, beta_grad
+        return outputs, gradient
+    return add_layer_norm(x, residual, gamma, beta)
 
 
 def tf_training(inputs, gamma, beta, epsilon: float):

@@ -7,9 +7,14 @@
 //   backward  x_hat = (x - mean) * rstd, g = dy * gamma: dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat));
 //             dgamma = sum over rows of dy * x_hat, dbeta = sum of dy. These column sums run over fixed chunks of
 //             rows, added in order, so they do not depend on the thread count.
+// EngineAddLayerNorm is the forward of LayerNorm(x + residual) with x and the residual in float32 or bfloat16:
+// the sum in float32 (no rounding to bfloat16 first, as TensorFlow's bf16 add would) and kept as an output, the
+// input of EngineLayerNormGrad. It saves the add and the casts to float32 that Model Garden's block runs before
+// each of its float32 LayerNorms.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -21,7 +26,7 @@
 namespace tensorflow {
 namespace {
 
-using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, Lanes
+using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, Lanes, Widen
 
 REGISTER_OP("EngineLayerNorm")
     .Input("x: float")  // [..., features]
@@ -53,6 +58,28 @@ REGISTER_OP("EngineLayerNormGrad")
       c->set_output(0, c->input(1));
       c->set_output(1, c->input(4));
       c->set_output(2, c->input(4));
+      return OkStatus();
+    });
+
+REGISTER_OP("EngineAddLayerNorm")
+    .Input("x: T")         // [..., features]
+    .Input("residual: R")  // x's shape
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Output("y: float")
+    .Output("sum: float")   // x + residual
+    .Output("mean: float")  // [...]
+    .Output("rstd: float")  // [...]
+    .Attr("T: {float, bfloat16}")
+    .Attr("R: {float, bfloat16}")
+    .Attr("epsilon: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle rows;
+      TF_RETURN_IF_ERROR(c->Subshape(c->input(0), 0, -1, &rows));
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(0));
+      c->set_output(2, rows);
+      c->set_output(3, rows);
       return OkStatus();
     });
 
@@ -112,47 +139,103 @@ ENGINE_CLONES void BackwardRow(const float* __restrict dy, const float* __restri
   }
 }
 
-class LayerNormOp : public OpKernel {
+// Allocates y (output 0), mean and rstd (outputs mean_index, mean_index + 1) for x's shape; false, with the op
+// failed, unless gamma and beta hold one value per feature.
+bool AllocateForward(OpKernelContext* context, const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                     int mean_index, Tensor** y, Tensor** mean, Tensor** rstd) {
+  if (x.dims() < 1) {
+    context->CtxFailure(errors::InvalidArgument("x must have a feature axis"));
+    return false;
+  }
+  const int64_t n = x.dim_size(x.dims() - 1);
+  if (gamma.NumElements() != n || beta.NumElements() != n) {
+    context->CtxFailure(errors::InvalidArgument("gamma and beta must hold ", n, " values, got ",
+                                                gamma.NumElements(), " and ", beta.NumElements()));
+    return false;
+  }
+  TensorShape rows_shape = x.shape();
+  rows_shape.RemoveLastDims(1);
+  Status status = context->allocate_output(0, x.shape(), y);
+  if (status.ok()) status = context->allocate_output(mean_index, rows_shape, mean);
+  if (status.ok()) status = context->allocate_output(mean_index + 1, rows_shape, rstd);
+  if (!status.ok()) context->CtxFailure(status);
+  return status.ok();
+}
+
+// LayerNorm of each row of x (float32, [rows, n]) into y, mean and rstd; `prepare(row, x_row)` runs first on
+// each row (EngineAddLayerNorm writes the sum there).
+template <typename Prepare>
+void NormalizeRows(OpKernelContext* context, int64_t rows, int64_t n, float* x, const float* gamma,
+                   const float* beta, float epsilon, float* y, float* mean, float* rstd, Prepare prepare) {
+  auto work = [&](int64_t first, int64_t end) {
+    for (int64_t row = first; row < end; ++row) {
+      prepare(row, x + row * n);
+      ForwardRow(x + row * n, gamma, beta, epsilon, y + row * n, mean + row, rstd + row, n);
+    }
+  };
+  auto* workers = context->device()->tensorflow_cpu_worker_threads();
+  Shard(workers->num_threads, workers->workers, rows, 10 * n, work);
+}
+
+// Both forward ops: the epsilon attribute.
+class ForwardOpBase : public OpKernel {
  public:
-  explicit LayerNormOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit ForwardOpBase(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
   }
 
+ protected:
+  float epsilon_;
+};
+
+class LayerNormOp : public ForwardOpBase {
+ public:
+  explicit LayerNormOp(OpKernelConstruction* context) : ForwardOpBase(context) {}
+
   void Compute(OpKernelContext* context) override {
     const Tensor& x = context->input(0);
-    const Tensor& gamma = context->input(1);
-    const Tensor& beta = context->input(2);
-    OP_REQUIRES(context, x.dims() >= 1, errors::InvalidArgument("x must have a feature axis"));
-    const int64_t n = x.dim_size(x.dims() - 1);
-    OP_REQUIRES(context, gamma.NumElements() == n && beta.NumElements() == n,
-                errors::InvalidArgument("gamma and beta must hold ", n, " values, got ", gamma.NumElements(),
-                                        " and ", beta.NumElements()));
-    TensorShape rows_shape = x.shape();
-    rows_shape.RemoveLastDims(1);
     Tensor *y = nullptr, *mean = nullptr, *rstd = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
-    OP_REQUIRES_OK(context, context->allocate_output(1, rows_shape, &mean));
-    OP_REQUIRES_OK(context, context->allocate_output(2, rows_shape, &rstd));
-    const int64_t rows = rows_shape.num_elements();
-    if (rows == 0 || n == 0) return;
-    const float* x_data = x.flat<float>().data();
-    const float* gamma_data = gamma.flat<float>().data();
-    const float* beta_data = beta.flat<float>().data();
-    float* y_data = y->flat<float>().data();
-    float* mean_data = mean->flat<float>().data();
-    float* rstd_data = rstd->flat<float>().data();
-    const float epsilon = epsilon_;
-    auto work = [&](int64_t first, int64_t end) {
-      for (int64_t row = first; row < end; ++row)
-        ForwardRow(x_data + row * n, gamma_data, beta_data, epsilon, y_data + row * n, mean_data + row,
-                   rstd_data + row, n);
-    };
-    auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    Shard(workers->num_threads, workers->workers, rows, 10 * n, work);
+    if (!AllocateForward(context, x, context->input(1), context->input(2), 1, &y, &mean, &rstd)) return;
+    const int64_t n = x.dim_size(x.dims() - 1);
+    if (x.NumElements() == 0) return;
+    // The rows are read, not written: NormalizeRows takes a mutable pointer for EngineAddLayerNorm's sake.
+    NormalizeRows(context, x.NumElements() / n, n, const_cast<float*>(x.flat<float>().data()),
+                  context->input(1).flat<float>().data(), context->input(2).flat<float>().data(), epsilon_,
+                  y->flat<float>().data(), mean->flat<float>().data(), rstd->flat<float>().data(),
+                  [](int64_t, float*) {});
   }
+};
 
- private:
-  float epsilon_;
+template <typename T>
+using BitsOf = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
+
+template <typename T, typename R>
+class AddLayerNormOp : public ForwardOpBase {
+ public:
+  explicit AddLayerNormOp(OpKernelConstruction* context) : ForwardOpBase(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& x = context->input(0);
+    const Tensor& residual = context->input(1);
+    OP_REQUIRES(context, x.shape() == residual.shape(),
+                errors::InvalidArgument("x and residual must have one shape, got ", x.shape().DebugString(),
+                                        " and ", residual.shape().DebugString()));
+    Tensor *y = nullptr, *sum = nullptr, *mean = nullptr, *rstd = nullptr;
+    if (!AllocateForward(context, x, context->input(2), context->input(3), 2, &y, &mean, &rstd)) return;
+    OP_REQUIRES_OK(context, context->allocate_output(1, x.shape(), &sum));
+    const int64_t n = x.dim_size(x.dims() - 1);
+    if (x.NumElements() == 0) return;
+    const BitsOf<T>* x_data = reinterpret_cast<const BitsOf<T>*>(x.flat<T>().data());
+    const BitsOf<R>* residual_data = reinterpret_cast<const BitsOf<R>*>(residual.flat<R>().data());
+    float* sum_data = sum->flat<float>().data();
+    NormalizeRows(context, x.NumElements() / n, n, sum_data, context->input(2).flat<float>().data(),
+                  context->input(3).flat<float>().data(), epsilon_, y->flat<float>().data(),
+                  mean->flat<float>().data(), rstd->flat<float>().data(), [&](int64_t row, float* sum_row) {
+                    const BitsOf<T>* x_row = x_data + row * n;
+                    const BitsOf<R>* residual_row = residual_data + row * n;
+                    for (int64_t j = 0; j < n; ++j) sum_row[j] = Widen(x_row[j]) + Widen(residual_row[j]);
+                  });
+  }
 };
 
 class LayerNormGradOp : public OpKernel {
@@ -211,6 +294,14 @@ class LayerNormGradOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("EngineLayerNorm").Device(DEVICE_CPU), LayerNormOp);
 REGISTER_KERNEL_BUILDER(Name("EngineLayerNormGrad").Device(DEVICE_CPU), LayerNormGradOp);
+#define ENGINE_REGISTER_ADD_LAYER_NORM(T, R)                                                                    \
+  REGISTER_KERNEL_BUILDER(                                                                                      \
+      Name("EngineAddLayerNorm").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<R>("R"),             \
+      AddLayerNormOp<T, R>);
+ENGINE_REGISTER_ADD_LAYER_NORM(float, float)
+ENGINE_REGISTER_ADD_LAYER_NORM(float, bfloat16)
+ENGINE_REGISTER_ADD_LAYER_NORM(bfloat16, float)
+ENGINE_REGISTER_ADD_LAYER_NORM(bfloat16, bfloat16)
 
 }  // namespace
 }  // namespace tensorflow

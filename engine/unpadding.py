@@ -20,7 +20,7 @@ def training_rows(tokens, positions):
     return tf.minimum((tokens + step - 1) // step * step, positions)
 
 
-def block_on_tokens(block, x, attention_mask, is_token, rows, training, ffn):
+def block_on_tokens(block, x, attention_mask, is_token, rows, training, ffn, add_norm):
     """The block on the first `rows` positions of [tokens in order, then padding] (`is_token`: [batch x seq])."""
     positions = tf.size(is_token)
     # Tokens first, each group in row-major order; rows beyond the tokens are padding positions, whose values
@@ -38,14 +38,15 @@ def block_on_tokens(block, x, attention_mask, is_token, rows, training, ffn):
         flat = spread_rows(tf.squeeze(t, 0), slot, order, training)
         return tf.reshape(flat, tf.concat([padded_shape, tf.shape(t)[2:]], 0))
 
-    return block_sublayers(block, x, attention_mask, training, ffn, unpad, pad)
+    return block_sublayers(block, x, attention_mask, training, ffn, add_norm, unpad, pad)
 
 
-def block_sublayers(block, x, attention_mask, training, ffn, unpad=None, pad=None):
+def block_sublayers(block, x, attention_mask, training, ffn, add_norm, unpad=None, pad=None):
     """A post-LayerNorm TransformerEncoderBlock's call (query residual, full attention), sublayer by sublayer:
     the projections, FFN (`ffn(attended)`: from the attention's LayerNorm output to the inner dropout's) and
-    LayerNorms on `unpad(x)`'s rows, attention on the padded layout; `pad` brings rows back. Without unpad/pad:
-    the padded layout throughout, the stock call's ops."""
+    LayerNorms (`add_norm(layer, x, residual)`: the layer on x + residual, summed in the residual's dtype as the
+    stock call does) on `unpad(x)`'s rows, attention on the padded layout; `pad` brings rows back. Without
+    unpad/pad: the padded layout throughout, the stock call's ops."""
     unpad = unpad or (lambda t: t)
     pad = pad or (lambda t: t)
     attention = block._attention_layer
@@ -54,11 +55,10 @@ def block_sublayers(block, x, attention_mask, training, ffn, unpad=None, pad=Non
         attention._query_dense, attention._key_dense, attention._value_dense))
     context, _ = attention._compute_attention(query, key, value, attention_mask, training=training)
     attended = block._attention_dropout(attention._output_dense(unpad(context)))
-    attended = block._attention_layer_norm(source + attended)
+    attended = add_norm(block._attention_layer_norm, attended, source)
     output = block._output_dropout(block._output_dense(ffn(attended)))
-    # As the stock block: under a mixed policy the LayerNorm works in float32 and the sum is taken there.
-    output = block._output_layer_norm(tf.cast(output, tf.float32) + attended)
-    return pad(output)
+    # As the stock block: under a mixed policy the LayerNorm works in float32 (`attended` is float32 there).
+    return pad(add_norm(block._output_layer_norm, output, attended))
 
 
 # Moving rows between the padded layout and the token rows, both ways by gathers: `order` lists the rows'

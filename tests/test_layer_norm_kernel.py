@@ -1,6 +1,6 @@
-"""engine/layer_norm_kernel.cc, which engine/layer_norm.training runs on the CPU: the forward and every gradient
-against float64, at sizes that are not multiples of the kernel's vector lanes (16) or row chunks (32), and in the
-traced graph only where it can run."""
+"""engine/layer_norm_kernel.cc, which engine/layer_norm.training (and add_native_training, with the residual add)
+runs on the CPU: the forward and every gradient against float64, at sizes that are not multiples of the kernel's
+vector lanes (16) or row chunks (32), and in the traced graph only where it can run."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from engine import layer_norm
-from engine_helpers import graph_op_types
+from engine_helpers import encoder_pair_with_dropout, encoder_training_step, graph_op_types
 
 EPSILON = 1e-12
 
@@ -54,3 +54,50 @@ def test_xla_and_other_dtypes_keep_tensorflows_ops():
     half = tf.function(lambda x: layer_norm.training(x, tf.cast(gamma, tf.bfloat16), tf.cast(beta, tf.bfloat16),
                                                      EPSILON))
     assert "EngineLayerNorm" not in graph_op_types(half, tf.cast(x, tf.bfloat16))
+
+
+@pytest.mark.parametrize("x_dtype,residual_dtype", [(tf.float32, tf.float32), (tf.bfloat16, tf.bfloat16),
+                                                    (tf.bfloat16, tf.float32), (tf.float32, tf.bfloat16)])
+def test_add_layer_norm_matches_float64_of_the_sum(x_dtype, residual_dtype):
+    # Model Garden's block: LayerNorm(attended + source) in bf16 + bf16, LayerNorm(output + attended) in bf16 +
+    # float32; the op sums in float32 (exactly, for bf16 inputs) and its gradient reaches each input in its dtype.
+    rng = np.random.default_rng(1)
+    shape = [3, 21, 37]
+    x = tf.cast(rng.normal(size=shape) * 3, x_dtype)
+    residual = tf.cast(rng.normal(size=shape) + 1, residual_dtype)
+    gamma = tf.constant(rng.normal(size=shape[-1:]), tf.float32)
+    beta = tf.constant(rng.normal(size=shape[-1:]), tf.float32)
+    upstream = tf.constant(rng.normal(size=shape), tf.float32)
+
+    @tf.function
+    def compute(x, residual, gamma, beta):
+        with tf.GradientTape() as tape:
+            tape.watch([x, residual, gamma, beta])
+            y = layer_norm.add_native_training(x, residual, gamma, beta, EPSILON)
+        return [y] + tape.gradient(y, [x, residual, gamma, beta], output_gradients=upstream)
+
+    assert {"EngineAddLayerNorm", "EngineLayerNormGrad"} <= graph_op_types(compute, x, residual, gamma, beta)
+    y, dx, dresidual, dgamma, dbeta = compute(x, residual, gamma, beta)
+    assert dx.dtype == x_dtype and dresidual.dtype == residual_dtype
+    total = tf.cast(x, tf.float64).numpy() + tf.cast(residual, tf.float64).numpy()
+    rstd = 1 / np.sqrt(total.var(-1, keepdims=True) + EPSILON)
+    x_hat = (total - total.mean(-1, keepdims=True)) * rstd
+    dy, gamma64 = upstream.numpy().astype(np.float64), gamma.numpy().astype(np.float64)
+    g = dy * gamma64
+    d_total = rstd * (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True))
+    expected = {"y": x_hat * gamma64 + beta.numpy(), "dgamma": (dy * x_hat).sum((0, 1)), "dbeta": dy.sum((0, 1))}
+    for name, got in (("y", y), ("dgamma", dgamma), ("dbeta", dbeta)):
+        np.testing.assert_allclose(got.numpy(), expected[name], rtol=1e-5,
+                                   atol=2e-6 * max(np.abs(expected[name]).max(), 1.0), err_msg=name)
+    for name, got in (("dx", dx), ("dresidual", dresidual)):  # d_total rounded once to the input's dtype
+        rtol = 2.0 ** -8 if got.dtype == tf.bfloat16 else 1e-5
+        np.testing.assert_allclose(tf.cast(got, tf.float64).numpy(), d_total, rtol=rtol,
+                                   atol=2e-6 * np.abs(d_total).max(), err_msg=name)
+
+
+def test_fused_encoder_adds_and_normalizes_in_one_op_in_training_only(monkeypatch):
+    inputs, _, fused = encoder_pair_with_dropout()
+    assert "EngineAddLayerNorm" in graph_op_types(encoder_training_step(fused, inputs))
+    assert "EngineAddLayerNorm" not in graph_op_types(tf.function(lambda: fused(inputs, training=False)))
+    monkeypatch.setenv(layer_norm.LIBRARY.switch, "0")
+    assert "EngineAddLayerNorm" not in graph_op_types(encoder_training_step(fused, inputs))
