@@ -27,10 +27,9 @@ def add_gelu(product: tf.Tensor, bias: tf.Tensor):
     """gelu(product + bias) with Keras' exact GELU: product [..., n] in float32 or bfloat16, bias [n] in float32,
     rounded to product's dtype first as Keras' autocast would read it; the bias gradient in float32. None where the
     op cannot run (not a CPU outside XLA, another dtype); the caller then runs the layers."""
-    if (product.dtype not in (tf.float32, tf.bfloat16) or bias.dtype != tf.float32
-            or not native.usable_on(product.device)):
+    if product.dtype not in (tf.float32, tf.bfloat16) or bias.dtype != tf.float32:
         return None
-    module = LIBRARY.load()
+    module = LIBRARY.load_for(product.device)
     if module is None:
         return None
 
@@ -44,9 +43,9 @@ def add_gelu(product: tf.Tensor, bias: tf.Tensor):
 def add(x: tf.Tensor, bias: tf.Tensor):
     """x + bias (bias: x's trailing shape, in x's dtype) in one vectorized pass, the same bits as TensorFlow's AddV2;
     None where the op cannot run. Forward only: the caller keeps its gradient."""
-    if x.dtype not in (tf.float32, tf.bfloat16) or bias.dtype != x.dtype or not native.usable_on(x.device):
+    if x.dtype not in (tf.float32, tf.bfloat16) or bias.dtype != x.dtype:
         return None
-    module = LIBRARY.load()
+    module = LIBRARY.load_for(x.device)
     if module is None:
         return None
     size = int(np.prod(bias.shape))

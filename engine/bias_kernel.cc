@@ -13,7 +13,6 @@
 //             thread count)
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -114,47 +113,27 @@ __attribute__((always_inline)) inline void BackwardRow(const Bits* __restrict dy
   }
 }
 
-ENGINE_CLONES void ForwardRowFloat(const float* x, const float* bias, float* y, int64_t n) {
-  ForwardRow(x, bias, y, n);
-}
-ENGINE_CLONES void ForwardRowBfloat16(const uint16_t* x, const float* bias, uint16_t* y, int64_t n) {
-  ForwardRow(x, bias, y, n);
-}
-ENGINE_CLONES void BackwardRowFloat(const float* dy, const float* x, const float* bias, float* dx, float* sums,
-                                    int64_t n) {
-  BackwardRow(dy, x, bias, dx, sums, n);
-}
-ENGINE_CLONES void BackwardRowBfloat16(const uint16_t* dy, const uint16_t* x, const float* bias, uint16_t* dx,
-                                       float* sums, int64_t n) {
-  BackwardRow(dy, x, bias, dx, sums, n);
-}
-
-// T's elements as the row functions take them: float, or bfloat16's bits.
-template <typename T>
-using BitsOf = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
-inline void ForwardRowOf(const float* x, const float* bias, float* y, int64_t n) { ForwardRowFloat(x, bias, y, n); }
-inline void ForwardRowOf(const uint16_t* x, const float* bias, uint16_t* y, int64_t n) {
-  ForwardRowBfloat16(x, bias, y, n);
-}
-inline void BackwardRowOf(const float* dy, const float* x, const float* bias, float* dx, float* sums, int64_t n) {
-  BackwardRowFloat(dy, x, bias, dx, sums, n);
-}
-inline void BackwardRowOf(const uint16_t* dy, const uint16_t* x, const float* bias, uint16_t* dx, float* sums,
-                          int64_t n) {
-  BackwardRowBfloat16(dy, x, bias, dx, sums, n);
-}
-
 template <typename Bits>
 __attribute__((always_inline)) inline void AddRow(const Bits* __restrict x, const float* __restrict bias,
                                                   Bits* __restrict y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] = Round<Bits>(Widen(x[j]) + bias[j]);
 }
-ENGINE_CLONES void AddRowFloat(const float* x, const float* bias, float* y, int64_t n) { AddRow(x, bias, y, n); }
-ENGINE_CLONES void AddRowBfloat16(const uint16_t* x, const float* bias, uint16_t* y, int64_t n) {
-  AddRow(x, bias, y, n);
+
+// The row bodies compiled per target level, overloaded for float and bfloat16's bits (BitsOf<T>).
+ENGINE_CLONES void ForwardRowOf(const float* x, const float* bias, float* y, int64_t n) { ForwardRow(x, bias, y, n); }
+ENGINE_CLONES void ForwardRowOf(const uint16_t* x, const float* bias, uint16_t* y, int64_t n) {
+  ForwardRow(x, bias, y, n);
 }
-inline void AddRowOf(const float* x, const float* bias, float* y, int64_t n) { AddRowFloat(x, bias, y, n); }
-inline void AddRowOf(const uint16_t* x, const float* bias, uint16_t* y, int64_t n) { AddRowBfloat16(x, bias, y, n); }
+ENGINE_CLONES void BackwardRowOf(const float* dy, const float* x, const float* bias, float* dx, float* sums,
+                                 int64_t n) {
+  BackwardRow(dy, x, bias, dx, sums, n);
+}
+ENGINE_CLONES void BackwardRowOf(const uint16_t* dy, const uint16_t* x, const float* bias, uint16_t* dx, float* sums,
+                                 int64_t n) {
+  BackwardRow(dy, x, bias, dx, sums, n);
+}
+ENGINE_CLONES void AddRowOf(const float* x, const float* bias, float* y, int64_t n) { AddRow(x, bias, y, n); }
+ENGINE_CLONES void AddRowOf(const uint16_t* x, const float* bias, uint16_t* y, int64_t n) { AddRow(x, bias, y, n); }
 
 // The bias as the ops add it, rounded to T. False, with the op failed, unless it has one value per unit of x's last
 // axis.
@@ -167,8 +146,7 @@ bool BiasInT(OpKernelContext* context, const Tensor& x, const Tensor& bias, std:
   }
   const float* values = bias.flat<float>().data();
   rounded->resize(bias.NumElements());
-  for (int64_t j = 0; j < bias.NumElements(); ++j)
-    (*rounded)[j] = std::is_same<T, bfloat16>::value ? FromBfloat16(ToBfloat16(values[j])) : values[j];
+  for (int64_t j = 0; j < bias.NumElements(); ++j) (*rounded)[j] = RoundedTo<T>(values[j]);
   return true;
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace engine_kernels {
 
@@ -41,6 +42,16 @@ template <>
 inline float Round<float>(float v) { return v; }
 template <>
 inline uint16_t Round<uint16_t>(float v) { return ToBfloat16(v); }
+
+// A tensor type's elements as the row bodies take them: float, or bfloat16's bits.
+template <typename T>
+using BitsOf = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
+
+// A float32 value as TensorFlow's ops use it on T tensors: cast to T first (a scale attribute, a float32 bias).
+template <typename T>
+inline float RoundedTo(float value) {
+  return Widen(Round<BitsOf<T>>(value));
+}
 
 // Partial sums and maxima over a row: GCC vectorizes a loop over these (split for narrower targets), not a plain
 // float reduction, whose order it must keep. The helpers must inline into each target clone: called, a 64-byte

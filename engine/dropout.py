@@ -123,7 +123,7 @@ def dropout(x: tf.Tensor, rate: float, key: Optional[tf.Tensor] = None, *, xla: 
     if key is None:  # the stateful fallback: a key from the global generator
         key = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
 
-    module = LIBRARY.load() if x.dtype in (tf.float32, tf.bfloat16) and native.usable_on(x.device) else None
+    module = LIBRARY.load_for(x.device) if x.dtype in (tf.float32, tf.bfloat16) else None
 
     @tf.custom_gradient
     def masked(x):
@@ -146,9 +146,9 @@ def softmax_dropout(logits: tf.Tensor, mask: Optional[tf.Tensor], layer: tf_kera
     another dtype or layout, no mask, a layer not keyed); the caller then runs the layers."""
     layer_id = getattr(layer, "_engine_keyed_id", None)
     if (layer_id is None or mask is None or logits.dtype not in (tf.float32, tf.bfloat16) or logits.shape.rank != 4
-            or mask.shape.rank != 3 or not native.usable_on(logits.device)):
+            or mask.shape.rank != 3):
         return None
-    module = LIBRARY.load()
+    module = LIBRARY.load_for(logits.device)
     if module is None:
         return None
     key = _layer_key(layer_id)

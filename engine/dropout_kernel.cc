@@ -114,11 +114,6 @@ ENGINE_CLONES void ApplyBfloat16(const uint16_t* x, uint16_t* y, uint8_t* keep, 
   Apply(x, y, keep, words, count, shift, threshold, scale);
 }
 
-// A scale attribute as TensorFlow's forward multiplies by it: first cast to the tensor's dtype.
-template <typename T>
-float ScaleIn(float scale) {
-  return std::is_same<T, bfloat16>::value ? FromBfloat16(ToBfloat16(scale)) : scale;
-}
 
 // Words [first, first + count) of the Philox stream, returned at out + first % 4 (whole blocks are drawn, so `out`
 // holds count + 6 words).
@@ -163,7 +158,7 @@ class KeyedOpBase : public OpKernel {
     threshold_ = static_cast<uint32_t>(threshold);
     float scale;
     OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
-    scale_ = ScaleIn<T>(scale);
+    scale_ = RoundedTo<T>(scale);
   }
 
  protected:
@@ -440,7 +435,7 @@ class SoftmaxDropoutGradOp : public OpKernel {
   explicit SoftmaxDropoutGradOp(OpKernelConstruction* context) : OpKernel(context) {
     float scale;
     OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
-    scale_ = ScaleIn<T>(scale);
+    scale_ = RoundedTo<T>(scale);
   }
 
   void Compute(OpKernelContext* context) override {

@@ -187,14 +187,19 @@ def _is_plain_dense(layer) -> bool:
     return layer.bias is None or tuple(layer.bias.shape) == free_dims
 
 
+def _trains_with_our_kernels(layer) -> bool:
+    """Whether engine/layer_norm's training kernels fit a LayerNormalization over its axis: Keras' unfused path,
+    with both gamma and beta."""
+    return not layer._fused and layer.scale and layer.center
+
+
 def _layer_norm_call(layer, inputs):
     # Keras' LayerNormalization over the last axis with engine/layer_norm's kernels: fewer ops at inference, the
     # C++ op (or Keras' forward ops with a closed-form gradient) in training. Keras' call elsewhere (other axes,
     # its fused path).
     last = inputs.shape.rank - 1 if inputs.shape.rank is not None else None
     training = _training()
-    if (isinstance(inputs, tf.RaggedTensor) or layer.axis != [last]
-            or training and (layer._fused or not (layer.scale and layer.center))):
+    if isinstance(inputs, tf.RaggedTensor) or layer.axis != [last] or training and not _trains_with_our_kernels(layer):
         return type(layer).call(layer, inputs)
     inputs = tf.cast(inputs, layer.compute_dtype)
     input_dtype = inputs.dtype
@@ -251,8 +256,8 @@ def _add_layer_norm(layer, x, residual):
     """layer(x + residual) with the sum in the residual's dtype, as Model Garden's block computes it. In training on
     the CPU, for a float32 LayerNorm over the last axis: add and LayerNorm as one C++ pass (the sum in float32 from
     bf16 or float32 inputs, saving the add and the cast; engine/layer_norm.add_native_training)."""
-    if (_training() and layer.dtype == "float32" and layer.axis == [x.shape.rank - 1] and layer.scale
-            and layer.center and not layer._fused):
+    if (_training() and layer.dtype == "float32" and layer.axis == [x.shape.rank - 1]
+            and _trains_with_our_kernels(layer)):
         with autocast_variable.enable_auto_cast_variables(None):  # float32, not the block's compute dtype
             gamma, beta = layer.gamma.value(), layer.beta.value()
         outputs = layer_norm.add_native_training(x, residual, gamma, beta, layer.epsilon)

@@ -38,9 +38,9 @@ def native_training(inputs, gamma, beta, epsilon: float):
     """The same math as tf_training in one C++ pass forward (keeping each row's mean and 1/std) and one backward
     (layer_norm_kernel.cc), in float32 with other summation orders; None where the op cannot run."""
     if (inputs.dtype != tf.float32 or gamma is None or beta is None or gamma.dtype != tf.float32
-            or beta.dtype != tf.float32 or not native.usable_on(inputs.device)):
+            or beta.dtype != tf.float32):
         return None
-    module = LIBRARY.load()
+    module = LIBRARY.load_for(inputs.device)
     if module is None:
         return None
 
@@ -57,10 +57,9 @@ def add_native_training(x, residual, gamma, beta, epsilon: float):
     dtype; gamma and beta in float32. Saves the add and the casts to float32 before Model Garden's float32
     LayerNorms. None where the op cannot run (as native_training)."""
     if (x.dtype not in (tf.float32, tf.bfloat16) or residual.dtype not in (tf.float32, tf.bfloat16)
-            or gamma is None or beta is None or gamma.dtype != tf.float32 or beta.dtype != tf.float32
-            or not native.usable_on(x.device)):
+            or gamma is None or beta is None or gamma.dtype != tf.float32 or beta.dtype != tf.float32):
         return None
-    module = LIBRARY.load()
+    module = LIBRARY.load_for(x.device)
     if module is None:
         return None
 

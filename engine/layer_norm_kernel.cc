@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -162,16 +161,14 @@ bool AllocateForward(OpKernelContext* context, const Tensor& x, const Tensor& ga
   return status.ok();
 }
 
-// LayerNorm of each row of x (float32, [rows, n]) into y, mean and rstd; `prepare(row, x_row)` runs first on
-// each row (EngineAddLayerNorm writes the sum there).
-template <typename Prepare>
-void NormalizeRows(OpKernelContext* context, int64_t rows, int64_t n, float* x, const float* gamma,
-                   const float* beta, float epsilon, float* y, float* mean, float* rstd, Prepare prepare) {
+// LayerNorm of each row into y, mean and rstd; `row_input(row)` gives the row's n float32 inputs (EngineAddLayerNorm
+// writes the sum there first).
+template <typename RowInput>
+void NormalizeRows(OpKernelContext* context, int64_t rows, int64_t n, const float* gamma, const float* beta,
+                   float epsilon, float* y, float* mean, float* rstd, RowInput row_input) {
   auto work = [&](int64_t first, int64_t end) {
-    for (int64_t row = first; row < end; ++row) {
-      prepare(row, x + row * n);
-      ForwardRow(x + row * n, gamma, beta, epsilon, y + row * n, mean + row, rstd + row, n);
-    }
+    for (int64_t row = first; row < end; ++row)
+      ForwardRow(row_input(row), gamma, beta, epsilon, y + row * n, mean + row, rstd + row, n);
   };
   auto* workers = context->device()->tensorflow_cpu_worker_threads();
   Shard(workers->num_threads, workers->workers, rows, 10 * n, work);
@@ -198,16 +195,13 @@ class LayerNormOp : public ForwardOpBase {
     if (!AllocateForward(context, x, context->input(1), context->input(2), 1, &y, &mean, &rstd)) return;
     const int64_t n = x.dim_size(x.dims() - 1);
     if (x.NumElements() == 0) return;
-    // The rows are read, not written: NormalizeRows takes a mutable pointer for EngineAddLayerNorm's sake.
-    NormalizeRows(context, x.NumElements() / n, n, const_cast<float*>(x.flat<float>().data()),
-                  context->input(1).flat<float>().data(), context->input(2).flat<float>().data(), epsilon_,
-                  y->flat<float>().data(), mean->flat<float>().data(), rstd->flat<float>().data(),
-                  [](int64_t, float*) {});
+    const float* x_data = x.flat<float>().data();
+    NormalizeRows(context, x.NumElements() / n, n, context->input(1).flat<float>().data(),
+                  context->input(2).flat<float>().data(), epsilon_, y->flat<float>().data(),
+                  mean->flat<float>().data(), rstd->flat<float>().data(),
+                  [&](int64_t row) { return x_data + row * n; });
   }
 };
-
-template <typename T>
-using BitsOf = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
 
 template <typename T, typename R>
 class AddLayerNormOp : public ForwardOpBase {
@@ -228,12 +222,14 @@ class AddLayerNormOp : public ForwardOpBase {
     const BitsOf<T>* x_data = reinterpret_cast<const BitsOf<T>*>(x.flat<T>().data());
     const BitsOf<R>* residual_data = reinterpret_cast<const BitsOf<R>*>(residual.flat<R>().data());
     float* sum_data = sum->flat<float>().data();
-    NormalizeRows(context, x.NumElements() / n, n, sum_data, context->input(2).flat<float>().data(),
+    NormalizeRows(context, x.NumElements() / n, n, context->input(2).flat<float>().data(),
                   context->input(3).flat<float>().data(), epsilon_, y->flat<float>().data(),
-                  mean->flat<float>().data(), rstd->flat<float>().data(), [&](int64_t row, float* sum_row) {
+                  mean->flat<float>().data(), rstd->flat<float>().data(), [&](int64_t row) {
                     const BitsOf<T>* x_row = x_data + row * n;
                     const BitsOf<R>* residual_row = residual_data + row * n;
+                    float* sum_row = sum_data + row * n;
                     for (int64_t j = 0; j < n; ++j) sum_row[j] = Widen(x_row[j]) + Widen(residual_row[j]);
+                    return static_cast<const float*>(sum_row);
                   });
   }
 };

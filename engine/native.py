@@ -122,6 +122,10 @@ class Library:
                 self._loaded["module"] = self._build_and_load()
             return self._loaded["module"]
 
+    def load_for(self, device: str):
+        """load() where our ops can run on `device` (usable_on: a CPU, outside XLA), else None."""
+        return self.load() if usable_on(device) else None
+
     def _build_and_load(self):
         try:
             path = self.library_path()
