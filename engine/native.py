@@ -113,6 +113,9 @@ class Library:
         os.replace(partial, path)
         return path
 
+    # Not converted by AutoGraph: the wrappers call this while a tf.function traces, and converting the build's
+    # subprocess and file code only printed warnings about it.
+    @tf.autograph.experimental.do_not_convert
     def load(self):
         """The loaded op module, building it first if needed; None where disabled or unbuildable (logged once)."""
         if not self.enabled():
@@ -156,7 +159,8 @@ class Library:
         return True
 
 
-# Every library of ours; engine/adamw_kernel.py, engine/dropout.py and engine/layer_norm.py call their ops.
+# Every library of ours; engine/adamw_kernel.py, engine/dropout.py, engine/attention.py, engine/layer_norm.py and
+# engine/bias.py call their ops.
 ADAMW = Library("adamw_kernel", switch="BERT_ENGINE_FUSED_ADAMW", description="fused AdamW kernel",
                 fallback="TensorFlow's Adam and decay kernels: same results, slower updates")
 DROPOUT = Library("dropout_kernel", switch="BERT_ENGINE_NATIVE_DROPOUT", description="dropout kernel",
@@ -164,7 +168,7 @@ DROPOUT = Library("dropout_kernel", switch="BERT_ENGINE_NATIVE_DROPOUT", descrip
 LAYER_NORM = Library("layer_norm_kernel", switch="BERT_ENGINE_NATIVE_LAYER_NORM", description="LayerNorm kernel",
                      fallback="TensorFlow's ops for LayerNorm in training: the same math, slower")
 BIAS = Library("bias_kernel", switch="BERT_ENGINE_NATIVE_BIAS", description="bias kernel",
-                    fallback="TensorFlow's bias add and XLA's GELU in training: the same math, slower")
+               fallback="TensorFlow's bias add and XLA's GELU in training: the same math, slower")
 LIBRARIES = (ADAMW, DROPOUT, LAYER_NORM, BIAS)
 
 
