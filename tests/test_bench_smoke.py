@@ -66,6 +66,8 @@ def run_once_more_after_a_crash(command: list, **kwargs) -> subprocess.Completed
 
     Why: twice, in fresh clones' first `make test` (2026-12-02), `bench/vs_pytorch.py --quick` died inside
     TensorFlow (a SIGSEGV, then a SIGABRT in the stock `model.fit` warm-up), and passed on every rerun (6 of 6).
+    Under AddressSanitizer the same heap corruption shows with all four of our C++ libraries switched off
+    (bench/RESULTS.md, twentieth session): it is not in our C++ ops.
     A crash inside TensorFlow's runtime is not what this smoke test checks (the bench's output), but it must stay
     visible: the warning carries the report into the test summary. A second crash, or any ordinary failure, fails."""
     result = subprocess.run(command, **kwargs)

@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -48,9 +49,16 @@ def test_kernel_tests_pass_with_our_ops_built_under_address_sanitizer(monkeypatc
         "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
     })
     # -s: ASan writes its report to fd 2 and exits at once, which would lose it inside pytest's capture.
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
+    died_elsewhere = result.returncode < 0 or "AddressSanitizer: CHECK failed" in output
+    if died_elsewhere and "ERROR: AddressSanitizer" not in output:
+        # Not an access of ours (those are ERROR reports): heap metadata overwritten by uninstrumented code, which
+        # TensorFlow's own runs show now and then with our libraries off (bench/RESULTS.md, twentieth session).
+        warnings.warn(f"the sanitized run died outside our code, rerunning once: {output[-2000:]}")
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        output = result.stdout + result.stderr
     report = output.find("ERROR: AddressSanitizer")  # its first lines name the access and our function
     assert result.returncode == 0, output[report:report + 4000] if report >= 0 else output[-4000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
