@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR, REPO_ROOT
+from subprocess_runs import failure_text, run_once_more_after_a_crash
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import engine_vs_fit  # noqa: E402
@@ -53,32 +54,6 @@ def test_quick_run_gives_finite_positive_throughputs(tmp_path):
 # bench/vs_pytorch.py (`make bench`) in a subprocess: its flags overlap launch.train's, and it must run as the CLI.
 # torch is hidden (sys.modules["torch"] = None makes `import torch` fail), as on an install without the bench
 # extra: the engine side runs alone and the bench says in one line that the PyTorch rows are skipped.
-def failure_text(stderr: str) -> str:
-    """What to show when a bench subprocess failed: the end of its stderr, or, after a crash, the lines before
-    faulthandler's report (where TensorFlow logs a failed check) and the report with the crashing thread's stack,
-    which come before the long list of extension modules that ends stderr."""
-    crash = stderr.find("Fatal Python error")
-    return stderr[max(crash - 1500, 0):crash + 4000] if crash >= 0 else stderr[-3000:]
-
-
-def run_once_more_after_a_crash(command: list, **kwargs) -> subprocess.CompletedProcess:
-    """Runs a bench subprocess; if a signal killed it, warns with its crash report and runs it once more.
-
-    Why: twice, in fresh clones' first `make test` (2026-12-02), `bench/vs_pytorch.py --quick` died inside
-    TensorFlow (a SIGSEGV, then a SIGABRT in the stock `model.fit` warm-up), and passed on every rerun (6 of 6).
-    Under AddressSanitizer the same heap corruption shows with all four of our C++ libraries switched off
-    (bench/RESULTS.md, twentieth session): it is not in our C++ ops.
-    A crash inside TensorFlow's runtime is not what this smoke test checks (the bench's output), but it must stay
-    visible: the warning carries the report into the test summary. A second crash, or any ordinary failure, fails."""
-    result = subprocess.run(command, **kwargs)
-    if result.returncode < 0:
-        import warnings
-        warnings.warn(f"bench subprocess killed by signal {-result.returncode}, rerunning once: "
-                      f"{failure_text(result.stderr)}")
-        result = subprocess.run(command, **kwargs)
-    return result
-
-
 def test_a_crashed_bench_subprocess_runs_once_more_with_a_warning_and_a_failure_does_not(tmp_path):
     marker = tmp_path / "crashed_once"
     crash_first_time = (f"import os, sys, pathlib\nm = pathlib.Path({str(marker)!r})\n"

@@ -10,13 +10,13 @@ import os
 import shlex
 import subprocess
 import sys
-import warnings
 
 import pytest
 
+from conftest import REPO_ROOT
 from engine import native
+from subprocess_runs import crash_outside_our_code, run_once_more_after_a_crash
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every op of ours, forward and backward, in float32 and bfloat16, on odd shapes and NaN.
 KERNEL_TESTS = ["tests/test_bias_kernel.py", "tests/test_layer_norm_kernel.py", "tests/test_attention_kernel.py",
                 "tests/test_adamw_kernel.py",
@@ -50,15 +50,8 @@ def test_kernel_tests_pass_with_our_ops_built_under_address_sanitizer(monkeypatc
     })
     # -s: ASan writes its report to fd 2 and exits at once, which would lose it inside pytest's capture.
     command = [sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    result = run_once_more_after_a_crash(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
-    died_elsewhere = result.returncode < 0 or "AddressSanitizer: CHECK failed" in output
-    if died_elsewhere and "ERROR: AddressSanitizer" not in output:
-        # Not an access of ours (those are ERROR reports): heap metadata overwritten by uninstrumented code, which
-        # TensorFlow's own runs show now and then with our libraries off (bench/RESULTS.md, twentieth session).
-        warnings.warn(f"the sanitized run died outside our code, rerunning once: {output[-2000:]}")
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        output = result.stdout + result.stderr
     report = output.find("ERROR: AddressSanitizer")  # its first lines name the access and our function
     assert result.returncode == 0, output[report:report + 4000] if report >= 0 else output[-4000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
@@ -67,3 +60,14 @@ def test_kernel_tests_pass_with_our_ops_built_under_address_sanitizer(monkeypatc
     for library in native.LIBRARIES:
         with open(library.library_path(), "rb") as f:
             assert b"__asan_report" in f.read(), library.name
+
+
+def test_only_a_crash_outside_instrumented_code_is_rerun():
+    def died(returncode, stderr):
+        return crash_outside_our_code(subprocess.CompletedProcess([], returncode, "", stderr))
+
+    assert died(-6, "Fatal Python error: Aborted") == "killed by signal 6"
+    assert died(1, 'AddressSanitizer: CHECK failed: asan_allocator.cpp:188 "((old)) == ((kAllocBegMagic))"')
+    assert died(1, "==1==ERROR: AddressSanitizer: heap-buffer-overflow on address 0x6090") is None
+    assert died(-6, "==1==ERROR: AddressSanitizer: heap-use-after-free\nFatal Python error: Aborted") is None
+    assert died(1, "1 failed") is None
