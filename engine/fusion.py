@@ -21,9 +21,10 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
   * Multi-head attention (Keras' MultiHeadAttention over one sequence axis; engine/attention.py): the scores and
     the context as batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums; in training
     on the CPU the masked softmax and the attention dropout as one C++ op, and their gradient as another.
-  * LayerNormalization over the last axis (engine/layer_norm.py): at inference in fewer ops than Keras' moments
-    + batch_normalization; in training on the CPU as one C++ pass forward and one backward (elsewhere Keras'
-    forward ops and a closed-form gradient), in a Transformer block with its residual add (_add_layer_norm).
+  * LayerNormalization over the last axis (engine/layer_norm.py): on the CPU as one C++ pass forward (and one
+    backward in training), in a Transformer block with its residual add (_add_layer_norm); elsewhere Keras'
+    forward ops with a closed-form gradient in training, and at inference fewer ops than Keras' moments +
+    batch_normalization (export-safe graphs always: they must run where our libraries do not exist).
   * Model Garden's Transformer blocks, sublayer by sublayer (so that the FFN and the residual adds can take the
     C++ ops); at inference when over 15 % of the batch's positions are padding, and in training when asked
     (RuntimeConfig.skip_padding_in_training), the projections, FFN and LayerNorms on the real tokens only,
@@ -194,9 +195,9 @@ def _trains_with_our_kernels(layer) -> bool:
 
 
 def _layer_norm_call(layer, inputs):
-    # Keras' LayerNormalization over the last axis with engine/layer_norm's kernels: fewer ops at inference, the
-    # C++ op (or Keras' forward ops with a closed-form gradient) in training. Keras' call elsewhere (other axes,
-    # its fused path).
+    # Keras' LayerNormalization over the last axis with engine/layer_norm's kernels: the C++ op in training, and at
+    # inference outside export-safe graphs (_native_at_inference); else Keras' forward ops with a closed-form
+    # gradient in training, fewer ops at inference. Keras' call elsewhere (other axes, its fused path).
     last = inputs.shape.rank - 1 if inputs.shape.rank is not None else None
     training = _training()
     if isinstance(inputs, tf.RaggedTensor) or layer.axis != [last] or training and not _trains_with_our_kernels(layer):
@@ -207,8 +208,19 @@ def _layer_norm_call(layer, inputs):
         inputs = tf.cast(inputs, tf.float32)  # as Keras does: statistics in float32 under a mixed policy
     gamma = tf.cast(layer.gamma, inputs.dtype) if layer.scale else None
     beta = tf.cast(layer.beta, inputs.dtype) if layer.center else None
-    outputs = (layer_norm.training if training else layer_norm.inference)(inputs, gamma, beta, layer.epsilon)
+    if training:
+        outputs = layer_norm.training(inputs, gamma, beta, layer.epsilon)
+    else:
+        outputs = layer_norm.native_op(inputs, gamma, beta, layer.epsilon) if _native_at_inference(layer) else None
+        if outputs is None:
+            outputs = layer_norm.inference(inputs, gamma, beta, layer.epsilon)
     return tf.cast(outputs, input_dtype)
+
+
+def _native_at_inference(layer) -> bool:
+    """Whether this LayerNorm may run our C++ op at inference: a model rewritten for our own process (evaluation,
+    launch.predict), not for an export-safe graph, which must run where our libraries do not exist."""
+    return getattr(layer, "_engine_native_at_inference", False)
 
 
 # _block_call removes padding at inference when it is more than this fraction of a batch's positions.
@@ -246,21 +258,26 @@ def _block_call(block, on_tokens_in_training, inputs, output_range=None):
                                          unpadding.training_rows(tokens, tf.size(is_token)), training, ffn,
                                          _add_layer_norm)
     padding = 1.0 - tf.cast(tokens, tf.float32) / tf.cast(tf.size(is_token), tf.float32)
+    if _native_at_inference(block._attention_layer_norm):  # the residual adds join our LayerNorm op
+        padded = lambda: unpadding.block_sublayers(block, x, attention_mask, False, ffn, _add_layer_norm)
+    else:
+        padded = lambda: type(block).call(block, inputs)
     return tf.cond(padding > _UNPAD_ABOVE,
                    lambda: unpadding.block_on_tokens(block, x, attention_mask, is_token, tokens, False, ffn,
                                                      _add_layer_norm),
-                   lambda: type(block).call(block, inputs))
+                   padded)
 
 
 def _add_layer_norm(layer, x, residual):
-    """layer(x + residual) with the sum in the residual's dtype, as Model Garden's block computes it. In training on
-    the CPU, for a float32 LayerNorm over the last axis: add and LayerNorm as one C++ pass (the sum in float32 from
-    bf16 or float32 inputs, saving the add and the cast; engine/layer_norm.add_native_training)."""
-    if (_training() and layer.dtype == "float32" and layer.axis == [x.shape.rank - 1]
-            and _trains_with_our_kernels(layer)):
+    """layer(x + residual) with the sum in the residual's dtype, as Model Garden's block computes it. On the CPU in
+    training (and at inference outside export-safe graphs), for a float32 LayerNorm over the last axis: add and
+    LayerNorm as one C++ pass (the sum in float32 from bf16 or float32 inputs, saving the add and the cast;
+    engine/layer_norm.add_native_op)."""
+    if ((_training() or _native_at_inference(layer)) and layer.dtype == "float32"
+            and layer.axis == [x.shape.rank - 1] and _trains_with_our_kernels(layer)):
         with autocast_variable.enable_auto_cast_variables(None):  # float32, not the block's compute dtype
             gamma, beta = layer.gamma.value(), layer.beta.value()
-        outputs = layer_norm.add_native_training(x, residual, gamma, beta, layer.epsilon)
+        outputs = layer_norm.add_native_op(x, residual, gamma, beta, layer.epsilon)
         if outputs is not None:
             return outputs
     return layer(tf.cast(x, residual.dtype) + residual)
@@ -342,6 +359,7 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
             counts["block"] += 1
         elif type(layer) is tf_keras.layers.LayerNormalization and len(layer.axis) == 1:
             layer.call = functools.partial(_layer_norm_call, layer)
+            layer._engine_native_at_inference = not export_safe
             counts["layer_norm"] += 1
         elif (type(layer) is tf_keras.layers.Activation and layer.activation is not tf_keras.activations.linear
               and not export_safe):

@@ -3,7 +3,7 @@ training our C++ op on the CPU (layer_norm_kernel.cc: one pass forward and one b
 TensorFlow's ops on [32, 128, 384]; the bench's MiniLM step 1.17x in bf16, 1.07x in fp32 on the AMX Xeon,
 bench/RESULTS.md), elsewhere Keras' own forward ops with a closed-form gradient. Inputs arrive in the dtype Keras
 would normalize in (float32 under a mixed policy); gamma and beta in the same dtype, or None where the layer has
-none. A Transformer block's LayerNorms take their residual add into the op too (add_native_training).
+none. A Transformer block's LayerNorms take their residual add into the op too (add_native_op).
 BERT_ENGINE_NATIVE_LAYER_NORM=0 turns the ops off."""
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ def inference(inputs, gamma, beta, epsilon: float):
 
 
 def training(inputs, gamma, beta, epsilon: float):
-    """LayerNorm in training: our C++ op where it can run (float32 on a CPU, outside XLA; native_training), else
+    """LayerNorm in training: our C++ op where it can run (float32 on a CPU, outside XLA; native_op), else
     TensorFlow's ops (tf_training)."""
-    outputs = native_training(inputs, gamma, beta, epsilon)
+    outputs = native_op(inputs, gamma, beta, epsilon)
     return tf_training(inputs, gamma, beta, epsilon) if outputs is None else outputs
 
 
-def native_training(inputs, gamma, beta, epsilon: float):
+def native_op(inputs, gamma, beta, epsilon: float):
     """The same math as tf_training in one C++ pass forward (keeping each row's mean and 1/std) and one backward
     (layer_norm_kernel.cc), in float32 with other summation orders; None where the op cannot run."""
     if (inputs.dtype != tf.float32 or gamma is None or beta is None or gamma.dtype != tf.float32
@@ -51,11 +51,11 @@ def native_training(inputs, gamma, beta, epsilon: float):
     return layer_norm(inputs, gamma, beta)
 
 
-def add_native_training(x, residual, gamma, beta, epsilon: float):
+def add_native_op(x, residual, gamma, beta, epsilon: float):
     """LayerNorm(x + residual) in training as one C++ pass forward (EngineAddLayerNorm: the sum in float32, from x
     and a residual in float32 or bfloat16) and EngineLayerNormGrad backward, its gradient cast back to each input's
     dtype; gamma and beta in float32. Saves the add and the casts to float32 before Model Garden's float32
-    LayerNorms. None where the op cannot run (as native_training)."""
+    LayerNorms. None where the op cannot run (as native_op)."""
     if (x.dtype not in (tf.float32, tf.bfloat16) or residual.dtype not in (tf.float32, tf.bfloat16)
             or gamma is None or beta is None or gamma.dtype != tf.float32 or beta.dtype != tf.float32):
         return None

@@ -485,7 +485,7 @@ def test_attention_transposes_run_on_integer_bits_at_inference_only():
     assert transposes(training=True) == ["float32"] * 4 * config.num_hidden_layers
 
 
-def test_export_safe_graph_has_no_xla_kernel(monkeypatch):
+def test_export_safe_graph_has_no_xla_kernel_nor_op_of_ours(monkeypatch):
     _, inputs, _, fused = _encoder_pair()
     _, _, _, safe = _encoder_pair()
     monkeypatch.setenv(bias.LIBRARY.switch, "0")  # so that training runs the XLA GELU kernels
@@ -499,6 +499,14 @@ def test_export_safe_graph_has_no_xla_kernel(monkeypatch):
     fusion.fuse_elementwise(safe, export_safe=True)
     assert xla_functions(fused, training=True)  # the GELU kernels: the check can see them
     assert not xla_functions(safe, training=True) and not xla_functions(safe, training=False)
+    # Nor any op of our C++ libraries, which a served graph's machine lacks; in our own process, inference runs the
+    # LayerNorms (the embeddings' alone, the blocks' with their residual adds, in both branches of the padding
+    # cond) as our op.
+    def ours(model):
+        types = graph_op_types(tf.function(lambda x: model(x, training=False)), inputs)
+        return sorted(t for t in types if t.startswith("Engine"))
+    assert ours(safe) == []
+    assert ours(fused) == ["EngineAddLayerNorm", "EngineLayerNorm"]
 
 
 def _value_and_grad(layer, x):

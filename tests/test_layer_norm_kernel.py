@@ -1,4 +1,4 @@
-"""engine/layer_norm_kernel.cc, which engine/layer_norm.training (and add_native_training, with the residual add)
+"""engine/layer_norm_kernel.cc, which engine/layer_norm.training (and add_native_op, with the residual add)
 runs on the CPU: the forward and every gradient against float64, at sizes that are not multiples of the kernel's
 vector lanes (16) or row chunks (32), and in the traced graph only where it can run."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -73,7 +73,7 @@ def test_add_layer_norm_matches_float64_of_the_sum(x_dtype, residual_dtype):
     def compute(x, residual, gamma, beta):
         with tf.GradientTape() as tape:
             tape.watch([x, residual, gamma, beta])
-            y = layer_norm.add_native_training(x, residual, gamma, beta, EPSILON)
+            y = layer_norm.add_native_op(x, residual, gamma, beta, EPSILON)
         return [y] + tape.gradient(y, [x, residual, gamma, beta], output_gradients=upstream)
 
     assert {"EngineAddLayerNorm", "EngineLayerNormGrad"} <= graph_op_types(compute, x, residual, gamma, beta)
@@ -95,9 +95,12 @@ def test_add_layer_norm_matches_float64_of_the_sum(x_dtype, residual_dtype):
                                    atol=2e-6 * np.abs(d_total).max(), err_msg=name)
 
 
-def test_fused_encoder_adds_and_normalizes_in_one_op_in_training_only(monkeypatch):
+def test_fused_encoder_adds_and_normalizes_in_one_op_unless_switched_off(monkeypatch):
+    # In training and at inference (export-safe graphs never: test_fusion.py); with the switch off, neither.
     inputs, _, fused = encoder_pair_with_dropout()
     assert "EngineAddLayerNorm" in graph_op_types(encoder_training_step(fused, inputs))
-    assert "EngineAddLayerNorm" not in graph_op_types(tf.function(lambda: fused(inputs, training=False)))
+    assert "EngineAddLayerNorm" in graph_op_types(tf.function(lambda: fused(inputs, training=False)))
     monkeypatch.setenv(layer_norm.LIBRARY.switch, "0")
     assert "EngineAddLayerNorm" not in graph_op_types(encoder_training_step(fused, inputs))
+    assert not {"EngineAddLayerNorm", "EngineLayerNorm"} & graph_op_types(
+        tf.function(lambda: fused(inputs, training=False)))
