@@ -131,23 +131,29 @@ def _fused_activation_call(layer: tf_keras.layers.Activation, inputs):
 _TRAILING_CONTRACTIONS = {"abc,cd->abd": 1, "abc,cde->abde": 1, "abcd,cde->abe": 2}
 
 
-def _dense_product(layer, inputs):
-    """The EinsumDense's contraction as one 2-D MatMul, [rows, fan_in] x [fan_in, units], and the output shape."""
+def _dense_operands(layer, inputs):
+    """The EinsumDense's contraction as one 2-D MatMul: (inputs as [rows, fan_in], the kernel as [fan_in, units],
+    the output's shape)."""
     contracted = _TRAILING_CONTRACTIONS[layer.equation]
     kernel = layer.kernel
     fan_in = int(np.prod(kernel.shape[:contracted]))
-    product = tf.matmul(tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]))
-    return product, tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0)
+    return (tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]),
+            tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
 
 
 def _dense_call(layer, inputs):
-    outputs, output_shape = _dense_product(layer, inputs)
-    activation = getattr(layer, "_fused_activation", None) if not _training() else None
-    bias_apart = layer.bias is not None and activation is None and _bias_apart_from_matmul(outputs.dtype)
-    if layer.bias is not None and not bias_apart:
-        outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
-    if activation is not None:
-        outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
+    rows, kernel, output_shape = _dense_operands(layer, inputs)
+    training = _training()
+    activation = getattr(layer, "_fused_activation", None) if not training else None
+    bias_apart = layer.bias is not None and activation is None and _bias_apart_from_matmul(rows.dtype)
+    if layer.bias is not None and not bias_apart and training:
+        outputs = _matmul_bias_add(rows, kernel, tf.reshape(layer.bias, [-1]))
+    else:
+        outputs = tf.matmul(rows, kernel)
+        if layer.bias is not None and not bias_apart:
+            outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
+        if activation is not None:
+            outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
     outputs = tf.reshape(outputs, output_shape)
     if bias_apart:  # added after the Reshape, which keeps grappler from fusing it into the MatMul
         outputs = _add_bias(outputs, tf.cast(layer.bias, outputs.dtype))  # bias: the kernel's trailing shape
@@ -155,18 +161,34 @@ def _dense_call(layer, inputs):
 
 
 @tf.custom_gradient
-def _add_bias(outputs, bias):
-    """outputs + bias, with the bias gradient as a [1, rows] x [rows, bias size] matmul of ones and the outputs'
-    gradient. Autodiff's is a bf16 `Sum` over the rows in Eigen's portable code: on the AMX Xeon 2.5 ms for
-    MiniLM's [32, 128, 1536] FFN gradient, against 0.85 ms for the matmul (bench/RESULTS.md, 2026-12-04). oneDNN
-    accumulates the matmul in float32, rounding once."""
+def _matmul_bias_add(rows, kernel, bias):
+    """rows @ kernel + bias, which grappler's oneDNN remapper fuses into one op, with autodiff's MatMul gradients
+    but the bias gradient of _bias_gradient instead of TensorFlow's BiasAddGrad: on the CPU that op sums bfloat16
+    in bfloat16 (TensorFlow 2.20: 4096 rows of ones sum to 256), so in mixed_bfloat16 training every fused bias
+    got a gradient off by up to tens of percent (bench/RESULTS.md, 2026-12-05). Stock Keras' EinsumDense adds its
+    bias with AddV2, whose gradient (Sum) accumulates in float32."""
     def gradient(upstream):
-        size = int(np.prod(bias.shape))
-        rows = tf.reshape(upstream, [-1, size])
-        ones = tf.ones(tf.stack([1, tf.shape(rows)[0]]), upstream.dtype)
-        return upstream, tf.reshape(tf.matmul(ones, rows), tf.shape(bias))
+        return (tf.matmul(upstream, kernel, transpose_b=True), tf.matmul(rows, upstream, transpose_a=True),
+                _bias_gradient(upstream, bias))
+    return tf.nn.bias_add(tf.matmul(rows, kernel), bias), gradient
+
+
+def _bias_gradient(upstream, bias):
+    """The gradient of a bias added to `upstream`'s rows: a [1, rows] x [rows, bias size] matmul of ones, which
+    oneDNN accumulates in float32 and rounds once. Autodiff's is a Sum (AddV2's) or a BiasAddGrad, both in Eigen's
+    portable code for bf16: on the AMX Xeon 2.5 ms for MiniLM's [32, 128, 1536] FFN gradient, against 0.85 ms for
+    the matmul (bench/RESULTS.md, 2026-12-04); on the Zen 4 2.2-2.4 ms against 0.85."""
+    size = int(np.prod(bias.shape))
+    rows = tf.reshape(upstream, [-1, size])
+    ones = tf.ones(tf.stack([1, tf.shape(rows)[0]]), upstream.dtype)
+    return tf.reshape(tf.matmul(ones, rows), tf.shape(bias))
+
+
+@tf.custom_gradient
+def _add_bias(outputs, bias):
+    """outputs + bias in one pass (engine/bias.add), with _bias_gradient's bias gradient."""
     added = bias_ops.add(outputs, bias)
-    return (outputs + bias if added is None else added), gradient
+    return (outputs + bias if added is None else added), lambda upstream: (upstream, _bias_gradient(upstream, bias))
 
 
 def _bias_apart_from_matmul(dtype) -> bool:
@@ -289,7 +311,8 @@ def _ffn_inner(block, inputs):
     their gradient as another (engine/bias.py); else the layers."""
     dense, activation = block._intermediate_dense, block._intermediate_activation_layer
     if _training() and getattr(activation, "_fused_into_dense", False) and dense.bias is not None:
-        product, output_shape = _dense_product(dense, tf.cast(inputs, dense.compute_dtype))
+        rows, kernel, output_shape = _dense_operands(dense, tf.cast(inputs, dense.compute_dtype))
+        product = tf.matmul(rows, kernel)
         with autocast_variable.enable_auto_cast_variables(None):
             bias = tf.reshape(dense.bias.value(), [-1])  # float32: the op rounds it as Keras' autocast would
         activated = bias_ops.add_gelu(product, bias)

@@ -422,14 +422,16 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only(monkeypatch, amx):
+def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only_and_sums_its_gradient_in_float32(
+        monkeypatch, amx):
     # On AMX CPUs TensorFlow's fused bf16 MatMul+BiasAdd has no AMX kernel (fusion._bias_apart_from_matmul): the
     # bias is added after the output's Reshape, where grappler cannot fuse it. Values stay stock Keras' either way.
     monkeypatch.setattr(host, "cpu_has_amx", lambda: amx)
     tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        for equation, shape, output in (("abc,cd->abd", [2, 5, 64], [32]), ("abc,cde->abde", [2, 5, 64], [4, 8]),
-                                        ("abcd,cde->abe", [2, 5, 4, 8], [64])):
+        # 512 rows: enough that a sum in bf16 (BiasAddGrad's) misses the exact one by far more than a rounding.
+        for equation, shape, output in (("abc,cd->abd", [8, 64, 64], [32]), ("abc,cde->abde", [8, 64, 64], [4, 8]),
+                                        ("abcd,cde->abe", [8, 64, 4, 8], [64])):
             bias_axes = equation.split("->")[1][-len(output):]
             stock, fused = (tf_keras.layers.EinsumDense(equation, output_shape=[None] + output, bias_axes=bias_axes)
                             for _ in range(2))
@@ -451,16 +453,17 @@ def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only(monkeypatc
             got, graph = value_and_grads(fused)
             for e, g in zip(expected, got):  # the fused op adds the bias before rounding to bf16: one bf16 ulp
                 np.testing.assert_allclose(g, e, rtol=1e-2, atol=1e-2 * np.abs(e).max())
+            # The bias gradient is a matmul of ones and the bf16 upstream gradient (fusion._bias_gradient),
+            # accumulated in float32: within one bf16 rounding of the exact sum of bf16(2 y) over the rows.
+            # (TensorFlow's BiasAddGrad, the fused MatMul+BiasAdd's autodiff, sums bf16 in bf16.)
+            upstream = tf.cast(tf.cast(2 * got[0], tf.bfloat16), tf.float64).numpy()
+            exact = upstream.reshape([-1] + list(got[2].shape)).sum(axis=0)
+            np.testing.assert_allclose(got[2], exact, rtol=2.0 ** -8, atol=1e-6 * np.abs(exact).max())
+            ones_matmuls = [op for op in graph.get_operations() if op.type == "MatMul" and op.inputs[0].op.type == "Fill"]
+            assert len(ones_matmuls) == 1, [op.name for op in graph.get_operations() if op.type == "MatMul"]
+            assert "BiasAddGrad" not in {op.type for op in graph.get_operations()}
             if amx:  # as stock Keras, which adds the bias to the rounded bf16 product: the same bits
                 np.testing.assert_array_equal(got[0], expected[0])
-                # The bias gradient is a matmul of ones and the bf16 upstream gradient (fusion._add_bias),
-                # accumulated in float32: within one bf16 rounding of the exact sum of bf16(2 y) over the rows.
-                upstream = tf.cast(tf.cast(2 * got[0], tf.bfloat16), tf.float64).numpy()
-                exact = upstream.reshape([-1] + list(got[2].shape)).sum(axis=0)
-                np.testing.assert_allclose(got[2], exact, rtol=2.0 ** -8, atol=1e-6 * np.abs(exact).max())
-                ones_matmuls = [op for op in graph.get_operations() if op.type == "MatMul"
-                                and op.inputs[0].op.type == "Fill"]
-                assert len(ones_matmuls) == 1, [op.name for op in graph.get_operations() if op.type == "MatMul"]
                 assert "EngineBiasAdd" in {op.type for op in graph.get_operations()}  # engine/bias.add
             matmul = next(op for op in graph.get_operations() if op.type == "MatMul")
             consumers = [c.type for c in matmul.outputs[0].consumers()]
