@@ -18,6 +18,8 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     the FFN's GELU joins the fusion (MatMul + BiasAdd + GeluExact); in training on the CPU the FFN's bias and
     GELU are our C++ op (engine/bias.py, which recomputes the pre-activation in its backward pass), and
     elsewhere the GELU stays the XLA Activation kernel.
+  * Keras' Dense layers (heads, Model Garden's pooler): in training, the same bias gradient as the EinsumDense
+    layers' (TensorFlow's BiasAddGrad sums bf16 in bf16; see _matmul_bias_add).
   * Multi-head attention (Keras' MultiHeadAttention over one sequence axis; engine/attention.py): the scores and
     the context as batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums; in training
     on the CPU the masked softmax and the attention dropout as one C++ op, and their gradient as another.
@@ -189,6 +191,27 @@ def _add_bias(outputs, bias):
     """outputs + bias in one pass (engine/bias.add), with _bias_gradient's bias gradient."""
     added = bias_ops.add(outputs, bias)
     return (outputs + bias if added is None else added), lambda upstream: (upstream, _bias_gradient(upstream, bias))
+
+
+def _keras_dense_call(layer, inputs):
+    # Keras' Dense in training with _bias_gradient's bias gradient: its tf.nn.bias_add's autodiff is BiasAddGrad,
+    # which sums bf16 in bf16 (_matmul_bias_add): e.g. a token-level head (NER's emissions) summed 4096 rows so.
+    # The same values forward (Keras' tensordot is this reshape and MatMul). Keras' call elsewhere.
+    if not _training() or not isinstance(inputs, tf.Tensor) or inputs.shape.rank is None:
+        return type(layer).call(layer, inputs)
+    rows = tf.reshape(tf.cast(inputs, layer.compute_dtype), [-1, layer.kernel.shape[0]])
+    kernel, bias = tf.convert_to_tensor(layer.kernel), tf.convert_to_tensor(layer.bias)  # in the compute dtype
+    if _bias_apart_from_matmul(rows.dtype):
+        outputs = _add_bias(tf.matmul(rows, kernel), bias)
+    else:
+        outputs = _matmul_bias_add(rows, kernel, bias)
+    outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [layer.units]], 0))
+    outputs.set_shape(inputs.shape[:-1].concatenate([layer.units]))
+    return layer.activation(outputs) if layer.activation is not None else outputs
+
+
+def _is_plain_keras_dense(layer) -> bool:
+    return type(layer) is tf_keras.layers.Dense and layer.use_bias and layer.built
 
 
 def _bias_apart_from_matmul(dtype) -> bool:
@@ -363,7 +386,8 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
     fused into the dense at inference), no XLA kernels, and not the embedding lookup (a served graph updates nothing).
     skip_padding_in_training: Transformer blocks train on their real tokens too (_block_call); the
     token count is dynamic, so not under whole-step XLA (a TPU's, or --jit_compile)."""
-    counts = dict.fromkeys(("dropout", "activation", "dense", "attention", "layer_norm", "embedding", "block"), 0)
+    counts = dict.fromkeys(("dropout", "activation", "dense", "keras_dense", "attention", "layer_norm", "embedding",
+                            "block"), 0)
     if not export_safe:
         counts["dropout"] = dropout.rebind(model, xla=True)
     layers = list(model.submodules)
@@ -371,6 +395,9 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
         if _is_plain_dense(layer):
             layer.call = functools.partial(_dense_call, layer)
             counts["dense"] += 1
+        elif _is_plain_keras_dense(layer) and not export_safe:
+            layer.call = functools.partial(_keras_dense_call, layer)
+            counts["keras_dense"] += 1
         elif _is_plain_embedding(layer) and not export_safe:
             layer.call = functools.partial(_embedding_call, layer)
             counts["embedding"] += 1

@@ -114,8 +114,8 @@ def test_fused_activation_equals_stock_with_gradient():
     x = tf.random.stateless_normal([64, 96], seed=[7, 8]) * 3
     expected_y, expected_grad = _value_and_grad(layer, x)
     assert fusion.fuse_elementwise(tf_keras.Sequential([layer])) == {
-        "dropout": 0, "activation": 1, "dense": 0, "attention": 0, "layer_norm": 0, "embedding": 0,
-        "block": 0}
+        "dropout": 0, "activation": 1, "dense": 0, "keras_dense": 0, "attention": 0, "layer_norm": 0,
+        "embedding": 0, "block": 0}
     y, grad = _value_and_grad(layer, x)
     np.testing.assert_allclose(y, expected_y, atol=1e-6)
     np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
@@ -150,9 +150,10 @@ def test_fused_gelu_under_mixed_bfloat16_is_bit_identical_without_the_float32_ro
     try:
         def build():
             tf_keras.utils.set_random_seed(3)
-            return tf_keras.Sequential([tf_keras.Input([24]), tf_keras.layers.Dense(32),
+            # Dense layers without biases, which fuse_elementwise leaves alone (a bias's gradient it changes).
+            return tf_keras.Sequential([tf_keras.Input([24]), tf_keras.layers.Dense(32, use_bias=False),
                                         tf_keras.layers.Activation("gelu", dtype="float32"),
-                                        tf_keras.layers.Dense(8)])
+                                        tf_keras.layers.Dense(8, use_bias=False)])
         stock, fused = build(), build()
         activation = fused.layers[1]
         assert activation.compute_dtype == "float32"
@@ -201,7 +202,7 @@ def test_dense_and_attention_rewrites_give_stock_keras_values_and_gradients(trai
     config, inputs, stock, fused = _encoder_pair()
     layers = config.num_hidden_layers
     assert fusion.fuse_elementwise(fused) == {"dropout": 0, "activation": layers, "dense": 6 * layers,
-                                              "attention": layers, "layer_norm": 1 + 2 * layers, "embedding": 1,
+                                              "keras_dense": 1, "attention": layers, "layer_norm": 1 + 2 * layers, "embedding": 1,
                                               "block": layers}
     expected = _outputs_and_grads(stock, inputs, training)
     got = _outputs_and_grads(fused, inputs, training)
@@ -413,7 +414,7 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
     safe = _encoder_pair()[3]
     safe.set_weights(stock.get_weights())
     assert fusion.fuse_elementwise(safe, export_safe=True) == {"dropout": 0, "activation": 0, "dense": 12,
-                                                               "attention": 2, "layer_norm": 5, "embedding": 0,
+                                                               "keras_dense": 0, "attention": 2, "layer_norm": 5, "embedding": 0,
                                                                "block": 2}
     real = inputs["input_mask"].numpy() == 1  # at inference the blocks leave zeros at padding
     for training in (True, False):
@@ -474,6 +475,41 @@ def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only_and_sums_i
     assert not fusion._bias_apart_from_matmul(tf.float32)
 
 
+@pytest.mark.parametrize("shape, activation", [([8, 64, 64], None), ([512, 64], "tanh")])
+def test_bf16_keras_dense_sums_its_bias_gradient_in_float32(shape, activation):
+    # A token-level head (NER's emissions: [batch, seq, hidden]) and a pooler-like one ([rows, hidden], tanh).
+    # Stock Keras' Dense adds its bias with tf.nn.bias_add, whose gradient (BiasAddGrad) sums bf16 in bf16.
+    tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        stock, fused = (tf_keras.layers.Dense(5, activation=activation) for _ in range(2))
+        x = tf.random.stateless_normal(shape, seed=[3, 4])
+        stock(x), fused(x)
+        stock.set_weights([w + 0.1 for w in fused.get_weights()])
+        fused.set_weights(stock.get_weights())
+        assert fusion.fuse_elementwise(tf_keras.Sequential([fused]))["keras_dense"] == 1
+
+        def value_and_grads(layer, training=True):
+            @tf.function
+            def compute():
+                with tf.GradientTape() as tape:
+                    y = tf.cast(layer(x, training=training), tf.float32)
+                    loss = tf.reduce_sum(y)  # upstream: ones, whose bf16 sum over the rows stalls at 256
+                return [y] + tape.gradient(loss, layer.trainable_variables)
+            return [t.numpy() for t in compute()]
+        expected, got = value_and_grads(stock), value_and_grads(fused)
+        np.testing.assert_array_equal(value_and_grads(fused, training=False)[0], expected[0])  # stock at inference
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(got[1], expected[1], rtol=1e-2, atol=1e-2 * np.abs(expected[1]).max())
+        # The bias gradient, exactly: d loss / d y = 1 before the activation, its derivative after.
+        pre = tf.cast(tf.cast(got[0], tf.bfloat16), tf.float64).numpy()  # y as the activation's bf16 output
+        upstream = np.ones_like(pre) if activation is None else tf.cast(tf.cast(1 - pre ** 2, tf.bfloat16),
+                                                                         tf.float64).numpy()
+        exact = upstream.reshape(-1, 5).sum(axis=0)
+        np.testing.assert_allclose(got[2], exact, rtol=2.0 ** -7)
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+
+
 def test_attention_transposes_run_on_integer_bits_at_inference_only():
     config, inputs, _, fused = _encoder_pair()
     fusion.fuse_elementwise(fused, export_safe=True)
@@ -532,10 +568,10 @@ def test_fuse_elementwise_changes_only_the_given_model_in_training_mode():
     # dropout (the blocks' inner FFN dropout has rate 0 and is left alone) and the FFN's GELU.
     layers = config.num_hidden_layers
     assert fusion.fuse_elementwise(fused) == {"dropout": 1 + 3 * layers, "activation": layers,
-                                              "dense": 6 * layers, "attention": layers, "layer_norm": 1 + 2 * layers,
-                                              "embedding": 1, "block": layers}
+                                              "dense": 6 * layers, "keras_dense": 1, "attention": layers,
+                                              "layer_norm": 1 + 2 * layers, "embedding": 1, "block": layers}
     rebound = [m for m in fused.submodules if "call" in vars(m) or "_compute_attention" in vars(m)]
-    assert len(rebound) == (1 + 3 * layers) + layers + 6 * layers + layers + (1 + 2 * layers) + 1 + layers
+    assert len(rebound) == (1 + 3 * layers) + layers + 6 * layers + 1 + layers + (1 + 2 * layers) + 1 + layers
     assert not any("call" in vars(m) for m in stock.submodules)
     # Evaluation: dropout is the identity, so fused and stock agree.
     np.testing.assert_allclose(fused(inputs, training=False)["sequence_output"],
@@ -557,9 +593,10 @@ class DropoutToyTask(ToyTask):
 def test_trains_under_the_engine_traced_once(tmp_path, strategy, jit_compile):
     trainer = run_training(DropoutToyTask, global_batch_size=16, grad_accum_steps=2, strategy=strategy,
                            jit_compile=jit_compile, train_steps=30, steps_per_loop=10, model_dir=str(tmp_path))
-    # Dense(activation=...) is not an Activation layer, and plain Dense layers are left to Keras.
-    assert trainer.fused_layers == {"dropout": 2, "activation": 0, "dense": 0, "attention": 0, "layer_norm": 0,
-                                   "embedding": 0, "block": 0}
+    # Dense(activation=...) is not an Activation layer; Keras' Dense layers keep their call except for the bias
+    # gradient in training.
+    assert trainer.fused_layers == {"dropout": 2, "activation": 0, "dense": 0, "keras_dense": 2, "attention": 0,
+                                   "layer_norm": 0, "embedding": 0, "block": 0}
     losses = [h["loss"] for h in trainer.train_history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert trainer.train_loop_tracing_count == 1
