@@ -81,7 +81,6 @@ inline float Erf(float x) {
 
 constexpr float kInverseSqrt2 = 0.707106781186547524f;
 constexpr float kInverseSqrt2Pi = 0.398942280401432678f;
-constexpr int64_t kChunkRows = 32;  // rows per partial bias sum in the gradient (fixed: deterministic sums)
 
 // The pre-activation a of unit j, not rounded to T (in bfloat16 the rounding took as long as the GELU);
 // `bias` is already rounded to T.
@@ -199,23 +198,15 @@ class BiasGeluGradOp : public OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(1, context->input(2).shape(), &dbias));
     const int64_t n = x.dim_size(x.dims() - 1);
     const int64_t rows = n == 0 ? 0 : x.NumElements() / n;
-    const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-    std::vector<float> partials(chunks * n, 0.0f);
     const BitsOf<T>* dy_data = reinterpret_cast<const BitsOf<T>*>(upstream.flat<T>().data());
     const BitsOf<T>* x_data = reinterpret_cast<const BitsOf<T>*>(x.flat<T>().data());
     BitsOf<T>* dx_data = reinterpret_cast<BitsOf<T>*>(dx->flat<T>().data());
-    auto work = [&](int64_t first_chunk, int64_t end_chunk) {
-      for (int64_t chunk = first_chunk; chunk < end_chunk; ++chunk)
-        for (int64_t row = chunk * kChunkRows; row < std::min(rows, (chunk + 1) * kChunkRows); ++row)
-          BackwardRowOf(dy_data + row * n, x_data + row * n, bias.data(), dx_data + row * n,
-                        partials.data() + chunk * n, n);
-    };
-    auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    Shard(workers->num_threads, workers->workers, chunks, 50 * kChunkRows * n, work);
-    float* dbias_data = dbias->flat<float>().data();
-    std::fill(dbias_data, dbias_data + n, 0.0f);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk)  // in order: the same sums for any thread count
-      for (int64_t j = 0; j < n; ++j) dbias_data[j] += partials[chunk * n + j];
+    SumColumnsInFixedChunks(context, rows, n, 50 * n, dbias->flat<float>().data(),
+                            [&](int64_t first_row, int64_t end_row, float* dbias_sums) {
+                              for (int64_t row = first_row; row < end_row; ++row)
+                                BackwardRowOf(dy_data + row * n, x_data + row * n, bias.data(), dx_data + row * n,
+                                              dbias_sums, n);
+                            });
   }
 };
 

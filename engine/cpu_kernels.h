@@ -3,9 +3,14 @@
 #ifndef ENGINE_CPU_KERNELS_H_
 #define ENGINE_CPU_KERNELS_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/util/work_sharder.h"
 
 namespace engine_kernels {
 
@@ -95,6 +100,29 @@ __attribute__((always_inline)) inline float ExpNonPositive(float x) {
   float out;
   std::memcpy(&out, &bits, 4);
   return out;
+}
+
+// Rows per partial sum of SumColumnsInFixedChunks: fixed, so that the sums do not depend on the thread count.
+constexpr int64_t kChunkRows = 32;
+
+// Column sums (a gradient's dbias, dgamma) over `rows` rows, in parallel yet the same floats for any thread count:
+// chunk_fn(first_row, end_row, sums) adds its rows' `width` terms into `sums`, a zeroed buffer per fixed chunk of
+// kChunkRows rows (and does the rows' other work, e.g. writing dx); the chunks' sums are then added in order into
+// `totals` (width floats). cost_per_row: Shard's estimate of one row's work.
+template <typename ChunkFn>
+void SumColumnsInFixedChunks(tensorflow::OpKernelContext* context, int64_t rows, int64_t width, int64_t cost_per_row,
+                             float* totals, ChunkFn chunk_fn) {
+  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  std::vector<float> partials(chunks * width, 0.0f);
+  auto work = [&](int64_t first_chunk, int64_t end_chunk) {
+    for (int64_t chunk = first_chunk; chunk < end_chunk; ++chunk)
+      chunk_fn(chunk * kChunkRows, std::min(rows, (chunk + 1) * kChunkRows), partials.data() + chunk * width);
+  };
+  auto* workers = context->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(workers->num_threads, workers->workers, chunks, cost_per_row * kChunkRows, work);
+  std::fill(totals, totals + width, 0.0f);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)  // in order
+    for (int64_t j = 0; j < width; ++j) totals[j] += partials[chunk * width + j];
 }
 
 }  // namespace engine_kernels

@@ -82,8 +82,6 @@ REGISTER_OP("EngineAddLayerNorm")
       return OkStatus();
     });
 
-constexpr int64_t kChunkRows = 32;  // rows per partial column sum of the gradient (fixed: deterministic sums)
-
 ENGINE_CLONES void ForwardRow(const float* __restrict x, const float* __restrict gamma, const float* __restrict beta,
                               float epsilon, float* __restrict y, float* mean_out, float* rstd_out, int64_t n) {
   Lanes sums = {};
@@ -255,36 +253,22 @@ class LayerNormGradOp : public OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
     OP_REQUIRES_OK(context, context->allocate_output(1, gamma.shape(), &dgamma));
     OP_REQUIRES_OK(context, context->allocate_output(2, gamma.shape(), &dbeta));
-    const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-    std::vector<float> partials(2 * chunks * n, 0.0f);  // per chunk: dgamma's, then dbeta's partial sums
     const float* dy_data = upstream.flat<float>().data();
     const float* x_data = x.flat<float>().data();
     const float* mean_data = mean.flat<float>().data();
     const float* rstd_data = rstd.flat<float>().data();
     const float* gamma_data = gamma.flat<float>().data();
     float* dx_data = dx->flat<float>().data();
-    auto work = [&](int64_t first_chunk, int64_t end_chunk) {
-      std::vector<float> scratch(2 * n);
-      for (int64_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
-        float* gamma_sums = partials.data() + 2 * chunk * n;
-        for (int64_t row = chunk * kChunkRows; row < std::min(rows, (chunk + 1) * kChunkRows); ++row)
-          BackwardRow(dy_data + row * n, x_data + row * n, mean_data[row], rstd_data[row], gamma_data,
-                      scratch.data(), dx_data + row * n, gamma_sums, gamma_sums + n, n);
-      }
-    };
-    auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    Shard(workers->num_threads, workers->workers, chunks, 20 * kChunkRows * n, work);
-    float* dgamma_data = dgamma->flat<float>().data();
-    float* dbeta_data = dbeta->flat<float>().data();
-    std::fill(dgamma_data, dgamma_data + n, 0.0f);
-    std::fill(dbeta_data, dbeta_data + n, 0.0f);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // in order: the same sums for any thread count
-      const float* sums = partials.data() + 2 * chunk * n;
-      for (int64_t j = 0; j < n; ++j) {
-        dgamma_data[j] += sums[j];
-        dbeta_data[j] += sums[n + j];
-      }
-    }
+    std::vector<float> totals(2 * n);  // dgamma's, then dbeta's
+    SumColumnsInFixedChunks(context, rows, 2 * n, 20 * n, totals.data(),
+                            [&](int64_t first_row, int64_t end_row, float* sums) {
+                              std::vector<float> scratch(2 * n);
+                              for (int64_t row = first_row; row < end_row; ++row)
+                                BackwardRow(dy_data + row * n, x_data + row * n, mean_data[row], rstd_data[row],
+                                            gamma_data, scratch.data(), dx_data + row * n, sums, sums + n, n);
+                            });
+    std::copy(totals.begin(), totals.begin() + n, dgamma->flat<float>().data());
+    std::copy(totals.begin() + n, totals.end(), dbeta->flat<float>().data());
   }
 };
 

@@ -47,6 +47,27 @@ def test_forward_and_gradients_match_float64(shape):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=2e-6 * max(np.abs(e).max(), 1.0), err_msg=name)
 
 
+def test_parameter_gradients_sum_fixed_chunks_of_32_rows_in_order():
+    # So the sums do not depend on how the rows are split between threads (cpu_kernels.h's SumColumnsInFixedChunks,
+    # which the bias op's gradient uses too): each chunk of 32 rows summed row by row from zero, in float32, then the
+    # chunks' sums added in order. dbeta is the sum of the upstream rows, so float32 numpy redoes it bit for bit.
+    rng = np.random.default_rng(3)
+    x, upstream = (rng.normal(size=[100, 40]).astype(np.float32) for _ in range(2))
+    gamma, beta = (rng.normal(size=[40]).astype(np.float32) for _ in range(2))
+    module = layer_norm.LIBRARY.load()
+    _, mean, rstd = module.engine_layer_norm(x, gamma, beta, epsilon=EPSILON)
+    _, _, dbeta = module.engine_layer_norm_grad(upstream, x, mean, rstd, gamma)
+
+    def in_order(rows):
+        total = np.zeros(rows.shape[1:], np.float32)
+        for row in rows:
+            total = total + row
+        return total
+    chunked = in_order(np.stack([in_order(upstream[start:start + 32]) for start in range(0, 100, 32)]))
+    np.testing.assert_array_equal(dbeta.numpy(), chunked)
+    assert not np.array_equal(chunked, in_order(upstream))  # the check can tell the two orders apart
+
+
 def test_xla_and_other_dtypes_keep_tensorflows_ops():
     x, gamma, beta = tf.ones([4, 8]), tf.ones([8]), tf.zeros([8])
     compiled = tf.function(lambda x: layer_norm.training(x, gamma, beta, EPSILON), jit_compile=True)
