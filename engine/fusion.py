@@ -12,14 +12,13 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     float32 under a mixed policy (Model Garden's FFN GELU) is switched to the 16-bit dtype, which gives the
     same values without the casts around it.
   * EinsumDense layers whose equation contracts the input's trailing axes (BERT's Q/K/V, attention output
-    and FFN projections): one 2-D MatMul + BiasAdd, which grappler's oneDNN remapper fuses into a single
-    `_MklFusedMatMul` (Keras' Einsum + AddV2 runs the bias as a separate pass); in bfloat16 on AMX CPUs the
-    bias stays a separate op, since that fused op has no AMX kernel (see _bias_apart_from_matmul). At inference
-    the FFN's GELU joins the fusion (MatMul + BiasAdd + GeluExact); in training on the CPU the FFN's bias and
-    GELU are our C++ op (engine/bias.py, which recomputes the pre-activation in its backward pass), and
-    elsewhere the GELU stays the XLA Activation kernel.
-  * Keras' Dense layers (heads, Model Garden's pooler): in training, the same bias gradient as the EinsumDense
-    layers' (TensorFlow's BiasAddGrad sums bf16 in bf16; see _matmul_bias_add).
+    and FFN projections; engine/dense.py): one 2-D MatMul + BiasAdd, which grappler's oneDNN remapper fuses into
+    a single `_MklFusedMatMul` (Keras' Einsum + AddV2 runs the bias as a separate pass); in bfloat16 on AMX CPUs
+    the bias stays a separate op, since that fused op has no AMX kernel. In training the bias gradient is a
+    matmul of ones summed in float32 (TensorFlow's BiasAddGrad sums bf16 in bf16), for Keras' Dense layers
+    (heads, Model Garden's pooler) too. At inference the FFN's GELU joins the fusion (MatMul + BiasAdd +
+    GeluExact); in training on the CPU the FFN's bias and GELU are our C++ op (engine/bias.py, which recomputes
+    the pre-activation in its backward pass), and elsewhere the GELU stays the XLA Activation kernel.
   * Multi-head attention (Keras' MultiHeadAttention over one sequence axis; engine/attention.py): the scores and
     the context as batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums; in training
     on the CPU the masked softmax and the attention dropout as one C++ op, and their gradient as another.
@@ -58,14 +57,14 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
 from tf_keras.src.mixed_precision import autocast_variable  # reading a variable in its own dtype
 
-from engine import attention, dropout, host, layer_norm, unpadding
+from engine import attention, dropout, layer_norm, unpadding
 from engine import bias as bias_ops  # (layers have `bias` attributes and arguments)
+from engine import dense as dense_ops  # (and local `dense` layers)
 
 
 def resolve_fuse_elementwise(setting) -> bool:
@@ -123,115 +122,11 @@ def _compiled(activation):
 
 def _fused_activation_call(layer: tf_keras.layers.Activation, inputs):
     if getattr(layer, "_fused_into_dense", False) and not _training():
-        return inputs  # applied by the preceding dense layer's fused MatMul (see _dense_call)
+        return inputs  # applied by the preceding dense layer's fused MatMul (see engine/dense.py)
     return _compiled(layer.activation)(inputs)
 
 
 # ----------------------------------------------------------------------------------------- oneDNN fusions
-
-# EinsumDense equations that contract the input's trailing axes with the kernel's leading ones -> how many.
-_TRAILING_CONTRACTIONS = {"abc,cd->abd": 1, "abc,cde->abde": 1, "abcd,cde->abe": 2}
-
-
-def _dense_operands(layer, inputs):
-    """The EinsumDense's contraction as one 2-D MatMul: (inputs as [rows, fan_in], the kernel as [fan_in, units],
-    the output's shape)."""
-    contracted = _TRAILING_CONTRACTIONS[layer.equation]
-    kernel = layer.kernel
-    fan_in = int(np.prod(kernel.shape[:contracted]))
-    return (tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]),
-            tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
-
-
-def _dense_call(layer, inputs):
-    rows, kernel, output_shape = _dense_operands(layer, inputs)
-    training = _training()
-    activation = getattr(layer, "_fused_activation", None) if not training else None
-    bias_apart = layer.bias is not None and activation is None and _bias_apart_from_matmul(rows.dtype)
-    if layer.bias is not None and not bias_apart and training:
-        outputs = _matmul_bias_add(rows, kernel, tf.reshape(layer.bias, [-1]))
-    else:
-        outputs = tf.matmul(rows, kernel)
-        if layer.bias is not None and not bias_apart:
-            outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
-        if activation is not None:
-            outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
-    outputs = tf.reshape(outputs, output_shape)
-    if bias_apart:  # added after the Reshape, which keeps grappler from fusing it into the MatMul
-        outputs = _add_bias(outputs, tf.cast(layer.bias, outputs.dtype))  # bias: the kernel's trailing shape
-    return outputs
-
-
-@tf.custom_gradient
-def _matmul_bias_add(rows, kernel, bias):
-    """rows @ kernel + bias, which grappler's oneDNN remapper fuses into one op, with autodiff's MatMul gradients
-    but the bias gradient of _bias_gradient instead of TensorFlow's BiasAddGrad: on the CPU that op sums bfloat16
-    in bfloat16 (TensorFlow 2.20: 4096 rows of ones sum to 256), so in mixed_bfloat16 training every fused bias
-    got a gradient off by up to tens of percent (bench/RESULTS.md, 2026-12-05). Stock Keras' EinsumDense adds its
-    bias with AddV2, whose gradient (Sum) accumulates in float32."""
-    def gradient(upstream):
-        return (tf.matmul(upstream, kernel, transpose_b=True), tf.matmul(rows, upstream, transpose_a=True),
-                _bias_gradient(upstream, bias))
-    return tf.nn.bias_add(tf.matmul(rows, kernel), bias), gradient
-
-
-def _bias_gradient(upstream, bias):
-    """The gradient of a bias added to `upstream`'s rows: a [1, rows] x [rows, bias size] matmul of ones, which
-    oneDNN accumulates in float32 and rounds once. Autodiff's is a Sum (AddV2's) or a BiasAddGrad, both in Eigen's
-    portable code for bf16: on the AMX Xeon 2.5 ms for MiniLM's [32, 128, 1536] FFN gradient, against 0.85 ms for
-    the matmul (bench/RESULTS.md, 2026-12-04); on the Zen 4 2.2-2.4 ms against 0.85."""
-    size = int(np.prod(bias.shape))
-    rows = tf.reshape(upstream, [-1, size])
-    ones = tf.ones(tf.stack([1, tf.shape(rows)[0]]), upstream.dtype)
-    return tf.reshape(tf.matmul(ones, rows), tf.shape(bias))
-
-
-@tf.custom_gradient
-def _add_bias(outputs, bias):
-    """outputs + bias in one pass (engine/bias.add), with _bias_gradient's bias gradient."""
-    added = bias_ops.add(outputs, bias)
-    return (outputs + bias if added is None else added), lambda upstream: (upstream, _bias_gradient(upstream, bias))
-
-
-def _keras_dense_call(layer, inputs):
-    # Keras' Dense in training with _bias_gradient's bias gradient: its tf.nn.bias_add's autodiff is BiasAddGrad,
-    # which sums bf16 in bf16 (_matmul_bias_add): e.g. a token-level head (NER's emissions) summed 4096 rows so.
-    # The same values forward (Keras' tensordot is this reshape and MatMul). Keras' call elsewhere.
-    if not _training() or not isinstance(inputs, tf.Tensor) or inputs.shape.rank is None:
-        return type(layer).call(layer, inputs)
-    rows = tf.reshape(tf.cast(inputs, layer.compute_dtype), [-1, layer.kernel.shape[0]])
-    kernel, bias = tf.convert_to_tensor(layer.kernel), tf.convert_to_tensor(layer.bias)  # in the compute dtype
-    if _bias_apart_from_matmul(rows.dtype):
-        outputs = _add_bias(tf.matmul(rows, kernel), bias)
-    else:
-        outputs = _matmul_bias_add(rows, kernel, bias)
-    outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [layer.units]], 0))
-    outputs.set_shape(inputs.shape[:-1].concatenate([layer.units]))
-    return layer.activation(outputs) if layer.activation is not None else outputs
-
-
-def _is_plain_keras_dense(layer) -> bool:
-    return type(layer) is tf_keras.layers.Dense and layer.use_bias and layer.built
-
-
-def _bias_apart_from_matmul(dtype) -> bool:
-    """Whether a dense layer adds its bias as its own op instead of in grappler's fused MatMul+BiasAdd: in bfloat16
-    on CPUs with AMX. There TensorFlow 2.20's oneDNN runs the fused op as a `gemm:jit` inner product without AMX,
-    0.35-0.65x PyTorch's F.linear on MiniLM's shapes, while the plain MatMul runs the AMX `brg_matmul` kernel at
-    0.63-0.91x (bench/matmul_kernels.py). With the bias apart, bf16 training on an AMX Xeon ran 1.01-1.05x faster
-    at seq 128 and 1.03-1.10x on `make demo`'s short batches (bench/RESULTS.md, 2026-12-04). Not measured on CPUs
-    with bf16 but no AMX (the Zen 4), which keep the fusion; float32 keeps it everywhere (same speed as PyTorch)."""
-    return dtype == tf.bfloat16 and host.cpu_has_amx()
-
-
-def _is_plain_dense(layer) -> bool:
-    if type(layer) is not tf_keras.layers.EinsumDense or layer.equation not in _TRAILING_CONTRACTIONS:
-        return False
-    if layer.activation not in (None, tf_keras.activations.linear):
-        return False
-    free_dims = tuple(layer.kernel.shape[_TRAILING_CONTRACTIONS[layer.equation]:])
-    return layer.bias is None or tuple(layer.bias.shape) == free_dims
-
 
 def _trains_with_our_kernels(layer) -> bool:
     """Whether engine/layer_norm's training kernels fit a LayerNormalization over its axis: Keras' unfused path,
@@ -334,7 +229,7 @@ def _ffn_inner(block, inputs):
     their gradient as another (engine/bias.py); else the layers."""
     dense, activation = block._intermediate_dense, block._intermediate_activation_layer
     if _training() and getattr(activation, "_fused_into_dense", False) and dense.bias is not None:
-        rows, kernel, output_shape = _dense_operands(dense, tf.cast(inputs, dense.compute_dtype))
+        rows, kernel, output_shape = dense_ops.operands(dense, tf.cast(inputs, dense.compute_dtype))
         product = tf.matmul(rows, kernel)
         with autocast_variable.enable_auto_cast_variables(None):
             bias = tf.reshape(dense.bias.value(), [-1])  # float32: the op rounds it as Keras' autocast would
@@ -392,11 +287,11 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
         counts["dropout"] = dropout.rebind(model, xla=True)
     layers = list(model.submodules)
     for layer in layers:
-        if _is_plain_dense(layer):
-            layer.call = functools.partial(_dense_call, layer)
+        if dense_ops.is_plain(layer):
+            layer.call = functools.partial(dense_ops.call, layer)
             counts["dense"] += 1
-        elif _is_plain_keras_dense(layer) and not export_safe:
-            layer.call = functools.partial(_keras_dense_call, layer)
+        elif dense_ops.is_plain_keras(layer) and not export_safe:
+            layer.call = functools.partial(dense_ops.keras_call, layer)
             counts["keras_dense"] += 1
         elif _is_plain_embedding(layer) and not export_safe:
             layer.call = functools.partial(_embedding_call, layer)
@@ -418,7 +313,7 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
     for layer in layers:  # a TransformerEncoderBlock's FFN: dense then GELU -> one fused MatMul at inference
         dense = getattr(layer, "_intermediate_dense", None)
         activation = getattr(layer, "_intermediate_activation_layer", None)
-        if (dense is not None and _is_plain_dense(dense)  # rebound to _dense_call in the loop above
+        if (dense is not None and dense_ops.is_plain(dense)  # rebound to dense_ops.call in the loop above
                 and type(activation) is tf_keras.layers.Activation
                 and activation.activation is tf_keras.activations.gelu):
             dense._fused_activation = functools.partial(tf.nn.gelu, approximate=False)

@@ -16,6 +16,7 @@ import tf_keras
 
 import bert_numpy_reference as ref
 from engine import bias, dropout, fusion, host, layer_norm, unpadding
+from engine import dense as dense_ops
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, graph_op_types, run_training
 from tasks.encoders import bert
@@ -202,8 +203,8 @@ def test_dense_and_attention_rewrites_give_stock_keras_values_and_gradients(trai
     config, inputs, stock, fused = _encoder_pair()
     layers = config.num_hidden_layers
     assert fusion.fuse_elementwise(fused) == {"dropout": 0, "activation": layers, "dense": 6 * layers,
-                                              "keras_dense": 1, "attention": layers, "layer_norm": 1 + 2 * layers, "embedding": 1,
-                                              "block": layers}
+                                              "keras_dense": 1, "attention": layers, "layer_norm": 1 + 2 * layers,
+                                              "embedding": 1, "block": layers}
     expected = _outputs_and_grads(stock, inputs, training)
     got = _outputs_and_grads(fused, inputs, training)
     assert len(got) == len(expected) == len(stock.trainable_variables) + 1
@@ -414,8 +415,8 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
     safe = _encoder_pair()[3]
     safe.set_weights(stock.get_weights())
     assert fusion.fuse_elementwise(safe, export_safe=True) == {"dropout": 0, "activation": 0, "dense": 12,
-                                                               "keras_dense": 0, "attention": 2, "layer_norm": 5, "embedding": 0,
-                                                               "block": 2}
+                                                               "keras_dense": 0, "attention": 2, "layer_norm": 5,
+                                                               "embedding": 0, "block": 2}
     real = inputs["input_mask"].numpy() == 1  # at inference the blocks leave zeros at padding
     for training in (True, False):
         np.testing.assert_allclose(safe(inputs, training=training)["sequence_output"].numpy()[real],
@@ -425,7 +426,7 @@ def test_inference_applies_gelu_inside_the_ffn_dense_and_training_in_its_own_lay
 @pytest.mark.parametrize("amx", [True, False])
 def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only_and_sums_its_gradient_in_float32(
         monkeypatch, amx):
-    # On AMX CPUs TensorFlow's fused bf16 MatMul+BiasAdd has no AMX kernel (fusion._bias_apart_from_matmul): the
+    # On AMX CPUs TensorFlow's fused bf16 MatMul+BiasAdd has no AMX kernel (dense_ops.bias_apart_from_matmul): the
     # bias is added after the output's Reshape, where grappler cannot fuse it. Values stay stock Keras' either way.
     monkeypatch.setattr(host, "cpu_has_amx", lambda: amx)
     tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -454,13 +455,14 @@ def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only_and_sums_i
             got, graph = value_and_grads(fused)
             for e, g in zip(expected, got):  # the fused op adds the bias before rounding to bf16: one bf16 ulp
                 np.testing.assert_allclose(g, e, rtol=1e-2, atol=1e-2 * np.abs(e).max())
-            # The bias gradient is a matmul of ones and the bf16 upstream gradient (fusion._bias_gradient),
+            # The bias gradient is a matmul of ones and the bf16 upstream gradient (dense_ops.bias_gradient),
             # accumulated in float32: within one bf16 rounding of the exact sum of bf16(2 y) over the rows.
             # (TensorFlow's BiasAddGrad, the fused MatMul+BiasAdd's autodiff, sums bf16 in bf16.)
             upstream = tf.cast(tf.cast(2 * got[0], tf.bfloat16), tf.float64).numpy()
             exact = upstream.reshape([-1] + list(got[2].shape)).sum(axis=0)
             np.testing.assert_allclose(got[2], exact, rtol=2.0 ** -8, atol=1e-6 * np.abs(exact).max())
-            ones_matmuls = [op for op in graph.get_operations() if op.type == "MatMul" and op.inputs[0].op.type == "Fill"]
+            ones_matmuls = [op for op in graph.get_operations()
+                            if op.type == "MatMul" and op.inputs[0].op.type == "Fill"]
             assert len(ones_matmuls) == 1, [op.name for op in graph.get_operations() if op.type == "MatMul"]
             assert "BiasAddGrad" not in {op.type for op in graph.get_operations()}
             if amx:  # as stock Keras, which adds the bias to the rounded bf16 product: the same bits
@@ -472,7 +474,7 @@ def test_bf16_dense_keeps_its_bias_out_of_the_matmul_on_amx_cpus_only_and_sums_i
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
     # In float32 the fused op runs oneDNN's usual kernel at PyTorch's speed: the bias stays fused everywhere.
-    assert not fusion._bias_apart_from_matmul(tf.float32)
+    assert not dense_ops.bias_apart_from_matmul(tf.float32)
 
 
 @pytest.mark.parametrize("shape, activation", [([8, 64, 64], None), ([512, 64], "tanh")])

@@ -1,0 +1,133 @@
+"""Dense layers as engine/fusion.py runs them on the CPU: one 2-D MatMul + BiasAdd that oneDNN fuses, and in
+training a bias gradient summed in float32.
+
+Keras' EinsumDense runs BERT's Q/K/V, attention-output and FFN projections as an Einsum and a separate bias AddV2;
+as a MatMul + BiasAdd on [rows, fan_in], grappler's oneDNN remapper fuses them into one `_MklFusedMatMul` (and the
+FFN's GELU too, at inference). Autodiff's gradient of BiasAdd is TensorFlow's BiasAddGrad, which on the CPU sums
+bfloat16 in bfloat16 (TF 2.20: 4096 rows of ones sum to 256), so in training the bias gradient is a matmul of ones
+instead (matmul_bias_add, bias_gradient), and Keras' own Dense layers (heads, Model Garden's pooler), which have the
+same BiasAddGrad, get it too (keras_call). Its own module: fusion.py decides which layers to rebind, this is what a
+dense layer computes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
+
+from engine import host
+from engine import bias as bias_ops  # (layers have `bias` attributes and arguments)
+
+
+def _in_training() -> bool:
+    """Whether the layer call in progress is a training call (Keras' call context; None counts as inference)."""
+    return bool(base_layer_utils.call_context().training)
+
+
+# EinsumDense equations that contract the input's trailing axes with the kernel's leading ones -> how many.
+TRAILING_CONTRACTIONS = {"abc,cd->abd": 1, "abc,cde->abde": 1, "abcd,cde->abe": 2}
+
+
+def operands(layer, inputs):
+    """The EinsumDense's contraction as one 2-D MatMul: (inputs as [rows, fan_in], the kernel as [fan_in, units],
+    the output's shape)."""
+    contracted = TRAILING_CONTRACTIONS[layer.equation]
+    kernel = layer.kernel
+    fan_in = int(np.prod(kernel.shape[:contracted]))
+    return (tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]),
+            tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
+
+
+def call(layer, inputs):
+    """A plain EinsumDense's call (is_plain): the MatMul + BiasAdd (+ a GELU fused at inference, `_fused_activation`
+    set by engine/fusion.py), the bias apart on AMX CPUs in bf16, and matmul_bias_add's gradient in training."""
+    rows, kernel, output_shape = operands(layer, inputs)
+    training = _in_training()
+    activation = getattr(layer, "_fused_activation", None) if not training else None
+    bias_apart = layer.bias is not None and activation is None and bias_apart_from_matmul(rows.dtype)
+    if layer.bias is not None and not bias_apart and training:
+        outputs = matmul_bias_add(rows, kernel, tf.reshape(layer.bias, [-1]))
+    else:
+        outputs = tf.matmul(rows, kernel)
+        if layer.bias is not None and not bias_apart:
+            outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
+        if activation is not None:
+            outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
+    outputs = tf.reshape(outputs, output_shape)
+    if bias_apart:  # added after the Reshape, which keeps grappler from fusing it into the MatMul
+        outputs = add_bias(outputs, tf.cast(layer.bias, outputs.dtype))  # bias: the kernel's trailing shape
+    return outputs
+
+
+@tf.custom_gradient
+def matmul_bias_add(rows, kernel, bias):
+    """rows @ kernel + bias, which grappler's oneDNN remapper fuses into one op, with autodiff's MatMul gradients
+    but the bias gradient of bias_gradient instead of TensorFlow's BiasAddGrad: on the CPU that op sums bfloat16
+    in bfloat16 (TensorFlow 2.20: 4096 rows of ones sum to 256), so in mixed_bfloat16 training every fused bias
+    got a gradient off by up to tens of percent (bench/RESULTS.md, 2026-12-05). Stock Keras' EinsumDense adds its
+    bias with AddV2, whose gradient (Sum) accumulates in float32."""
+    def gradient(upstream):
+        return (tf.matmul(upstream, kernel, transpose_b=True), tf.matmul(rows, upstream, transpose_a=True),
+                bias_gradient(upstream, bias))
+    return tf.nn.bias_add(tf.matmul(rows, kernel), bias), gradient
+
+
+def bias_gradient(upstream, bias):
+    """The gradient of a bias added to `upstream`'s rows: a [1, rows] x [rows, bias size] matmul of ones, which
+    oneDNN accumulates in float32 and rounds once. Autodiff's is a Sum (AddV2's) or a BiasAddGrad, both in Eigen's
+    portable code for bf16: on the AMX Xeon 2.5 ms for MiniLM's [32, 128, 1536] FFN gradient, against 0.85 ms for
+    the matmul (bench/RESULTS.md, 2026-12-04); on the Zen 4 2.2-2.4 ms against 0.85."""
+    size = int(np.prod(bias.shape))
+    rows = tf.reshape(upstream, [-1, size])
+    ones = tf.ones(tf.stack([1, tf.shape(rows)[0]]), upstream.dtype)
+    return tf.reshape(tf.matmul(ones, rows), tf.shape(bias))
+
+
+@tf.custom_gradient
+def add_bias(outputs, bias):
+    """outputs + bias in one pass (engine/bias.add), with bias_gradient's bias gradient."""
+    added = bias_ops.add(outputs, bias)
+    return (outputs + bias if added is None else added), lambda upstream: (upstream, bias_gradient(upstream, bias))
+
+
+def keras_call(layer, inputs):
+    # Keras' Dense in training with bias_gradient's bias gradient: its tf.nn.bias_add's autodiff is BiasAddGrad,
+    # which sums bf16 in bf16 (matmul_bias_add): e.g. a token-level head (NER's emissions) summed 4096 rows so.
+    # The same values forward (Keras' tensordot is this reshape and MatMul). Keras' call elsewhere.
+    if not _in_training() or not isinstance(inputs, tf.Tensor) or inputs.shape.rank is None:
+        return type(layer).call(layer, inputs)
+    rows = tf.reshape(tf.cast(inputs, layer.compute_dtype), [-1, layer.kernel.shape[0]])
+    kernel, bias = tf.convert_to_tensor(layer.kernel), tf.convert_to_tensor(layer.bias)  # in the compute dtype
+    if bias_apart_from_matmul(rows.dtype):
+        outputs = add_bias(tf.matmul(rows, kernel), bias)
+    else:
+        outputs = matmul_bias_add(rows, kernel, bias)
+    outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [layer.units]], 0))
+    outputs.set_shape(inputs.shape[:-1].concatenate([layer.units]))
+    return layer.activation(outputs) if layer.activation is not None else outputs
+
+
+def is_plain_keras(layer) -> bool:
+    """A built Keras Dense with a bias (keras_call)."""
+    return type(layer) is tf_keras.layers.Dense and layer.use_bias and layer.built
+
+
+def bias_apart_from_matmul(dtype) -> bool:
+    """Whether a dense layer adds its bias as its own op instead of in grappler's fused MatMul+BiasAdd: in bfloat16
+    on CPUs with AMX. There TensorFlow 2.20's oneDNN runs the fused op as a `gemm:jit` inner product without AMX,
+    0.35-0.65x PyTorch's F.linear on MiniLM's shapes, while the plain MatMul runs the AMX `brg_matmul` kernel at
+    0.63-0.91x (bench/matmul_kernels.py). With the bias apart, bf16 training on an AMX Xeon ran 1.01-1.05x faster
+    at seq 128 and 1.03-1.10x on `make demo`'s short batches (bench/RESULTS.md, 2026-12-04). Not measured on CPUs
+    with bf16 but no AMX (the Zen 4), which keep the fusion; float32 keeps it everywhere (same speed as PyTorch)."""
+    return dtype == tf.bfloat16 and host.cpu_has_amx()
+
+
+def is_plain(layer) -> bool:
+    """An EinsumDense whose equation contracts the input's trailing axes, with no activation of its own."""
+    if type(layer) is not tf_keras.layers.EinsumDense or layer.equation not in TRAILING_CONTRACTIONS:
+        return False
+    if layer.activation not in (None, tf_keras.activations.linear):
+        return False
+    free_dims = tuple(layer.kernel.shape[TRAILING_CONTRACTIONS[layer.equation]:])
+    return layer.bias is None or tuple(layer.bias.shape) == free_dims
