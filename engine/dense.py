@@ -20,8 +20,9 @@ from engine import host
 from engine import bias as bias_ops  # (layers have `bias` attributes and arguments)
 
 
-def _in_training() -> bool:
-    """Whether the layer call in progress is a training call (Keras' call context; None counts as inference)."""
+def in_training() -> bool:
+    """Whether the layer call in progress is a training call (Keras' call context; None counts as inference). The
+    rewrites of engine/fusion.py ask the same."""
     return bool(base_layer_utils.call_context().training)
 
 
@@ -40,24 +41,31 @@ def operands(layer, inputs):
 
 
 def call(layer, inputs):
-    """A plain EinsumDense's call (is_plain): the MatMul + BiasAdd (+ a GELU fused at inference, `_fused_activation`
-    set by engine/fusion.py), the bias apart on AMX CPUs in bf16, and matmul_bias_add's gradient in training."""
+    """A plain EinsumDense's call (is_plain): the MatMul + BiasAdd (biased_product), or at inference with a GELU
+    fused into the MatMul (`_fused_activation`, set by engine/fusion.py)."""
     rows, kernel, output_shape = operands(layer, inputs)
-    training = _in_training()
+    training = in_training()
     activation = getattr(layer, "_fused_activation", None) if not training else None
-    bias_apart = layer.bias is not None and activation is None and bias_apart_from_matmul(rows.dtype)
-    if layer.bias is not None and not bias_apart and training:
-        outputs = matmul_bias_add(rows, kernel, tf.reshape(layer.bias, [-1]))
-    else:
-        outputs = tf.matmul(rows, kernel)
-        if layer.bias is not None and not bias_apart:
-            outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
-        if activation is not None:
-            outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
-    outputs = tf.reshape(outputs, output_shape)
-    if bias_apart:  # added after the Reshape, which keeps grappler from fusing it into the MatMul
-        outputs = add_bias(outputs, tf.cast(layer.bias, outputs.dtype))  # bias: the kernel's trailing shape
-    return outputs
+    if layer.bias is not None and activation is None:
+        return biased_product(rows, kernel, tf.cast(layer.bias, rows.dtype), output_shape, training)
+    outputs = tf.matmul(rows, kernel)
+    if layer.bias is not None:
+        outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
+    if activation is not None:
+        outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
+    return tf.reshape(outputs, output_shape)
+
+
+def biased_product(rows, kernel, bias, output_shape, training: bool):
+    """rows @ kernel + bias, reshaped to output_shape (bias: its trailing shape, in rows' dtype): the MatMul +
+    BiasAdd that oneDNN fuses, with matmul_bias_add's gradient in training; in bf16 on AMX CPUs the bias apart
+    (bias_apart_from_matmul), added after the Reshape, which keeps grappler from fusing it into the MatMul."""
+    if bias_apart_from_matmul(rows.dtype):
+        return add_bias(tf.reshape(tf.matmul(rows, kernel), output_shape), bias)
+    flat_bias = tf.reshape(bias, [-1])
+    if training:
+        return tf.reshape(matmul_bias_add(rows, kernel, flat_bias), output_shape)
+    return tf.reshape(tf.nn.bias_add(tf.matmul(rows, kernel), flat_bias), output_shape)
 
 
 @tf.custom_gradient
@@ -92,18 +100,15 @@ def add_bias(outputs, bias):
 
 
 def keras_call(layer, inputs):
-    # Keras' Dense in training with bias_gradient's bias gradient: its tf.nn.bias_add's autodiff is BiasAddGrad,
-    # which sums bf16 in bf16 (matmul_bias_add): e.g. a token-level head (NER's emissions) summed 4096 rows so.
+    # Keras' Dense in training as biased_product, for bias_gradient's bias gradient: its tf.nn.bias_add's autodiff
+    # is BiasAddGrad, which sums bf16 in bf16 (matmul_bias_add): e.g. a token-level head (NER's emissions) summed
+    # 4096 rows so.
     # The same values forward (Keras' tensordot is this reshape and MatMul). Keras' call elsewhere.
-    if not _in_training() or not isinstance(inputs, tf.Tensor) or inputs.shape.rank is None:
+    if not in_training() or not isinstance(inputs, tf.Tensor) or inputs.shape.rank is None:
         return type(layer).call(layer, inputs)
     rows = tf.reshape(tf.cast(inputs, layer.compute_dtype), [-1, layer.kernel.shape[0]])
     kernel, bias = tf.convert_to_tensor(layer.kernel), tf.convert_to_tensor(layer.bias)  # in the compute dtype
-    if bias_apart_from_matmul(rows.dtype):
-        outputs = add_bias(tf.matmul(rows, kernel), bias)
-    else:
-        outputs = matmul_bias_add(rows, kernel, bias)
-    outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [layer.units]], 0))
+    outputs = biased_product(rows, kernel, bias, tf.concat([tf.shape(inputs)[:-1], [layer.units]], 0), True)
     outputs.set_shape(inputs.shape[:-1].concatenate([layer.units]))
     return layer.activation(outputs) if layer.activation is not None else outputs
 

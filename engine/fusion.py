@@ -59,7 +59,6 @@ import functools
 
 import tensorflow as tf
 import tf_keras
-from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
 from tf_keras.src.mixed_precision import autocast_variable  # reading a variable in its own dtype
 
 from engine import attention, dropout, layer_norm, unpadding
@@ -84,9 +83,7 @@ def for_inference(model: tf.Module, *, export_safe: bool = False) -> dict[str, i
     return fuse_elementwise(model, export_safe=export_safe) if export_safe or resolve_fuse_elementwise("auto") else {}
 
 
-def _training() -> bool:
-    """Whether the layer call in progress is a training call (Keras' call context; None counts as inference)."""
-    return bool(base_layer_utils.call_context().training)
+_training = dense_ops.in_training  # whether the layer call in progress is a training call
 
 
 # ------------------------------------------------------------------------------------------ XLA islands
