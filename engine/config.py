@@ -68,6 +68,10 @@ class OptimizerConfig:
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-6
+    epsilon_after_bias_correction: bool = option(
+        False, "AdamW adds --epsilon to sqrt(v) after the bias correction, as PyTorch's AdamW (and so Hugging Face "
+        "recipes) do: the same updates as such a recipe. Default: before it, as tf_keras and Model Garden do (an "
+        "effective epsilon of epsilon / sqrt(1 - beta_2^t): 32x larger at the first update, 1.3x at the 1000th).")
     # By global norm, after averaging over micro-batches and replicas; None (or 0) is off.
     clip_norm: Optional[float] = option(1.0, "Clip the global gradient norm (0: off).")
     ema_decay: Optional[float] = option(

@@ -104,6 +104,8 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
     variable gets `ResourceApplyAdam`, the fused kernel tf_keras' legacy Adam uses (the same formula:
     m += (g - m)(1 - b1), v += (g^2 - v)(1 - b2), w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)),
     preceded by the decoupled decay w -= lr wd w as one `ResourceApplyGradientDescent`.
+    `epsilon_after_bias_correction=True` scales eps by sqrt(1 - b2^t) once per update, which turns that formula
+    into PyTorch's AdamW update (eps added to sqrt(v / (1 - b2^t))): a Hugging Face recipe's exact optimizer.
     On the CPU, float32 variables are updated instead by engine/adamw_kernel's one-pass kernel, which computes
     the same (bit for bit) in one pass over memory, and can also take the global-norm clip's factor
     (`gradient_scale`), saving the engine's separate scaling pass.
@@ -116,8 +118,9 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
     accepts_gradient_scale = True
     accepts_sparse_gradients = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, epsilon_after_bias_correction: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.epsilon_after_bias_correction = epsilon_after_bias_correction
         if self.amsgrad:
             raise ValueError("FusedAdamW has no AMSGrad variant: use tf_keras.optimizers.AdamW(amsgrad=True)")
         # {(device, dtype): (lr, beta_1_power, beta_2_power, beta_1, beta_2, epsilon, weight_decay)} for the
@@ -125,6 +128,9 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
         self._step_scalars = self._no_dependency({})
         self._decayed_keys = self._no_dependency(set())
         self._gradient_scale = None
+
+    def get_config(self):
+        return dict(super().get_config(), epsilon_after_bias_correction=self.epsilon_after_bias_correction)
 
     def apply_gradients(self, grads_and_vars, *args, gradient_scale=None, **kwargs):
         """As tf_keras' apply_gradients; `gradient_scale` (a scalar tensor, e.g. the global-norm clip's factor)
@@ -150,9 +156,15 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
             dtype = variable.dtype
             step = tf.cast(self.iterations + 1, dtype)
             beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+            beta_2_power = tf.pow(beta_2, step)
+            epsilon = tf.cast(self.epsilon, dtype)
+            if self.epsilon_after_bias_correction:
+                # The kernels compute lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps'); with eps' = eps sqrt(1 - b2^t)
+                # that is lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps), PyTorch's AdamW update.
+                epsilon *= tf.sqrt(1.0 - beta_2_power)
             self._step_scalars[key] = (
-                tf.cast(self.learning_rate, dtype), tf.pow(beta_1, step), tf.pow(beta_2, step), beta_1, beta_2,
-                tf.cast(self.epsilon, dtype), tf.cast(self.weight_decay or 0.0, dtype))
+                tf.cast(self.learning_rate, dtype), tf.pow(beta_1, step), beta_2_power, beta_1, beta_2,
+                epsilon, tf.cast(self.weight_decay or 0.0, dtype))
         return self._step_scalars[key]
 
     def update_step(self, gradient, variable):
@@ -261,10 +273,10 @@ def make_optimizer(config: OptimizerConfig, train_steps: int, *, loss_scale: boo
         beta_1=config.beta_1, beta_2=config.beta_2, epsilon=config.epsilon,
         # The engine compiles the step itself; the optimizer's own per-variable XLA is not wanted on CPU.
         jit_compile=False)
-    if config.optimizer == "lamb":
+    if config.optimizer == "lamb":  # LAMB's formula adds epsilon after the bias correction already
         optimizer = LAMB(**options)
     else:
-        optimizer = FusedAdamW(**options)
+        optimizer = FusedAdamW(**options, epsilon_after_bias_correction=config.epsilon_after_bias_correction)
     optimizer.exclude_from_weight_decay(var_names=list(config.exclude_from_weight_decay))
     if isinstance(optimizer, _LayerwiseLearningRate):
         optimizer.set_layer_decay(config.layer_decay, layer_pattern=config.layer_pattern,

@@ -252,3 +252,40 @@ def test_the_switch_turns_the_kernel_off(monkeypatch):
     assert adamw_kernel.load() is None
     monkeypatch.setenv(adamw_kernel.ENV_SWITCH, "1")
     assert adamw_kernel.load() is not None
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_epsilon_after_bias_correction_is_pytorchs_adamw_against_numpy(monkeypatch, use_kernel):
+    """--epsilon_after_bias_correction against PyTorch's documented AdamW (torch.optim.AdamW's algorithm) in
+    float64 NumPy: w -= lr wd w; m, v as Adam's; w -= lr m^ / (sqrt(v^) + eps), m^ = m / (1 - b1^t),
+    v^ = v / (1 - b2^t). Gradients span 1e-7..1e-2, so eps matters; the default (tf_keras') placement misses."""
+    from engine.config import OptimizerConfig  # noqa: PLC0415
+    if not use_kernel:
+        monkeypatch.setattr(adamw_kernel, "load", lambda: None)
+    rng = np.random.default_rng(11)
+    w0 = rng.normal(size=(64, 48)).astype(np.float32)
+    grads = [(rng.normal(size=w0.shape) * 10.0 ** rng.uniform(-7, -2, size=w0.shape)).astype(np.float32)
+             for _ in range(4)]
+    lr, wd = 0.01, 0.1
+
+    def run(after: bool) -> np.ndarray:
+        config = OptimizerConfig(learning_rate=lr, warmup_steps=0, decay_steps=10 ** 12, weight_decay=wd,
+                                 epsilon_after_bias_correction=after)
+        optimizer = optimization.make_optimizer(config, train_steps=10, loss_scale=False)
+        variable = tf.Variable(w0, name="encoder/dense/kernel")
+        optimizer.build([variable])
+        update = tf.function(lambda g: optimizer.apply_gradients([(g, variable)]))
+        for g in grads:
+            update(tf.constant(g))
+        ops = graph_op_types(update, tf.constant(grads[0]))
+        assert ("EngineFusedAdamW" in ops) == use_kernel
+        return variable.numpy()
+
+    w, m, v = w0.astype(np.float64), 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        g = g.astype(np.float64)
+        w = w - lr * wd * w
+        m, v = B1 * m + (1 - B1) * g, B2 * v + (1 - B2) * g * g
+        w = w - lr * (m / (1 - B1 ** t)) / (np.sqrt(v / (1 - B2 ** t)) + EPS)
+    np.testing.assert_allclose(run(True), w, rtol=1e-5, atol=1e-6)
+    assert np.abs(run(False) - w).max() > 1e-3, "the default must differ, or this test checks nothing"
