@@ -108,6 +108,57 @@ def learning_rate_factor(update: int, *, warmup_steps: int, train_steps: int, en
     return decay(update)
 
 
+def mean_pooled_classifier(model_dir: str, autocast_dtype=None, *, dropout: bool = True, head=None):
+    """HF's BertModel from `model_dir` (no pooler), the masked mean of its token vectors, dropout 0.1 and a
+    Linear head in float32: the engine's --pooling=mean classifier. `dropout=False`: every dropout off (the
+    encoder's too); `head`: (kernel [hidden, classes], bias) to start from (our Dense layout), else Keras'
+    TruncatedNormal(stddev=0.02) draw and a zero bias."""
+    import torch  # noqa: PLC0415
+    from transformers import BertModel  # noqa: PLC0415
+
+    class MeanPooledClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            off = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+            self.bert = BertModel.from_pretrained(model_dir, add_pooling_layer=False, **off)
+            hidden = self.bert.config.hidden_size
+            self.dropout = torch.nn.Dropout(self.bert.config.hidden_dropout_prob if dropout else 0.0)
+            self.classifier = torch.nn.Linear(hidden, 2 if head is None else head[0].shape[1])
+            with torch.no_grad():
+                if head is None:  # Keras' TruncatedNormal(stddev=0.02): normal, redrawn beyond two deviations
+                    torch.nn.init.trunc_normal_(self.classifier.weight, std=0.02, a=-0.04, b=0.04)
+                    torch.nn.init.zeros_(self.classifier.bias)
+                else:
+                    self.classifier.weight.copy_(torch.from_numpy(np.ascontiguousarray(head[0].T)))
+                    self.classifier.bias.copy_(torch.from_numpy(np.asarray(head[1])))
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            with (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()):
+                sequence = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                     token_type_ids=torch.zeros_like(input_ids) if token_type_ids is None
+                                     else token_type_ids).last_hidden_state
+            weights = attention_mask.unsqueeze(-1).to(torch.float32)
+            pooled = (sequence.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            return self.classifier(self.dropout(pooled))  # float32 head and logits, as the engine's
+
+    return MeanPooledClassifier()
+
+
+def make_optimizer(model, *, learning_rate: float, weight_decay: float, warmup_steps: int, train_steps: int):
+    """torch AdamW (betas 0.9/0.999, eps 1e-6; no decay where the engine's exclude_from_weight_decay has none:
+    names with layer_norm, LayerNorm or bias) and the engine's schedule: (optimizer, LambdaLR)."""
+    import torch  # noqa: PLC0415
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if any(k in name for k in ("layer_norm", "LayerNorm", "bias")) else decay).append(parameter)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=learning_rate, betas=(0.9, 0.999), eps=1e-6, fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: learning_rate_factor(
+        k, warmup_steps=warmup_steps, train_steps=train_steps))
+    return optimizer, schedule
+
+
 def length_grouped_batches(lengths: np.ndarray, *, batch_size: int, window_batches: int, multiple: int,
                            full_length: int, rng: np.random.Generator):
     """Endless (indices, width) batches as engine/inputs.py group_by_length makes them: a shuffled stream
@@ -171,7 +222,7 @@ def main(argv=None) -> dict:
         # (4.5 vs 23-31 examples/s at load average 8 on 2 cores, 2026-12-01). Passive: threads sleep instead.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch  # noqa: PLC0415 - timed as start-up, with everything else imported before the first step
-    from transformers import BertModel, BertTokenizerFast, logging as hf_logging  # noqa: PLC0415
+    from transformers import BertTokenizerFast, logging as hf_logging  # noqa: PLC0415
 
     threads = args.num_threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -186,35 +237,9 @@ def main(argv=None) -> dict:
     model_dir = args.model_dir or minilm_dir()
     hf_logging.set_verbosity_error()  # "pooler weights not used": the mean-pooled model has no pooler
 
-    class MeanPooledClassifier(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = BertModel.from_pretrained(model_dir, add_pooling_layer=False)
-            hidden = self.bert.config.hidden_size
-            self.dropout = torch.nn.Dropout(self.bert.config.hidden_dropout_prob)
-            self.classifier = torch.nn.Linear(hidden, 2)
-            # Keras' TruncatedNormal(stddev=0.02): normal, redrawn beyond two standard deviations; zero bias.
-            torch.nn.init.trunc_normal_(self.classifier.weight, std=0.02, a=-0.04, b=0.04)
-            torch.nn.init.zeros_(self.classifier.bias)
-
-        def forward(self, input_ids, attention_mask):
-            with (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()):
-                sequence = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                                     token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-            weights = attention_mask.unsqueeze(-1).to(torch.float32)
-            pooled = (sequence.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-            return self.classifier(self.dropout(pooled))  # float32 head and logits, as the engine's
-
-    model = MeanPooledClassifier()
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        # The engine's exclude_from_weight_decay: ("layer_norm", "LayerNorm", "bias").
-        (no_decay if any(k in name for k in ("layer_norm", "LayerNorm", "bias")) else decay).append(parameter)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-6, fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: learning_rate_factor(
-        k, warmup_steps=args.warmup_steps, train_steps=args.train_steps))
+    model = mean_pooled_classifier(model_dir, autocast_dtype)
+    optimizer, schedule = make_optimizer(model, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                                         warmup_steps=args.warmup_steps, train_steps=args.train_steps)
     startup_end = time.perf_counter()
 
     # ------------------------------------------------------------------------------------ data + tokenization

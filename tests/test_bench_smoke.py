@@ -1,5 +1,6 @@
 """Smoke runs of bench/engine_vs_fit.py and bench/vs_pytorch.py (engine side): a 2-layer hidden-64 encoder, a few steps;
-of bench/cut_inference.py and bench/matmul_kernels.py (TensorFlow side); and of bench/pytorch_sst2_demo.py (the PyTorch peer of `make bench-tta`; skipped without the bench extra).
+of bench/cut_inference.py and bench/matmul_kernels.py (TensorFlow side); of bench/pytorch_sst2_demo.py (the PyTorch peer of `make bench-tta`) and bench/lockstep.py (skipped without the
+bench extra).
 
 Benchmarks are not tests: nothing here looks at speed, only that every configuration trains and yields
 finite positive throughputs, and that the analytical FLOP count is the formula it claims to be.
@@ -191,6 +192,26 @@ def test_quick_peer_holds_the_random_tiny_models_weights():
     # A random head gives logits of spread ~1e-3; two different random models differ by about that spread.
     spread, difference = float(ours.std()), float(np.max(np.abs(theirs - ours)))
     assert difference <= 1e-3 * spread, (difference, spread)
+
+
+@pytest.mark.skipif(not _torch_installed(), reason="the bench extra (torch, transformers) is not installed")
+def test_lockstep_engine_and_pytorch_give_the_same_losses_update_for_update():
+    """bench/lockstep.py on the real MiniLM, 4 updates in float32, dropout off, the same batches and head: the
+    engine's whole training step (fused layers, token layout, C++ kernels, clip, AdamW, schedule) against HF +
+    torch's AdamW. With tf_keras' epsilon placement the losses part by more than rounding, so the tolerance
+    separates a real difference from float noise."""
+    def lockstep(*extra):
+        return subprocess.run(
+            [sys.executable, "bench/lockstep.py", f"--data_dir={DATA_DIR}", "--updates=4", "--warmup_steps=1",
+             "--batch_size=8", "--print_every=1", "--max_loss_difference=1e-5", *extra],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    same = lockstep()
+    assert same.returncode == 0, failure_text(same.stderr)
+    rows = [line for line in same.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == [1, 2, 3, 4], same.stdout
+    assert "largest loss difference" in same.stdout
+    keras_epsilon = lockstep("--noepsilon_after_bias_correction")
+    assert keras_epsilon.returncode == 1 and "--max_loss_difference" in keras_epsilon.stderr, keras_epsilon.stdout
 
 
 @pytest.mark.skipif(not _torch_installed(), reason="the bench extra (torch, transformers) is not installed")
