@@ -293,6 +293,48 @@ def test_training_on_tokens_with_dropout_is_keyed_and_finite():
     assert np.isfinite(first.numpy()).all() and np.abs(first.numpy() - other.numpy()).max() > 0
 
 
+def test_training_on_tokens_with_dropout_gives_the_gradient_of_its_own_forward():
+    """With dropout on, the fused blocks' gradient (dropout, softmax + dropout and LayerNorm as our ops, on the
+    token layout) against central finite differences of the same forward with the same keyed masks, along the
+    gradient itself: a backward pass that used other masks than its forward, or none, would fall short of |g|.
+    The masks of another update differ, so the check has teeth."""
+    _, inputs, _, fused = _encoder_pair(dropout_rate=0.1)
+    assert fusion.fuse_elementwise(fused, skip_padding_in_training=True)["dropout"] > 0
+    variables = fused.trainable_variables
+
+    @tf.function
+    def loss_fn(update):
+        with dropout.keys(dropout.step_key(7, update, 0)):
+            outputs = fused(inputs, training=True)
+        mask = tf.cast(inputs["input_mask"], tf.float32)[:, :, None]
+        y = outputs["sequence_output"] * mask
+        return tf.reduce_sum(y * y) / 100.0 + tf.reduce_sum(outputs["pooled_output"])
+
+    @tf.function
+    def gradients(update):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(update)
+        return [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+
+    grads = [g.numpy().astype(np.float64) for g in gradients(tf.constant(1))]
+    norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads))
+    originals = [v.numpy() for v in variables]
+
+    def along_gradient(update, eps=1e-3):  # (loss(w + eps g/|g|) - loss(w - eps g/|g|)) / (2 eps)
+        values = []
+        for sign in (1.0, -1.0):
+            for v, w, g in zip(variables, originals, grads):
+                v.assign((w + sign * eps * g / norm).astype(np.float32))
+            values.append(float(loss_fn(tf.constant(update))))
+        for v, w in zip(variables, originals):
+            v.assign(w)
+        return (values[0] - values[1]) / (2 * eps)
+
+    assert norm > 1.0
+    assert along_gradient(1) == pytest.approx(norm, rel=1e-3)
+    assert abs(along_gradient(2) - norm) > 0.01 * norm  # another update's masks: not this gradient's function
+
+
 def test_skip_padding_in_training_without_fusion_says_so_and_trains_padded(capsys):
     # make demo's flagfile asks for it; on a GPU (fusion "auto" is off there) the run must still go ahead.
     trainer = run_training(DropoutToyTask, global_batch_size=16, train_steps=2,
