@@ -159,8 +159,8 @@ class FusedAdamW(_LayerwiseLearningRate, tf_keras.optimizers.AdamW):
             beta_2_power = tf.pow(beta_2, step)
             epsilon = tf.cast(self.epsilon, dtype)
             if self.epsilon_after_bias_correction:
-                # The kernels compute lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps'); with eps' = eps sqrt(1 - b2^t)
-                # that is lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps), PyTorch's AdamW update.
+                # The kernels compute lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps'); with
+                # eps' = eps sqrt(1 - b2^t) that is lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps), torch's update.
                 epsilon *= tf.sqrt(1.0 - beta_2_power)
             self._step_scalars[key] = (
                 tf.cast(self.learning_rate, dtype), tf.pow(beta_1, step), beta_2_power, beta_1, beta_2,
