@@ -92,19 +92,21 @@ def engine_run(folder: str) -> dict:
     task = LockstepTask(ClassificationConfig(
         data_files={"train": os.path.join(FLAGS.data_dir, "sst2", "train.tsv")}, encoder="minilm",
         max_seq_length=FLAGS.max_seq_length, pooling="mean", seed=FLAGS.seed))
+    optimizer_config = OptimizerConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+                                       epsilon_after_bias_correction=FLAGS.epsilon_after_bias_correction)
     trainer = Trainer(task, TrainerConfig(model_dir=folder, train_steps=FLAGS.updates, steps_per_loop=1,
                                           global_batch_size=FLAGS.batch_size, eval_split=""),
-                      OptimizerConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
-                                      epsilon_after_bias_correction=FLAGS.epsilon_after_bias_correction),
-                      runtime, strategy=strategy)
+                      optimizer_config, runtime, strategy=strategy)
     trainer.train()
     history = trainer.train_history
     return {"batches": task.batches, "head": task.head, "loss": [h["loss"] for h in history],
-            "grad_norm": [h["grad_norm"] for h in history]}
+            "grad_norm": [h["grad_norm"] for h in history], "weight_decay": optimizer_config.weight_decay,
+            "clip_norm": optimizer_config.clip_norm}
 
 
-def peer_run(batches, head) -> dict:
-    """PyTorch + HF on the same batches from the same head; per-update losses and gradient norms."""
+def peer_run(batches, head, *, weight_decay: float, clip_norm: float) -> dict:
+    """PyTorch + HF on the same batches from the same head, with the engine's weight decay and clip norm;
+    per-update losses and gradient norms."""
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from transformers import logging as hf_logging  # noqa: PLC0415
@@ -113,20 +115,17 @@ def peer_run(batches, head) -> dict:
     hf_logging.set_verbosity_error()  # "pooler weights not used": the mean-pooled model has no pooler
     autocast = torch.bfloat16 if FLAGS.precision == "mixed_bfloat16" else None
     model = peer.mean_pooled_classifier(peer.minilm_dir(), autocast, dropout=False, head=head)
-    optimizer, schedule = peer.make_optimizer(model, learning_rate=FLAGS.learning_rate, weight_decay=0.01,
+    optimizer, schedule = peer.make_optimizer(model, learning_rate=FLAGS.learning_rate, weight_decay=weight_decay,
                                               warmup_steps=FLAGS.warmup_steps, train_steps=FLAGS.updates)
     model.train()
     losses, norms = [], []
     for features, labels in batches:
         ids, mask, types = (torch.from_numpy(features[k].astype(np.int64))
                             for k in ("input_word_ids", "input_mask", "input_type_ids"))
-        loss = torch.nn.functional.cross_entropy(model(ids, mask, types), torch.from_numpy(labels.astype(np.int64)))
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        losses.append(float(loss.detach()))
+        loss, norm = peer.train_step(model, optimizer, schedule, ids, mask, torch.from_numpy(labels.astype(np.int64)),
+                                     clip_norm=clip_norm, token_type_ids=types)
+        losses.append(float(loss))
+        norms.append(float(norm))
     return {"loss": losses, "grad_norm": norms}
 
 
@@ -140,7 +139,7 @@ def main(argv):
         return 1
     with tempfile.TemporaryDirectory(prefix="lockstep_") as folder:
         ours = engine_run(folder)
-    peer = peer_run(ours["batches"], ours["head"])
+    peer = peer_run(ours["batches"], ours["head"], weight_decay=ours["weight_decay"], clip_norm=ours["clip_norm"])
     print(f"\nlockstep | {FLAGS.updates} updates, batch {FLAGS.batch_size}, seq {FLAGS.max_seq_length}, "
           f"{FLAGS.precision}, dropout off | engine AdamW epsilon "
           f"{'after' if FLAGS.epsilon_after_bias_correction else 'before'} the bias correction")

@@ -159,6 +159,19 @@ def make_optimizer(model, *, learning_rate: float, weight_decay: float, warmup_s
     return optimizer, schedule
 
 
+def train_step(model, optimizer, schedule, ids, mask, labels, *, clip_norm: float, token_type_ids=None):
+    """One update: forward, cross-entropy, backward, global-norm clip (0 or None: off), AdamW step, schedule
+    step. Returns (loss, gradient norm before clipping) as tensors, so the caller decides when to synchronise."""
+    import torch  # noqa: PLC0415
+    loss = torch.nn.functional.cross_entropy(model(ids, mask, token_type_ids), labels)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    schedule.step()
+    return loss.detach(), grad_norm
+
+
 def length_grouped_batches(lengths: np.ndarray, *, batch_size: int, window_batches: int, multiple: int,
                            full_length: int, rng: np.random.Generator):
     """Endless (indices, width) batches as engine/inputs.py group_by_length makes them: a shuffled stream
@@ -294,16 +307,11 @@ def main(argv=None) -> dict:
         index = torch.from_numpy(indices)
         ids, mask = train_ids[index, :width], train_mask[index, :width]
         tokens += ids.numel()
-        logits = model(ids, mask)
-        loss = torch.nn.functional.cross_entropy(logits, labels_tensor[index])
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm or math.inf)
-        learning_rate = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+        learning_rate = optimizer.param_groups[0]["lr"]  # this update's (the schedule steps after it)
+        loss, grad_norm = train_step(model, optimizer, schedule, ids, mask, labels_tensor[index],
+                                     clip_norm=args.clip_norm)
         step += 1
-        loop_loss += float(loss.detach())  # synchronises, as the engine's per-loop read of its loss does
+        loop_loss += float(loss)  # synchronises, as the engine's per-loop read of its loss does
         loop_steps += 1
         at_end = step == args.train_steps
         eval_due = at_end or (args.eval_every_steps and step % args.eval_every_steps == 0)
