@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shlex
 import statistics
@@ -115,6 +116,16 @@ def accuracy_by_seed(rounds: list[tuple[int, float, float]]) -> tuple[dict, floa
             statistics.fmean(p for _, p in by_seed.values()))
 
 
+def gap_standard_error(by_seed: dict) -> float | None:
+    """The standard error of (ours' mean - the peer's) over the seeds of `by_seed` ({seed: (ours, peer)}), or None
+    under two seeds. Unpaired: the two sides draw data order, head and dropout from different generators, so one
+    seed's two runs are independent draws and only each side's spread over its seeds counts."""
+    if len(by_seed) < 2:
+        return None
+    ours, peer = zip(*by_seed.values())
+    return math.sqrt((statistics.variance(ours) + statistics.variance(peer)) / len(by_seed))
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",")]
@@ -186,7 +197,11 @@ def main(argv=None) -> int:
           f"({', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
     by_seed, ours_mean, peer_mean = accuracy_by_seed([(s, o["accuracy"], p["accuracy"]) for s, o, p, _ in rounds])
     gap = 100 * (ours_mean - peer_mean)
-    print(f"accuracy ours - pytorch: {gap:+.2f} points (ours {100 * ours_mean:.2f}%, pytorch {100 * peer_mean:.2f}%"
+    error = gap_standard_error(by_seed)
+    # One run's accuracy moves by about a point with its seed: without the error a gap near 0.5 says little.
+    spread = f" +- {100 * error:.2f} (standard error over {len(by_seed)} seeds)" if error is not None else ""
+    print(f"accuracy ours - pytorch: {gap:+.2f}{spread} points (ours {100 * ours_mean:.2f}%, "
+          f"pytorch {100 * peer_mean:.2f}%"
           + (f", means over seeds {','.join(map(str, by_seed))}; per seed " + ", ".join(
               f"{s}: {100 * (o - p):+.2f}" for s, (o, p) in by_seed.items()) if len(by_seed) > 1 else
              f", seed {next(iter(by_seed))}") + ")", flush=True)

@@ -277,6 +277,10 @@ def test_bench_tta_compares_accuracy_on_each_sides_mean_over_seeds():
     assert list(by_seed) == [0, 1]
     assert by_seed[0] == pytest.approx((0.89, 0.89)) and by_seed[1] == pytest.approx((0.86, 0.89))
     assert ours == pytest.approx((0.89 + 0.86) / 2) and peer == pytest.approx(0.89)
+    # By hand: ours' seed means 0.89 and 0.86 have sample variance 2 * 0.015^2 / 1, the peer's 0.89, 0.89 none;
+    # the error of the difference of means over 2 seeds is sqrt(0.00045 / 2) = 0.015.
+    assert time_to_accuracy.gap_standard_error(by_seed) == pytest.approx(0.015)
+    assert time_to_accuracy.gap_standard_error({0: (0.9, 0.8)}) is None
 
 
 @pytest.mark.parametrize("text", ["", "0,x", "1,1", "0,,2"])
