@@ -13,7 +13,8 @@ dev accuracy (start-up, data, training, both evaluations):
 The target: the same dev accuracy (within 0.5 points) and our wall time <= 0.8x the peer's. One SST-2 run's
 accuracy moves by about a point with its seed (dropout masks, data order, the head's initialisation; the two
 sides draw them from different generators), so with several seeds the accuracies compared are each side's mean
-over the same seeds; with one seed, that seed's. The load average before each run is printed: on a machine
+over the same seeds, with the gap's standard error (one run's sd is about 0.5 points: three seeds leave an error of
+about 0.4, fifteen 0.18); with one seed, that seed's. The load average before each run is printed: on a machine
 shared with other jobs, the rounds say more than any one of them.
 The peer needs the bench extra (`pip install -e '.[bench]'`); without it this says so and stops.
 Nothing is written into the repository; --work_dir holds the runs (a new temporary folder by default).
