@@ -127,6 +127,22 @@ def gap_standard_error(by_seed: dict) -> float | None:
     return math.sqrt((statistics.variance(ours) + statistics.variance(peer)) / len(by_seed))
 
 
+def accuracy_line(rounds: list[tuple[int, float, float]]) -> tuple[str, float]:
+    """The summary line of the accuracies of `rounds` ((seed, ours, peer) as fractions), and the gap in points:
+    over several seeds the gap of the means with its standard error and the per-seed gaps; else the one seed's."""
+    by_seed, ours_mean, peer_mean = accuracy_by_seed(rounds)
+    gap = 100 * (ours_mean - peer_mean)
+    error = gap_standard_error(by_seed)
+    if error is None:  # one seed: no error to give
+        gap_text, which = f"{gap:+.2f}", f"seed {next(iter(by_seed))}"
+    else:  # One run's accuracy moves by about a point with its seed: without the error a gap near 0.5 says little.
+        per_seed = ", ".join(f"{s}: {100 * (o - p):+.2f}" for s, (o, p) in by_seed.items())
+        gap_text = f"{gap:+.2f} +- {100 * error:.2f} (standard error over {len(by_seed)} seeds)"
+        which = f"means over seeds {','.join(map(str, by_seed))}; per seed {per_seed}"
+    return (f"accuracy ours - pytorch: {gap_text} points (ours {100 * ours_mean:.2f}%, pytorch {100 * peer_mean:.2f}%, "
+            f"{which})"), gap
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",")]
@@ -196,16 +212,8 @@ def main(argv=None) -> int:
     ratio = statistics.median(ratios)
     print(f"ours / pytorch wall time to accuracy: median {ratio:.2f} over {len(ratios)} round(s) "
           f"({', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
-    by_seed, ours_mean, peer_mean = accuracy_by_seed([(s, o["accuracy"], p["accuracy"]) for s, o, p, _ in rounds])
-    gap = 100 * (ours_mean - peer_mean)
-    error = gap_standard_error(by_seed)
-    # One run's accuracy moves by about a point with its seed: without the error a gap near 0.5 says little.
-    spread = f" +- {100 * error:.2f} (standard error over {len(by_seed)} seeds)" if error is not None else ""
-    print(f"accuracy ours - pytorch: {gap:+.2f}{spread} points (ours {100 * ours_mean:.2f}%, "
-          f"pytorch {100 * peer_mean:.2f}%"
-          + (f", means over seeds {','.join(map(str, by_seed))}; per seed " + ", ".join(
-              f"{s}: {100 * (o - p):+.2f}" for s, (o, p) in by_seed.items()) if len(by_seed) > 1 else
-             f", seed {next(iter(by_seed))}") + ")", flush=True)
+    line, gap = accuracy_line([(s, o["accuracy"], p["accuracy"]) for s, o, p, _ in rounds])
+    print(line, flush=True)
     same_accuracy = abs(gap) <= 0.5
     print(f"target | same accuracy (within 0.5 points): {'yes' if same_accuracy else 'NO'} | "
           f"ours <= 0.8x pytorch's wall: {'yes' if ratio <= 0.8 else 'NO'} ({ratio:.2f}x)", flush=True)

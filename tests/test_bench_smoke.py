@@ -281,6 +281,13 @@ def test_bench_tta_compares_accuracy_on_each_sides_mean_over_seeds():
     # the error of the difference of means over 2 seeds is sqrt(0.00045 / 2) = 0.015.
     assert time_to_accuracy.gap_standard_error(by_seed) == pytest.approx(0.015)
     assert time_to_accuracy.gap_standard_error({0: (0.9, 0.8)}) is None
+    # The printed summary: the same numbers in points (0.875 - 0.89 = -1.50 +- 1.50), then one seed alone.
+    line, gap = time_to_accuracy.accuracy_line(rounds)
+    assert gap == pytest.approx(-1.5)
+    assert line == ("accuracy ours - pytorch: -1.50 +- 1.50 (standard error over 2 seeds) points (ours 87.50%, "
+                    "pytorch 89.00%, means over seeds 0,1; per seed 0: +0.00, 1: -3.00)")
+    assert time_to_accuracy.accuracy_line([(4, 0.8813, 0.8842)])[0] == (
+        "accuracy ours - pytorch: -0.29 points (ours 88.13%, pytorch 88.42%, seed 4)")
 
 
 @pytest.mark.parametrize("text", ["", "0,x", "1,1", "0,,2"])
