@@ -64,13 +64,34 @@ def train_iterator(strategy: tf.distribute.Strategy, dataset_fn: Callable, per_r
     if is_default_strategy(strategy):
         if skip_updates:
             raise ValueError("a plain iterator is restored from the checkpoint, not skipped")
-        return iter(dataset_fn(batch_size=per_replica_batch_size, input_context=None))
+        return iter(without_autotune(dataset_fn(batch_size=per_replica_batch_size, input_context=None)))
 
     def fn(ctx: tf.distribute.InputContext):
         dataset = dataset_fn(batch_size=per_replica_batch_size, input_context=ctx)
         replicas_per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-        return dataset.skip(skip_updates * replicas_per_pipeline)
+        return without_autotune(dataset.skip(skip_updates * replicas_per_pipeline))
     return iter(strategy.distribute_datasets_from_function(fn))
+
+
+def prefetched(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """A Task's finished pipeline (the end of its `build_inputs`): prefetched, and `without_autotune`, so that
+    whatever iterates a Task's batches (the Trainer, tests, a notebook) never waits on deleting the iterator."""
+    return without_autotune(dataset.prefetch(tf.data.AUTOTUNE))
+
+
+def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` without tf.data's model-based autotuning, whose thread makes deleting the iterator wait.
+
+    TensorFlow 2.20 runs that optimizer in a thread per iterator that sleeps for a period doubling up to 60 s,
+    and deleting the iterator sometimes waits out the rest of the period instead of waking the thread: 11 s for
+    an iterator 30 s old (`/tmp` repro), 0.6-0.7 s in one evaluation of four, and stalls of 30-200 s in the test
+    suite when garbage collection freed earlier trainers' training iterators (gdb: the main thread in
+    ~RootDataset::Iterator waiting for the `OptimizeLoop` thread; bench/RESULTS.md, 2026-12-05). Without it,
+    `num_parallel_calls=AUTOTUNE` runs one call per core and `prefetch(AUTOTUNE)` grows its buffer by itself
+    (a CPU-bound parallel map ran 1,980-2,100 elements/s either way on 2 cores)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
 
 
 def pipeline_share(global_batches: tf.data.Dataset, input_context: tf.distribute.InputContext,
@@ -103,12 +124,9 @@ def distribute_eval_inputs(strategy: tf.distribute.Strategy, dataset_fn: Callabl
     def fn(ctx: tf.distribute.InputContext):
         dataset = dataset_fn(batch_size=global_batch_size, input_context=None)
         dataset = dataset.map(lambda f, l: pad_batch(f, l, global_batch_size))
-        # One short pass over small batches: tf.data's autotuning buys nothing here, and deleting the iterator
-        # at the end waited for its thread, 0.6-0.7 s in about one evaluation of four (a third of the time
-        # MiniLM takes for 256 SST-2 sentences; bench/RESULTS.md).
-        options = tf.data.Options()
-        options.autotune.enabled = False
-        return pipeline_share(dataset, ctx, per_replica).with_options(options)
+        # One short pass over small batches: deleting an autotuned iterator at the end waited for its thread,
+        # 0.6-0.7 s in about one evaluation of four (a third of the time MiniLM takes for 256 SST-2 sentences).
+        return without_autotune(pipeline_share(dataset, ctx, per_replica))
     return strategy.distribute_datasets_from_function(fn)
 
 

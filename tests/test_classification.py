@@ -78,7 +78,9 @@ def test_sentence_pairs_and_string_labels(tmp_path):
     assert examples.texts == (("a man", "it rains"), ("a person", "sunny"))
     assert examples.labels.tolist() == [1, 0]
     task = ClassificationTask(config)
-    features, labels = next(iter(task.build_inputs("validation", batch_size=2)))
+    dataset = task.build_inputs("validation", batch_size=2)
+    assert not dataset.options().autotune.enabled  # engine/inputs.prefetched: no autotuning thread to wait for
+    features, labels = next(iter(dataset))
     ids = features["input_word_ids"].numpy()[labels.numpy().tolist().index(1)]
     tokens = [task.tokenizer.vocab[i] for i in ids if i]
     assert tokens == ["[CLS]", "a", "man", "[SEP]", "a", "person", "[SEP]"]

@@ -304,5 +304,24 @@ def test_bf16_on_cpu_without_native_support_warns_with_measured_cost(monkeypatch
     assert precision.resolve_precision("auto") == "mixed_bfloat16"
 
 
+def test_input_pipelines_run_without_tf_data_autotuning(monkeypatch):
+    """The Trainer's training and evaluation iterators come from datasets with tf.data's model-based autotuning off
+    (inputs.without_autotune): its per-iterator thread made deleting an iterator wait for up to 60 s, which stalled
+    the test suite for minutes when garbage collection freed old trainers (bench/RESULTS.md, 2026-12-05)."""
+    from engine import inputs  # noqa: PLC0415
+    made = []
+    without_autotune = inputs.without_autotune
+    monkeypatch.setattr(inputs, "without_autotune", lambda dataset: made.append(without_autotune(dataset)) or made[-1])
+    for strategy in ("default", "mirrored"):
+        made.clear()
+        trainer = run_training(lambda: ToyTask(), global_batch_size=8, strategy=strategy, train_steps=2,
+                               eval_split="validation")
+        assert trainer.evaluate()["loss"] > 0
+        assert len(made) == 2  # training, evaluation (one input pipeline on one host)
+        assert not any(dataset.options().autotune.enabled for dataset in made)
+        if strategy == "default":  # the iterator the Trainer runs is the one over that dataset
+            assert trainer._train_iterator._dataset is made[0]
+
+
 def test_one_device_strategy_equals_default(plain_run):
     assert_same(plain_run, one_update_weights(ToyTask, global_batch_size=32, strategy="one_device", train_steps=2))

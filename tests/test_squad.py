@@ -280,7 +280,9 @@ def _tiny_task(cache_dir, **overrides):
 def test_model_logits_are_float32_masked_and_the_loss_is_mean_start_end_cross_entropy(cache_dir):
     task = _tiny_task(cache_dir)
     task.cut_eval_batches = False  # padded to max_seq_length, so the batch surely has padding to mask
-    features, labels = next(iter(task.build_inputs("validation", batch_size=4)))
+    dataset = task.build_inputs("validation", batch_size=4)
+    assert not dataset.options().autotune.enabled  # engine/inputs.prefetched: no autotuning thread to wait for
+    features, labels = next(iter(dataset))
     tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         model = task.build_model()

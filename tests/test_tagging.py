@@ -60,7 +60,9 @@ def test_trains_under_engine_and_scores_like_conlleval(tmp_path, head):
 def test_length_grouped_batches_give_the_loss_of_full_padding():
     task = TaggingTask(tiny_config(max_seq_length=64, group_by_length=4))
     model = task.build_model()
-    features, labels = next(iter(task.build_inputs("train", batch_size=8)))
+    dataset = task.build_inputs("train", batch_size=8)
+    assert not dataset.options().autotune.enabled  # engine/inputs.prefetched: no autotuning thread to wait for
+    features, labels = next(iter(dataset))
     width = features["input_word_ids"].shape[1]
     # Word-piece tensors are cut to the batch's longest sentence; word-level ones keep their length.
     assert width < 64 and features["word_mask"].shape[1] == labels.shape[1] == task.config.words_per_window

@@ -215,7 +215,7 @@ class ClassificationTask(Task):
             if self.cuts_batches:
                 dataset = inputs.cut_batches_to_longest(dataset, length_key="input_mask",
                                                         multiple=self.eval_width_multiple)
-            return dataset.prefetch(tf.data.AUTOTUNE)
+            return inputs.prefetched(dataset)
         examples = self.examples(split)
         # Created here, eagerly: built inside the map function, its vocab table would belong to that graph.
         tokenizer = self.tokenizer
@@ -230,7 +230,7 @@ class ClassificationTask(Task):
             dataset, training=True, batch_size=batch_size, window_batches=self.config.group_by_length,
             input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed,
             decode=encode, multiple=BUCKET_MULTIPLE)
-        return dataset.prefetch(tf.data.AUTOTUNE)
+        return inputs.prefetched(dataset)
 
     # ------------------------------------------------------------------------------------ loss
 

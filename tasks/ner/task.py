@@ -185,7 +185,7 @@ class TaggingTask(Task):
         if cut:
             dataset = dataset.map(lambda features, labels: self._cut_to_longest(features, labels,
                                                                                 self.eval_width_multiple))
-        return dataset.prefetch(tf.data.AUTOTUNE)
+        return inputs.prefetched(dataset)
 
     def _cut_to_longest(self, features, labels: Optional[tf.Tensor], multiple: int):
         """A batch with its sub-token arrays cut to its longest window (rounded up to `multiple`) and its word

@@ -153,7 +153,7 @@ class SquadTask(Task):
             dataset = tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda v: v[order], (features, labels)))
             dataset = inputs.cut_batches_to_longest(dataset.batch(batch_size), length_key="input_mask",
                                                     multiple=self.eval_width_multiple)
-            return dataset.prefetch(tf.data.AUTOTUNE)
+            return inputs.prefetched(dataset)
         _, record_path = self.features(split)
         dataset = tf.data.TFRecordDataset(record_path)
         training = squad_data.canonical_split(split) == "train"
@@ -164,7 +164,7 @@ class SquadTask(Task):
             dataset, training=training, batch_size=batch_size, window_batches=self.config.group_by_length,
             input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed,
             decode=squad_cache.parse_batch_fn(self.config.max_seq_length))
-        return dataset.prefetch(tf.data.AUTOTUNE)
+        return inputs.prefetched(dataset)
 
     def eval_windows(self, split: str) -> tuple[dict, dict]:
         """A split's windows read from the cache once, as NumPy (features, labels), for sorting by length.
