@@ -11,6 +11,8 @@ dense layer computes.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 import tf_keras
@@ -30,30 +32,62 @@ def in_training() -> bool:
 TRAILING_CONTRACTIONS = {"abc,cd->abd": 1, "abc,cde->abde": 1, "abcd,cde->abe": 2}
 
 
-def operands(layer, inputs):
-    """The EinsumDense's contraction as one 2-D MatMul: (inputs as [rows, fan_in], the kernel as [fan_in, units],
-    the output's shape)."""
+def operands(layer, inputs, kernel=None):
+    """The EinsumDense's contraction as one 2-D MatMul: (inputs as [rows, fan_in], the kernel as [fan_in, units]
+    (or `kernel`, already so), the output's shape)."""
     contracted = TRAILING_CONTRACTIONS[layer.equation]
-    kernel = layer.kernel
-    fan_in = int(np.prod(kernel.shape[:contracted]))
-    return (tf.reshape(inputs, [-1, fan_in]), tf.reshape(kernel, [fan_in, -1]),
-            tf.concat([tf.shape(inputs)[:-contracted], kernel.shape[contracted:]], 0))
+    kernel = _kernel_matrix(layer) if kernel is None else kernel
+    return (tf.reshape(inputs, [-1, kernel.shape[0]]), kernel,
+            tf.concat([tf.shape(inputs)[:-contracted], layer.kernel.shape[contracted:]], 0))
+
+
+def _kernel_matrix(layer) -> tf.Tensor:
+    """The kernel as a 2-D [fan_in, units] matrix."""
+    fan_in = int(np.prod(layer.kernel.shape[:TRAILING_CONTRACTIONS[layer.equation]]))
+    return tf.reshape(layer.kernel, [fan_in, -1])
 
 
 def call(layer, inputs):
     """A plain EinsumDense's call (is_plain): the MatMul + BiasAdd (biased_product), or at inference with a GELU
-    fused into the MatMul (`_fused_activation`, set by engine/fusion.py)."""
-    rows, kernel, output_shape = operands(layer, inputs)
+    fused into the MatMul (`_fused_activation`, set by engine/fusion.py); at inference in a serving export with
+    kernels held in bfloat16 (hold_kernels_in), all of it in that dtype, the output cast back."""
     training = in_training()
+    held = getattr(layer, "_held_kernel", None) if not training else None
+    rows, kernel, output_shape = operands(layer, inputs, held)  # (held: the float32 kernel is not even read)
+    rows = rows if held is None else tf.cast(rows, held.dtype)
     activation = getattr(layer, "_fused_activation", None) if not training else None
     if layer.bias is not None and activation is None:
-        return biased_product(rows, kernel, tf.cast(layer.bias, rows.dtype), output_shape, training)
-    outputs = tf.matmul(rows, kernel)
-    if layer.bias is not None:
-        outputs = tf.nn.bias_add(outputs, tf.reshape(layer.bias, [-1]))
-    if activation is not None:
-        outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
-    return tf.reshape(outputs, output_shape)
+        outputs = biased_product(rows, kernel, tf.cast(layer.bias, rows.dtype), output_shape, training)
+    else:
+        outputs = tf.matmul(rows, kernel)
+        if layer.bias is not None:
+            outputs = tf.nn.bias_add(outputs, tf.cast(tf.reshape(layer.bias, [-1]), outputs.dtype))
+        if activation is not None:
+            outputs = activation(outputs)  # e.g. tf.nn.gelu: oneDNN's remapper fuses it into the MatMul
+        outputs = tf.reshape(outputs, output_shape)
+    return outputs if held is None else tf.cast(outputs, inputs.dtype)
+
+
+def hold_kernels_in(model: tf.Module, dtype) -> int:
+    """For a serving export: each plain EinsumDense (BERT's Q/K/V, attention-output and FFN projections) gets a
+    copy of its kernel in `dtype` (bfloat16), as the 2-D [fan_in, units] matrix that `call` multiplies in that
+    dtype at inference; returns how many. Call after engine/fusion.py has rebound the layers to `call`.
+
+    Why copies and not a mixed_bfloat16 model: under a mixed policy the float32 variables are cast on every call,
+    which at batch 1 costs more than the bf16 matmuls save (MiniLM on the Zen 4: p50 10.4 vs 9.1-10.0 ms;
+    bench/RESULTS.md, 2026-12-05). Held in bf16, a call reads half the bytes. LayerNorm, softmax, the attention
+    products, the pooler and the head stay in the model's float32. tasks/serving.save writes only the variables
+    the signature reads, so the float32 kernels stay out of the SavedModel."""
+    count = 0
+    for layer in model.submodules:
+        if is_plain(layer):
+            if not (isinstance(layer.call, functools.partial) and layer.call.func is call):
+                raise ValueError(f"layer {layer.name}: hold_kernels_in needs engine/fusion.py's dense rewrite first")
+            # A weight of the layer (Keras tracks it), so the serving module's variables include it.
+            layer._held_kernel = tf.Variable(tf.cast(_kernel_matrix(layer), dtype), trainable=False,
+                                             name=f"{layer.name}_kernel_{tf.as_dtype(dtype).name}")
+            count += 1
+    return count
 
 
 def biased_product(rows, kernel, bias, output_shape, training: bool):

@@ -94,6 +94,11 @@ class _Untracked:
 
 
 def save(module: ServingModule, export_dir: str) -> str:
-    """Writes `module` as a SavedModel whose `serving_default` signature is `module.serve`."""
-    tf.saved_model.save(module, export_dir, signatures=module.signatures())
+    """Writes `module` as a SavedModel whose `serving_default` signature is `module.serve`, with the model
+    variables that signature reads (not, e.g., the float32 kernels that engine/dense.hold_kernels_in replaced)."""
+    signatures = module.signatures()
+    # By handle: under a mixed policy the model's variables are Keras AutoCastVariables around the ones read.
+    read = {variable.handle.ref() for variable in signatures[SIGNATURE].variables}
+    module.model_variables = [variable for variable in module.model_variables if variable.handle.ref() in read]
+    tf.saved_model.save(module, export_dir, signatures=signatures)
     return export_dir

@@ -592,6 +592,32 @@ def test_export_safe_graph_has_no_xla_kernel_nor_op_of_ours(monkeypatch):
     assert ours(fused) == ["EngineAddLayerNorm", "EngineLayerNorm"]
 
 
+def test_kernels_held_in_bf16_give_the_numpy_reference_and_the_float32_kernels_are_not_read():
+    """launch.export --serving_precision=bfloat16: the blocks' dense layers multiply bf16 copies of their kernels at
+    inference (within bf16 rounding of the float64 NumPy BERT, and not float32's values), the float32 kernels are
+    not read by the graph (so tasks/serving.save leaves them out), and training still reads the float32 kernels."""
+    config, inputs, _, model = _encoder_pair()
+    fusion.fuse_elementwise(model, export_safe=True)
+    numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
+    reference = ref.bert_forward(bert.hf_weights(model), config.num_attention_heads, **numpy_inputs)
+    before = tf.function(lambda x: model(x, training=False))(inputs)
+    with pytest.raises(ValueError, match="needs engine/fusion.py's dense rewrite first"):
+        dense_ops.hold_kernels_in(_encoder_pair()[3], tf.bfloat16)
+    assert dense_ops.hold_kernels_in(model, tf.bfloat16) == 6 * config.num_hidden_layers
+    infer = tf.function(lambda x: model(x, training=False)).get_concrete_function(inputs)
+    seq_diff, pooled_diff = ref.max_abs_diffs(reference, infer(inputs), numpy_inputs["input_mask"])
+    float32_diffs = ref.max_abs_diffs(reference, before, numpy_inputs["input_mask"])
+    # bf16 products round to 8 bits: over 20x float32's distance (tiny init weights keep both small), under 0.1.
+    assert 20 * max(float32_diffs) <= max(seq_diff, pooled_diff) <= 0.1, (float32_diffs, seq_diff, pooled_diff)
+    dense_layers = [layer for layer in model.submodules if dense_ops.is_plain(layer)]
+    read = {variable.ref() for variable in infer.variables}
+    assert all(layer._held_kernel.ref() in read and layer.kernel.ref() not in read for layer in dense_layers)
+    assert {layer._held_kernel.dtype for layer in dense_layers} == {tf.bfloat16}
+    trained = tf.function(lambda x: model(x, training=True)).get_concrete_function(inputs)
+    read = {variable.ref() for variable in trained.variables}
+    assert all(layer.kernel.ref() in read and layer._held_kernel.ref() not in read for layer in dense_layers)
+
+
 def _value_and_grad(layer, x):
     with tf.GradientTape() as tape:
         tape.watch(x)

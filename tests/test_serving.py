@@ -9,9 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
+from absl import app, flags
 
 from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
+from engine import dense as dense_ops
 from engine_helpers import run_training
 from launch import export as export_launcher
 from tasks.ner import conll
@@ -218,6 +219,41 @@ def test_saved_model_cli_lists_the_signature(served, name):
     assert sorted(line.split("'")[1] for line in inputs_part.splitlines() if "inputs['" in line) == want_inputs
     assert sorted(line.split("'")[1] for line in outputs_part.splitlines() if "outputs['" in line) == want_outputs
     assert "dtype: DT_STRING" in inputs_part and "Method name is: tensorflow/serving/predict" in stdout
+
+
+def _saved_variables(export_dir) -> dict:
+    """{dtype name: total elements} of a SavedModel's variables."""
+    reader = tf.train.load_checkpoint(os.path.join(export_dir, "variables", "variables"))
+    totals = {}
+    for name, shape in reader.get_variable_to_shape_map().items():
+        dtype = reader.get_variable_to_dtype_map()[name]
+        if dtype.is_floating:
+            totals[dtype.name] = totals.get(dtype.name, 0) + int(np.prod(shape))
+    return totals
+
+
+def test_bfloat16_export_answers_within_bf16_rounding_and_holds_the_dense_kernels_in_bf16(
+        trained, encoder_dir, tmp_path):
+    """--serving_precision=bfloat16: the classifier's answers within bf16 rounding of the float32 model's (and not
+    equal to them), and the SavedModel holds the blocks' dense kernels in bf16 only (no float32 copies)."""
+    task, model, model_dir, extra, inputs = trained["sst2"]
+    paths = {precision: export("sst2", model_dir, str(tmp_path / precision), encoder_dir, *extra,
+                               f"--serving_precision={precision}") for precision in ("float32", "bfloat16")}
+    serve = tf.saved_model.load(paths["bfloat16"]).signatures["serving_default"]
+    got = serve(sentence=tf.constant(inputs["sentence"]))
+    labels, probabilities = task.predict(model, inputs["sentence"])
+    difference = np.abs(got["probabilities"].numpy() - probabilities).max()
+    assert 1e-6 < difference < 0.02, difference
+    assert [label.decode() for label in got["label"].numpy()] == labels
+    kernels = sum(int(np.prod(layer.kernel.shape)) for layer in model.submodules if dense_ops.is_plain(layer))
+    float32, bfloat16 = _saved_variables(paths["float32"]), _saved_variables(paths["bfloat16"])
+    assert kernels > 0 and bfloat16 == {"float32": float32["float32"] - kernels, "bfloat16": kernels}
+    with pytest.raises(app.UsageError, match="--serving_precision is for --task exports"):
+        flag_values = flags.FlagValues()
+        export_launcher.define_flags(flag_values)
+        flag_values(["export", f"--encoder={encoder_dir}", f"--export_dir={tmp_path / 'encoder'}",
+                     "--serving_precision=bfloat16"])
+        export_launcher.run(flag_values)
 
 
 def test_bad_checkpoints_are_one_clear_error(trained, encoder_dir, tmp_path):
