@@ -15,6 +15,7 @@ the `bench` extra is installed (`pip install -e .[bench]`) without importing it.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -165,10 +166,13 @@ class TrainRunner:
 class Classifier:
     """Raw sentences -> probabilities with the peer in `torch.inference_mode`, tokenization included."""
 
-    def __init__(self, model, tokenizer_dir: str, *, max_length: int, padding: str, longest_first: bool = False):
+    def __init__(self, model, tokenizer_dir: str, *, max_length: int, padding: str, longest_first: bool = False,
+                 precision: str = "float32"):
         import torch  # noqa: PLC0415
         from transformers import AutoTokenizer  # noqa: PLC0415
-        self.model = model.eval()
+        # bfloat16: a bf16 copy of the whole model, as `from_pretrained(..., dtype=torch.bfloat16)` serves it
+        # (LayerNorm and softmax in bf16 too). Autocast instead would cast the float32 weights on every call.
+        self.model = (copy.deepcopy(model).to(torch.bfloat16) if precision == "bfloat16" else model).eval()
         # The folder's tokenizer.json (its vocab is vocab.txt, uncased). Not BertTokenizerFast(vocab_file=...):
         # in transformers 5 that ignores the file and maps nearly everything to [UNK].
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -295,12 +299,13 @@ class ClassifierProcess:
         self._process = _PeerProcess(spec, dict(role="classify", tokenizer_dir=tokenizer_dir, sentences=sentences,
                                                  max_length=max_length, batch_size=batch_size), {})
 
-    def predict(self, padding: str, longest_first: bool, *, values: bool = False) -> dict:
+    def predict(self, padding: str, longest_first: bool, *, precision: str = "float32", values: bool = False) -> dict:
         """values=True: the reply holds the "probabilities" too (computed in the timed call, sent after it)."""
-        return self._process.ask({"predict": dict(padding=padding, longest_first=longest_first), "values": values})
+        return self._process.ask({"predict": dict(padding=padding, longest_first=longest_first, precision=precision),
+                                  "values": values})
 
-    def singles(self, padding: str, count: int) -> dict:
-        return self._process.ask({"singles": dict(padding=padding, count=count)})
+    def singles(self, padding: str, count: int, *, precision: str = "float32") -> dict:
+        return self._process.ask({"singles": dict(padding=padding, count=count, precision=precision)})
 
     def token_ids(self, padding: str) -> np.ndarray:
         return np.asarray(self._process.ask({"token_ids": dict(padding=padding)})["token_ids"])
@@ -326,11 +331,11 @@ def _serve(folder: str) -> None:
     else:
         classifiers, sentences = {}, settings["sentences"]
 
-        def classifier(padding, longest_first=False):
-            key = (padding, longest_first)
+        def classifier(padding, longest_first=False, precision="float32"):
+            key = (padding, longest_first, precision)
             if key not in classifiers:
                 classifiers[key] = Classifier(model, settings["tokenizer_dir"], max_length=settings["max_length"],
-                                              padding=padding, longest_first=longest_first)
+                                              padding=padding, longest_first=longest_first, precision=precision)
             return classifiers[key]
     print(_PeerProcess._REPLY + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -345,7 +350,8 @@ def _serve(folder: str) -> None:
         elif "token_ids" in request:
             reply["token_ids"] = classifier(**request["token_ids"]).encode(sentences)["input_ids"].tolist()
         else:
-            clf, reply["latencies"] = classifier(request["singles"]["padding"]), []
+            clf, reply["latencies"] = classifier(request["singles"]["padding"],
+                                                 precision=request["singles"]["precision"]), []
             for sentence in sentences[:request["singles"]["count"]]:
                 t = time.perf_counter()
                 clf.probabilities([sentence])

@@ -33,6 +33,10 @@ Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, 
   ("pad 128"), to the batch's longest ("pad longest": HF's usual `padding=True`), and, for evaluate and
   predict, longest first as ours ("pad longest, longest first": tokenized once, batches padded by
   `tokenizer.pad`). A target compares with the fastest peer row.
+bf16 serving (--bf16_serving, on by default): the SavedModel of launch.export --serving_precision=bfloat16 (the
+  blocks' dense kernels held and multiplied in bf16, the rest float32) at batch --serving_batch_size and 1,
+  against the peer's model converted to bf16 (`.to(torch.bfloat16)`, as HF's `dtype=torch.bfloat16` serves it),
+  pad longest. Each side's bf16 answers are checked against its float32 ones.
   --notraining times evaluation/serving only.
 
 Timing: everything is built and warmed up first (never timed); then every round times each configuration
@@ -76,6 +80,8 @@ flags.DEFINE_integer("grad_accum_steps", 4, "The engine with this many micro-bat
 flags.DEFINE_integer("eval_examples", 256, "SST-2 dev sentences for evaluation/prediction/serving (0: none).")
 flags.DEFINE_integer("serving_batch_size", 32, "Batch size of evaluation, prediction and batched serving.")
 flags.DEFINE_integer("latency_calls", 32, "Batch-1 serving calls per configuration and round.")
+flags.DEFINE_bool("bf16_serving", True, "Also time the SavedModel with bf16 kernels (launch.export "
+                  "--serving_precision=bfloat16) at batch --serving_batch_size and 1, against the peer's model in bf16.")
 flags.DEFINE_bool("full_padding_rows", False, "Also time our evaluation/predict/serving padded to the full "
                   "sequence length (cut_eval_batches=False: what they did before issue 14), for the gain of cutting.")
 
@@ -87,8 +93,10 @@ NO_PEER = "PyTorch peer: skipped, the bench extra is not installed (pip install 
 class Timed:
     """An evaluation/serving configuration: `run()` returns (examples, wall s, CPU s); `latencies` (s) for batch 1."""
 
-    def __init__(self, group: str, name: str, fn, examples: int, *, per_call=None, kind: str | None = None):
+    def __init__(self, group: str, name: str, fn, examples: int, *, per_call=None, kind: str | None = None,
+                 shared_from: str | None = None):
         self.group, self.name = group, name
+        self.shared_from = shared_from  # a group whose configuration of this name is timed for both (the peer's)
         self.kind = kind or ("torch" if name.startswith("pytorch") else "ours")  # "ours full": padded to seq
         self._fn, self.examples, self._per_call = fn, examples, per_call
         self.latencies: list[list[float]] = []  # per run (round) of a batch-1 configuration
@@ -113,8 +121,8 @@ class RemoteTimed(Timed):
     """A peer configuration timed in the peer's own process (pytorch_peer.ClassifierProcess): `request()` returns
     its wall and CPU seconds, and per-call latencies for batch 1."""
 
-    def __init__(self, group: str, name: str, request, examples: int, process):
-        super().__init__(group, name, None, examples)
+    def __init__(self, group: str, name: str, request, examples: int, process, shared_from: str | None = None):
+        super().__init__(group, name, None, examples, shared_from=shared_from)
         self._request, self._process = request, process
 
     def run(self) -> tuple[int, float, float]:
@@ -140,17 +148,19 @@ def _write_eval_tsv(data_dir: str, count: int, folder: str) -> tuple[str, list[s
 
 
 def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, batch_size: int, latency_calls: int,
-                  folder: str, peer_model_fn=None, full_padding_rows: bool = False) -> tuple[list, list, object]:
+                  folder: str, peer_model_fn=None, full_padding_rows: bool = False, bf16_serving: bool = False
+                  ) -> tuple[list, list, object]:
     """Our evaluation/serving configurations (and the peer's with `peer_model_fn(keras_model)`; with
-    `full_padding_rows` ours again padded to the full sequence length); returns (configurations, check lines,
-    the Trainer holding the model)."""
+    `full_padding_rows` ours again padded to the full sequence length; with `bf16_serving` the SavedModel
+    exported with bf16 kernels, against the peer's bf16 model); returns (configurations, check lines, the
+    Trainer holding the model)."""
     import numpy as np  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
     import tf_keras  # noqa: PLC0415
     from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
     from engine.trainer import Trainer  # noqa: PLC0415
     from tasks.encoders import bert  # noqa: PLC0415
-    from engine import checkpoints, fusion  # noqa: PLC0415
+    from engine import checkpoints, dense, fusion  # noqa: PLC0415
     from tasks import serving  # noqa: PLC0415
     from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
 
@@ -197,6 +207,25 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         ]
         served = np.concatenate([serve(sentence=tf.constant(b))["probabilities"].numpy() for b in batches])
         results[cut] = (run.evaluate(), task.predict(model, sentences, batch_size=batch_size)[1], served)
+        if cut and bf16_serving:  # as launch.export --serving_precision=bfloat16
+            exported = task.build_model()
+            checkpoints.restore_model(exported, prefix, expected="bench")
+            fusion.for_inference(exported, export_safe=True)
+            dense.hold_kernels_in(exported, tf.bfloat16)
+            serve16 = tf.saved_model.load(serving.save(task.serving_module(exported),
+                                                       os.path.join(folder, "serving_bf16"))).signatures[
+                                                           "serving_default"]
+            configs += [
+                Timed(f"serving batch {batch_size} bf16", f"SavedModel bf16 kernels batch {batch_size}",
+                      lambda serve=serve16: [serve(sentence=tf.constant(b))["probabilities"].numpy()
+                                             for b in batches], n),
+                Timed("serving batch 1 bf16", "SavedModel bf16 kernels batch 1",
+                      lambda s, serve=serve16: serve(sentence=tf.constant([s]))["probabilities"].numpy(),
+                      len(singles), per_call=singles),
+            ]
+            served16 = np.concatenate([serve16(sentence=tf.constant(b))["probabilities"].numpy() for b in batches])
+            checks.append(f"SavedModel with bf16 kernels vs float32: largest probability difference "
+                          f"{np.max(np.abs(served16 - served)):.2e}")
         if cut:
             ours = results[cut][1]
             checks.append(f"evaluation sentences: the first {n} of SST-2 dev; our evaluate accuracy "
@@ -223,11 +252,20 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
                 # One timing serves these groups (the peer's evaluate and predict are the same loop);
                 # it is timed once per round, in the first group, and reused for the others.
                 configs.append(RemoteTimed(group, f"pytorch inference_mode {label}",
-                                           functools.partial(remote.predict, padding, longest_first), n, remote))
+                                           functools.partial(remote.predict, padding, longest_first), n, remote,
+                                           shared_from=None if group == "evaluate" else "evaluate"))
             if not longest_first:
                 configs.append(RemoteTimed("serving batch 1", f"pytorch inference_mode {label}",
                                            functools.partial(remote.singles, padding, len(singles)), len(singles),
                                            remote))
+        if bf16_serving:  # the peer's usual bf16 serving: the whole model in bf16 (pytorch_peer.Classifier)
+            label = "pytorch bf16 model pad longest"
+            configs += [
+                RemoteTimed(f"serving batch {batch_size} bf16", label,
+                            functools.partial(remote.predict, "longest", False, precision="bfloat16"), n, remote),
+                RemoteTimed("serving batch 1 bf16", label, functools.partial(
+                    remote.singles, "longest", len(singles), precision="bfloat16"), len(singles), remote),
+            ]
         # The values come from the process that is timed.
         theirs = np.asarray(remote.predict("max_length", False, values=True)["probabilities"])
         theirs_longest_first = np.asarray(remote.predict("longest", True, values=True)["probabilities"])
@@ -238,6 +276,10 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
                       f"largest probability difference ours vs peer {np.max(np.abs(ours - theirs)):.2e}")
         checks.append("the peer longest first vs in batches of input order: largest probability difference "
                       f"{np.max(np.abs(theirs_longest_first - theirs)):.2e}")
+        if bf16_serving:
+            theirs16 = np.asarray(remote.predict("longest", False, precision="bfloat16", values=True)["probabilities"])
+            checks.append(f"the peer's bf16 model vs its float32 one: largest probability difference "
+                          f"{np.max(np.abs(theirs16 - theirs)):.2e}")
     return configs, checks, trainer
 
 
@@ -273,8 +315,8 @@ def _load() -> str:
 def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds: int, training: bool = True,
                   fit: bool = True, pytorch: bool = True, torch_compile: bool = True, grad_accum_steps: int = 4,
                   num_examples: int = 256, eval_examples: int = 256, serving_batch_size: int = 32,
-                  latency_calls: int = 32, full_padding_rows: bool = False, last_layer_cls_only: bool = True,
-                  output: str | None = None, command: str = "") -> dict:
+                  latency_calls: int = 32, full_padding_rows: bool = False, bf16_serving: bool = True,
+                  last_layer_cls_only: bool = True, output: str | None = None, command: str = "") -> dict:
     """The whole benchmark; returns {"train", "serving", "lines", "markdown"}."""
     import dataclasses  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
@@ -324,7 +366,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
         serving_configs, checks, eval_trainer = build_serving(
             setup, encoder_init, data_dir, eval_examples=eval_examples, batch_size=serving_batch_size,
             latency_calls=latency_calls, folder=folder, peer_model_fn=peer_model if have_torch else None,
-            full_padding_rows=full_padding_rows)
+            full_padding_rows=full_padding_rows, bf16_serving=bf16_serving)
     runners = []
     for precision in precisions if training else ():
         if fit:
@@ -361,7 +403,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
             print(f"not a contender ({probe[runner][1] / fastest:.1f}x slower): {runner.precision} | {runner.name}")
         else:
             contenders.append(runner)
-    timed_serving = [c for c in serving_configs if c.kind != "torch" or c.group in ("evaluate", "serving batch 1")]
+    timed_serving = [c for c in serving_configs if c.shared_from is None]
     for config in timed_serving:
         start = time.perf_counter()
         config.run()
@@ -387,7 +429,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
                       f"examples/s", flush=True)
             for config in serving_configs:  # the peer's shared timings, copied into the other groups
                 if config not in timed_serving:
-                    twin = next(c for c in timed_serving if c.name == config.name and c.group == "evaluate")
+                    twin = next(c for c in timed_serving if c.name == config.name and c.group == config.shared_from)
                     serving_samples[config].append(serving_samples[twin][-1])
             for name, dtype in (("float32", tf.float32), ("bfloat16", tf.bfloat16)):
                 peaks[name] = tuple(max(a, b) for a, b in zip(peaks[name], engine_vs_fit.matmul_peak_gflops(dtype)))
@@ -509,7 +551,7 @@ def markdown(header, train_rows, serving_rows, checks, lines, targets) -> str:
         out.append(f"| {r['precision']} | {r['config']} | {r['wall']:.2f} | "
                    f"{' / '.join(f'{x:.1f}' for x in r['wall_samples'])} | {r['cpu']:.2f} | {100 * r['mfu']:.1f}% |")
     if serving_rows:
-        out += ["", "| float32 | evaluation / serving configuration | examples/s (median) | per round | "
+        out += ["", "| group | evaluation / serving configuration | examples/s (median) | per round | "
                 "examples/CPU-s | batch-1 latency p50 / p99 |", "| --- | --- | ---: | --- | ---: | ---: |"]
         for r in serving_rows:
             latency = f"{r['p50']:.1f} / {r['p99']:.1f} ms" if "p50" in r else ""
@@ -526,7 +568,8 @@ def main(argv):
                   torch_compile=FLAGS.torch_compile, grad_accum_steps=FLAGS.grad_accum_steps,
                   num_examples=FLAGS.num_examples, eval_examples=FLAGS.eval_examples,
                   serving_batch_size=FLAGS.serving_batch_size, latency_calls=FLAGS.latency_calls,
-                  full_padding_rows=FLAGS.full_padding_rows, last_layer_cls_only=FLAGS.last_layer_cls_only,
+                  full_padding_rows=FLAGS.full_padding_rows, bf16_serving=FLAGS.bf16_serving,
+                  last_layer_cls_only=FLAGS.last_layer_cls_only,
                   output=FLAGS.output,
                   command=" ".join(["python"] + sys.argv))
 

@@ -95,7 +95,10 @@ def test_vs_pytorch_engine_side_prints_its_ratio_lines(tmp_path):
                      "- target | training float32: engine / best peer >= 1.15: ",
                      "- target | gradient accumulation: engine accum 2x4 / engine >= 0.95: ",
                      "| evaluate | Trainer.evaluate |", "| predict | launch.predict path (task.predict) |",
-                     "| serving batch 4 | SavedModel batch 4 |", "| serving batch 1 | SavedModel batch 1 |"):
+                     "| serving batch 4 | SavedModel batch 4 |", "| serving batch 1 | SavedModel batch 1 |",
+                     "| serving batch 4 bf16 | SavedModel bf16 kernels batch 4 |",
+                     "| serving batch 1 bf16 | SavedModel bf16 kernels batch 1 |",
+                     "- SavedModel with bf16 kernels vs float32: largest probability difference "):
         assert expected in text, (expected, text)
     assert "pytorch" not in text.split("- peer:")[1].split("\n", 1)[1]  # no PyTorch rows without the extra
 
@@ -357,6 +360,12 @@ def test_pytorch_classifier_in_a_process_of_its_own_answers_as_the_one_in_proces
             assert reply["wall"] > 0 and reply["cpu"] > 0
             np.testing.assert_allclose(reply["probabilities"], here, atol=1e-6)
         assert len(child.singles("longest", 3)["latencies"]) == 3
+        # bf16 serving: a bf16 copy of the model, the float32 one left as it was.
+        float32 = child.predict("longest", False, values=True)["probabilities"]
+        bf16 = child.predict("longest", False, precision="bfloat16", values=True)["probabilities"]
+        assert 0 < np.abs(np.subtract(bf16, float32)).max() < 0.02
+        np.testing.assert_allclose(child.predict("longest", False, values=True)["probabilities"], float32, atol=0)
+        assert len(child.singles("longest", 2, precision="bfloat16")["latencies"]) == 2
     finally:
         assert child.close() == 0
 
