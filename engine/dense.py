@@ -53,6 +53,8 @@ def call(layer, inputs):
     kernels held in bfloat16 (hold_kernels_in), all of it in that dtype, the output cast back."""
     training = in_training()
     held = getattr(layer, "_held_kernel", None) if not training else None
+    if held is not None:
+        held = tf.constant(held)  # a Const in the traced graph, which oneDNN may keep reordered (hold_kernels_in)
     rows, kernel, output_shape = operands(layer, inputs, held)  # (held: the float32 kernel is not even read)
     rows = rows if held is None else tf.cast(rows, held.dtype)
     activation = getattr(layer, "_fused_activation", None) if not training else None
@@ -71,21 +73,23 @@ def call(layer, inputs):
 def hold_kernels_in(model: tf.Module, dtype) -> int:
     """For a serving export: each plain EinsumDense (BERT's Q/K/V, attention-output and FFN projections) gets a
     copy of its kernel in `dtype` (bfloat16), as the 2-D [fan_in, units] matrix that `call` multiplies in that
-    dtype at inference; returns how many. Call after engine/fusion.py has rebound the layers to `call`.
+    dtype at inference, a constant of the traced graph; returns how many. Call after engine/fusion.py has rebound
+    the layers to `call`; the model is for inference only from then on (training still reads the variables).
 
     Why copies and not a mixed_bfloat16 model: under a mixed policy the float32 variables are cast on every call,
-    which at batch 1 costs more than the bf16 matmuls save (MiniLM on the Zen 4: p50 10.4 vs 9.1-10.0 ms;
-    bench/RESULTS.md, 2026-12-05). Held in bf16, a call reads half the bytes. LayerNorm, softmax, the attention
-    products, the pooler and the head stay in the model's float32. tasks/serving.save writes only the variables
-    the signature reads, so the float32 kernels stay out of the SavedModel."""
+    which at batch 1 costs more than the bf16 matmuls save (MiniLM on the Zen 4: p50 10.4 vs 9.1-10.0 ms). Why
+    graph constants and not bf16 variables: oneDNN reorders a bf16 weight into its blocked layout on every call
+    unless the weight is a constant, which it reorders once and keeps (TensorFlow's `is_filter_const`): MiniLM
+    at batch 1 p50 6.3-7.1 ms against 8.4-9.1 with bf16 variables and 9.5-10.1 in float32 (bench/RESULTS.md,
+    2026-12-05). LayerNorm, softmax, the attention products, the pooler and the head stay in the model's float32.
+    tasks/serving.save writes only the variables the signature reads, so the float32 kernels stay out of the
+    SavedModel."""
     count = 0
     for layer in model.submodules:
         if is_plain(layer):
             if not (isinstance(layer.call, functools.partial) and layer.call.func is call):
                 raise ValueError(f"layer {layer.name}: hold_kernels_in needs engine/fusion.py's dense rewrite first")
-            # A weight of the layer (Keras tracks it), so the serving module's variables include it.
-            layer._held_kernel = tf.Variable(tf.cast(_kernel_matrix(layer), dtype), trainable=False,
-                                             name=f"{layer.name}_kernel_{tf.as_dtype(dtype).name}")
+            layer._held_kernel = tf.cast(_kernel_matrix(layer), dtype).numpy()  # a value, not a variable
             count += 1
     return count
 

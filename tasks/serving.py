@@ -100,5 +100,12 @@ def save(module: ServingModule, export_dir: str) -> str:
     # By handle: under a mixed policy the model's variables are Keras AutoCastVariables around the ones read.
     read = {variable.handle.ref() for variable in signatures[SIGNATURE].variables}
     module.model_variables = [variable for variable in module.model_variables if variable.handle.ref() in read]
-    tf.saved_model.save(module, export_dir, signatures=signatures)
+    # The signature is the export's interface. Saved as an attribute too, `serve` would be traced once more under
+    # the save context and its graph stored twice (with --serving_precision=bfloat16, the kernels' constants).
+    serve = module.serve
+    del module.serve
+    try:
+        tf.saved_model.save(module, export_dir, signatures=signatures)
+    finally:
+        module.serve = serve
     return export_dir
