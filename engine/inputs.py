@@ -84,7 +84,7 @@ def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
     TensorFlow 2.20 runs that optimizer in a thread per iterator that sleeps for a period doubling up to 60 s,
     and deleting the iterator sometimes waits out the rest of the period instead of waking the thread: 11 s for
-    an iterator 30 s old (`/tmp` repro), 0.6-0.7 s in one evaluation of four, and stalls of 30-200 s in the test
+    an iterator 30 s old (`/tmp` repro), 0.6-0.7 s in one evaluation of four, and stalls of 30-360 s in the test
     suite when garbage collection freed earlier trainers' training iterators (gdb: the main thread in
     ~RootDataset::Iterator waiting for the `OptimizeLoop` thread; bench/RESULTS.md, 2026-12-05). Without it,
     `num_parallel_calls=AUTOTUNE` runs one call per core and `prefetch(AUTOTUNE)` grows its buffer by itself
