@@ -192,6 +192,7 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         checkpoints.restore_model(exported, prefix, expected="bench")
         fusion.for_inference(model)  # as launch.predict.restore_model
         fusion.for_inference(exported, export_safe=True)  # as launch.export.export_task
+        dense.hold_kernels_in(exported, tf.float32)
         export_dir = serving.save(task.serving_module(exported), os.path.join(folder, f"serving_{cut}"))
         serve = tf.saved_model.load(export_dir).signatures["serving_default"]
         configs += [

@@ -79,8 +79,8 @@ def _task_values(flag_values: flags.FlagValues) -> dict:
 
 def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str,
                 precision: str = "float32") -> str:
-    """Builds Task `task` from launch `values`, loads `checkpoint` into its model, writes the serving SavedModel
-    (`precision` bfloat16: with the encoder's dense kernels held in bfloat16, --serving_precision)."""
+    """Builds Task `task` from launch `values`, loads `checkpoint` into its model, writes the serving SavedModel,
+    the encoder's dense kernels held as constants in `precision` (float32, or bfloat16: --serving_precision)."""
     from engine import checkpoints, dense, fusion  # noqa: PLC0415 - TensorFlow loads after flag parsing
     from tasks import serving  # noqa: PLC0415
 
@@ -91,9 +91,8 @@ def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str,
     path = checkpoints.restore_model(model, checkpoint, expected=f"--task={task} ({' '.join(shown)})")
     logging.info("export | task: %s | weights: %s", task, path)
     fusion.for_inference(model, export_safe=True)  # fused MatMuls and attention, standard TensorFlow ops only
-    if precision != "float32":
-        held = dense.hold_kernels_in(model, precision)
-        logging.info("export | %d dense kernels held in %s", held, precision)
+    held = dense.hold_kernels_in(model, precision)  # graph constants, which oneDNN keeps in its own layout
+    logging.info("export | %d dense kernels held as %s constants", held, precision)
     serving.save(built.serving_module(model), export_dir)
     return export_dir
 
