@@ -18,11 +18,20 @@ from engine.task import Task
 from engine.trainer import Trainer
 
 
+def graph_nodes(graph_def) -> list:
+    """A GraphDef's nodes, including those inside its conds and nested functions (its function library)."""
+    return list(graph_def.node) + [node for f in graph_def.library.function for node in f.node_def]
+
+
 def graph_op_types(function, *args) -> set:
     """Op types of the traced tf.function, including those inside its conds and nested functions."""
-    graph_def = function.get_concrete_function(*args).graph.as_graph_def()
-    return {node.op for node in graph_def.node} | {
-        node.op for f in graph_def.library.function for node in f.node_def}
+    return {node.op for node in graph_nodes(function.get_concrete_function(*args).graph.as_graph_def())}
+
+
+def bf16_constant_shapes(graph_def) -> list:
+    """Shapes of the bfloat16 constants among graph_nodes(graph_def)."""
+    return [tuple(d.size for d in node.attr["value"].tensor.tensor_shape.dim) for node in graph_nodes(graph_def)
+            if node.op == "Const" and node.attr["dtype"].type == tf.bfloat16.as_datatype_enum]
 
 
 class ToyTask(Task):

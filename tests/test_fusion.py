@@ -18,7 +18,7 @@ import bert_numpy_reference as ref
 from engine import bias, dropout, fusion, host, layer_norm, unpadding
 from engine import dense as dense_ops
 from engine.config import RuntimeConfig
-from engine_helpers import ToyTask, graph_op_types, run_training
+from engine_helpers import ToyTask, bf16_constant_shapes, graph_op_types, run_training
 from tasks.encoders import bert
 
 
@@ -592,14 +592,6 @@ def test_export_safe_graph_has_no_xla_kernel_nor_op_of_ours(monkeypatch):
     assert ours(fused) == ["EngineAddLayerNorm", "EngineLayerNorm"]
 
 
-def _bf16_constant_shapes(concrete) -> list:
-    """Shapes of the bfloat16 constants in a concrete function's graph and the functions it calls (cond branches)."""
-    graph_def = concrete.graph.as_graph_def()
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return [tuple(d.size for d in n.attr["value"].tensor.tensor_shape.dim) for n in nodes
-            if n.op == "Const" and n.attr["dtype"].type == tf.bfloat16.as_datatype_enum]
-
-
 def test_kernels_held_in_bf16_give_the_numpy_reference_as_graph_constants():
     """launch.export --serving_precision=bfloat16: the blocks' dense layers multiply bf16 copies of their kernels at
     inference (within bf16 rounding of the float64 NumPy BERT, and not float32's values), as constants of the graph
@@ -620,13 +612,13 @@ def test_kernels_held_in_bf16_give_the_numpy_reference_as_graph_constants():
     assert 20 * max(float32_diffs) <= max(seq_diff, pooled_diff) <= 0.1, (float32_diffs, seq_diff, pooled_diff)
     dense_layers = [layer for layer in model.submodules if dense_ops.is_plain(layer)]
     kernel_shapes = collections.Counter(layer._held_kernel.shape for layer in dense_layers)
-    constants = collections.Counter(_bf16_constant_shapes(infer))
+    constants = collections.Counter(bf16_constant_shapes(infer.graph.as_graph_def()))
     assert all(constants[shape] >= count for shape, count in kernel_shapes.items()), (kernel_shapes, constants)
     read = {variable.ref() for variable in infer.variables}
     assert not any(layer.kernel.ref() in read for layer in dense_layers)
     trained = tf.function(lambda x: model(x, training=True)).get_concrete_function(inputs)
     read = {variable.ref() for variable in trained.variables}
-    assert all(layer.kernel.ref() in read for layer in dense_layers) and not _bf16_constant_shapes(trained)
+    assert all(layer.kernel.ref() in read for layer in dense_layers) and not bf16_constant_shapes(trained.graph.as_graph_def())
 
 
 def _value_and_grad(layer, x):

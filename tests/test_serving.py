@@ -13,7 +13,7 @@ from absl import app, flags
 
 from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
 from engine import dense as dense_ops
-from engine_helpers import run_training
+from engine_helpers import bf16_constant_shapes, run_training
 from launch import export as export_launcher
 from tasks.ner import conll
 from tasks.squad import data as squad_data
@@ -238,10 +238,7 @@ def _bf16_constant_elements(export_dir) -> int:
     saved = saved_model_pb2.SavedModel()
     with open(os.path.join(export_dir, "saved_model.pb"), "rb") as f:
         saved.ParseFromString(f.read())
-    graph_def = saved.meta_graphs[0].graph_def
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return sum(int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim])) for n in nodes
-               if n.op == "Const" and n.attr["dtype"].type == tf.bfloat16.as_datatype_enum)
+    return sum(int(np.prod(shape)) for shape in bf16_constant_shapes(saved.meta_graphs[0].graph_def))
 
 
 def test_bfloat16_export_answers_within_bf16_rounding_and_holds_the_dense_kernels_in_bf16(
