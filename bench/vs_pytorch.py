@@ -172,6 +172,27 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     singles = sentences[:latency_calls]
     n = len(sentences)
     configs, checks, trainer, results = [], [], None, {}
+
+    def exported_signature(task, prefix, precision, name):
+        """The checkpoint at `prefix` exported and loaded as launch.export.export_task writes it."""
+        exported = task.build_model()
+        checkpoints.restore_model(exported, prefix, expected="bench")
+        fusion.for_inference(exported, export_safe=True)
+        dense.hold_kernels_in(exported, precision)
+        return tf.saved_model.load(serving.save(task.serving_module(exported), os.path.join(folder, name))
+                                   ).signatures["serving_default"]
+
+    def served_batches(serve):
+        return [serve(sentence=tf.constant(b))["probabilities"].numpy() for b in batches]
+
+    def serving_configs(serve, group, name, suffix="", kind=None):
+        """Timed batches of batch_size and batch-1 calls of a SavedModel's signature."""
+        return [Timed(f"serving batch {batch_size}{group}", f"{name} batch {batch_size}{suffix}",
+                      lambda: served_batches(serve), n, kind=kind),
+                Timed(f"serving batch 1{group}", f"{name} batch 1{suffix}",
+                      lambda s: serve(sentence=tf.constant([s]))["probabilities"].numpy(), len(singles),
+                      per_call=singles, kind=kind)]
+
     # Ours as it runs (batches cut to their longest sequence), then, with full_padding_rows, padded to seq_length.
     for cut in (True, False) if full_padding_rows else (True,):
         task = ClassificationTask(config, cut_eval_batches=cut)
@@ -188,43 +209,19 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         prefix = tf.train.Checkpoint(model=run.model).write(os.path.join(folder, f"ckpt_{cut}", "ckpt"))
         model = task.build_model()
         checkpoints.restore_model(model, prefix, expected="bench")
-        exported = task.build_model()
-        checkpoints.restore_model(exported, prefix, expected="bench")
         fusion.for_inference(model)  # as launch.predict.restore_model
-        fusion.for_inference(exported, export_safe=True)  # as launch.export.export_task
-        dense.hold_kernels_in(exported, tf.float32)
-        export_dir = serving.save(task.serving_module(exported), os.path.join(folder, f"serving_{cut}"))
-        serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+        serve = exported_signature(task, prefix, tf.float32, f"serving_{cut}")
         configs += [
             Timed("evaluate", "Trainer.evaluate" + suffix, run.evaluate, n, kind=kind),
             Timed("predict", "launch.predict path (task.predict)" + suffix,
                   lambda task=task, model=model: task.predict(model, sentences, batch_size=batch_size), n, kind=kind),
-            Timed(f"serving batch {batch_size}", f"SavedModel batch {batch_size}" + suffix,
-                  lambda serve=serve: [serve(sentence=tf.constant(b))["probabilities"].numpy() for b in batches], n,
-                  kind=kind),
-            Timed("serving batch 1", "SavedModel batch 1" + suffix,
-                  lambda s, serve=serve: serve(sentence=tf.constant([s]))["probabilities"].numpy(), len(singles),
-                  per_call=singles, kind=kind),
-        ]
-        served = np.concatenate([serve(sentence=tf.constant(b))["probabilities"].numpy() for b in batches])
+        ] + serving_configs(serve, "", "SavedModel", suffix, kind)
+        served = np.concatenate(served_batches(serve))
         results[cut] = (run.evaluate(), task.predict(model, sentences, batch_size=batch_size)[1], served)
         if cut and bf16_serving:  # as launch.export --serving_precision=bfloat16
-            exported = task.build_model()
-            checkpoints.restore_model(exported, prefix, expected="bench")
-            fusion.for_inference(exported, export_safe=True)
-            dense.hold_kernels_in(exported, tf.bfloat16)
-            serve16 = tf.saved_model.load(serving.save(task.serving_module(exported),
-                                                       os.path.join(folder, "serving_bf16"))).signatures[
-                                                           "serving_default"]
-            configs += [
-                Timed(f"serving batch {batch_size} bf16", f"SavedModel bf16 kernels batch {batch_size}",
-                      lambda serve=serve16: [serve(sentence=tf.constant(b))["probabilities"].numpy()
-                                             for b in batches], n),
-                Timed("serving batch 1 bf16", "SavedModel bf16 kernels batch 1",
-                      lambda s, serve=serve16: serve(sentence=tf.constant([s]))["probabilities"].numpy(),
-                      len(singles), per_call=singles),
-            ]
-            served16 = np.concatenate([serve16(sentence=tf.constant(b))["probabilities"].numpy() for b in batches])
+            serve16 = exported_signature(task, prefix, tf.bfloat16, "serving_bf16")
+            configs += serving_configs(serve16, " bf16", "SavedModel bf16 kernels")
+            served16 = np.concatenate(served_batches(serve16))
             checks.append(f"SavedModel with bf16 kernels vs float32: largest probability difference "
                           f"{np.max(np.abs(served16 - served)):.2e}")
         if cut:
