@@ -59,7 +59,9 @@ def call(layer, inputs):
     rows = rows if held is None else tf.cast(rows, held.dtype)
     activation = getattr(layer, "_fused_activation", None) if not training else None
     if layer.bias is not None and activation is None:
-        outputs = biased_product(rows, kernel, tf.cast(layer.bias, rows.dtype), output_shape, training)
+        outputs = biased_product(rows, kernel, tf.cast(layer.bias, rows.dtype), output_shape, training,
+                                 native=training or getattr(layer, "_engine_native_at_inference", True),
+                                 constant_kernel=held is not None)
     else:
         outputs = tf.matmul(rows, kernel)
         if layer.bias is not None:
@@ -97,12 +99,17 @@ def hold_kernels_in(model: tf.Module, dtype) -> int:
     return count
 
 
-def biased_product(rows, kernel, bias, output_shape, training: bool):
+def biased_product(rows, kernel, bias, output_shape, training: bool, *, native: bool = True,
+                   constant_kernel: bool = False):
     """rows @ kernel + bias, reshaped to output_shape (bias: its trailing shape, in rows' dtype): the MatMul +
     BiasAdd that oneDNN fuses, with matmul_bias_add's gradient in training; in bf16 on AMX CPUs the bias apart
-    (bias_apart_from_matmul), added after the Reshape, which keeps grappler from fusing it into the MatMul."""
-    if bias_apart_from_matmul(rows.dtype):
-        return add_bias(tf.reshape(tf.matmul(rows, kernel), output_shape), bias)
+    (bias_apart_from_matmul), added after the Reshape, which keeps grappler from fusing it into the MatMul, by our
+    op (add_bias) unless `native` is False (an export-safe layer: a served graph's machine lacks our ops).
+    A `constant_kernel` (hold_kernels_in) keeps the fused op: oneDNN reorders a constant weight once and then runs
+    the fused inner product with AMX too (ONEDNN_VERBOSE on the AMX Xeon: `brgemm:avx10_1_512_amx`)."""
+    if bias_apart_from_matmul(rows.dtype) and not constant_kernel:
+        product = tf.reshape(tf.matmul(rows, kernel), output_shape)
+        return add_bias(product, bias) if native else product + bias
     flat_bias = tf.reshape(bias, [-1])
     if training:
         return tf.reshape(matmul_bias_add(rows, kernel, flat_bias), output_shape)

@@ -286,6 +286,7 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
     for layer in layers:
         if dense_ops.is_plain(layer):
             layer.call = functools.partial(dense_ops.call, layer)
+            layer._engine_native_at_inference = not export_safe
             counts["dense"] += 1
         elif dense_ops.is_plain_keras(layer) and not export_safe:
             layer.call = functools.partial(dense_ops.keras_call, layer)

@@ -592,6 +592,35 @@ def test_export_safe_graph_has_no_xla_kernel_nor_op_of_ours(monkeypatch):
     assert ours(fused) == ["EngineAddLayerNorm", "EngineLayerNorm"]
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "held bf16 kernels"])
+def test_export_safe_bf16_dense_on_amx_cpus_has_no_op_of_ours(monkeypatch, policy):
+    """On AMX CPUs a bf16 dense adds its bias apart from the MatMul, by our C++ op (engine/bias.py); an export-safe
+    graph must still be standard ops only. It was not: launch.export --serving_precision=bfloat16 on the AMX Xeon
+    wrote EngineBiasAdd into the SavedModel, which then did not load in a process without our library ("Op type
+    not registered 'EngineBiasAdd'"). Held (constant) kernels keep the fused bias; any other export-safe bf16 dense
+    adds it with AddV2. The process's own inference keeps our op. AMX is patched in, so any CPU runs this."""
+    monkeypatch.setattr(host, "cpu_has_amx", lambda: True)
+    if policy == "mixed_bfloat16":
+        tf_keras.mixed_precision.set_global_policy(policy)
+    try:
+        _, inputs, _, safe = _encoder_pair()
+        _, _, _, native = _encoder_pair()
+        fusion.fuse_elementwise(safe, export_safe=True)
+        fusion.fuse_elementwise(native)
+        if policy != "mixed_bfloat16":
+            dense_ops.hold_kernels_in(safe, tf.bfloat16)
+            dense_ops.hold_kernels_in(native, tf.bfloat16)
+        def op_types(model):
+            return graph_op_types(tf.function(lambda x: model(x, training=False)), inputs)
+        assert not [t for t in op_types(safe) if t.startswith("Engine")]
+        if policy == "mixed_bfloat16":  # the bias apart, by our op, where the graph need not be portable
+            assert "EngineBiasAdd" in op_types(native)
+        else:  # held kernels: the fused bias, ours or not
+            assert "EngineBiasAdd" not in op_types(native)
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+
+
 def test_kernels_held_in_bf16_give_the_numpy_reference_as_graph_constants():
     """launch.export --serving_precision=bfloat16: the blocks' dense layers multiply bf16 copies of their kernels at
     inference (within bf16 rounding of the float64 NumPy BERT, and not float32's values), as constants of the graph
