@@ -160,8 +160,8 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     from engine.config import RuntimeConfig, TrainerConfig  # noqa: PLC0415
     from engine.trainer import Trainer  # noqa: PLC0415
     from tasks.encoders import bert  # noqa: PLC0415
-    from engine import checkpoints, dense, fusion  # noqa: PLC0415
-    from tasks import serving  # noqa: PLC0415
+    from engine import checkpoints, fusion  # noqa: PLC0415
+    from launch import export as export_launcher  # noqa: PLC0415
     from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
 
     path, sentences, _ = _write_eval_tsv(data_dir, eval_examples, folder)
@@ -174,13 +174,11 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     configs, checks, trainer, results = [], [], None, {}
 
     def exported_signature(task, prefix, precision, name):
-        """The checkpoint at `prefix` exported and loaded as launch.export.export_task writes it."""
+        """The checkpoint at `prefix` exported by launch.export's own code, and loaded."""
         exported = task.build_model()
         checkpoints.restore_model(exported, prefix, expected="bench")
-        fusion.for_inference(exported, export_safe=True)
-        dense.hold_kernels_in(exported, precision)
-        return tf.saved_model.load(serving.save(task.serving_module(exported), os.path.join(folder, name))
-                                   ).signatures["serving_default"]
+        export_dir = export_launcher.save_serving_model(task, exported, os.path.join(folder, name), precision)
+        return tf.saved_model.load(export_dir).signatures["serving_default"]
 
     def served_batches(serve):
         return [serve(sentence=tf.constant(b))["probabilities"].numpy() for b in batches]

@@ -50,7 +50,8 @@ def _kernel_matrix(layer) -> tf.Tensor:
 def call(layer, inputs):
     """A plain EinsumDense's call (is_plain): the MatMul + BiasAdd (biased_product), or at inference with a GELU
     fused into the MatMul (`_fused_activation`, set by engine/fusion.py); at inference in a serving export with
-    kernels held in bfloat16 (hold_kernels_in), all of it in that dtype, the output cast back."""
+    held kernels (hold_kernels_in: graph constants in float32 or bfloat16), all of it in their dtype, the output
+    cast back."""
     training = in_training()
     held = getattr(layer, "_held_kernel", None) if not training else None
     if held is not None:

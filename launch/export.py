@@ -81,8 +81,7 @@ def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str,
                 precision: str = "float32") -> str:
     """Builds Task `task` from launch `values`, loads `checkpoint` into its model, writes the serving SavedModel,
     the encoder's dense kernels held as constants in `precision` (float32, or bfloat16: --serving_precision)."""
-    from engine import checkpoints, dense, fusion  # noqa: PLC0415 - TensorFlow loads after flag parsing
-    from tasks import serving  # noqa: PLC0415
+    from engine import checkpoints  # noqa: PLC0415 - TensorFlow loads after flag parsing
 
     checkpoints.resolve_checkpoint(checkpoint)  # a missing checkpoint fails before any model is built
     built, _ = registry.build_task(task, values)
@@ -90,11 +89,20 @@ def export_task(*, task: str, values: dict, checkpoint: str, export_dir: str,
     shown = [f"--{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in sorted(values.items()) if v is not None]
     path = checkpoints.restore_model(model, checkpoint, expected=f"--task={task} ({' '.join(shown)})")
     logging.info("export | task: %s | weights: %s", task, path)
+    return save_serving_model(built, model, export_dir, precision)
+
+
+def save_serving_model(task, model, export_dir: str, precision: str = "float32") -> str:
+    """Writes `task`'s serving SavedModel of `model` (restored, not yet rewritten) as --task exports it: the
+    export-safe rewrites, the encoder's dense kernels held as constants in `precision`. bench/vs_pytorch.py times
+    what this writes."""
+    from engine import dense, fusion  # noqa: PLC0415 - TensorFlow loads after flag parsing
+    from tasks import serving  # noqa: PLC0415
+
     fusion.for_inference(model, export_safe=True)  # fused MatMuls and attention, standard TensorFlow ops only
     held = dense.hold_kernels_in(model, precision)  # graph constants, which oneDNN keeps in its own layout
     logging.info("export | %d dense kernels held as %s constants", held, precision)
-    serving.save(built.serving_module(model), export_dir)
-    return export_dir
+    return serving.save(task.serving_module(model), export_dir)
 
 
 def run(flag_values: flags.FlagValues) -> dict[str, str]:

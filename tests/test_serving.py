@@ -242,9 +242,9 @@ def _saved_graph(export_dir):
     return saved.meta_graphs[0].graph_def
 
 
-def _bf16_constant_elements(export_dir) -> int:
-    """Elements of the bfloat16 constants in a SavedModel's graph."""
-    return sum(int(np.prod(shape)) for shape in bf16_constant_shapes(_saved_graph(export_dir)))
+def _bf16_constant_elements(graph_def) -> int:
+    """Elements of the bfloat16 constants in a (SavedModel's) graph."""
+    return sum(int(np.prod(shape)) for shape in bf16_constant_shapes(graph_def))
 
 
 def test_bfloat16_export_answers_within_bf16_rounding_and_holds_the_dense_kernels_in_bf16(
@@ -270,10 +270,11 @@ def test_bfloat16_export_answers_within_bf16_rounding_and_holds_the_dense_kernel
     assert float32["float32"] <= sum(int(np.prod(v.shape)) for v in model.variables) - kernels
     # Once per traced call of a layer: twice where the padding cond traces both branches (not in the last layer,
     # which computes [CLS] only), plus bf16 scalars such as GELU's.
-    assert kernels <= _bf16_constant_elements(paths["bfloat16"]) <= 2 * kernels + 64
-    assert _bf16_constant_elements(paths["float32"]) == 0
-    for path in paths.values():
-        assert not [node.op for node in graph_nodes(_saved_graph(path)) if node.op.startswith("Engine")]
+    graphs = {precision: _saved_graph(path) for precision, path in paths.items()}
+    assert kernels <= _bf16_constant_elements(graphs["bfloat16"]) <= 2 * kernels + 64
+    assert _bf16_constant_elements(graphs["float32"]) == 0
+    for graph_def in graphs.values():
+        assert not [node.op for node in graph_nodes(graph_def) if node.op.startswith("Engine")]
     with pytest.raises(app.UsageError, match="--serving_precision is for --task exports"):
         flag_values = flags.FlagValues()
         export_launcher.define_flags(flag_values)
