@@ -36,6 +36,7 @@ _CJK = "|".join(f"[\\x{{{lo}}}-\\x{{{hi}}}]" for lo, hi in (
     ("2B820", "2CEAF"), ("F900", "FAFF"), ("2F800", "2FA1F")))
 _SPLIT = f"{_WHITESPACE}|{_PUNCTUATION}|{_CJK}"
 _KEEP = f"{_PUNCTUATION}|{_CJK}"
+_UNK = "[UNK]"
 
 
 def read_vocab(vocab_file: str) -> list[str]:
@@ -67,14 +68,14 @@ class WordPieceTokenizer:
         self.lower_case = lower_case
         self.seq_length = seq_length
         index = {token: i for i, token in enumerate(self.vocab)}
-        missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in index]
+        missing = [t for t in ("[PAD]", _UNK, "[CLS]", "[SEP]") if t not in index]
         if missing:
             raise ValueError(f"{vocab_file}: special tokens {missing} are missing; is this a BERT vocab.txt?")
-        self.pad_id, self.unk_id = index["[PAD]"], index["[UNK]"]
+        self.pad_id, self.unk_id = index["[PAD]"], index[_UNK]
         self.cls_id, self.sep_id = index["[CLS]"], index["[SEP]"]
         # Up to 4 UTF-8 bytes per character; the character limit itself is applied in `_words_to_pieces`.
         self._wordpiece = tf_text.WordpieceTokenizer(
-            _vocab_table(vocab_file, self.vocab), token_out_type=tf.int32, unknown_token="[UNK]",
+            _vocab_table(vocab_file, self.vocab), token_out_type=tf.int32, unknown_token=_UNK,
             max_bytes_per_word=4 * MAX_CHARS_PER_WORD)
 
     @property
@@ -99,14 +100,24 @@ class WordPieceTokenizer:
 
     def tokenize(self, texts: tf.Tensor) -> tf.RaggedTensor:
         """[batch] strings -> [batch, (wordpieces)] int32 ids."""
-        return self.tokenize_with_offsets(texts)[0].merge_dims(-2, -1)
+        words = self._words(texts)[0]
+        # A word of more than MAX_CHARS_PER_WORD characters is looked up as the text "[UNK]", which WordPiece
+        # matches whole: one [UNK], as tokenize_with_offsets gives. Half the ops of patching its ragged ids after
+        # the lookup (a batch-1 serving call's tokenization 0.7 instead of 1.4 ms; bench/RESULTS.md).
+        too_long = tf.strings.length(words.flat_values, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
+        words = words.with_flat_values(tf.where(too_long, _UNK, words.flat_values))
+        return self._wordpiece.tokenize(words).merge_dims(-2, -1)
+
+    def _words(self, texts: tf.Tensor):
+        """[batch] strings -> normalized words [batch, (words)] and their byte offsets, as BasicTokenizer splits."""
+        return tf_text.regex_split_with_offsets(self.normalize(texts), _SPLIT, _KEEP)
 
     def tokenize_with_offsets(self, texts: tf.Tensor):
         """[batch] strings -> (ids, begin, end) ragged [batch, (words), (wordpieces)].
 
         Offsets are byte offsets into `normalize(texts)` (as with tf_text.BertTokenizer): with
         lower_case=False and no control characters that is the input text itself."""
-        words, word_begin, _ = tf_text.regex_split_with_offsets(self.normalize(texts), _SPLIT, _KEEP)
+        words, word_begin, _ = self._words(texts)
         ids, begin, end = self._wordpiece.tokenize_with_offsets(words)
         # Words of more than MAX_CHARS_PER_WORD characters are one [UNK] spanning the word.
         too_long = tf.strings.length(words.flat_values, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
