@@ -73,7 +73,8 @@ class WordPieceTokenizer:
             raise ValueError(f"{vocab_file}: special tokens {missing} are missing; is this a BERT vocab.txt?")
         self.pad_id, self.unk_id = index["[PAD]"], index[_UNK]
         self.cls_id, self.sep_id = index["[CLS]"], index["[SEP]"]
-        # Up to 4 UTF-8 bytes per character; the character limit itself is applied in `_words_to_pieces`.
+        # Up to 4 UTF-8 bytes per character; the character limit itself is applied in `tokenize` and
+        # `tokenize_with_offsets`.
         self._wordpiece = tf_text.WordpieceTokenizer(
             _vocab_table(vocab_file, self.vocab), token_out_type=tf.int32, unknown_token=_UNK,
             max_bytes_per_word=4 * MAX_CHARS_PER_WORD)
