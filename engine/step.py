@@ -73,7 +73,7 @@ class TrainStep:
                                   and getattr(optimizer, "accepts_sparse_gradients", False))
         # Only the pure computation (forward, backward, accumulation) is XLA-compiled: all-reduce and
         # the optimizer's merge_call cannot live inside an XLA cluster under tf.distribute.
-        self._accumulate = tf.function(self._accumulate_gradients, jit_compile=jit_compile)
+        self._accumulate = tf.function(self._accumulate_gradients, jit_compile=jit_compile, autograph=False)
 
     def _micro_step(self, features, labels, global_weight, key):
         variables = self._model.trainable_variables
@@ -185,6 +185,11 @@ def make_train_loop(strategy: tf.distribute.Strategy, step: TrainStep, *, stop_o
     that were fp16 loss-scale overflows. With `stop_on_nonfinite` the loop ends at the first other non-finite
     update, so the host can stop and name the step.
     """
+    # AutoGraph converts the loop below (`for` over tf.range, `break`), not the step: the model, the Task and the
+    # engine write their control flow as tf.cond/tf.while_loop, and converting their Python source cost seconds
+    # per trace (bench/RESULTS.md, twenty-seventh session).
+    replica_step = tf.autograph.experimental.do_not_convert(lambda features, labels: step(features, labels))
+
     @tf.function
     def train_loop(iterator, num_steps):
         loss_sum = tf.constant(0.0)
@@ -194,7 +199,7 @@ def make_train_loop(strategy: tf.distribute.Strategy, step: TrainStep, *, stop_o
         steps_done = tf.constant(0, tf.int64)
         for _ in tf.range(num_steps):
             features, labels = next(iterator)
-            loss, norm, applied, overflow = strategy.run(step, args=(features, labels))
+            loss, norm, applied, overflow = strategy.run(replica_step, args=(features, labels))
             # Values are identical on every replica after the all-reduce: take the first.
             loss = strategy.experimental_local_results(loss)[0]
             grad_norm = strategy.experimental_local_results(norm)[0]
@@ -215,7 +220,7 @@ def make_eval_step(strategy: tf.distribute.Strategy, task: Task, model: tf_keras
                    jit_compile: bool) -> Callable:
     """A tf.function evaluating one padded global batch; returns its `eval_outputs` plus loss sums, gathered."""
     forward = tf.function(lambda features: model(features, training=False), jit_compile=jit_compile,
-                          reduce_retracing=not jit_compile)
+                          reduce_retracing=not jit_compile, autograph=False)
 
     def replica_step(features, labels, mask):
         outputs = forward(features)
@@ -226,7 +231,7 @@ def make_eval_step(strategy: tf.distribute.Strategy, task: Task, model: tf_keras
         return dict(extra, _loss_sum=tf.reshape(tf.reduce_sum(per_example * weights), [1]),
                     _weight_sum=tf.reshape(tf.reduce_sum(weights), [1]), _mask=mask)
 
-    @tf.function(reduce_retracing=not jit_compile)
+    @tf.function(reduce_retracing=not jit_compile, autograph=False)
     def eval_step(batch):
         features, labels, mask = batch
         outputs = strategy.run(replica_step, args=(features, labels, mask))

@@ -50,7 +50,7 @@ class Task:
         if self._traced_model_call is None or self._traced_model_call[0] is not model:
             spec = {k: tf.TensorSpec([None] * np.ndim(v), tf.int32) for k, v in features.items()}
             self._traced_model_call = (model, tf.function(lambda batch: model(batch, training=False),
-                                                          input_signature=[spec]))
+                                                          input_signature=[spec], autograph=False))
         return self._traced_model_call[1]
 
     def build_model(self) -> tf_keras.Model:

@@ -28,7 +28,7 @@ class ClassificationServing(serving.ServingModule):
             return {"label": tf.gather(names, label_id), "label_id": label_id, "probabilities": probabilities}
 
         if len(config.text_columns) == 1:
-            self.serve = tf.function(lambda sentence: outputs(sentence), input_signature=[text])
+            self.serve = tf.function(lambda sentence: outputs(sentence), input_signature=[text], autograph=False)
         else:
             self.serve = tf.function(lambda sentence, sentence_b: outputs(sentence, sentence_b),
-                                     input_signature=[text, text])
+                                     input_signature=[text, text], autograph=False)

@@ -314,7 +314,7 @@ class ClassificationTask(Task):
         if self._predict_encode is None or self._predict_encode[0] != num_texts:
             tokenizer = self.tokenizer  # its vocab table: created eagerly, not inside the trace
             encode = tf.function(lambda *texts: tokenizer.encode(*texts, pad_to_multiple=self.predict_pad_to_multiple),
-                                 input_signature=[tf.TensorSpec([None], tf.string)] * num_texts)
+                                 input_signature=[tf.TensorSpec([None], tf.string)] * num_texts, autograph=False)
             self._predict_encode = (num_texts, encode)
         return self._predict_encode[1]
 

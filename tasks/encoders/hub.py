@@ -136,11 +136,11 @@ class _Preprocessor(tf.Module):
         self.do_lower_case = tf.Variable(lower_case, trainable=False)
         texts = tf.TensorSpec([None], tf.string)
 
-        @tf.function(input_signature=[texts])
+        @tf.function(input_signature=[texts], autograph=False)
         def tokenize(text):
             return tokenizer.tokenize_with_offsets(text)[0]  # [batch, (words), (wordpieces)] as on TF Hub
 
-        @tf.function(input_signature=[texts])
+        @tf.function(input_signature=[texts], autograph=False)
         def preprocess(text):
             return dict(tokenizer.encode(text))
 
