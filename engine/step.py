@@ -100,12 +100,15 @@ class TrainStep:
 
         if self._grad_accum_steps == 1:
             return self._micro_step(*micro_batch(0), global_weight, dropout.fold_in(key, 0))
-        loss = tf.constant(0.0)
-        grads = [tf.zeros_like(v) for v in self._model.trainable_variables]
-        for i in tf.range(self._grad_accum_steps):
+
+        def add_micro_batch(i, loss, grads):
             micro_loss, micro_grads = self._micro_step(*micro_batch(i), global_weight, dropout.fold_in(key, i))
-            loss += micro_loss
-            grads = [a + g for a, g in zip(grads, micro_grads)]
+            return i + 1, loss + micro_loss, [a + g for a, g in zip(grads, micro_grads)]
+
+        # A tf.while_loop written out: this function is traced without AutoGraph (make_train_loop).
+        _, loss, grads = tf.while_loop(
+            lambda i, loss, grads: i < self._grad_accum_steps, add_micro_batch,
+            (tf.constant(0), tf.constant(0.0), [tf.zeros_like(v) for v in self._model.trainable_variables]))
         return loss, grads
 
     def __call__(self, features, labels):
