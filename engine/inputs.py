@@ -161,9 +161,7 @@ def batches(dataset: tf.data.Dataset, *, training: bool, batch_size: int, window
     dataset = shard_shuffle_batch(dataset, training=training, batch_size=batch_size * max(window, 1),
                                   input_context=input_context, shuffle_buffer=shuffle_buffer, seed=seed)
     if decode is not None:
-        # Not converted by AutoGraph: tokenizers and parsers use TensorFlow ops only (converting them took seconds).
-        dataset = dataset.map(tf.autograph.experimental.do_not_convert(decode), num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=True)
+        dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if window:
         dataset = group_by_length(dataset, batch_size=batch_size, window_batches=window, length_key=length_key,
                                   multiple=multiple, seed=seed)

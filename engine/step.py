@@ -73,7 +73,8 @@ class TrainStep:
                                   and getattr(optimizer, "accepts_sparse_gradients", False))
         # Only the pure computation (forward, backward, accumulation) is XLA-compiled: all-reduce and
         # the optimizer's merge_call cannot live inside an XLA cluster under tf.distribute.
-        self._accumulate = tf.function(self._accumulate_gradients, jit_compile=jit_compile, autograph=False)
+        self._accumulate = tf.function(self._accumulate_gradients, jit_compile=jit_compile,
+                                       autograph=task.autograph)
 
     def _micro_step(self, features, labels, global_weight, key):
         variables = self._model.trainable_variables
@@ -90,6 +91,11 @@ class TrainStep:
                  else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
         return loss, grads
 
+    @property
+    def autograph(self) -> bool:
+        """Whether this step is traced with AutoGraph (its Task's choice, Task.autograph)."""
+        return self._task.autograph
+
     def _keeps_rows(self) -> bool:
         return self._sparse_gradients and tf.__internal__.distribute.strategy_supports_no_merge_call()
 
@@ -105,7 +111,7 @@ class TrainStep:
             micro_loss, micro_grads = self._micro_step(*micro_batch(i), global_weight, dropout.fold_in(key, i))
             return i + 1, loss + micro_loss, [a + g for a, g in zip(grads, micro_grads)]
 
-        # A tf.while_loop written out: this function is traced without AutoGraph (make_train_loop).
+        # A tf.while_loop written out: this function may be traced without AutoGraph (Task.autograph).
         _, loss, grads = tf.while_loop(
             lambda i, loss, grads: i < self._grad_accum_steps, add_micro_batch,
             (tf.constant(0), tf.constant(0.0), [tf.zeros_like(v) for v in self._model.trainable_variables]))
@@ -188,10 +194,10 @@ def make_train_loop(strategy: tf.distribute.Strategy, step: TrainStep, *, stop_o
     that were fp16 loss-scale overflows. With `stop_on_nonfinite` the loop ends at the first other non-finite
     update, so the host can stop and name the step.
     """
-    # AutoGraph converts the loop below (`for` over tf.range, `break`), not the step: the model, the Task and the
-    # engine write their control flow as tf.cond/tf.while_loop, and converting their Python source cost seconds
-    # per trace (bench/RESULTS.md, twenty-seventh session).
-    replica_step = tf.autograph.experimental.do_not_convert(lambda features, labels: step(features, labels))
+    # AutoGraph converts the loop below (`for` over tf.range, `break`); the step only if its Task asks for it
+    # (Task.autograph: the built-in Tasks need none, and converting their code cost seconds per trace).
+    replica_step = step if step.autograph else tf.autograph.experimental.do_not_convert(
+        lambda features, labels: step(features, labels))
 
     @tf.function
     def train_loop(iterator, num_steps):
@@ -223,7 +229,7 @@ def make_eval_step(strategy: tf.distribute.Strategy, task: Task, model: tf_keras
                    jit_compile: bool) -> Callable:
     """A tf.function evaluating one padded global batch; returns its `eval_outputs` plus loss sums, gathered."""
     forward = tf.function(lambda features: model(features, training=False), jit_compile=jit_compile,
-                          reduce_retracing=not jit_compile, autograph=False)
+                          reduce_retracing=not jit_compile, autograph=task.autograph)
 
     def replica_step(features, labels, mask):
         outputs = forward(features)
@@ -234,7 +240,7 @@ def make_eval_step(strategy: tf.distribute.Strategy, task: Task, model: tf_keras
         return dict(extra, _loss_sum=tf.reshape(tf.reduce_sum(per_example * weights), [1]),
                     _weight_sum=tf.reshape(tf.reduce_sum(weights), [1]), _mask=mask)
 
-    @tf.function(reduce_retracing=not jit_compile, autograph=False)
+    @tf.function(reduce_retracing=not jit_compile, autograph=task.autograph)
     def eval_step(batch):
         features, labels, mask = batch
         outputs = strategy.run(replica_step, args=(features, labels, mask))

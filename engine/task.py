@@ -31,8 +31,17 @@ class Task:
     # each batch to its longest sequence. None: yes, unless its model was built under a TPU strategy, whose XLA
     # programs want one static shape; such a Task records that in build_model (`note_build_device`).
     cut_eval_batches: Optional[bool] = None
+    # Whether the engine traces this Task's model and per-step code with AutoGraph, which turns Python `if`/`for`
+    # on tensors into tf.cond/tf.while_loop. The built-in Tasks write their control flow as TensorFlow ops and
+    # set False: converting their Python source (model, tokenizer, Model Garden's layers) took seconds of every
+    # trace, at start-up, export and predict (bench/RESULTS.md, 2026-12-06).
+    autograph: bool = True
     _built_for_tpu: bool = False
     _traced_model_call: Optional[tuple] = None  # (model, its traced call): see traced_model_call
+
+    def unconverted(self, fn):
+        """`fn` for tf.data's `map` or a tf.function: not converted by AutoGraph unless this Task asks for it."""
+        return fn if self.autograph else tf.autograph.experimental.do_not_convert(fn)
 
     @property
     def cuts_batches(self) -> bool:
@@ -50,7 +59,7 @@ class Task:
         if self._traced_model_call is None or self._traced_model_call[0] is not model:
             spec = {k: tf.TensorSpec([None] * np.ndim(v), tf.int32) for k, v in features.items()}
             self._traced_model_call = (model, tf.function(lambda batch: model(batch, training=False),
-                                                          input_signature=[spec], autograph=False))
+                                                          input_signature=[spec], autograph=self.autograph))
         return self._traced_model_call[1]
 
     def build_model(self) -> tf_keras.Model:

@@ -325,3 +325,41 @@ def test_input_pipelines_run_without_tf_data_autotuning(monkeypatch):
 
 def test_one_device_strategy_equals_default(plain_run):
     assert_same(plain_run, one_update_weights(ToyTask, global_batch_size=32, strategy="one_device", train_steps=2))
+
+
+class _SignGate(tf_keras.layers.Layer):
+    """Python control flow on a tensor: traceable only with AutoGraph (which turns the `if` into a tf.cond)."""
+
+    def call(self, inputs):
+        if tf.reduce_sum(inputs) > 0:
+            return inputs
+        return -inputs
+
+
+class _AutoGraphToyTask(ToyTask):
+    autograph = True
+
+    def build_model(self):
+        inputs = tf_keras.Input([self.x.shape[1]], name="x")
+        logits = tf_keras.layers.Dense(self.classes, dtype="float32")(_SignGate()(inputs))
+        return tf_keras.Model(inputs, logits)
+
+
+@pytest.mark.parametrize("autograph", [True, False])
+def test_task_autograph_decides_whether_its_step_and_evaluation_are_converted(autograph):
+    """A custom Task (Task.autograph defaults to True) may write Python `if`s on tensors: its training step,
+    accumulation and evaluation are traced with AutoGraph. The built-in Tasks set it False to skip the conversion;
+    then the same model cannot be traced, which shows the flag is what the engine follows."""
+    from tasks.classification.task import ClassificationTask  # noqa: PLC0415
+    from tasks.ner.task import TaggingTask  # noqa: PLC0415
+    from tasks.squad.task import SquadTask  # noqa: PLC0415
+    assert not any(task.autograph for task in (ClassificationTask, TaggingTask, SquadTask))
+
+    task = type("Task", (_AutoGraphToyTask,), {"autograph": autograph})
+    if not autograph:
+        with pytest.raises(tf.errors.OperatorNotAllowedInGraphError):
+            run_training(task, global_batch_size=16, train_steps=2, grad_accum_steps=2)
+        return
+    trainer = run_training(task, global_batch_size=16, train_steps=2, grad_accum_steps=2, eval_split="validation")
+    assert np.isfinite(trainer.train_history[-1]["loss"])
+    assert np.isfinite(trainer.evaluate("validation")["loss"])

@@ -28,7 +28,8 @@ class ClassificationServing(serving.ServingModule):
             return {"label": tf.gather(names, label_id), "label_id": label_id, "probabilities": probabilities}
 
         if len(config.text_columns) == 1:
-            self.serve = tf.function(lambda sentence: outputs(sentence), input_signature=[text], autograph=False)
+            self.serve = tf.function(lambda sentence: outputs(sentence), input_signature=[text],
+                                     autograph=task.autograph)
         else:
             self.serve = tf.function(lambda sentence, sentence_b: outputs(sentence, sentence_b),
-                                     input_signature=[text, text], autograph=False)
+                                     input_signature=[text, text], autograph=task.autograph)

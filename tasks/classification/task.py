@@ -123,6 +123,7 @@ PREDICT_WINDOW_BATCHES = 64
 
 class ClassificationTask(Task):
     name = "classification"
+    autograph = False  # control flow as TensorFlow ops only (Task.autograph)
 
     def __init__(self, config: ClassificationConfig, *, cut_eval_batches: Optional[bool] = None):
         """cut_eval_batches: evaluation, `predict` and serving batches are cut to their longest sequence (rounded
@@ -229,7 +230,7 @@ class ClassificationTask(Task):
         dataset = inputs.batches(
             dataset, training=True, batch_size=batch_size, window_batches=self.config.group_by_length,
             input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed,
-            decode=encode, multiple=BUCKET_MULTIPLE)
+            decode=self.unconverted(encode), multiple=BUCKET_MULTIPLE)
         return inputs.prefetched(dataset)
 
     # ------------------------------------------------------------------------------------ loss
@@ -314,7 +315,8 @@ class ClassificationTask(Task):
         if self._predict_encode is None or self._predict_encode[0] != num_texts:
             tokenizer = self.tokenizer  # its vocab table: created eagerly, not inside the trace
             encode = tf.function(lambda *texts: tokenizer.encode(*texts, pad_to_multiple=self.predict_pad_to_multiple),
-                                 input_signature=[tf.TensorSpec([None], tf.string)] * num_texts, autograph=False)
+                                 input_signature=[tf.TensorSpec([None], tf.string)] * num_texts,
+                                 autograph=self.autograph)
             self._predict_encode = (num_texts, encode)
         return self._predict_encode[1]
 

@@ -95,7 +95,8 @@ class TaggingServing(serving.ServingModule):
         self._max_words = config.words_per_window
         self._rules = decoding.chunk_rules(config.labels)
         self._types = tf.constant(self._rules.types)
-        self.serve = tf.function(self._entities, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+        self.serve = tf.function(self._entities, input_signature=[tf.TensorSpec([None], tf.string)],
+                                 autograph=task.autograph)
 
     def _entities(self, text: tf.Tensor) -> dict:
         cfg, tok = self._config, self._tokenizer

@@ -116,6 +116,7 @@ class TaggingTask(Task):
     """NER on CoNLL-2003 (or any IOB2 CoNLL file with the same columns)."""
 
     name = "conll_ner"
+    autograph = False  # control flow as TensorFlow ops only (Task.autograph)
 
     def __init__(self, config: TaggingConfig = TaggingConfig(), *, cut_eval_batches: Optional[bool] = None):
         """cut_eval_batches: evaluation batches are sorted longest first and cut to their longest window

@@ -31,7 +31,7 @@ class SquadServing(serving.ServingModule):
                              f"{settings.max_query_length}-token question (max_query_length)")
         self._tokenizer, self._normalizer, self._config = tokenizer, normalizer, config
         text = tf.TensorSpec([None], tf.string)
-        self.serve = tf.function(self._answer, input_signature=[text, text], autograph=False)
+        self.serve = tf.function(self._answer, input_signature=[text, text], autograph=task.autograph)
 
     def _tokenize(self, texts: tf.Tensor):
         """(ids [n, (pieces)], char_start, char_end in the original text, char -> byte offsets [n, (chars + 1)])."""

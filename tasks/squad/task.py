@@ -97,7 +97,9 @@ def decode_predictions(start_logits: np.ndarray, end_logits: np.ndarray, feature
 
 class SquadTask(Task):
     """Extractive QA: start/end logits over `[CLS] question [SEP] context [SEP]` windows."""
+
     name = "squad"
+    autograph = False  # control flow as TensorFlow ops only (Task.autograph)
 
     def __init__(self, config: SquadConfig = SquadConfig(), *, cut_eval_batches: Optional[bool] = None):
         """cut_eval_batches: see engine.task.Task (None: cut unless the model was built for a TPU)."""
@@ -163,7 +165,7 @@ class SquadTask(Task):
         dataset = inputs.batches(
             dataset, training=training, batch_size=batch_size, window_batches=self.config.group_by_length,
             input_context=input_context, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed,
-            decode=squad_cache.parse_batch_fn(self.config.max_seq_length))
+            decode=self.unconverted(squad_cache.parse_batch_fn(self.config.max_seq_length)))
         return inputs.prefetched(dataset)
 
     def eval_windows(self, split: str) -> tuple[dict, dict]:
