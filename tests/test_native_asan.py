@@ -48,6 +48,10 @@ def test_kernel_tests_pass_with_our_ops_built_under_address_sanitizer(monkeypatc
         "LD_PRELOAD": f"{asan} {libstdcxx}",
         "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
     })
+    # The instrumented builds first, side by side (engine.native's main), not one by one as the tests load them.
+    build = subprocess.run([sys.executable, "-m", "engine.native"], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert build.returncode == 0, build.stdout + build.stderr[-4000:]
     # -s: ASan writes its report to fd 2 and exits at once, which would lose it inside pytest's capture.
     command = [sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS]
     result = run_once_more_after_a_crash(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
