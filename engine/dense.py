@@ -96,8 +96,47 @@ def hold_kernels_in(model: tf.Module, dtype) -> int:
             if not (isinstance(layer.call, functools.partial) and layer.call.func is call):
                 raise ValueError(f"layer {layer.name}: hold_kernels_in needs engine/fusion.py's dense rewrite first")
             layer._held_kernel = tf.cast(_kernel_matrix(layer), dtype).numpy()  # a value, not a variable
+            # (held_ffn_in_halves takes the bias as a value too: it adds halves and shares of it)
+            layer._held_bias = None if layer.bias is None else tf.reshape(layer.bias, [-1]).numpy()
             count += 1
     return count
+
+
+# held_ffn_in_halves: TensorFlow's oneDNN MatMul runs on one thread when its operands fit in the L2 cache
+# (`ExecuteSingleThreadedGemm` in tensorflow/core/kernels/mkl: 4 bytes x (m n + k (m + n)) below L2's size). With
+# 2 MiB of L2 per core that is every MiniLM 384 x 384 projection below ~500 token rows, so one sentence's forward
+# kept one core busy (one intra-op thread: the same batch-1 latency as two), while the FFN's [384, 1536] products
+# ran on two threads at ~0.3 ms each for 26 rows. Halves of the FFN are one-thread ops that TensorFlow's executor
+# runs side by side. Halves of the attention heads too were slower (their small score and context matmuls and
+# softmaxes, ~40 us each, doubled); bench/RESULTS.md, 2026-12-06.
+def held_ffn_in_halves(intermediate, output, inputs):
+    """At inference with float32 held kernels (a serving export): output(gelu(intermediate(inputs))) as two
+    independent halves of the inner width, `gelu(x W1[:, h] + b1[h]) W2[h, :] + b2 / 2`, summed: the same sum as
+    one product's, grouped otherwise. None where that does not apply (bfloat16 held kernels would round each half
+    to bfloat16 before the sum)."""
+    held = [(getattr(layer, "_held_kernel", None), getattr(layer, "_held_bias", None))
+            for layer in (intermediate, output)]
+    activation = getattr(intermediate, "_fused_activation", None)
+    if (activation is None or any(kernel is None or bias is None or kernel.dtype != np.float32
+                                  for kernel, bias in held) or held[0][0].shape[1] % 2):
+        return None
+    (kernel, bias), (output_kernel, output_bias) = held
+    rows = tf.reshape(tf.cast(inputs, tf.float32), [-1, kernel.shape[0]])
+    width = kernel.shape[1] // 2
+    halves = []
+    for inner in (slice(0, width), slice(width, None)):
+        hidden = activation(_constant_product(rows, kernel[:, inner], bias[inner]))  # MatMul + BiasAdd + GELU
+        halves.append(_constant_product(hidden, output_kernel[inner], output_bias / 2))
+    # A stack's sum, not an Add: grappler fuses an Add of a product into that product's MatMul, which then waits
+    # for the other half instead of running beside it.
+    summed = tf.reduce_sum(tf.stack(halves), 0)
+    return tf.cast(tf.reshape(summed, tf.concat([tf.shape(inputs)[:-1], output_kernel.shape[1:]], 0)), inputs.dtype)
+
+
+def _constant_product(rows, kernel, bias):
+    # With a bias, which grappler fuses with the MatMul into oneDNN's inner product that keeps a constant weight
+    # reordered; a MatMul alone runs as an sgemm that packs its weight on every call.
+    return tf.nn.bias_add(tf.matmul(rows, tf.constant(kernel)), tf.constant(bias))
 
 
 def biased_product(rows, kernel, bias, output_shape, training: bool, *, native: bool = True,

@@ -162,7 +162,7 @@ def _native_at_inference(layer) -> bool:
 
 # _block_call removes padding at inference when it is more than this fraction of a batch's positions.
 # Moving rows cost ~6 % of a block (measured with ScatterNd, before unpadding.spread_rows) on sorted SST-2
-# batches of 32 (little padding) and at batch 1 (none), where the stock block runs instead; in input order
+# batches of 32 (little padding) and at batch 1 (none), where the padded layout is kept instead; in input order
 # (~45 % padding) MiniLM's forward ran 1.36x. The tf.cond itself costs ~0.35 ms per batch-1 forward (0.96x;
 # bench/RESULTS.md).
 _UNPAD_ABOVE = 0.15
@@ -170,19 +170,19 @@ _UNPAD_ABOVE = 0.15
 
 def _block_call(block, on_tokens_in_training, inputs, output_range=None):
     # A TransformerEncoderBlock sublayer by sublayer (unpadding.block_sublayers), so that its FFN can run as one
-    # C++ op in training (_ffn_inner); and its projections, FFN and LayerNorms on the real tokens only at inference,
+    # C++ op in training (_ffn); and its projections, FFN and LayerNorms on the real tokens only at inference,
     # and in training when `on_tokens_in_training`: [1, rows, hidden] gathered from [batch, seq, hidden], so a
     # batch of mixed lengths costs its tokens, not batch x longest. Only attention needs the padded layout: Q, K
     # and V are spread back for it and the context gathered again. Values at padded positions differ from the
     # stock block's, and no mask lets any later position or head read them. The idea of FasterTransformer's and
     # ByteTransformer's "remove padding"; Model Garden's block has no such mode. Other block configurations run
-    # the stock call. At inference a batch with little padding runs the stock block.
+    # the stock call. At inference a batch with little padding runs the same sublayers in the padded layout.
     if (output_range or block._output_range or not isinstance(inputs, (list, tuple)) or len(inputs) != 2
             or inputs[1] is None):
         return type(block).call(block, inputs, output_range=output_range)
     x, attention_mask = inputs
     training = _training()
-    ffn = functools.partial(_ffn_inner, block)
+    ffn = functools.partial(_ffn, block)
     if training and not on_tokens_in_training:
         return unpadding.block_sublayers(block, x, attention_mask, training, ffn, _add_layer_norm)
     # A position is a token if some query may attend to it (padding columns are masked out for every row).
@@ -195,10 +195,7 @@ def _block_call(block, on_tokens_in_training, inputs, output_range=None):
                                          unpadding.training_rows(tokens, tf.size(is_token)), training, ffn,
                                          _add_layer_norm)
     padding = 1.0 - tf.cast(tokens, tf.float32) / tf.cast(tf.size(is_token), tf.float32)
-    if _native_at_inference(block._attention_layer_norm):  # the residual adds join our LayerNorm op
-        padded = lambda: unpadding.block_sublayers(block, x, attention_mask, False, ffn, _add_layer_norm)
-    else:
-        padded = lambda: type(block).call(block, inputs)
+    padded = lambda: unpadding.block_sublayers(block, x, attention_mask, False, ffn, _add_layer_norm)
     return tf.cond(padding > _UNPAD_ABOVE,
                    lambda: unpadding.block_on_tokens(block, x, attention_mask, is_token, tokens, False, ffn,
                                                      _add_layer_norm),
@@ -220,11 +217,16 @@ def _add_layer_norm(layer, x, residual):
     return layer(tf.cast(x, residual.dtype) + residual)
 
 
-def _ffn_inner(block, inputs):
-    """A TransformerEncoderBlock's FFN up to its output projection: intermediate dense, GELU, inner dropout. In
-    training with Keras' exact GELU on the CPU: the dense's MatMul, then its bias and the GELU as one C++ op and
-    their gradient as another (engine/bias.py); else the layers."""
+def _ffn(block, inputs):
+    """A TransformerEncoderBlock's FFN up to its output projection: intermediate dense, GELU, inner dropout,
+    output dense. In training with Keras' exact GELU on the CPU: the dense's MatMul, then its bias and the GELU as
+    one C++ op and their gradient as another (engine/bias.py); at inference in a float32 serving export, in two
+    halves that run side by side (dense.held_ffn_in_halves); else the layers."""
     dense, activation = block._intermediate_dense, block._intermediate_activation_layer
+    if not _training():
+        in_halves = dense_ops.held_ffn_in_halves(dense, block._output_dense, inputs)
+        if in_halves is not None:
+            return in_halves
     if _training() and getattr(activation, "_fused_into_dense", False) and dense.bias is not None:
         rows, kernel, output_shape = dense_ops.operands(dense, tf.cast(inputs, dense.compute_dtype))
         product = tf.matmul(rows, kernel)
@@ -232,8 +234,8 @@ def _ffn_inner(block, inputs):
             bias = tf.reshape(dense.bias.value(), [-1])  # float32: the op rounds it as Keras' autocast would
         activated = bias_ops.add_gelu(product, bias)
         if activated is not None:
-            return block._inner_dropout_layer(tf.reshape(activated, output_shape))
-    return block._inner_dropout_layer(activation(dense(inputs)))
+            return block._output_dense(block._inner_dropout_layer(tf.reshape(activated, output_shape)))
+    return block._output_dense(block._inner_dropout_layer(activation(dense(inputs))))
 
 
 def _is_plain_block(layer) -> bool:

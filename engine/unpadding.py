@@ -43,7 +43,7 @@ def block_on_tokens(block, x, attention_mask, is_token, rows, training, ffn, add
 
 def block_sublayers(block, x, attention_mask, training, ffn, add_norm, unpad=None, pad=None):
     """A post-LayerNorm TransformerEncoderBlock's call (query residual, full attention), sublayer by sublayer:
-    the projections, FFN (`ffn(attended)`: from the attention's LayerNorm output to the inner dropout's) and
+    the projections, FFN (`ffn(attended)`: from the attention's LayerNorm output to the output projection's) and
     LayerNorms (`add_norm(layer, x, residual)`: the layer on x + residual, summed in the residual's dtype as the
     stock call does) on `unpad(x)`'s rows, attention on the padded layout; `pad` brings rows back. Without
     unpad/pad: the padded layout throughout, the stock call's ops."""
@@ -56,7 +56,7 @@ def block_sublayers(block, x, attention_mask, training, ffn, add_norm, unpad=Non
     context, _ = attention._compute_attention(query, key, value, attention_mask, training=training)
     attended = block._attention_dropout(attention._output_dense(unpad(context)))
     attended = add_norm(block._attention_layer_norm, attended, source)
-    output = block._output_dropout(block._output_dense(ffn(attended)))
+    output = block._output_dropout(ffn(attended))
     # As the stock block: under a mixed policy the LayerNorm works in float32 (`attended` is float32 there).
     return pad(add_norm(block._output_layer_norm, output, attended))
 

@@ -18,7 +18,7 @@ import bert_numpy_reference as ref
 from engine import bias, dropout, fusion, host, layer_norm, unpadding
 from engine import dense as dense_ops
 from engine.config import RuntimeConfig
-from engine_helpers import ToyTask, bf16_constant_shapes, graph_op_types, run_training
+from engine_helpers import ToyTask, bf16_constant_shapes, graph_nodes, graph_op_types, run_training
 from tasks.encoders import bert
 
 
@@ -648,6 +648,35 @@ def test_kernels_held_in_bf16_give_the_numpy_reference_as_graph_constants():
     trained = tf.function(lambda x: model(x, training=True)).get_concrete_function(inputs)
     read = {variable.ref() for variable in trained.variables}
     assert all(layer.kernel.ref() in read for layer in dense_layers) and not bf16_constant_shapes(trained.graph.as_graph_def())
+
+
+def test_kernels_held_in_float32_run_the_ffn_in_two_halves_and_give_the_numpy_reference():
+    """launch.export's float32 export: each block's FFN as two independent halves of its inner width (their
+    kernels as graph constants), with the float64 NumPy BERT's values for one unpadded sentence (the padded-layout
+    branch, as served at batch 1) and for a padded batch (the blocks on the tokens)."""
+    config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "intermediate_size": 192})
+    model = bert.build_encoder(config)
+    _, inputs, _, _ = _encoder_pair()
+    one = {k: v[:1] for k, v in inputs.items()}  # 16 tokens, no padding
+    model(inputs)
+    rng = np.random.default_rng(0)
+    for variable in model.variables:  # biases are initialised to zeros, which would hide a bias added twice
+        if "bias" in variable.name:
+            variable.assign(rng.normal(0, 0.1, variable.shape))
+    fusion.fuse_elementwise(model, export_safe=True)
+    assert dense_ops.hold_kernels_in(model, tf.float32) == 6 * config.num_hidden_layers
+    for batch in (one, inputs):
+        infer = tf.function(lambda x: model(x, training=False)).get_concrete_function(batch)
+        numpy_inputs = {k: v.numpy() for k, v in batch.items()}
+        reference = ref.bert_forward(bert.hf_weights(model), config.num_attention_heads, **numpy_inputs)
+        seq_diff, pooled_diff = ref.max_abs_diffs(reference, infer(batch), numpy_inputs["input_mask"])
+        assert seq_diff <= 1e-5 and pooled_diff <= 1e-5, (seq_diff, pooled_diff)
+    float32_constants = collections.Counter(
+        tuple(d.size for d in node.attr["value"].tensor.tensor_shape.dim) for node in graph_nodes(infer.graph.as_graph_def())
+        if node.op == "Const" and node.attr["dtype"].type == tf.float32.as_datatype_enum)
+    assert float32_constants[(64, 96)] >= 2 * config.num_hidden_layers, float32_constants  # halves of W1
+    assert float32_constants[(96, 64)] >= 2 * config.num_hidden_layers, float32_constants  # halves of W2
+    assert not float32_constants[(64, 192)] and not float32_constants[(192, 64)], float32_constants
 
 
 def _value_and_grad(layer, x):
