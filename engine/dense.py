@@ -51,9 +51,11 @@ def call(layer, inputs):
     """A plain EinsumDense's call (is_plain): the MatMul + BiasAdd (biased_product), or at inference with a GELU
     fused into the MatMul (`_fused_activation`, set by engine/fusion.py); at inference in a serving export with
     held kernels (hold_kernels_in: graph constants in float32 or bfloat16), all of it in their dtype, the output
-    cast back."""
+    cast back; in float32 in two halves of the output columns (_in_column_halves)."""
     training = in_training()
     held = getattr(layer, "_held_kernel", None) if not training else None
+    if held is not None and held.dtype == np.float32 and getattr(layer, "_held_bias", None) is not None:
+        return _in_column_halves(layer, inputs, held, layer._held_bias)
     if held is not None:
         held = tf.constant(held)  # a Const in the traced graph, which oneDNN may keep reordered (hold_kernels_in)
     rows, kernel, output_shape = operands(layer, inputs, held)  # (held: the float32 kernel is not even read)
@@ -102,13 +104,26 @@ def hold_kernels_in(model: tf.Module, dtype) -> int:
     return count
 
 
-# held_ffn_in_halves: TensorFlow's oneDNN MatMul runs on one thread when its operands fit in the L2 cache
-# (`ExecuteSingleThreadedGemm` in tensorflow/core/kernels/mkl: 4 bytes x (m n + k (m + n)) below L2's size). With
-# 2 MiB of L2 per core that is every MiniLM 384 x 384 projection below ~500 token rows, so one sentence's forward
-# kept one core busy (one intra-op thread: the same batch-1 latency as two), while the FFN's [384, 1536] products
-# ran on two threads at ~0.3 ms each for 26 rows. Halves of the FFN are one-thread ops that TensorFlow's executor
-# runs side by side. Halves of the attention heads too were slower (their small score and context matmuls and
-# softmaxes, ~40 us each, doubled); bench/RESULTS.md, 2026-12-06.
+# Halves at inference with float32 held kernels (_in_column_halves, held_ffn_in_halves): TensorFlow's oneDNN
+# MatMul runs on one thread when its operands fit in the L2 cache (`ExecuteSingleThreadedGemm` in
+# tensorflow/core/kernels/mkl: 4 bytes x (m n + k (m + n)) below L2's size). With 2 MiB of L2 per core that is
+# every MiniLM 384 x 384 projection below ~500 token rows, so one sentence's forward kept one core busy (one
+# intra-op thread gave the same batch-1 latency as two), while the FFN's [384, 1536] products ran two-threaded at
+# ~0.3 ms each for 26 rows. Two halves of a product are one-thread ops that TensorFlow's executor runs side by
+# side. Batch-1 p50 in-process against the export before (bench/RESULTS.md, 2026-12-06): the FFN in halves
+# 1.07-1.12x, then the other projections in column halves 1.03-1.13x more; batch 32 the same. Halves of the
+# attention heads were slower: their small score and context matmuls and softmaxes, ~40 us each, doubled.
+def _in_column_halves(layer, inputs, kernel, bias):
+    """The layer's product (+ bias, then its fused activation if any) as two halves of its output columns,
+    concatenated: each output the same dot product as one MatMul's."""
+    rows, _, output_shape = operands(layer, tf.cast(inputs, kernel.dtype), kernel)
+    activation = getattr(layer, "_fused_activation", None) or (lambda x: x)
+    width = kernel.shape[1] // 2
+    halves = [activation(_constant_product(rows, kernel[:, columns], bias[columns]))
+              for columns in (slice(0, width), slice(width, None))]
+    return tf.cast(tf.reshape(tf.concat(halves, 1), output_shape), inputs.dtype)
+
+
 def held_ffn_in_halves(intermediate, output, inputs):
     """At inference with float32 held kernels (a serving export): output(gelu(intermediate(inputs))) as two
     independent halves of the inner width, `gelu(x W1[:, h] + b1[h]) W2[h, :] + b2 / 2`, summed: the same sum as

@@ -650,10 +650,11 @@ def test_kernels_held_in_bf16_give_the_numpy_reference_as_graph_constants():
     assert all(layer.kernel.ref() in read for layer in dense_layers) and not bf16_constant_shapes(trained.graph.as_graph_def())
 
 
-def test_kernels_held_in_float32_run_the_ffn_in_two_halves_and_give_the_numpy_reference():
-    """launch.export's float32 export: each block's FFN as two independent halves of its inner width (their
-    kernels as graph constants), with the float64 NumPy BERT's values for one unpadded sentence (the padded-layout
-    branch, as served at batch 1) and for a padded batch (the blocks on the tokens)."""
+def test_kernels_held_in_float32_run_in_two_halves_and_give_the_numpy_reference():
+    """launch.export's float32 export: each block's FFN as two independent halves of its inner width, the other
+    projections in halves of their output columns (their kernels as graph constants), with the float64 NumPy
+    BERT's values for one unpadded sentence (the padded-layout branch, as served at batch 1) and for a padded
+    batch (the blocks on the tokens)."""
     config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "intermediate_size": 192})
     model = bert.build_encoder(config)
     _, inputs, _, _ = _encoder_pair()
@@ -676,7 +677,8 @@ def test_kernels_held_in_float32_run_the_ffn_in_two_halves_and_give_the_numpy_re
         if node.op == "Const" and node.attr["dtype"].type == tf.float32.as_datatype_enum)
     assert float32_constants[(64, 96)] >= 2 * config.num_hidden_layers, float32_constants  # halves of W1
     assert float32_constants[(96, 64)] >= 2 * config.num_hidden_layers, float32_constants  # halves of W2
-    assert not float32_constants[(64, 192)] and not float32_constants[(192, 64)], float32_constants
+    assert float32_constants[(64, 32)] >= 2 * 4 * config.num_hidden_layers, float32_constants  # Q, K, V, output
+    assert not any(float32_constants[shape] for shape in ((64, 192), (192, 64), (64, 64))), float32_constants
 
 
 def _value_and_grad(layer, x):
