@@ -105,8 +105,7 @@ class WordPieceTokenizer:
         # A word of more than MAX_CHARS_PER_WORD characters is looked up as the text "[UNK]", which WordPiece
         # matches whole: one [UNK], as tokenize_with_offsets gives. Half the ops of patching its ragged ids after
         # the lookup (one sentence in a tf.function: 0.7 instead of 1.4 ms on the Xeon; bench/RESULTS.md).
-        too_long = tf.strings.length(words.flat_values, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
-        words = words.with_flat_values(tf.where(too_long, _UNK, words.flat_values))
+        words = words.with_flat_values(tf.where(_too_long(words), _UNK, words.flat_values))
         return self._wordpiece.tokenize(words).merge_dims(-2, -1)
 
     def _words(self, texts: tf.Tensor):
@@ -121,7 +120,7 @@ class WordPieceTokenizer:
         words, word_begin, _ = self._words(texts)
         ids, begin, end = self._wordpiece.tokenize_with_offsets(words)
         # Words of more than MAX_CHARS_PER_WORD characters are one [UNK] spanning the word.
-        too_long = tf.strings.length(words.flat_values, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
+        too_long = _too_long(words)
         word_bytes = tf.cast(tf.strings.length(words.flat_values), begin.dtype)
         ids = ids.with_values(_replace_rows(ids.values, too_long, tf.fill(tf.shape(too_long), self.unk_id)))
         begin = begin.with_values(_replace_rows(begin.values, too_long, tf.zeros_like(word_bytes)))
@@ -148,6 +147,11 @@ class WordPieceTokenizer:
             return packed
         keep = inputs.longest_width(packed["input_mask"], seq_length or self.seq_length, pad_to_multiple)
         return {name: t[:, :keep] for name, t in packed.items()}
+
+
+def _too_long(words: tf.RaggedTensor) -> tf.Tensor:
+    """Per word (flat): more than MAX_CHARS_PER_WORD characters, which BERT's WordPiece gives as one [UNK]."""
+    return tf.strings.length(words.flat_values, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
 
 
 def _replace_rows(rows: tf.RaggedTensor, replace: tf.Tensor, values: tf.Tensor) -> tf.RaggedTensor:
