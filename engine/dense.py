@@ -51,10 +51,10 @@ def call(layer, inputs):
     """A plain EinsumDense's call (is_plain): the MatMul + BiasAdd (biased_product), or at inference with a GELU
     fused into the MatMul (`_fused_activation`, set by engine/fusion.py); at inference in a serving export with
     held kernels (hold_kernels_in: graph constants in float32 or bfloat16), all of it in their dtype, the output
-    cast back; in float32 in two halves of the output columns (_in_column_halves)."""
+    cast back, in two halves of the output columns (_in_column_halves)."""
     training = in_training()
     held = getattr(layer, "_held_kernel", None) if not training else None
-    if held is not None and held.dtype == np.float32 and getattr(layer, "_held_bias", None) is not None:
+    if held is not None and getattr(layer, "_held_bias", None) is not None:
         return _in_column_halves(layer, inputs, held, layer._held_bias)
     if held is not None:
         held = tf.constant(held)  # a Const in the traced graph, which oneDNN may keep reordered (hold_kernels_in)
@@ -111,8 +111,10 @@ def hold_kernels_in(model: tf.Module, dtype) -> int:
 # intra-op thread gave the same batch-1 latency as two), while the FFN's [384, 1536] products ran two-threaded at
 # ~0.3 ms each for 26 rows. Two halves of a product are one-thread ops that TensorFlow's executor runs side by
 # side. Batch-1 p50 in-process against the export before (bench/RESULTS.md, 2026-12-06): the FFN in halves
-# 1.07-1.12x, then the other projections in column halves 1.03-1.13x more; batch 32 the same. Halves of the
-# attention heads were slower: their small score and context matmuls and softmaxes, ~40 us each, doubled.
+# 1.07-1.12x, then the other projections in column halves 1.03-1.13x more; batch 32 the same; the bfloat16 export
+# in column halves 1.08-1.10x. Halves of the attention heads were slower: their small score and context matmuls
+# and softmaxes, ~40 us each, doubled. The float32 FFN in column halves (a concat between its two products, no
+# sum) was 2-7 % slower than held_ffn_in_halves.
 def _in_column_halves(layer, inputs, kernel, bias):
     """The layer's product (+ bias, then its fused activation if any) as two halves of its output columns,
     concatenated: each output the same dot product as one MatMul's."""
@@ -151,7 +153,7 @@ def held_ffn_in_halves(intermediate, output, inputs):
 def _constant_product(rows, kernel, bias):
     # With a bias, which grappler fuses with the MatMul into oneDNN's inner product that keeps a constant weight
     # reordered; a MatMul alone runs as an sgemm that packs its weight on every call.
-    return tf.nn.bias_add(tf.matmul(rows, tf.constant(kernel)), tf.constant(bias))
+    return tf.nn.bias_add(tf.matmul(rows, tf.constant(kernel)), tf.constant(bias.astype(kernel.dtype)))
 
 
 def biased_product(rows, kernel, bias, output_shape, training: bool, *, native: bool = True,
