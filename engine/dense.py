@@ -54,7 +54,8 @@ def call(layer, inputs):
     cast back, in two halves of the output columns (_in_column_halves)."""
     training = in_training()
     held = getattr(layer, "_held_kernel", None) if not training else None
-    if held is not None and getattr(layer, "_held_bias", None) is not None:
+    if (held is not None and getattr(layer, "_held_bias", None) is not None
+            and halves_run_alone(held.shape[0], held.shape[1] // 2, held.dtype.itemsize)):
         return _in_column_halves(layer, inputs, held, layer._held_bias)
     if held is not None:
         held = tf.constant(held)  # a Const in the traced graph, which oneDNN may keep reordered (hold_kernels_in)
@@ -104,9 +105,9 @@ def hold_kernels_in(model: tf.Module, dtype) -> int:
     return count
 
 
-# Halves at inference with float32 held kernels (_in_column_halves, held_ffn_in_halves): TensorFlow's oneDNN
+# Halves at inference with held kernels (_in_column_halves, held_ffn_in_halves): TensorFlow's oneDNN
 # MatMul runs on one thread when its operands fit in the L2 cache (`ExecuteSingleThreadedGemm` in
-# tensorflow/core/kernels/mkl: 4 bytes x (m n + k (m + n)) below L2's size). With 2 MiB of L2 per core that is
+# tensorflow/core/kernels/mkl: bytes per value x (m n + k (m + n)) below L2's size). With 2 MiB of L2 per core that is
 # every MiniLM 384 x 384 projection below ~500 token rows, so one sentence's forward kept one core busy (one
 # intra-op thread gave the same batch-1 latency as two), while the FFN's [384, 1536] products ran two-threaded at
 # ~0.3 ms each for 26 rows. Two halves of a product are one-thread ops that TensorFlow's executor runs side by
@@ -114,7 +115,16 @@ def hold_kernels_in(model: tf.Module, dtype) -> int:
 # 1.07-1.12x, then the other projections in column halves 1.03-1.13x more; batch 32 the same; the bfloat16 export
 # in column halves 1.08-1.10x. Halves of the attention heads were slower: their small score and context matmuls
 # and softmaxes, ~40 us each, doubled. The float32 FFN in column halves (a concat between its two products, no
-# sum) was 2-7 % slower than held_ffn_in_halves.
+# sum) was 2-7 % slower than held_ffn_in_halves. Only where the halves run on one thread (halves_run_alone).
+def halves_run_alone(fan_in: int, units: int, itemsize: int, rows: int = 32) -> bool:
+    """Whether a [rows, fan_in] x [fan_in, units] product runs on one thread by TensorFlow's rule on this host's
+    L2, for a sentence of `rows` tokens: then two such halves run side by side. Where a half does not (the Zen 4's
+    1 MiB L2 and MiniLM's FFN halves), it runs on two threads as the whole did, and halving only adds ops: 4.75
+    against 3.95 ms for six FFNs at 25 rows on the Zen 4 (bench/RESULTS.md, 2026-12-05). A trace-time choice: an
+    export follows the machine that writes it."""
+    return itemsize * (rows * units + fan_in * (rows + units)) < host.l2_cache_bytes()
+
+
 def _in_column_halves(layer, inputs, kernel, bias):
     """The layer's product (+ bias, then its fused activation if any) as two halves of its output columns,
     concatenated: each output the same dot product as one MatMul's."""
@@ -138,8 +148,10 @@ def held_ffn_in_halves(intermediate, output, inputs):
                                   for kernel, bias in held) or held[0][0].shape[1] % 2):
         return None
     (kernel, bias), (output_kernel, output_bias) = held
-    rows = tf.reshape(tf.cast(inputs, tf.float32), [-1, kernel.shape[0]])
     width = kernel.shape[1] // 2
+    if not (halves_run_alone(kernel.shape[0], width, 4) and halves_run_alone(width, output_kernel.shape[1], 4)):
+        return None
+    rows = tf.reshape(tf.cast(inputs, tf.float32), [-1, kernel.shape[0]])
     halves = []
     for inner in (slice(0, width), slice(width, None)):
         hidden = activation(_constant_product(rows, kernel[:, inner], bias[inner]))  # MatMul + BiasAdd + GELU
