@@ -120,7 +120,7 @@ def halves_run_alone(fan_in: int, units: int, itemsize: int, rows: int = 32) -> 
     """Whether a [rows, fan_in] x [fan_in, units] product runs on one thread by TensorFlow's rule on this host's
     L2, for a sentence of `rows` tokens: then two such halves run side by side. Where a half does not (the Zen 4's
     1 MiB L2 and MiniLM's FFN halves), it runs on two threads as the whole did, and halving only adds ops: 4.75
-    against 3.95 ms for six FFNs at 25 rows on the Zen 4 (bench/RESULTS.md, 2026-12-05). A trace-time choice: an
+    against 3.95 ms for six FFNs at 25 rows on the Zen 4 (bench/RESULTS.md, 2026-12-04/05). A trace-time choice: an
     export follows the machine that writes it."""
     return itemsize * (rows * units + fan_in * (rows + units)) < host.l2_cache_bytes()
 
