@@ -702,68 +702,6 @@ def test_halves_only_where_each_half_runs_on_one_thread(monkeypatch):
         assert dense_ops.halves_run_alone(384, 768, 4) is ffn and dense_ops.halves_run_alone(768, 384, 4) is ffn
 
 
-def test_kernels_held_in_bf16_give_the_numpy_reference_as_graph_constants():
-    """launch.export --serving_precision=bfloat16: the blocks' dense layers multiply bf16 copies of their kernels at
-    inference (within bf16 rounding of the float64 NumPy BERT, and not float32's values), as constants of the graph
-    in halves of their columns (oneDNN keeps a constant weight reordered), the float32 kernels unread (so
-    tasks/serving.save leaves them out); training still reads the float32 kernels."""
-    config, inputs, _, model = _encoder_pair()
-    fusion.fuse_elementwise(model, export_safe=True)
-    numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
-    reference = ref.bert_forward(bert.hf_weights(model), config.num_attention_heads, **numpy_inputs)
-    before = tf.function(lambda x: model(x, training=False))(inputs)
-    with pytest.raises(ValueError, match="needs engine/fusion.py's dense rewrite first"):
-        dense_ops.hold_kernels_in(_encoder_pair()[3], tf.bfloat16)
-    assert dense_ops.hold_kernels_in(model, tf.bfloat16) == 6 * config.num_hidden_layers
-    infer = tf.function(lambda x: model(x, training=False)).get_concrete_function(inputs)
-    seq_diff, pooled_diff = ref.max_abs_diffs(reference, infer(inputs), numpy_inputs["input_mask"])
-    float32_diffs = ref.max_abs_diffs(reference, before, numpy_inputs["input_mask"])
-    # bf16 products round to 8 bits: over 20x float32's distance (tiny init weights keep both small), under 0.1.
-    assert 20 * max(float32_diffs) <= max(seq_diff, pooled_diff) <= 0.1, (float32_diffs, seq_diff, pooled_diff)
-    dense_layers = [layer for layer in model.submodules if dense_ops.is_plain(layer)]
-    kernel_shapes = collections.Counter((rows, columns // 2) for layer in dense_layers  # halves of their columns
-                                        for rows, columns in [layer._held_kernel.shape])
-    constants = collections.Counter(bf16_constant_shapes(infer.graph.as_graph_def()))
-    assert all(constants[shape] >= count for shape, count in kernel_shapes.items()), (kernel_shapes, constants)
-    read = {variable.ref() for variable in infer.variables}
-    assert not any(layer.kernel.ref() in read for layer in dense_layers)
-    trained = tf.function(lambda x: model(x, training=True)).get_concrete_function(inputs)
-    read = {variable.ref() for variable in trained.variables}
-    assert all(layer.kernel.ref() in read for layer in dense_layers) and not bf16_constant_shapes(trained.graph.as_graph_def())
-
-
-def test_kernels_held_in_float32_run_in_two_halves_and_give_the_numpy_reference():
-    """launch.export's float32 export: each block's FFN as two independent halves of its inner width, the other
-    projections in halves of their output columns (their kernels as graph constants), with the float64 NumPy
-    BERT's values for one unpadded sentence (the padded-layout branch, as served at batch 1) and for a padded
-    batch (the blocks on the tokens)."""
-    config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "intermediate_size": 192})
-    model = bert.build_encoder(config)
-    _, inputs, _, _ = _encoder_pair()
-    one = {k: v[:1] for k, v in inputs.items()}  # 16 tokens, no padding
-    model(inputs)
-    rng = np.random.default_rng(0)
-    for variable in model.variables:  # biases are initialised to zeros, which would hide a bias added twice
-        if "bias" in variable.name:
-            variable.assign(rng.normal(0, 0.1, variable.shape))
-    fusion.fuse_elementwise(model, export_safe=True)
-    assert dense_ops.hold_kernels_in(model, tf.float32) == 6 * config.num_hidden_layers
-    for batch in (one, inputs):
-        infer = tf.function(lambda x: model(x, training=False)).get_concrete_function(batch)
-        numpy_inputs = {k: v.numpy() for k, v in batch.items()}
-        reference = ref.bert_forward(bert.hf_weights(model), config.num_attention_heads, **numpy_inputs)
-        seq_diff, pooled_diff = ref.max_abs_diffs(reference, infer(batch), numpy_inputs["input_mask"])
-        assert seq_diff <= 1e-5 and pooled_diff <= 1e-5, (seq_diff, pooled_diff)
-    float32_constants = collections.Counter(
-        tuple(d.size for d in node.attr["value"].tensor.tensor_shape.dim)
-        for node in graph_nodes(infer.graph.as_graph_def())
-        if node.op == "Const" and node.attr["dtype"].type == tf.float32.as_datatype_enum)
-    assert float32_constants[(64, 96)] >= 2 * config.num_hidden_layers, float32_constants  # halves of W1
-    assert float32_constants[(96, 64)] >= 2 * config.num_hidden_layers, float32_constants  # halves of W2
-    assert float32_constants[(64, 32)] >= 2 * 4 * config.num_hidden_layers, float32_constants  # Q, K, V, output
-    assert not any(float32_constants[shape] for shape in ((64, 192), (192, 64), (64, 64))), float32_constants
-
-
 def _value_and_grad(layer, x):
     with tf.GradientTape() as tape:
         tape.watch(x)
