@@ -99,16 +99,16 @@ def hold_kernels_in(model: tf.Module, dtype) -> int:
             if not (isinstance(layer.call, functools.partial) and layer.call.func is call):
                 raise ValueError(f"layer {layer.name}: hold_kernels_in needs engine/fusion.py's dense rewrite first")
             layer._held_kernel = tf.cast(_kernel_matrix(layer), dtype).numpy()  # a value, not a variable
-            # (held_ffn_in_halves takes the bias as a value too: it adds halves and shares of it)
+            # The bias as a value too: the halves below add slices and shares of it as constants.
             layer._held_bias = None if layer.bias is None else tf.reshape(layer.bias, [-1]).numpy()
             count += 1
     return count
 
 
-# Halves at inference with held kernels (_in_column_halves, held_ffn_in_halves): TensorFlow's oneDNN
-# MatMul runs on one thread when its operands fit in the L2 cache (`ExecuteSingleThreadedGemm` in
-# tensorflow/core/kernels/mkl: bytes per value x (m n + k (m + n)) below L2's size). With 2 MiB of L2 per core that is
-# every MiniLM 384 x 384 projection below ~500 token rows, so one sentence's forward kept one core busy (one
+# Halves at inference with held kernels (_in_column_halves, held_ffn_in_halves): TensorFlow's oneDNN MatMul runs
+# on one thread when its operands fit in the L2 cache (`ExecuteSingleThreadedGemm` in tensorflow/core/kernels/mkl:
+# bytes per value x (m n + k (m + n)) below L2's size). With 2 MiB of L2 per core that is every MiniLM 384 x 384
+# projection below ~500 token rows, so one sentence's forward kept one core busy (one
 # intra-op thread gave the same batch-1 latency as two), while the FFN's [384, 1536] products ran two-threaded at
 # ~0.3 ms each for 26 rows. Two halves of a product are one-thread ops that TensorFlow's executor runs side by
 # side. Batch-1 p50 in-process against the export before (bench/RESULTS.md, 2026-12-06): the FFN in halves
