@@ -399,3 +399,33 @@ def test_the_bench_process_never_loads_torch_the_peers_process_does():
                             text=True, timeout=300)
     assert result.returncode == 0, failure_text(result.stderr)
     assert result.stdout.splitlines()[-1] == "[] (2, 16) (2, 2)", result.stdout
+
+
+def test_export_ab_times_two_exports_and_checks_they_answer_alike(tmp_path):
+    """bench/export_ab.py on a tiny classifier's export against itself: both sides timed per round, ratios printed,
+    the same answers; a second, differently initialised export is refused as answering otherwise."""
+    import dataclasses  # noqa: PLC0415
+    import tf_keras  # noqa: PLC0415
+    from launch import export as export_launcher  # noqa: PLC0415
+    from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
+    from tasks.encoders import bert  # noqa: PLC0415
+
+    tiny = dataclasses.replace(bert.BertConfig.tiny(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = ClassificationConfig(data_files={"validation": os.path.join(DATA_DIR, "sst2", "dev.tsv")}, encoder=tiny,
+                                  vocab_file=os.path.join(bert.minilm_dir(), "vocab.txt"), max_seq_length=32)
+    exports = []
+    for seed in (0, 1):
+        tf_keras.utils.set_random_seed(seed)
+        task = ClassificationTask(config)
+        exports.append(export_launcher.save_serving_model(task, task.build_model(), str(tmp_path / f"seed{seed}")))
+
+    def run(a, b):
+        return subprocess.run([sys.executable, "bench/export_ab.py", a, b, f"--data_dir={DATA_DIR}", "--rounds=2",
+                               "--sentences=3", "--batch_sentences=32"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=600)
+    same = run(exports[0], exports[0])
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert same.stdout.count("round ") == 2 and "batch-1 p50 speed-up, B over A: median" in same.stdout
+    assert "batch-32 throughput, B over A: median" in same.stdout and "largest probability difference: 0" in same.stdout
+    other = run(exports[0], exports[1])
+    assert other.returncode == 1 and "the two exports answer differently" in other.stderr
