@@ -28,10 +28,10 @@ def graph_op_types(function, *args) -> set:
     return {node.op for node in graph_nodes(function.get_concrete_function(*args).graph.as_graph_def())}
 
 
-def bf16_constant_shapes(graph_def) -> list:
-    """Shapes of the bfloat16 constants among graph_nodes(graph_def)."""
+def constant_shapes(graph_def, dtype) -> list:
+    """Shapes of the constants of `dtype` among graph_nodes(graph_def)."""
     return [tuple(d.size for d in node.attr["value"].tensor.tensor_shape.dim) for node in graph_nodes(graph_def)
-            if node.op == "Const" and node.attr["dtype"].type == tf.bfloat16.as_datatype_enum]
+            if node.op == "Const" and node.attr["dtype"].type == dtype.as_datatype_enum]
 
 
 class ToyTask(Task):

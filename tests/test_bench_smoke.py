@@ -442,7 +442,7 @@ def test_export_ab_times_two_exports_and_checks_they_answer_alike(tmp_path):
                                "--sentences=3", "--batch_sentences=32"], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=600)
     same = run(exports[0], exports[0])
-    assert same.returncode == 0, same.stderr[-2000:]
+    assert same.returncode == 0, failure_text(same.stderr)
     assert same.stdout.count("round ") == 2 and "batch-1 p50 speed-up, B over A: median" in same.stdout
     assert "batch-32 throughput, B over A: median" in same.stdout and "largest probability difference: 0" in same.stdout
     other = run(exports[0], exports[1])

@@ -18,7 +18,7 @@ import bert_numpy_reference as ref
 from engine import bias, dropout, fusion, host, layer_norm, unpadding
 from engine import dense as dense_ops
 from engine.config import RuntimeConfig
-from engine_helpers import ToyTask, bf16_constant_shapes, graph_nodes, graph_op_types, run_training
+from engine_helpers import ToyTask, constant_shapes, graph_op_types, run_training
 from tasks.encoders import bert
 
 
@@ -642,20 +642,14 @@ def test_kernels_held_in_bf16_give_the_numpy_reference_as_graph_constants():
     dense_layers = [layer for layer in model.submodules if dense_ops.is_plain(layer)]
     kernel_shapes = collections.Counter((rows, columns // 2) for layer in dense_layers  # halves of their columns
                                         for rows, columns in [layer._held_kernel.shape])
-    constants = collections.Counter(bf16_constant_shapes(infer.graph.as_graph_def()))
+    constants = collections.Counter(constant_shapes(infer.graph.as_graph_def(), tf.bfloat16))
     assert all(constants[shape] >= count for shape, count in kernel_shapes.items()), (kernel_shapes, constants)
     read = {variable.ref() for variable in infer.variables}
     assert not any(layer.kernel.ref() in read for layer in dense_layers)
     trained = tf.function(lambda x: model(x, training=True)).get_concrete_function(inputs)
     read = {variable.ref() for variable in trained.variables}
-    assert all(layer.kernel.ref() in read for layer in dense_layers) and not bf16_constant_shapes(trained.graph.as_graph_def())
-
-
-def _float32_constant_shapes(concrete_function) -> collections.Counter:
-    return collections.Counter(
-        tuple(d.size for d in node.attr["value"].tensor.tensor_shape.dim)
-        for node in graph_nodes(concrete_function.graph.as_graph_def())
-        if node.op == "Const" and node.attr["dtype"].type == tf.float32.as_datatype_enum)
+    assert all(layer.kernel.ref() in read for layer in dense_layers)
+    assert not constant_shapes(trained.graph.as_graph_def(), tf.bfloat16)
 
 
 def test_kernels_held_in_float32_run_in_two_halves_and_give_the_numpy_reference(monkeypatch):
@@ -682,7 +676,7 @@ def test_kernels_held_in_float32_run_in_two_halves_and_give_the_numpy_reference(
             reference = ref.bert_forward(bert.hf_weights(model), config.num_attention_heads, **numpy_inputs)
             seq_diff, pooled_diff = ref.max_abs_diffs(reference, infer(batch), numpy_inputs["input_mask"])
             assert seq_diff <= 1e-5 and pooled_diff <= 1e-5, (l2, seq_diff, pooled_diff)
-        constants = _float32_constant_shapes(infer)
+        constants = collections.Counter(constant_shapes(infer.graph.as_graph_def(), tf.float32))
         halves, wholes = ((64, 96), (96, 64), (64, 32)), ((64, 192), (192, 64), (64, 64))  # W1, W2, Q/K/V/output
         if l2 > 16 << 10:
             assert all(constants[shape] >= 2 * config.num_hidden_layers for shape in halves), constants

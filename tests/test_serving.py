@@ -14,7 +14,7 @@ from absl import app, flags
 from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
 from engine import host
 from engine import dense as dense_ops
-from engine_helpers import bf16_constant_shapes, graph_nodes, run_training
+from engine_helpers import constant_shapes, graph_nodes, run_training
 from launch import export as export_launcher
 from tasks.ner import conll
 from tasks.squad import data as squad_data
@@ -244,7 +244,7 @@ def _saved_graph(export_dir):
 
 def _bf16_constant_elements(graph_def) -> int:
     """Elements of the bfloat16 constants in a (SavedModel's) graph."""
-    return sum(int(np.prod(shape)) for shape in bf16_constant_shapes(graph_def))
+    return sum(int(np.prod(shape)) for shape in constant_shapes(graph_def, tf.bfloat16))
 
 
 def test_bfloat16_export_answers_within_bf16_rounding_and_holds_the_dense_kernels_in_bf16(
