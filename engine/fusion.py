@@ -223,11 +223,12 @@ def _ffn(block, inputs):
     one C++ op and their gradient as another (engine/bias.py); at inference in a float32 serving export, in two
     halves that run side by side (dense.held_ffn_in_halves); else the layers."""
     dense, activation = block._intermediate_dense, block._intermediate_activation_layer
-    if not _training():
+    training = _training()
+    if not training:
         in_halves = dense_ops.held_ffn_in_halves(dense, block._output_dense, inputs)
         if in_halves is not None:
             return in_halves
-    if _training() and getattr(activation, "_fused_into_dense", False) and dense.bias is not None:
+    if training and getattr(activation, "_fused_into_dense", False) and dense.bias is not None:
         rows, kernel, output_shape = dense_ops.operands(dense, tf.cast(inputs, dense.compute_dtype))
         product = tf.matmul(rows, kernel)
         with autocast_variable.enable_auto_cast_variables(None):
