@@ -40,9 +40,10 @@ bf16 serving (--bf16_serving, on by default): the SavedModel of launch.export --
   --notraining times evaluation/serving only.
 
 Timing: everything is built and warmed up first (never timed); then every round times each configuration
-once, in an order reversed every other round. Tables give medians over rounds; a ratio is the median over
-rounds of the same-round ratio (other jobs' load drifts between rounds far more than within one), with the
-per-round values listed. Examples per CPU-second (process CPU time) are a cross-check under contention.
+once, in an order reversed every other round, each evaluation/serving group's configurations back to back (ours
+and the peer's). Tables give medians over rounds; a ratio is the median over rounds of the same-round ratio
+(other jobs' load drifts between rounds far more than within one), with the per-round values listed. Examples
+per CPU-second (process CPU time) are a cross-check under contention.
 """
 from __future__ import annotations
 
@@ -281,6 +282,16 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
 
 # ------------------------------------------------------------------------------------ the run
 
+def _side_by_side(configs: list) -> list:
+    """The configurations with each group's together (ours first, then the peer's, as built), so that a round times
+    both sides of a ratio within a second or two of each other rather than after all of ours: on these shared
+    machines one side's speed moved 1.5-2x between minutes (bench/RESULTS.md, 2026-12-06)."""
+    first_seen: dict = {}
+    for config in configs:
+        first_seen.setdefault(config.group, len(first_seen))
+    return sorted(configs, key=lambda config: first_seen[config.group])  # stable: the built order within a group
+
+
 def _paired(a: list, b: list) -> tuple[float, list]:
     per_round = [x / y for x, y in zip(a, b)]
     return statistics.median(per_round), per_round
@@ -399,7 +410,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
             print(f"not a contender ({probe[runner][1] / fastest:.1f}x slower): {runner.precision} | {runner.name}")
         else:
             contenders.append(runner)
-    timed_serving = [c for c in serving_configs if c.shared_from is None]
+    timed_serving = _side_by_side([c for c in serving_configs if c.shared_from is None])
     for config in timed_serving:
         start = time.perf_counter()
         config.run()
