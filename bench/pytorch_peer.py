@@ -19,12 +19,13 @@ import copy
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from child_process import ChildProcess, answer_requests
 
 
 def available() -> tuple[bool, str]:
@@ -238,29 +239,17 @@ class _PeerProcess:
         settings = dict(settings, model={k: v for k, v in spec.items() if k != "arrays"})
         with open(os.path.join(self._folder, "settings.json"), "w", encoding="utf-8") as f:
             json.dump(settings, f)
-        self._child = subprocess.Popen([sys.executable, os.path.abspath(__file__), self._folder],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._reply()  # "ready": the model is loaded
+        self._child = ChildProcess([sys.executable, os.path.abspath(__file__), self._folder], self._REPLY,
+                                   "the PyTorch peer")
 
     def ask(self, request: dict) -> dict:
-        self._child.stdin.write(json.dumps(request) + "\n")
-        self._child.stdin.flush()
-        return self._reply()
-
-    def _reply(self) -> dict:
-        for line in self._child.stdout:
-            if line.startswith(self._REPLY):
-                return json.loads(line[len(self._REPLY):])
-            print(line, end="", flush=True)  # a library's own output: passed on, not lost
-        raise RuntimeError(f"the PyTorch peer's process ended (exit code {self._child.wait()}); its error is above")
+        return self._child.ask(request)
 
     def close(self) -> int:
         """Ends the child (end of requests) and returns its exit code."""
-        if self._child.poll() is None:
-            self._child.stdin.close()
-            self._child.wait(timeout=60)
+        returncode = self._child.close()
         shutil.rmtree(self._folder, ignore_errors=True)
-        return self._child.returncode
+        return returncode
 
 
 class TrainRunnerProcess:
@@ -337,9 +326,8 @@ def _serve(folder: str) -> None:
                 classifiers[key] = Classifier(model, settings["tokenizer_dir"], max_length=settings["max_length"],
                                               padding=padding, longest_first=longest_first, precision=precision)
             return classifiers[key]
-    print(_PeerProcess._REPLY + json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
+
+    def handle(request: dict) -> dict:
         start = time.perf_counter(), time.process_time()
         reply = {}
         if "steps" in request:
@@ -359,7 +347,8 @@ def _serve(folder: str) -> None:
         reply.update(wall=time.perf_counter() - start[0], cpu=time.process_time() - start[1])
         if request.get("values"):
             reply["probabilities"] = probabilities.tolist()
-        print(_PeerProcess._REPLY + json.dumps(reply), flush=True)
+        return reply
+    answer_requests(_PeerProcess._REPLY, handle)
 
 
 if __name__ == "__main__":
