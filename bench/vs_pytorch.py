@@ -24,7 +24,8 @@ Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, 
   Trainer.evaluate (compiled eval step over the split tokenized once per task + metrics), the launch.predict
   path (`task.predict` on the model restored as launch.predict restores it), and the raw-string SavedModel
   that launch.export writes (batch --serving_batch_size throughput; batch 1 latency over --latency_calls
-  sentences, p50/p99 per round), each with engine/fusion.py's rewrites as the Trainer, launch.predict and
+  sentences, p50/p99 per round; served from a process of its own that loads only the SavedModel,
+  savedmodel_process.SavedModelProcess, as the peer's), each with engine/fusion.py's rewrites as the Trainer, launch.predict and
   launch.export apply them. Ours cut each batch to its longest sentence; evaluate and predict also run the
   sentences longest first (answers in input order), so batches hold similar lengths; the SavedModel answers
   the batches it is given. With --full_padding_rows ours also padded to the full seq ("... pad 128", as before
@@ -64,6 +65,7 @@ import engine  # noqa: E402,F401  (Keras 2 environment before TensorFlow loads)
 from absl import app, flags  # noqa: E402
 
 import engine_vs_fit  # noqa: E402
+import savedmodel_process  # noqa: E402
 
 FLAGS = flags.FLAGS
 # Shared with engine_vs_fit (it defines them on import): --data_dir, --steps, --rounds, --precisions, --quick,
@@ -119,11 +121,13 @@ class Timed:
 
 
 class RemoteTimed(Timed):
-    """A peer configuration timed in the peer's own process (pytorch_peer.ClassifierProcess): `request()` returns
-    its wall and CPU seconds, and per-call latencies for batch 1."""
+    """A configuration timed in a process of its own (the peer's pytorch_peer.ClassifierProcess, our
+    savedmodel_process.SavedModelProcess): `request()` returns its wall and CPU seconds, and per-call latencies
+    for batch 1."""
 
-    def __init__(self, group: str, name: str, request, examples: int, process, shared_from: str | None = None):
-        super().__init__(group, name, None, examples, shared_from=shared_from)
+    def __init__(self, group: str, name: str, request, examples: int, process, shared_from: str | None = None,
+                 kind: str | None = None):
+        super().__init__(group, name, None, examples, shared_from=shared_from, kind=kind)
         self._request, self._process = request, process
 
     def run(self) -> tuple[int, float, float]:
@@ -169,28 +173,26 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
     vocab_file = os.path.join(bert.minilm_dir(), "vocab.txt")
     config = ClassificationConfig(data_files={"validation": path}, encoder=encoder_init, vocab_file=vocab_file,
                                   max_seq_length=setup.seq_length, last_layer_cls_only=setup.last_layer_cls_only)
-    batches = [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]
     singles = sentences[:latency_calls]
     n = len(sentences)
     configs, checks, trainer, results = [], [], None, {}
 
-    def exported_signature(task, prefix, precision, name):
-        """The checkpoint at `prefix` exported by launch.export's own code, and loaded."""
+    def exported_server(task, prefix, precision, name):
+        """The checkpoint at `prefix` exported by launch.export's own code, served from a process of its own."""
         exported = task.build_model()
         checkpoints.restore_model(exported, prefix, expected="bench")
         export_dir = export_launcher.save_serving_model(task, exported, os.path.join(folder, name), precision)
-        return tf.saved_model.load(export_dir).signatures["serving_default"]
+        return savedmodel_process.SavedModelProcess(export_dir, sentences)
 
-    def served_batches(serve):
-        return [serve(sentence=tf.constant(b))["probabilities"].numpy() for b in batches]
+    def served_batches(server):
+        return np.asarray(server.batches(batch_size, values=True)["probabilities"], np.float32)
 
-    def serving_configs(serve, group, name, suffix="", kind=None):
-        """Timed batches of batch_size and batch-1 calls of a SavedModel's signature."""
-        return [Timed(f"serving batch {batch_size}{group}", f"{name} batch {batch_size}{suffix}",
-                      lambda: served_batches(serve), n, kind=kind),
-                Timed(f"serving batch 1{group}", f"{name} batch 1{suffix}",
-                      lambda s: serve(sentence=tf.constant([s]))["probabilities"].numpy(), len(singles),
-                      per_call=singles, kind=kind)]
+    def serving_configs(server, group, name, suffix="", kind=None):
+        """Timed batches of batch_size and batch-1 calls of a SavedModel's signature, in its server's process."""
+        return [RemoteTimed(f"serving batch {batch_size}{group}", f"{name} batch {batch_size}{suffix}",
+                            functools.partial(server.batches, batch_size), n, server, kind=kind),
+                RemoteTimed(f"serving batch 1{group}", f"{name} batch 1{suffix}",
+                            functools.partial(server.singles, len(singles)), len(singles), server, kind=kind)]
 
     # Ours as it runs (batches cut to their longest sequence), then, with full_padding_rows, padded to seq_length.
     for cut in (True, False) if full_padding_rows else (True,):
@@ -209,18 +211,18 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         model = task.build_model()
         checkpoints.restore_model(model, prefix, expected="bench")
         fusion.for_inference(model)  # as launch.predict.restore_model
-        serve = exported_signature(task, prefix, tf.float32, f"serving_{cut}")
+        server = exported_server(task, prefix, tf.float32, f"serving_{cut}")
         configs += [
             Timed("evaluate", "Trainer.evaluate" + suffix, run.evaluate, n, kind=kind),
             Timed("predict", "launch.predict path (task.predict)" + suffix,
                   lambda task=task, model=model: task.predict(model, sentences, batch_size=batch_size), n, kind=kind),
-        ] + serving_configs(serve, "", "SavedModel", suffix, kind)
-        served = np.concatenate(served_batches(serve))
+        ] + serving_configs(server, "", "SavedModel", suffix, kind)
+        served = served_batches(server)
         results[cut] = (run.evaluate(), task.predict(model, sentences, batch_size=batch_size)[1], served)
         if cut and bf16_serving:  # as launch.export --serving_precision=bfloat16
-            serve16 = exported_signature(task, prefix, tf.bfloat16, "serving_bf16")
-            configs += serving_configs(serve16, " bf16", "SavedModel bf16 kernels")
-            served16 = np.concatenate(served_batches(serve16))
+            server16 = exported_server(task, prefix, tf.bfloat16, "serving_bf16")
+            configs += serving_configs(server16, " bf16", "SavedModel bf16 kernels")
+            served16 = served_batches(server16)
             checks.append(f"SavedModel with bf16 kernels vs float32: largest probability difference "
                           f"{np.max(np.abs(served16 - served)):.2e}")
         if cut:

@@ -8,6 +8,7 @@ finite positive throughputs, and that the analytical FLOP count is the formula i
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -119,6 +120,9 @@ def test_vs_pytorch_engine_side_prints_its_ratio_lines(tmp_path):
                      "- SavedModel with bf16 kernels vs float32: largest probability difference "):
         assert expected in text, (expected, text)
     assert "pytorch" not in text.split("- peer:")[1].split("\n", 1)[1]  # no PyTorch rows without the extra
+    # The SavedModel answers from its own process (savedmodel_process) what launch.predict's path answers here.
+    served = re.search(r"largest probability difference SavedModel vs predict ([0-9.e+-]+)", text)
+    assert served and float(served.group(1)) < 1e-5, text
 
 
 def test_matmul_kernels_bench_times_both_tensorflow_variants_per_shape_and_dtype():
