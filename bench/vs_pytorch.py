@@ -25,8 +25,8 @@ Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, 
   path (`task.predict` on the model restored as launch.predict restores it), and the raw-string SavedModel
   that launch.export writes (batch --serving_batch_size throughput; batch 1 latency over --latency_calls
   sentences, p50/p99 per round; served from a process of its own that loads only the SavedModel,
-  savedmodel_process.SavedModelProcess, as the peer's), each with engine/fusion.py's rewrites as the Trainer, launch.predict and
-  launch.export apply them. Ours cut each batch to its longest sentence; evaluate and predict also run the
+  savedmodel_process.SavedModelProcess, as the peer's), each with engine/fusion.py's rewrites as the Trainer,
+  launch.predict and launch.export apply them. Ours cut each batch to its longest sentence; evaluate and predict also run the
   sentences longest first (answers in input order), so batches hold similar lengths; the SavedModel answers
   the batches it is given. With --full_padding_rows ours also padded to the full seq ("... pad 128", as before
   issue 14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on the same sentences
@@ -96,24 +96,17 @@ NO_PEER = "PyTorch peer: skipped, the bench extra is not installed (pip install 
 class Timed:
     """An evaluation/serving configuration: `run()` returns (examples, wall s, CPU s); `latencies` (s) for batch 1."""
 
-    def __init__(self, group: str, name: str, fn, examples: int, *, per_call=None, kind: str | None = None,
+    def __init__(self, group: str, name: str, fn, examples: int, *, kind: str | None = None,
                  shared_from: str | None = None):
         self.group, self.name = group, name
         self.shared_from = shared_from  # a group whose configuration of this name is timed for both (the peer's)
         self.kind = kind or ("torch" if name.startswith("pytorch") else "ours")  # "ours full": padded to seq
-        self._fn, self.examples, self._per_call = fn, examples, per_call
+        self._fn, self.examples = fn, examples
         self.latencies: list[list[float]] = []  # per run (round) of a batch-1 configuration
 
     def run(self) -> tuple[int, float, float]:
         start = time.perf_counter(), time.process_time()
-        if self._per_call is None:
-            self._fn()
-        else:
-            self.latencies.append([])
-            for item in self._per_call:
-                t = time.perf_counter()
-                self._fn(item)
-                self.latencies[-1].append(time.perf_counter() - t)
+        self._fn()
         return self.examples, time.perf_counter() - start[0], time.process_time() - start[1]
 
     def close(self):
