@@ -26,10 +26,10 @@ Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, 
   that launch.export writes (batch --serving_batch_size throughput; batch 1 latency over --latency_calls
   sentences, p50/p99 per round; served from a process of its own that loads only the SavedModel,
   savedmodel_process.SavedModelProcess, as the peer's), each with engine/fusion.py's rewrites as the Trainer,
-  launch.predict and launch.export apply them. Ours cut each batch to its longest sentence; evaluate and predict also run the
-  sentences longest first (answers in input order), so batches hold similar lengths; the SavedModel answers
-  the batches it is given. With --full_padding_rows ours also padded to the full seq ("... pad 128", as before
-  issue 14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on the same sentences
+  launch.predict and launch.export apply them. Ours cut each batch to its longest sentence; evaluate and
+  predict also run the sentences longest first (answers in input order), so batches hold similar lengths; the
+  SavedModel answers the batches it is given. With --full_padding_rows ours also padded to the full seq
+  ("... pad 128", as before issue 14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on the same sentences
   (tokenizing inside every call; in a process of its own, pytorch_peer.ClassifierProcess), padded to 128
   ("pad 128"), to the batch's longest ("pad longest": HF's usual `padding=True`), and, for evaluate and
   predict, longest first as ours ("pad longest, longest first": tokenized once, batches padded by
@@ -94,7 +94,8 @@ NO_PEER = "PyTorch peer: skipped, the bench extra is not installed (pip install 
 # ------------------------------------------------------------------------------------ evaluation runners
 
 class Timed:
-    """An evaluation/serving configuration: `run()` returns (examples, wall s, CPU s); `latencies` (s) for batch 1."""
+    """An evaluation/serving configuration timed here: `run()` returns (examples, wall s, CPU s). `latencies` (s per
+    call, per round) is filled by RemoteTimed for batch 1, whose calls are timed in their server's process."""
 
     def __init__(self, group: str, name: str, fn, examples: int, *, kind: str | None = None,
                  shared_from: str | None = None):
