@@ -29,8 +29,8 @@ Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, 
   launch.predict and launch.export apply them. Ours cut each batch to its longest sentence; evaluate and
   predict also run the sentences longest first (answers in input order), so batches hold similar lengths; the
   SavedModel answers the batches it is given. With --full_padding_rows ours also padded to the full seq
-  ("... pad 128", as before issue 14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on the same sentences
-  (tokenizing inside every call; in a process of its own, pytorch_peer.ClassifierProcess), padded to 128
+  ("... pad 128", as before issue 14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on
+  the same sentences (tokenizing inside every call; in a process of its own, pytorch_peer.ClassifierProcess), padded to 128
   ("pad 128"), to the batch's longest ("pad longest": HF's usual `padding=True`), and, for evaluate and
   predict, longest first as ours ("pad longest, longest first": tokenized once, batches padded by
   `tokenizer.pad`). A target compares with the fastest peer row.
