@@ -21,19 +21,18 @@ weight decay 0.01 except LayerNorm/bias, global-norm clip 1.0), in every --preci
            each in a child process of its own, timed on request (pytorch_peer.TrainRunnerProcess: inside this
            process PyTorch eager trained up to a third slower than alone)
 Evaluation and serving (float32, the first --eval_examples SST-2 dev sentences, raw strings in):
-  Trainer.evaluate (compiled eval step over the split tokenized once per task + metrics), the launch.predict
-  path (`task.predict` on the model restored as launch.predict restores it), and the raw-string SavedModel
-  that launch.export writes (batch --serving_batch_size throughput; batch 1 latency over --latency_calls
-  sentences, p50/p99 per round; served from a process of its own that loads only the SavedModel,
-  savedmodel_process.SavedModelProcess, as the peer's), each with engine/fusion.py's rewrites as the Trainer,
-  launch.predict and launch.export apply them. Ours cut each batch to its longest sentence; evaluate and
-  predict also run the sentences longest first (answers in input order), so batches hold similar lengths; the
-  SavedModel answers the batches it is given. With --full_padding_rows ours also padded to the full seq
-  ("... pad 128", as before issue 14). Against the peer in `torch.inference_mode` with HF's fast tokenizer on
-  the same sentences (tokenizing inside every call; in a process of its own, pytorch_peer.ClassifierProcess), padded to 128
-  ("pad 128"), to the batch's longest ("pad longest": HF's usual `padding=True`), and, for evaluate and
-  predict, longest first as ours ("pad longest, longest first": tokenized once, batches padded by
-  `tokenizer.pad`). A target compares with the fastest peer row.
+  Trainer.evaluate (compiled eval step over the split tokenized once per task + metrics), the launch.predict path
+  (`task.predict` on the model restored as launch.predict restores it), and the raw-string SavedModel that
+  launch.export writes (batch --serving_batch_size throughput; batch 1 latency over --latency_calls sentences, p50/p99
+  per round; served from a process of its own that loads only the SavedModel, savedmodel_process.SavedModelProcess, as
+  the peer's), each with engine/fusion.py's rewrites as the Trainer, launch.predict and launch.export apply them. Ours
+  cut each batch to its longest sentence; evaluate and predict also run the sentences longest first (answers in input
+  order), so batches hold similar lengths; the SavedModel answers the batches it is given. With --full_padding_rows
+  ours also padded to the full seq ("... pad 128", as before issue 14). Against the peer in `torch.inference_mode`
+  with HF's fast tokenizer on the same sentences (tokenizing inside every call; in a process of its own,
+  pytorch_peer.ClassifierProcess), padded to 128 ("pad 128"), to the batch's longest ("pad longest": HF's usual
+  `padding=True`), and, for evaluate and predict, longest first as ours ("pad longest, longest first": tokenized once,
+  batches padded by `tokenizer.pad`). A target compares with the fastest peer row.
 bf16 serving (--bf16_serving, on by default): the SavedModel of launch.export --serving_precision=bfloat16 (the
   blocks' dense kernels held and multiplied in bf16, the rest float32) at batch --serving_batch_size and 1,
   against the peer's model converted to bf16 (`.to(torch.bfloat16)`, as HF's `dtype=torch.bfloat16` serves it),
