@@ -3,7 +3,8 @@ batched MatMuls over [batch, heads, seq, head_dim] instead of Keras' two einsums
 head_dim-32 contractions with their own transposes. In training on the CPU the masked softmax and the attention
 dropout are one C++ op and their gradient another (engine/dropout.softmax_dropout: the same masks as the keyed
 Dropout layer); elsewhere they are the layer's own. At inference the transposes to and from heads-first run on the
-bits as integers (see swap_seq_and_heads). Its own module: fusion.py decides which layers to rebind, this is what
+bits as integers (see swap_seq_and_heads), and in float32 a short sentence's products and softmax run in Eigen's
+kernels (see _inference_attention). Its own module: fusion.py decides which layers to rebind, this is what
 one of them computes."""
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def compute_attention(layer, query, key, value, attention_mask=None, training=No
     in_training = training is True or (training is None and bool(base_layer_utils.call_context().training))
     query = tf.multiply(query, 1.0 / math.sqrt(float(layer._key_dim)))
     query, key, value = (swap_seq_and_heads(t, in_training) for t in (query, key, value))
+    if not in_training and query.dtype == tf.float32:
+        return _inference_attention(layer, query, key, value, attention_mask)
     logits = tf.matmul(query, key, transpose_b=True)
     fused = dropout.softmax_dropout(logits, attention_mask, layer._dropout_layer) if in_training else None
     if fused is None:
@@ -38,6 +41,45 @@ def compute_attention(layer, query, key, value, attention_mask=None, training=No
     else:
         dropped, scores = fused
     return swap_seq_and_heads(tf.matmul(dropped, value), in_training), scores
+
+
+# At inference in float32, attention products with at most this many score elements per head (batch x queries x
+# keys: one sentence of up to 28 word-pieces) run in Eigen's kernel, larger ones in oneDNN's (_inference_attention).
+# Eigen's was the faster up to ~25 word-pieces in a hot loop and 3x slower at 64 (bench/RESULTS.md, 2026-12-06).
+EIGEN_SCORES_UP_TO = 28 * 28
+
+
+def _inference_attention(layer, query, key, value, attention_mask):
+    """Keras' scores, masked softmax and context at inference in float32, on heads-first operands.
+
+    TensorFlow's oneDNN build rewrites every BatchMatMulV2 into _MklBatchMatMulV2 and every Softmax into
+    _MklSoftmax; for one sentence ([1, 12, 25, 32] x [1, 12, 32, 25]) each hands its few microseconds of work to
+    the intra-op thread pool and waits, and between two layers' attention those threads have gone to sleep. The
+    rewrite leaves BatchMatMulV3 (the same product, with an output dtype) to Eigen's kernel, and a softmax spelled
+    as Eigen ops stays Eigen's, so a short sentence's attention runs on the calling thread: the export answered
+    SST-2 sentences 1.04-1.11x sooner (p50; bench/RESULTS.md, 2026-12-06). Eigen's products are slower on bigger
+    operands (the export's batch-32 throughput 0.72-0.78x with them), hence the tf.cond on the size; the cond holds
+    no weights, so the export does not grow."""
+    shape = tf.shape(query)
+    small = shape[0] * shape[2] * tf.shape(key)[2] <= EIGEN_SCORES_UP_TO
+
+    def eigen():
+        logits = tf.raw_ops.BatchMatMulV3(x=query, y=key, adj_y=True, Tout=query.dtype)
+        if attention_mask is not None:  # Keras' _masked_softmax and Softmax layer: the mask's adder, then softmax
+            mask = tf.cast(attention_mask, logits.dtype)
+            while mask.shape.rank < logits.shape.rank:
+                mask = tf.expand_dims(mask, -3)  # [batch, 1, queries, keys]
+            logits += (1.0 - mask) * -1e9  # Keras' _large_compatible_negative for float32
+        exps = tf.exp(logits - tf.reduce_max(logits, -1, keepdims=True))
+        scores = exps / tf.reduce_sum(exps, -1, keepdims=True)
+        return tf.raw_ops.BatchMatMulV3(x=scores, y=value, Tout=query.dtype), scores
+
+    def onednn():
+        scores = layer._masked_softmax(tf.matmul(query, key, transpose_b=True), attention_mask)
+        return tf.matmul(scores, value), scores
+
+    context, scores = tf.cond(small, eigen, onednn)
+    return swap_seq_and_heads(context, False), scores
 
 
 # Same-width integer types for swap_seq_and_heads.

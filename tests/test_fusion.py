@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 import bert_numpy_reference as ref
-from engine import bias, dropout, fusion, host, layer_norm, unpadding
+from engine import attention, bias, dropout, fusion, host, layer_norm, unpadding
 from engine import dense as dense_ops
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, constant_shapes, graph_op_types, run_training
@@ -566,6 +566,38 @@ def test_attention_transposes_run_on_integer_bits_at_inference_only():
     # Per layer: query, key and value to heads-first, and the context back (in each of the two paths).
     assert transposes(training=False) == ["int32"] * 2 * 4 * config.num_hidden_layers
     assert transposes(training=True) == ["float32"] * 4 * config.num_hidden_layers
+
+
+def test_short_sentences_attend_in_eigens_kernels_at_inference_and_all_give_the_numpy_reference(monkeypatch):
+    """At inference in float32, attention with at most EIGEN_SCORES_UP_TO score elements per head (batch x
+    queries x keys) takes BatchMatMulV3, which TensorFlow's oneDNN rewrite leaves to Eigen, and a softmax of Eigen
+    ops; larger attention the oneDNN products. Both give the float64 NumPy BERT's values, padding masked."""
+    config, _, _, fused = _encoder_pair()
+    fusion.fuse_elementwise(fused, export_safe=True)
+    eigen_products = []
+    batch_matmul_v3 = tf.raw_ops.BatchMatMulV3
+    monkeypatch.setattr(tf.raw_ops, "BatchMatMulV3", lambda **kw: eigen_products.append(1) or batch_matmul_v3(**kw))
+    limit = attention.EIGEN_SCORES_UP_TO
+    side = math.isqrt(limit)
+    assert side * side == limit  # so that [1, side] is the largest one-sentence batch on the Eigen side
+    cases = [([1], 11, 16), ([16, 5], 16, 16), ([side], side, side), ([side + 1], side + 1, side + 1),
+             ([16, 11, 5, 1], 16, 16)]  # (tokens per row, longest, padded length)
+    for tokens, longest, length in cases:
+        mask = tf.cast(tf.range(length)[None] < tf.constant(tokens)[:, None], tf.int32)
+        ids = tf.reshape(tf.range(len(tokens) * length) % 50 + 1, [len(tokens), length]) * mask
+        inputs = {"input_word_ids": ids, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
+        eigen_products.clear()
+        outputs = fused(inputs, training=False)  # eagerly: each tf.cond runs only the branch it takes
+        small = len(tokens) * length * length <= limit
+        assert len(eigen_products) == (2 * config.num_hidden_layers if small else 0), (tokens, length)
+        numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
+        reference = ref.bert_forward(bert.hf_weights(fused), config.num_attention_heads, **numpy_inputs)
+        seq_diff, pooled_diff = ref.max_abs_diffs(reference, outputs, numpy_inputs["input_mask"])
+        assert seq_diff <= 1e-4 and pooled_diff <= 1e-4, (tokens, seq_diff, pooled_diff)
+    # Training keeps the oneDNN products (and on the CPU our softmax-dropout op).
+    eigen_products.clear()
+    fused(inputs, training=True)
+    assert not eigen_products
 
 
 def test_export_safe_graph_has_no_xla_kernel_nor_op_of_ours(monkeypatch):
