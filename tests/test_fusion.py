@@ -580,9 +580,8 @@ def test_short_sentences_attend_in_eigens_kernels_at_inference_and_all_give_the_
     limit = attention.EIGEN_SCORES_UP_TO
     side = math.isqrt(limit)
     assert side * side == limit  # so that [1, side] is the largest one-sentence batch on the Eigen side
-    cases = [([1], 11, 16), ([16, 5], 16, 16), ([side], side, side), ([side + 1], side + 1, side + 1),
-             ([16, 11, 5, 1], 16, 16)]  # (tokens per row, longest, padded length)
-    for tokens, longest, length in cases:
+    cases = [([11], 16), ([16, 5], 16), ([side], side), ([side + 1], side + 1), ([16, 11, 5, 1], 16)]
+    for tokens, length in cases:  # tokens per row, padded length
         mask = tf.cast(tf.range(length)[None] < tf.constant(tokens)[:, None], tf.int32)
         ids = tf.reshape(tf.range(len(tokens) * length) % 50 + 1, [len(tokens), length]) * mask
         inputs = {"input_word_ids": ids, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
