@@ -31,8 +31,16 @@ def compute_attention(layer, query, key, value, attention_mask=None, training=No
     in_training = training is True or (training is None and bool(base_layer_utils.call_context().training))
     query = tf.multiply(query, 1.0 / math.sqrt(float(layer._key_dim)))
     query, key, value = (swap_seq_and_heads(t, in_training) for t in (query, key, value))
+    onednn = lambda: _batched_matmul_attention(layer, query, key, value, attention_mask, training, in_training)
     if not in_training and query.dtype == tf.float32:
-        return _inference_attention(layer, query, key, value, attention_mask)
+        context, scores = _inference_attention(query, key, value, attention_mask, onednn)
+    else:
+        context, scores = onednn()
+    return swap_seq_and_heads(context, in_training), scores
+
+
+def _batched_matmul_attention(layer, query, key, value, attention_mask, training, in_training):
+    """(context, scores) on heads-first operands as BatchMatMulV2s, which TensorFlow's oneDNN build runs."""
     logits = tf.matmul(query, key, transpose_b=True)
     fused = dropout.softmax_dropout(logits, attention_mask, layer._dropout_layer) if in_training else None
     if fused is None:
@@ -40,7 +48,7 @@ def compute_attention(layer, query, key, value, attention_mask=None, training=No
         dropped = layer._dropout_layer(scores, training=training)
     else:
         dropped, scores = fused
-    return swap_seq_and_heads(tf.matmul(dropped, value), in_training), scores
+    return tf.matmul(dropped, value), scores
 
 
 # At inference in float32, attention products with at most this many score elements per head (batch x queries x
@@ -49,8 +57,8 @@ def compute_attention(layer, query, key, value, attention_mask=None, training=No
 EIGEN_SCORES_UP_TO = 28 * 28
 
 
-def _inference_attention(layer, query, key, value, attention_mask):
-    """Keras' scores, masked softmax and context at inference in float32, on heads-first operands.
+def _inference_attention(query, key, value, attention_mask, onednn):
+    """Keras' (context, scores) at inference in float32 on heads-first operands (`onednn()`: the usual way).
 
     TensorFlow's oneDNN build rewrites every BatchMatMulV2 into _MklBatchMatMulV2 and every Softmax into
     _MklSoftmax; for one sentence ([1, 12, 25, 32] x [1, 12, 32, 25]) each hands its few microseconds of work to
@@ -74,12 +82,7 @@ def _inference_attention(layer, query, key, value, attention_mask):
         scores = exps / tf.reduce_sum(exps, -1, keepdims=True)
         return tf.raw_ops.BatchMatMulV3(x=scores, y=value, Tout=query.dtype), scores
 
-    def onednn():
-        scores = layer._masked_softmax(tf.matmul(query, key, transpose_b=True), attention_mask)
-        return tf.matmul(scores, value), scores
-
-    context, scores = tf.cond(small, eigen, onednn)
-    return swap_seq_and_heads(context, False), scores
+    return tf.cond(small, eigen, onednn)
 
 
 # Same-width integer types for swap_seq_and_heads.
