@@ -22,12 +22,15 @@ def longest_first_batches(features: dict, batch_size: int, cut: Optional[Callabl
     the batch's indices into `features` (to put answers back in input order), `batch` its rows as tensors,
     passed through `cut` when given (e.g. `cut_to_longest`; None keeps max_seq_length: TPU-built models).
 
-    What each Task's `predict` runs over its examples, as its evaluation batches do."""
+    What each Task's `predict` runs over its examples, as its evaluation batches do. The cut works on the NumPy
+    rows, before they become tensors: as eager TensorFlow ops on the tensors, cutting and converting a batch of
+    32 took 1.5-1.7 ms instead of 0.2 (1-2 % of `task.predict` over SST-2 sentences; bench/RESULTS.md,
+    2026-12-06)."""
     order = longest_first(features["input_mask"])
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
-        batch = {k: tf.convert_to_tensor(v[rows]) for k, v in features.items()}
-        yield rows, (cut(batch) if cut else batch)
+        batch = {k: np.asarray(v)[rows] for k, v in features.items()}
+        yield rows, {k: tf.convert_to_tensor(v) for k, v in (cut(batch) if cut else batch).items()}
 
 
 def pad_batch(features, labels, batch_size: int):
@@ -205,21 +208,26 @@ def check_static_shapes(element_spec, *, task_name: str, sequence_axis: int = 1)
             "(engine.inputs.shard_shuffle_batch, and group_by_length for sequence widths from a fixed bucket list).")
 
 
-def longest_width(mask: tf.Tensor, full_length, multiple: int = 16) -> tf.Tensor:
+def longest_width(mask, full_length, multiple: int = 16):
     """The width a batch with this [batch, full_length] 0/1 padding mask is cut to: its longest sequence rounded
-    up to `multiple`, at most `full_length` (so one of `bucket_widths(full_length, multiple)`)."""
-    longest = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)), 1)  # 1: an empty batch
+    up to `multiple`, at most `full_length` (so one of `bucket_widths(full_length, multiple)`). A tensor for a
+    tensor (tf.data batches), an int for a NumPy mask (longest_first_batches)."""
+    if isinstance(mask, np.ndarray):
+        longest = max(int(mask.sum(axis=1).max(initial=0)), 1)  # 1: an empty batch
+        return min((longest + multiple - 1) // multiple * multiple, full_length)
+    longest = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)), 1)
     return tf.minimum((longest + multiple - 1) // multiple * multiple, full_length)
 
 
 def cut_to_longest(features, labels, *, length_key: str, full_length: int, multiple: int = 16):
-    """(features, labels) of one batch, every [batch, full_length, ...] tensor cut to `longest_width`.
+    """(features, labels) of one batch, every [batch, full_length, ...] tensor (or NumPy array) cut to
+    `longest_width`.
 
     What is cut is padding only, which the attention mask already ignores: the same outputs, less work."""
     keep = longest_width(features[length_key], full_length, multiple)
 
     def cut(t):
-        is_sequence = t.shape.rank >= 2 and t.shape[1] == full_length
+        is_sequence = len(t.shape) >= 2 and t.shape[1] == full_length
         return t[:, :keep] if is_sequence else t
     return tf.nest.map_structure(cut, (features, labels))
 

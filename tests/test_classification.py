@@ -285,6 +285,33 @@ def test_group_by_length_keeps_every_example_and_cuts_only_padding():
     assert np.mean(widths) < 0.6 * full  # what the grouping is for
 
 
+@pytest.mark.parametrize("multiple", [1, 5])
+def test_predict_batches_come_longest_first_cut_in_numpy_to_the_widths_of_the_tensor_rule(multiple):
+    rng = np.random.default_rng(1)
+    full, batch_size = 24, 4
+    lengths = np.concatenate([rng.integers(1, 12, 9), [full, 0]])[rng.permutation(11)]  # one full, one empty
+    ids = np.zeros([11, full], np.int32)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = np.arange(length) + 100 * (i + 1)
+    features = {"input_word_ids": ids, "input_mask": (ids > 0).astype(np.int32), "example": np.arange(11)}
+    cut = lambda batch: inputs.cut_to_longest(batch, (), length_key="input_mask", full_length=full,
+                                              multiple=multiple)[0]
+    seen = []
+    for rows, batch in inputs.longest_first_batches(features, batch_size, cut=cut):
+        assert all(isinstance(t, tf.Tensor) for t in batch.values())
+        # Longest first: no row of a later batch is longer than any row of this one.
+        assert min(lengths[rows]) >= np.delete(lengths, np.concatenate(seen + [rows])).max(initial=0)
+        longest = max(max(lengths[rows]), 1)
+        width = min(full, longest if longest % multiple == 0 else longest + multiple - longest % multiple)
+        assert batch["input_word_ids"].shape == (len(rows), width)
+        np.testing.assert_array_equal(batch["input_word_ids"], ids[rows, :width])
+        np.testing.assert_array_equal(batch["example"], rows)  # not sequence-shaped: not cut
+        # The NumPy rule (these batches) and the tensor rule (tf.data evaluation batches) give the same width.
+        assert int(inputs.longest_width(tf.constant(features["input_mask"][rows]), full, multiple)) == width
+        seen.append(rows)
+    assert sorted(np.concatenate(seen)) == list(range(11))
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_cut_batches_give_the_logits_of_full_padding(sst2_slices, pooling):
     task = ClassificationTask(tiny_config(sst2_slices, pooling=pooling))

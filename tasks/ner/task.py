@@ -198,7 +198,9 @@ class TaggingTask(Task):
         10 s more compiling than they saved in a CoNLL evaluation (bench/RESULTS.md). Not
         engine.inputs.cut_to_longest: that would cut the word axis only if it happened to be as long."""
         pieces = inputs.longest_width(features["input_mask"], self.config.max_seq_length, multiple)
-        words = tf.minimum(pieces - 2, self.config.words_per_window)
+        # An int for NumPy arrays (predict's batches: inputs.longest_first_batches), else a tensor.
+        words = (min(pieces - 2, self.config.words_per_window) if isinstance(pieces, int)
+                 else tf.minimum(pieces - 2, self.config.words_per_window))
         features = {k: v[:, :pieces] if k in SUB_TOKEN_ARRAYS else v[:, :words] if k in WORD_ARRAYS else v
                     for k, v in features.items()}
         return features, (None if labels is None else labels[:, :words])
