@@ -214,9 +214,11 @@ def longest_width(mask, full_length, multiple: int = 16):
     tensor (tf.data batches), an int for a NumPy mask (longest_first_batches)."""
     if isinstance(mask, np.ndarray):
         longest = max(int(mask.sum(axis=1).max(initial=0)), 1)  # 1: an empty batch
-        return min((longest + multiple - 1) // multiple * multiple, full_length)
-    longest = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)), 1)
-    return tf.minimum((longest + multiple - 1) // multiple * multiple, full_length)
+        minimum = min
+    else:
+        longest = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)), 1)
+        minimum = tf.minimum
+    return minimum((longest + multiple - 1) // multiple * multiple, full_length)
 
 
 def cut_to_longest(features, labels, *, length_key: str, full_length: int, multiple: int = 16):
