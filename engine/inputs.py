@@ -213,10 +213,17 @@ def longest_width(mask, full_length, multiple: int = 16):
     up to `multiple`, at most `full_length` (so one of `bucket_widths(full_length, multiple)`). A tensor for a
     tensor (tf.data batches), an int for a NumPy mask (longest_first_batches)."""
     if isinstance(mask, np.ndarray):
-        longest = max(int(mask.sum(axis=1).max(initial=0)), 1)  # 1: an empty batch
+        return width_for_lengths(mask.sum(axis=1), full_length, multiple)
+    return width_for_lengths(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1), full_length, multiple)
+
+
+def width_for_lengths(lengths, full_length, multiple: int = 16):
+    """longest_width's rule on the rows' lengths ([batch] NumPy array -> int, tensor -> tensor)."""
+    if isinstance(lengths, np.ndarray):
+        longest = max(int(lengths.max(initial=0)), 1)  # 1: an empty batch
         minimum = min
     else:
-        longest = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)), 1)
+        longest = tf.maximum(tf.reduce_max(lengths), 1)
         minimum = tf.minimum
     return minimum((longest + multiple - 1) // multiple * multiple, full_length)
 

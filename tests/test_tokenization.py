@@ -83,6 +83,33 @@ def test_packed_pairs_match_hf(tokenizers, sentences):
         assert (packed["input_word_ids"][row, n:] == ours.pad_id).all()
 
 
+@pytest.mark.parametrize("segments", [1, 2])
+def test_pack_gives_model_gardens_bert_pack_inputs_truncated_and_cut(tokenizers, segments):
+    """Our dense packing against Model Garden's BertPackInputs (ragged concatenation, tf_text's
+    RoundRobinTrimmer): rows of 0-40 ids, budgets odd and even, one segment or pairs where either is the long one;
+    with pad_to_multiple, its output cut to the longest real row (a Python loop) rounded up."""
+    from official.nlp.modeling.layers import text_layers  # noqa: PLC0415
+    ours, _ = tokenizers
+    rng = np.random.default_rng(segments)
+    lengths = [0, 1, 3, 7, 8, 9, 20, 40] + list(rng.integers(0, 41, 24))
+    rows = [[rng.integers(5, ours.vocab_size, n).tolist() for n in rng.permutation(lengths)] for _ in range(segments)]
+    ragged = [tf.ragged.constant(r, dtype=tf.int32) for r in rows]
+    for seq_length in (segments + 1, 9, 16, 17, 64):
+        expected = {k: v.numpy() for k, v in text_layers.BertPackInputs.bert_pack_inputs(
+            ragged, seq_length, start_of_sequence_id=ours.cls_id, end_of_segment_id=ours.sep_id,
+            padding_id=ours.pad_id, truncator="round_robin").items()}
+        longest = max(int(row.sum()) for row in expected["input_mask"])
+        for multiple in (None, 1, 16):
+            packed = ours.pack(ragged, seq_length, pad_to_multiple=multiple)
+            width = min(-(-longest // multiple) * multiple, seq_length) if multiple else seq_length
+            for name, want in expected.items():
+                got = packed[name].numpy()
+                assert packed[name].dtype == tf.int32 and got.shape == (len(lengths), width), (name, got.shape)
+                np.testing.assert_array_equal(got, want[:, :width], err_msg=f"{name} {seq_length} {multiple}")
+    with pytest.raises(ValueError, match="seq_length 2"):
+        ours.pack(ragged + ragged[:1], 2)
+
+
 def test_offsets_point_at_the_wordpieces(tokenizers):
     ours, _ = tokenizers
     text = "the movie's " + "x" * (MAX_CHARS_PER_WORD + 5) + " unbelievably good"

@@ -122,7 +122,8 @@ def save_encoder(encoder: tf_keras.layers.Layer, export_path: str, *, vocab_file
 
 
 class _Preprocessor(tf.Module):
-    """The exported preprocessor: our WordPieceTokenizer (HF-identical ids), Model Garden's packing.
+    """The exported preprocessor: our WordPieceTokenizer (HF-identical ids); `bert_pack_inputs` is Model Garden's
+    packing layer (TF Hub's interface), whose outputs the default call's packing (tokenization.py) reproduces.
 
     Not export_tfhub_lib.create_preprocessing: its tokenizer is tf_text.BertTokenizer, whose NFKC
     case folding gives other ids than the tokenizer we train with on some inputs (see tokenization.py).

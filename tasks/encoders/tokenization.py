@@ -1,8 +1,10 @@
 """WordPiece tokenization and BERT input packing, in-graph with tensorflow-text.
 
 Runs inside `tf.data` so the input pipeline is checkpointable and needs no Python per example.
-Packing reuses Model Garden's `BertPackInputs` (the same op TF Hub preprocessors export), so
-what we train on is exactly what an exported preprocessor produces.
+Packing gives what Model Garden's `BertPackInputs` (the layer TF Hub preprocessors export) gives, ids, mask,
+type ids and round-robin truncation alike (tests/test_tokenization.py compares the two), in a few dense ops:
+`BertPackInputs` concatenates ragged tensors and checks their row partitions, ~300 graph nodes that a
+serving call executes at about a microsecond each (bench/RESULTS.md, thirty-second session).
 
 The text normalisation is HF's BertNormalizer (= google-research/bert's BasicTokenizer), not
 tensorflow-text's: tf_text.BertTokenizer(lower_case=True) applies ICU NFKC_Casefold, which rewrites
@@ -18,7 +20,8 @@ from typing import Mapping, Sequence
 
 import tensorflow as tf
 import tensorflow_text as tf_text
-from official.nlp.modeling.layers import text_layers
+# The op behind tf_text.regex_split_with_offsets, whose wrapper re-validates the op's own row splits (see _words).
+from tensorflow_text.python.ops.regex_split_ops import gen_regex_split_ops
 
 from engine import inputs
 from tasks import textfiles
@@ -106,11 +109,19 @@ class WordPieceTokenizer:
         # matches whole: one [UNK], as tokenize_with_offsets gives. Half the ops of patching its ragged ids after
         # the lookup (one sentence in a tf.function: 0.7 instead of 1.4 ms on the Xeon; bench/RESULTS.md).
         words = words.with_flat_values(tf.where(_too_long(words), _UNK, words.flat_values))
-        return self._wordpiece.tokenize(words).merge_dims(-2, -1)
+        pieces = self._wordpiece.tokenize(words)  # [batch, (words), (wordpieces)]
+        # merge_dims(-2, -1), without the check of row splits that merge_dims adds (they come from the op).
+        return tf.RaggedTensor.from_row_splits(pieces.flat_values,
+                                               tf.gather(pieces.values.row_splits, pieces.row_splits),
+                                               validate=False)
 
     def _words(self, texts: tf.Tensor):
         """[batch] strings -> normalized words [batch, (words)] and their byte offsets, as BasicTokenizer splits."""
-        return tf_text.regex_split_with_offsets(self.normalize(texts), _SPLIT, _KEEP)
+        # tf_text.regex_split_with_offsets with the same patterns, minus its three checks of the row splits the
+        # op itself returned: each is a cond of ~30 graph nodes that every serving call executes.
+        words, begin, end, row_splits = gen_regex_split_ops.regex_split_with_offsets(
+            self.normalize(texts), f"({_SPLIT})", f"({_KEEP})")
+        return tuple(tf.RaggedTensor.from_row_splits(t, row_splits, validate=False) for t in (words, begin, end))
 
     def tokenize_with_offsets(self, texts: tf.Tensor):
         """[batch] strings -> (ids, begin, end) ragged [batch, (words), (wordpieces)].
@@ -128,12 +139,34 @@ class WordPieceTokenizer:
         word_begin = tf.expand_dims(word_begin, axis=2)
         return ids, word_begin + begin, word_begin + end
 
-    def pack(self, segments: Sequence[tf.RaggedTensor], seq_length: int | None = None) -> Mapping[str, tf.Tensor]:
-        """Packs 1 or 2 tokenized segments, truncating round-robin, into BERT's three int32 inputs."""
-        return text_layers.BertPackInputs.bert_pack_inputs(
-            list(segments), seq_length or self.seq_length,
-            start_of_sequence_id=self.cls_id, end_of_segment_id=self.sep_id, padding_id=self.pad_id,
-            truncator="round_robin")
+    def pack(self, segments: Sequence[tf.RaggedTensor], seq_length: int | None = None,
+             pad_to_multiple: int | None = None) -> Mapping[str, tf.Tensor]:
+        """Packs 1 or 2 tokenized segments ([batch, (ids)] int32), truncating round-robin, into BERT's three int32
+        inputs `[CLS] a [SEP] (b [SEP])`, as Model Garden's BertPackInputs: [batch, seq_length], or with
+        `pad_to_multiple` k [batch, width], the longest packed row rounded up to k, at most seq_length."""
+        seq_length = seq_length or self.seq_length
+        budget = seq_length - len(segments) - 1  # room for wordpieces beside [CLS] and the [SEP]s
+        if not 1 <= len(segments) <= 2 or budget < 0:
+            raise ValueError(f"cannot pack {len(segments)} segment(s) into seq_length {seq_length}")
+        kept = _round_robin(*(tf.cast(s.row_lengths(), tf.int32) for s in segments), budget=budget)
+        total = tf.add_n(kept) + len(segments) + 1
+        width = inputs.width_for_lengths(total, seq_length, pad_to_multiple) if pad_to_multiple else seq_length
+        position = tf.range(width)[None, :] + tf.zeros_like(total)[:, None]  # [batch, width]
+        row_start = tf.range(tf.shape(total)[0])[:, None] * seq_length  # each row's first in a flat [batch * seq_length]
+        ids = tf.where(position == 0, self.cls_id, self.pad_id)
+        type_ids = tf.zeros_like(ids)
+        first = tf.ones_like(total)[:, None]  # where the segment's wordpieces start
+        for i, (segment, k) in enumerate(zip(segments, kept)):
+            sep = first + k[:, None]
+            flat = tf.reshape(segment.to_tensor(self.pad_id, shape=[None, seq_length]), [-1])
+            inside = (position >= first) & (position < sep)
+            ids = tf.where(inside, tf.gather(flat, tf.where(inside, position - first, 0) + row_start), ids)
+            ids = tf.where(position == sep, self.sep_id, ids)
+            if i:
+                type_ids = tf.where((position >= first) & (position <= sep), 1, type_ids)
+            first = sep + 1
+        return {"input_word_ids": ids, "input_mask": tf.cast(position < total[:, None], tf.int32),
+                "input_type_ids": type_ids}
 
     def encode(self, *texts: tf.Tensor, seq_length: int | None = None,
                pad_to_multiple: int | None = None) -> Mapping[str, tf.Tensor]:
@@ -142,11 +175,17 @@ class WordPieceTokenizer:
         Padded to `seq_length` (a fixed shape: tf.data, TPUs); with `pad_to_multiple` k, only to the batch's
         longest sequence rounded up to a multiple of k, at most `seq_length` (HF's `padding=True` is k=1).
         Truncation is the same either way: the ids are those of the fixed shape, minus trailing padding."""
-        packed = self.pack([self.tokenize(t) for t in texts], seq_length)
-        if not pad_to_multiple:
-            return packed
-        keep = inputs.longest_width(packed["input_mask"], seq_length or self.seq_length, pad_to_multiple)
-        return {name: t[:, :keep] for name, t in packed.items()}
+        return self.pack([self.tokenize(t) for t in texts], seq_length, pad_to_multiple)
+
+
+def _round_robin(*lengths: tf.Tensor, budget: int) -> list[tf.Tensor]:
+    """Per row, how many wordpieces each of 1-2 segments keeps when `budget` of them are dealt one at a time to
+    each segment in turn that has any left, the first segment first (tf_text.RoundRobinTrimmer's rule)."""
+    if len(lengths) == 1:
+        return [tf.minimum(lengths[0], budget)]
+    a, b = lengths
+    return [tf.minimum(a, tf.maximum((budget + 1) // 2, budget - b)),
+            tf.minimum(b, tf.maximum(budget // 2, budget - a))]
 
 
 def _too_long(words: tf.RaggedTensor) -> tf.Tensor:
