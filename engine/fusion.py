@@ -143,8 +143,11 @@ def _layer_norm_call(layer, inputs):
     input_dtype = inputs.dtype
     if input_dtype in (tf.float16, tf.bfloat16) and layer.dtype == "float32":
         inputs = tf.cast(inputs, tf.float32)  # as Keras does: statistics in float32 under a mixed policy
-    gamma = tf.cast(layer.gamma, inputs.dtype) if layer.scale else None
-    beta = tf.cast(layer.beta, inputs.dtype) if layer.center else None
+    held = getattr(layer, "_held_gamma_beta", None)  # hold_layer_norm_parameters: an export's graph constants
+    gamma, beta = held if held and not training else (layer.gamma if layer.scale else None,
+                                                      layer.beta if layer.center else None)
+    gamma = None if gamma is None else tf.cast(gamma, inputs.dtype)
+    beta = None if beta is None else tf.cast(beta, inputs.dtype)
     if training:
         outputs = layer_norm.training(inputs, gamma, beta, layer.epsilon)
     else:
@@ -152,6 +155,21 @@ def _layer_norm_call(layer, inputs):
         if outputs is None:
             outputs = layer_norm.inference(inputs, gamma, beta, layer.epsilon)
     return tf.cast(outputs, input_dtype)
+
+
+def hold_layer_norm_parameters(model: tf.Module) -> int:
+    """For a serving export, as engine/dense.hold_kernels_in for the kernels: each rewritten LayerNormalization
+    reads its gamma and beta as values, constants of the traced graph; returns how many layers. A variable read
+    costs a batch-1 call a VarHandleOp and a ReadVariableOp, plus a Switch to enter each padding-cond branch of a
+    block: ~80 of MiniLM's ~1,150 executed nodes, at about a microsecond each (bench/RESULTS.md, thirty-second
+    session). The model is for inference only from then on (training still reads the variables)."""
+    count = 0
+    for layer in model.submodules:
+        if isinstance(layer.call, functools.partial) and layer.call.func is _layer_norm_call:
+            layer._held_gamma_beta = (layer.gamma.numpy() if layer.scale else None,
+                                      layer.beta.numpy() if layer.center else None)
+            count += 1
+    return count
 
 
 def _native_at_inference(layer) -> bool:

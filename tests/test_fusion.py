@@ -717,6 +717,32 @@ def test_kernels_held_in_float32_run_in_two_halves_and_give_the_numpy_reference(
             assert not any(constants[shape] for shape in halves), constants
 
 
+def test_layer_norm_parameters_held_as_constants_give_the_numpy_reference():
+    """launch.export: every LayerNorm's gamma and beta as graph constants (fewer nodes per served call), with the
+    float64 NumPy BERT's values for a padded batch (both branches of the blocks' padding cond) and one unpadded
+    sentence; gamma and beta drawn at random so that a swapped or dropped one shows. The variables are unread at
+    inference, and read in training."""
+    config, inputs, _, model = _encoder_pair()
+    rng = np.random.default_rng(1)
+    norms = [layer for layer in model.submodules if isinstance(layer, tf_keras.layers.LayerNormalization)]
+    for layer in norms:
+        layer.gamma.assign(rng.normal(1, 0.3, layer.gamma.shape))
+        layer.beta.assign(rng.normal(0, 0.3, layer.beta.shape))
+    fusion.fuse_elementwise(model, export_safe=True)
+    assert fusion.hold_layer_norm_parameters(model) == len(norms) == 2 * config.num_hidden_layers + 1
+    for batch in (inputs, {k: v[:1] for k, v in inputs.items()}):
+        infer = tf.function(lambda x: model(x, training=False)).get_concrete_function(batch)
+        numpy_inputs = {k: v.numpy() for k, v in batch.items()}
+        reference = ref.bert_forward(bert.hf_weights(model), config.num_attention_heads, **numpy_inputs)
+        seq_diff, pooled_diff = ref.max_abs_diffs(reference, infer(batch), numpy_inputs["input_mask"])
+        assert seq_diff <= 1e-5 and pooled_diff <= 1e-5, (seq_diff, pooled_diff)
+        read = {variable.ref() for variable in infer.variables}
+        assert not any(layer.gamma.ref() in read or layer.beta.ref() in read for layer in norms)
+    trained = tf.function(lambda x: model(x, training=True)).get_concrete_function(inputs)
+    read = {variable.ref() for variable in trained.variables}
+    assert all(layer.gamma.ref() in read and layer.beta.ref() in read for layer in norms)
+
+
 def test_halves_only_where_each_half_runs_on_one_thread(monkeypatch):
     """TensorFlow runs a MatMul on one thread when bytes x (m n + k (m + n)) fit in L2: at 32 rows, MiniLM's
     projections' column halves do at 1 MiB (the Zen 4) and 2 MiB (the AMX Xeon), its FFN halves at 2 MiB only (in

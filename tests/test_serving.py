@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 from absl import app, flags
 
 from conftest import DATA_DIR, REPO_ROOT, write_tiny_encoder_dir
@@ -264,13 +265,15 @@ def test_bfloat16_export_answers_within_bf16_rounding_and_holds_the_dense_kernel
     assert 1e-6 < difference < 0.02, difference
     assert [label.decode() for label in got["label"].numpy()] == labels
     # Both exports hold the dense kernels and biases as graph constants (float32 ones in the float32 export), not
-    # variables (engine/dense.py runs them in halves).
+    # variables (engine/dense.py runs them in halves), and the LayerNorms' gamma and beta too (float32 in both).
     dense_layers = [layer for layer in model.submodules if dense_ops.is_plain(layer)]
     kernels = sum(int(np.prod(layer.kernel.shape)) for layer in dense_layers)
     biases = sum(int(np.prod(layer.bias.shape)) for layer in dense_layers)
+    norms = sum(int(np.prod(layer.gamma.shape)) + int(np.prod(layer.beta.shape)) for layer in model.submodules
+                if isinstance(layer, tf_keras.layers.LayerNormalization))
     float32 = _saved_variables(paths["float32"])
-    assert kernels > 0 and _saved_variables(paths["bfloat16"]) == float32
-    assert float32["float32"] == sum(int(np.prod(v.shape)) for v in model.variables) - kernels - biases
+    assert kernels > 0 and norms > 0 and _saved_variables(paths["bfloat16"]) == float32
+    assert float32["float32"] == sum(int(np.prod(v.shape)) for v in model.variables) - kernels - biases - norms
     # Once per traced call of a layer: twice where the padding cond traces both branches (not in the last layer,
     # which computes [CLS] only), plus bf16 scalars such as GELU's.
     graphs = {precision: _saved_graph(path) for precision, path in paths.items()}
