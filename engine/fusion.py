@@ -161,7 +161,7 @@ def hold_layer_norm_parameters(model: tf.Module) -> int:
     """For a serving export, as engine/dense.hold_kernels_in for the kernels: each rewritten LayerNormalization
     reads its gamma and beta as values, constants of the traced graph; returns how many layers. A variable read
     costs a batch-1 call a VarHandleOp and a ReadVariableOp, plus a Switch to enter each padding-cond branch of a
-    block: ~80 of MiniLM's ~1,150 executed nodes, at about a microsecond each (bench/RESULTS.md, thirty-second
+    block: ~150 of the ~1,150 nodes a call of MiniLM's export executed, ~0.15 ms (bench/RESULTS.md, thirty-second
     session). The model is for inference only from then on (training still reads the variables)."""
     count = 0
     for layer in model.submodules:

@@ -106,8 +106,10 @@ def test_pack_gives_model_gardens_bert_pack_inputs_truncated_and_cut(tokenizers,
                 got = packed[name].numpy()
                 assert packed[name].dtype == tf.int32 and got.shape == (len(lengths), width), (name, got.shape)
                 np.testing.assert_array_equal(got, want[:, :width], err_msg=f"{name} {seq_length} {multiple}")
-    with pytest.raises(ValueError, match="seq_length 2"):
-        ours.pack(ragged + ragged[:1], 2)
+    with pytest.raises(ValueError, match="seq_length 2 has no room"):
+        ours.pack(ragged[:1] * 2, 2)
+    with pytest.raises(ValueError, match="1 or 2 segments, not 3"):
+        ours.pack(ragged[:1] * 3)
 
 
 def test_offsets_point_at_the_wordpieces(tokenizers):

@@ -3,8 +3,9 @@
 Runs inside `tf.data` so the input pipeline is checkpointable and needs no Python per example.
 Packing gives what Model Garden's `BertPackInputs` (the layer TF Hub preprocessors export) gives, ids, mask,
 type ids and round-robin truncation alike (tests/test_tokenization.py compares the two), in a few dense ops:
-`BertPackInputs` concatenates ragged tensors and checks their row partitions, ~300 graph nodes that a
-serving call executes at about a microsecond each (bench/RESULTS.md, thirty-second session).
+`BertPackInputs` concatenates ragged tensors and checks their row partitions: ~150 more graph nodes executed
+per serving call (more in untaken assert branches), ~0.2 ms of a batch-1 call (bench/RESULTS.md, thirty-second
+session).
 
 The text normalisation is HF's BertNormalizer (= google-research/bert's BasicTokenizer), not
 tensorflow-text's: tf_text.BertTokenizer(lower_case=True) applies ICU NFKC_Casefold, which rewrites
@@ -146,13 +147,15 @@ class WordPieceTokenizer:
         `pad_to_multiple` k [batch, width], the longest packed row rounded up to k, at most seq_length."""
         seq_length = seq_length or self.seq_length
         budget = seq_length - len(segments) - 1  # room for wordpieces beside [CLS] and the [SEP]s
-        if not 1 <= len(segments) <= 2 or budget < 0:
-            raise ValueError(f"cannot pack {len(segments)} segment(s) into seq_length {seq_length}")
+        if not 1 <= len(segments) <= 2:
+            raise ValueError(f"BERT inputs pack 1 or 2 segments, not {len(segments)}")
+        if budget < 0:
+            raise ValueError(f"seq_length {seq_length} has no room for [CLS] and {len(segments)} [SEP]")
         kept = _round_robin(*(tf.cast(s.row_lengths(), tf.int32) for s in segments), budget=budget)
         total = tf.add_n(kept) + len(segments) + 1
         width = inputs.width_for_lengths(total, seq_length, pad_to_multiple) if pad_to_multiple else seq_length
         position = tf.range(width)[None, :] + tf.zeros_like(total)[:, None]  # [batch, width]
-        row_start = tf.range(tf.shape(total)[0])[:, None] * seq_length  # each row's first in a flat [batch * seq_length]
+        row_start = tf.range(tf.shape(total)[0])[:, None] * seq_length  # of each row in [batch * seq_length]
         ids = tf.where(position == 0, self.cls_id, self.pad_id)
         type_ids = tf.zeros_like(ids)
         first = tf.ones_like(total)[:, None]  # where the segment's wordpieces start
