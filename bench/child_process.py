@@ -15,9 +15,9 @@ import sys
 class ChildProcess:
     """`argv` started with pipes; it must print `marker` + a JSON object once ready and once per request."""
 
-    def __init__(self, argv: list, marker: str, what: str):
+    def __init__(self, argv: list, marker: str, what: str, env: dict | None = None):
         self._marker, self._what = marker, what
-        self._child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._reply()  # "ready": loaded
 
     def ask(self, request: dict) -> dict:

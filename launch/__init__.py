@@ -5,8 +5,4 @@ config_flags.py defines the programs' flags from those fields and builds the con
 common_flags.py holds the launch-only flags several programs share (--task, the data files, --cpu_devices);
 errors.py turns input, flag and checkpoint errors into one line.
 """
-import os
-
-# Same reason as engine/__init__.py: Keras 2 for TF Hub and Model Garden, set before TensorFlow loads.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import engine  # noqa: F401  (TensorFlow's environment, set before it loads: engine/__init__.py)

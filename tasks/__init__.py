@@ -12,8 +12,4 @@
 Imports go launch -> tasks -> engine, never back, and no module imports one that imports it
 (tests/test_layout.py checks both).
 """
-import os
-
-# Same reason as engine/__init__.py: Keras 2 for TF Hub and Model Garden, set before TensorFlow loads.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import engine  # noqa: F401  (TensorFlow's environment, set before it loads: engine/__init__.py)

@@ -125,6 +125,22 @@ def test_vs_pytorch_engine_side_prints_its_ratio_lines(tmp_path):
     assert served and float(served.group(1)) < 1e-5, text
 
 
+def test_vs_pytorch_times_bf16_by_default_only_on_cpus_with_native_bf16(monkeypatch):
+    from absl import flags
+    from absl.testing import flagsaver
+    from engine import precision as precision_lib
+    import vs_pytorch
+    both = ["float32", "mixed_bfloat16"]
+    for native, argv, expected in ((True, [], (both, True)), (False, [], (["float32"], False)),
+                                   (False, ["--quick"], (both, True)),  # the smoke run above, on any CPU
+                                   (False, ["--precisions=float32,mixed_bfloat16", "--bf16_serving"], (both, True))):
+        monkeypatch.setattr(precision_lib, "cpu_has_native_bf16", lambda native=native: native)
+        with flagsaver.flagsaver():
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["vs_pytorch.py"] + argv)
+            assert vs_pytorch._precisions_for_this_cpu() == expected, (native, argv)
+
+
 def test_matmul_kernels_bench_times_both_tensorflow_variants_per_shape_and_dtype():
     result = subprocess.run([sys.executable, os.path.join("bench", "matmul_kernels.py"), "--quick", "--nopytorch"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
