@@ -1,10 +1,14 @@
 """Device-aware defaults with the device lookup mocked: --precision=auto, --fuse_elementwise=auto, and MFU's
 peak FLOP/s (datasheet table for GPUs and TPUs, --peak_tflops, the CPU's measured peak, none when unknown)."""
+import os
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
 import tensorflow as tf
 
+from conftest import REPO_ROOT
 from engine import fusion, precision
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, run_training
@@ -145,11 +149,6 @@ def test_trainer_mfu_uses_the_table(tmp_path, device, peak):
 def test_the_engine_turns_onednn_on_unless_told_and_a_bench_serving_host_keeps_tensorflows_default():
     # TensorFlow leaves oneDNN off on CPUs without AVX-512 VNNI (AVX2-only ones); the engine's import turns it on
     # before TensorFlow loads, and a setting of the user's wins. One process per case: TF reads it once.
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
     probe = ("import sys; sys.path.insert(0, 'bench'); import engine, savedmodel_process; "
              "from tensorflow.python.util import _pywrap_util_port as port; "
              "print(port.IsMklEnabled(), engine.ONEDNN_OPTS_DEFAULTED, "
