@@ -39,8 +39,15 @@ sst2-soup: setup
 	$(PY) -m launch.soup --model_dirs=$$(printf '$(RUN_DIR)/sst2_s%s,' $(SOUP_SEEDS) | sed 's/,$$//') \
 	  --data_dir=$(DATA_DIR) --output_dir=$(RUN_DIR)/sst2_soup
 
+# Two pytest processes (pytest-xdist), a test file at a time each (--dist loadfile: a file's module fixtures, e.g.
+# the serving exports or the two-worker run, are built once): most of a test's time is one Python thread (imports,
+# tracing, Keras building, launch programs starting up), so two processes overlap on 2 cores: 17m52s against
+# 28m38s for the whole suite on the Zen 3 (bench/RESULTS.md, 2026-12-07). tests/conftest.py puts the files with
+# slow tests first, so no long file starts last (--no-loadscope-reorder keeps that order). TEST_WORKERS=0 runs
+# the suite in this one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Engine vs model.fit vs PyTorch + HF (training fp32/bf16, gradient accumulation, evaluate/predict/serving),
 # interleaved rounds in one process. The PyTorch rows need the bench extra: `$(PY) -m pip install torch==2.13.0`

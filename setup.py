@@ -27,11 +27,12 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     # tokenizers: the Hugging Face tokenizer, an independent check of our tf-text tokenization in tests.
+    # pytest-xdist: `make test` runs the suite in two pytest processes (see the Makefile).
     # bench: the PyTorch + Hugging Face peer of bench/vs_pytorch.py (`pip install -e .[bench]`); only bench/
     # imports it, never engine/, tasks/ or launch/. The CPU wheel: install torch first with
     # `pip install torch==2.13.0` from PyTorch's CPU-only wheel index where the default index
     # would pick a CUDA build. transformers 5.24 was tested with torch 2.13 here. torch 2.13 asks for
     # setuptools>=77, and setuptools 81+ has no pkg_resources, which tensorflow-hub 0.16.1 imports: hence the cap.
-    extras_require={"test": ["pytest", "tokenizers"],
+    extras_require={"test": ["pytest", "pytest-xdist", "tokenizers"],
                     "bench": ["torch==2.13.0", "transformers>=5.24,<6", "setuptools>=77.0.3,<81"]},
 )

@@ -34,6 +34,7 @@ def _runtime_library(compiler: list, name: str):
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
+@pytest.mark.slow  # four instrumented builds and a pytest run in subprocesses: 1.5-2 minutes on 2 cores
 def test_kernel_tests_pass_with_our_ops_built_under_address_sanitizer(monkeypatch):
     compiler = shlex.split(os.environ.get("CXX", "g++"))
     asan = _runtime_library(compiler, "libasan.so")
