@@ -55,7 +55,7 @@ def call(layer, inputs):
     training = in_training()
     held = getattr(layer, "_held_kernel", None) if not training else None
     if (held is not None and getattr(layer, "_held_bias", None) is not None
-            and halves_run_alone(held.shape[0], held.shape[1] // 2, held.dtype.itemsize)):
+            and halves_run_side_by_side(held.shape[0], held.shape[1] // 2, held.dtype.itemsize)):
         return _in_column_halves(layer, inputs, held, layer._held_bias)
     if held is not None:
         held = tf.constant(held)  # a Const in the traced graph, which oneDNN may keep reordered (hold_kernels_in)
@@ -115,13 +115,20 @@ def hold_kernels_in(model: tf.Module, dtype) -> int:
 # 1.07-1.12x, then the other projections in column halves 1.03-1.13x more; batch 32 the same; the bfloat16 export
 # in column halves 1.08-1.10x. Halves of the attention heads were slower: their small score and context matmuls
 # and softmaxes, ~40 us each, doubled. The float32 FFN in column halves (a concat between its two products, no
-# sum) was 2-7 % slower than held_ffn_in_halves. Only where the halves run on one thread (halves_run_alone).
-def halves_run_alone(fan_in: int, units: int, itemsize: int, rows: int = 32) -> bool:
-    """Whether a [rows, fan_in] x [fan_in, units] product runs on one thread by TensorFlow's rule on this host's
-    L2, for a sentence of `rows` tokens: then two such halves run side by side. Where a half does not (the Zen 4's
-    1 MiB L2 and MiniLM's FFN halves), it runs on two threads as the whole did, and halving only adds ops: 4.75
-    against 3.95 ms for six FFNs at 25 rows on the Zen 4 (bench/RESULTS.md, 2026-12-04/05). A trace-time choice: an
-    export follows the machine that writes it."""
+# sum) was 2-7 % slower than held_ffn_in_halves. Only where the halves run side by side (halves_run_side_by_side).
+def halves_run_side_by_side(fan_in: int, units: int, itemsize: int, rows: int = 32) -> bool:
+    """Whether two halves of a [rows, fan_in] x [fan_in, units] product, for a sentence of `rows` tokens, run side by
+    side where this export will be served: a trace-time choice, so an export follows the machine that writes it.
+
+    With oneDNN (host.serving_host_runs_onednn), where each half runs on one thread by TensorFlow's rule on this
+    host's L2; where a half does not (the Zen 4's 1 MiB L2 and MiniLM's FFN halves), it runs on two threads as the
+    whole did, and halving only adds ops: 4.75 against 3.95 ms for six FFNs at 25 rows on the Zen 4
+    (bench/RESULTS.md, 2026-12-04/05). With Eigen's kernels (TensorFlow's default on CPUs without AVX-512 VNNI or
+    AMX) always: on the AVX2-only Zen 3 (512 KiB L2, where the L2 rule halved only the 384 x 384 projections),
+    an export with the FFN halved too answered one sentence 1.15x sooner (p50; batch 32 1.05x), one halving
+    nothing 0.96x as soon (bench/RESULTS.md, 2026-12-07)."""
+    if not host.serving_host_runs_onednn():
+        return True
     return itemsize * (rows * units + fan_in * (rows + units)) < host.l2_cache_bytes()
 
 
@@ -149,7 +156,8 @@ def held_ffn_in_halves(intermediate, output, inputs):
         return None
     (kernel, bias), (output_kernel, output_bias) = held
     width = kernel.shape[1] // 2
-    if not (halves_run_alone(kernel.shape[0], width, 4) and halves_run_alone(width, output_kernel.shape[1], 4)):
+    if not (halves_run_side_by_side(kernel.shape[0], width, 4)
+            and halves_run_side_by_side(width, output_kernel.shape[1], 4)):
         return None
     rows = tf.reshape(tf.cast(inputs, tf.float32), [-1, kernel.shape[0]])
     halves = []

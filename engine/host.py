@@ -30,6 +30,26 @@ def cpu_has_amx() -> bool:
     return "amx_bf16" in _cpu_flags()
 
 
+# TensorFlow 2.20 on Linux turns its oneDNN rewrites and kernels on by default only on x86 CPUs with one of these
+# (DefaultOneDnnPolicy in tensorflow/core/util/port.cc; also on Arm Neoverse V1, which this does not read).
+ONEDNN_BY_DEFAULT_FLAGS = frozenset({"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"})
+
+
+def tensorflow_runs_onednn_by_default() -> bool:
+    """Whether TensorFlow runs oneDNN here when TF_ENABLE_ONEDNN_OPTS is unset (else Eigen's kernels)."""
+    return bool(ONEDNN_BY_DEFAULT_FLAGS & _cpu_flags())
+
+
+def serving_host_runs_onednn() -> bool:
+    """Whether a SavedModel exported by this process will be served with oneDNN: as TF_ENABLE_ONEDNN_OPTS says if
+    the user set it, else TensorFlow's default on this CPU (the engine turns it on for its own programs only;
+    engine/__init__.py)."""
+    import engine  # noqa: PLC0415  (already imported by whoever imports this module from the engine)
+    if engine.ONEDNN_OPTS_DEFAULTED:
+        return tensorflow_runs_onednn_by_default()
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("1", "true")
+
+
 def cpu_model_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

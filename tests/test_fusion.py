@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 import bert_numpy_reference as ref
+import engine
 from engine import attention, bias, dropout, fusion, host, layer_norm, unpadding
 from engine import dense as dense_ops
 from engine.config import RuntimeConfig
@@ -720,6 +721,7 @@ def test_kernels_held_in_float32_run_in_two_halves_and_give_the_numpy_reference(
             variable.assign(rng.normal(0, 0.1, variable.shape))
     fusion.fuse_elementwise(model, export_safe=True)
     assert dense_ops.hold_kernels_in(model, tf.float32) == 6 * config.num_hidden_layers
+    monkeypatch.setattr(host, "serving_host_runs_onednn", lambda: True)  # halves by the L2 rule
     for l2 in (2 << 20, 16 << 10):  # the AMX Xeon's L2; a tiny one, where no half runs alone: whole products
         monkeypatch.setattr(host, "l2_cache_bytes", lambda l2=l2: l2)
         for batch in (one, inputs):
@@ -764,14 +766,30 @@ def test_layer_norm_parameters_held_as_constants_give_the_numpy_reference():
     assert all(layer.gamma.ref() in read and layer.beta.ref() in read for layer in norms)
 
 
-def test_halves_only_where_each_half_runs_on_one_thread(monkeypatch):
-    """TensorFlow runs a MatMul on one thread when bytes x (m n + k (m + n)) fit in L2: at 32 rows, MiniLM's
-    projections' column halves do at 1 MiB (the Zen 4) and 2 MiB (the AMX Xeon), its FFN halves at 2 MiB only (in
-    bfloat16 at both)."""
-    for l2, ffn in ((1 << 20, False), (2 << 20, True)):
+def test_halves_with_onednn_only_where_each_half_runs_on_one_thread_and_always_with_eigen(monkeypatch):
+    """TensorFlow's oneDNN runs a MatMul on one thread when bytes x (m n + k (m + n)) fit in L2: at 32 rows,
+    MiniLM's projections' column halves do at 1 MiB (the Zen 4) and 2 MiB (the AMX Xeon), its FFN halves at 2 MiB
+    only (in bfloat16 at both). A host serving with Eigen's kernels gets halves whatever its L2."""
+    halves = lambda: (dense_ops.halves_run_side_by_side(384, 192, 4), dense_ops.halves_run_side_by_side(384, 768, 2),
+                      dense_ops.halves_run_side_by_side(384, 768, 4), dense_ops.halves_run_side_by_side(768, 384, 4))
+    for onednn, l2, expected in ((True, 1 << 20, (True, True, False, False)), (True, 2 << 20, (True,) * 4),
+                                 (False, 512 << 10, (True,) * 4), (False, 16 << 10, (True,) * 4)):
+        monkeypatch.setattr(host, "serving_host_runs_onednn", lambda onednn=onednn: onednn)
         monkeypatch.setattr(host, "l2_cache_bytes", lambda l2=l2: l2)
-        assert dense_ops.halves_run_alone(384, 192, 4) and dense_ops.halves_run_alone(384, 768, 2)
-        assert dense_ops.halves_run_alone(384, 768, 4) is ffn and dense_ops.halves_run_alone(768, 384, 4) is ffn
+        assert halves() == expected, (onednn, l2)
+
+
+@pytest.mark.parametrize("flags, setting, expected", [
+    ({"avx2", "fma"}, None, False),  # the Zen 3: Eigen by default
+    ({"avx2", "avx512f", "avx512_vnni"}, None, True), ({"avx2", "avx_vnni"}, None, True),
+    ({"avx512f", "amx_tile", "amx_bf16"}, None, True),
+    ({"avx2", "fma"}, "1", True), ({"avx512_vnni"}, "0", False), ({"avx512_vnni"}, "false", False)])
+def test_an_export_is_served_with_onednn_as_the_user_set_it_else_as_tensorflow_defaults_on_this_cpu(
+        flags, setting, expected, monkeypatch):
+    monkeypatch.setattr(host, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(engine, "ONEDNN_OPTS_DEFAULTED", setting is None)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1" if setting is None else setting)  # as engine/__init__ sets it
+    assert host.serving_host_runs_onednn() is expected
 
 
 def _value_and_grad(layer, x):
