@@ -125,8 +125,8 @@ def halves_run_side_by_side(fan_in: int, units: int, itemsize: int, rows: int = 
     whole did, and halving only adds ops: 4.75 against 3.95 ms for six FFNs at 25 rows on the Zen 4
     (bench/RESULTS.md, 2026-12-04/05). With Eigen's kernels (TensorFlow's default on CPUs without AVX-512 VNNI or
     AMX) always: on the AVX2-only Zen 3 (512 KiB L2, where the L2 rule halved only the 384 x 384 projections),
-    an export with the FFN halved too answered one sentence 1.15x sooner (p50; batch 32 1.05x), one halving
-    nothing 0.96x as soon (bench/RESULTS.md, 2026-12-07)."""
+    an export with the FFN halved too answered one sentence 1.08-1.15x sooner (p50, five alternating runs; batch
+    32 0.99-1.05x), one halving nothing 0.96x as soon (bench/RESULTS.md, 2026-12-07)."""
     if not host.serving_host_runs_onednn():
         return True
     return itemsize * (rows * units + fan_in * (rows + units)) < host.l2_cache_bytes()
