@@ -27,8 +27,10 @@ class SavedModelProcess:
         fd, self._sentences_file = tempfile.mkstemp(prefix="savedmodel_sentences_", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(list(sentences), f)
+        from engine import host  # noqa: PLC0415  (here, not at the top: the child runs this file without the engine)
         self._child = ChildProcess([sys.executable, os.path.abspath(__file__), export_dir, self._sentences_file],
-                                   _MARKER, f"the SavedModel server of {export_dir}", env=serving_host_environment())
+                                   _MARKER, f"the SavedModel server of {export_dir}",
+                                   env=host.serving_host_environment())
 
     def batches(self, size: int, *, values: bool = False) -> dict:
         return self._child.ask({"batches": size, "values": values})
@@ -41,16 +43,6 @@ class SavedModelProcess:
         if os.path.exists(self._sentences_file):
             os.remove(self._sentences_file)
         return returncode
-
-
-def serving_host_environment() -> dict:
-    """This process's environment as a serving host has it: without TF_ENABLE_ONEDNN_OPTS where only the engine's
-    import set it (engine/__init__.py; TensorFlow's default then decides, as it would on the host)."""
-    import engine  # noqa: PLC0415
-    env = dict(os.environ)
-    if engine.ONEDNN_OPTS_DEFAULTED:
-        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
-    return env
 
 
 def _serve(export_dir: str, sentences_file: str) -> None:

@@ -40,14 +40,23 @@ def tensorflow_runs_onednn_by_default() -> bool:
     return bool(ONEDNN_BY_DEFAULT_FLAGS & _cpu_flags())
 
 
+def serving_host_environment() -> dict:
+    """This process's environment as a serving host has it: without TF_ENABLE_ONEDNN_OPTS where only the engine's
+    import set it (engine/__init__.py turns oneDNN on for its own programs only; a host keeps TensorFlow's default)."""
+    import engine  # noqa: PLC0415  (already imported by whoever imports this module from the engine)
+    env = dict(os.environ)
+    if engine.ONEDNN_OPTS_DEFAULTED:
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    return env
+
+
 def serving_host_runs_onednn() -> bool:
     """Whether a SavedModel exported by this process will be served with oneDNN: as TF_ENABLE_ONEDNN_OPTS says if
-    the user set it, else TensorFlow's default on this CPU (the engine turns it on for its own programs only;
-    engine/__init__.py)."""
-    import engine  # noqa: PLC0415  (already imported by whoever imports this module from the engine)
-    if engine.ONEDNN_OPTS_DEFAULTED:
+    the user set it, else TensorFlow's default on this CPU (serving_host_environment)."""
+    setting = serving_host_environment().get("TF_ENABLE_ONEDNN_OPTS")
+    if setting is None:
         return tensorflow_runs_onednn_by_default()
-    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("1", "true")
+    return setting.strip().lower() in ("1", "true")
 
 
 def cpu_model_name() -> str:

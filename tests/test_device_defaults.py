@@ -149,10 +149,10 @@ def test_trainer_mfu_uses_the_table(tmp_path, device, peak):
 def test_the_engine_turns_onednn_on_unless_told_and_a_bench_serving_host_keeps_tensorflows_default():
     # TensorFlow leaves oneDNN off on CPUs without AVX-512 VNNI (AVX2-only ones); the engine's import turns it on
     # before TensorFlow loads, and a setting of the user's wins. One process per case: TF reads it once.
-    probe = ("import sys; sys.path.insert(0, 'bench'); import engine, savedmodel_process; "
+    probe = ("import engine; from engine import host; "
              "from tensorflow.python.util import _pywrap_util_port as port; "
              "print(port.IsMklEnabled(), engine.ONEDNN_OPTS_DEFAULTED, "
-             "savedmodel_process.serving_host_environment().get('TF_ENABLE_ONEDNN_OPTS'))")
+             "host.serving_host_environment().get('TF_ENABLE_ONEDNN_OPTS'))")
     base = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     for setting, expected in ((None, "True True None"), ("0", "False False 0"), ("1", "True False 1")):
         env = dict(base, **({"TF_ENABLE_ONEDNN_OPTS": setting} if setting else {}))
