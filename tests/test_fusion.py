@@ -7,6 +7,7 @@ accumulation + XLA), traced once."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 import collections
+import functools
 import math
 
 import numpy as np
@@ -174,13 +175,13 @@ def test_fused_gelu_under_mixed_bfloat16_is_bit_identical_without_the_float32_ro
         tf_keras.mixed_precision.set_global_policy("float32")
 
 
-def _encoder_pair(dropout_rate=0.0):
+def _encoder_pair(dropout_rate=0.0, output_range=None):
     config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "hidden_dropout_prob": dropout_rate,
                                     "attention_probs_dropout_prob": dropout_rate})
     ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
     mask = tf.cast(tf.range(16)[None] < tf.constant([[16], [11], [5], [1]]), tf.int32)  # padded rows too
     inputs = {"input_word_ids": ids * mask, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
-    stock, fused = bert.build_encoder(config), bert.build_encoder(config)
+    stock, fused = (bert.build_encoder(config, output_range=output_range) for _ in range(2))
     stock(inputs), fused(inputs)
     fused.set_weights(stock.get_weights())
     return config, inputs, stock, fused
@@ -376,6 +377,39 @@ def test_inference_blocks_skip_padding_and_give_the_numpy_reference(policy):
         assert np.abs(stock_padding[inputs["input_mask"].numpy() == 0]).min() > 0
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("held", [None, tf.float32, tf.bfloat16])
+def test_a_cls_only_last_block_skips_keys_and_values_at_inference_and_gives_the_numpy_reference(held):
+    """output_range=1 ([CLS]-pooled classifiers): at inference the last block scores the inputs against Wk q and
+    mixes them before Wv (engine/first_position.py), its key and value projections never called; the [CLS]
+    vector and pooled output are the float64 NumPy BERT's, padded rows too, with the kernels as variables or
+    held as a serving export's constants. Training calls them as the stock block does."""
+    config, inputs, stock, fused = _encoder_pair(output_range=1)
+    # Nonzero biases (the initializer's are zeros): the key bias drops out of the softmax, the value bias not.
+    stock.set_weights([w + 0.1 * np.random.default_rng(i).standard_normal(w.shape).astype(w.dtype)
+                       for i, w in enumerate(stock.get_weights())])
+    fused.set_weights(stock.get_weights())
+    fusion.fuse_elementwise(fused, export_safe=held is not None)
+    if held is not None:
+        dense_ops.hold_kernels_in(fused, held)
+    last = fused.transformer_layers[-1]._attention_layer  # pylint: disable=protected-access
+    calls = []
+    for layer in (last._key_dense, last._value_dense):
+        layer.call = functools.partial(lambda call, x: calls.append(1) or call(x), layer.call)
+    numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
+    reference = ref.bert_forward(bert.hf_weights(stock), config.num_attention_heads, **numpy_inputs)
+    outputs = tf.function(lambda x: fused(x, training=False))(inputs)
+    assert not calls
+    assert outputs["sequence_output"].shape[1] == 1
+    tolerance = 1e-4 if held != tf.bfloat16 else 0.1  # bf16 products: 8 bits of mantissa
+    for name in ("sequence_output", "pooled_output"):
+        got = np.asarray(outputs[name], np.float32).reshape(4, -1)
+        expected = reference[name][:, 0] if name == "sequence_output" else reference[name]
+        np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0, err_msg=name)
+    if held is None:
+        fused(inputs, training=True)
+        assert len(calls) == 2
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
