@@ -103,6 +103,7 @@ class Timed:
         self.kind = kind or ("torch" if name.startswith("pytorch") else "ours")  # "ours full": padded to seq
         self._fn, self.examples = fn, examples
         self.latencies: list[list[float]] = []  # per run (round) of a batch-1 configuration
+        self.word_pieces: list[int] | None = None  # of each batch-1 call's sentence, in call order
 
     def run(self) -> tuple[int, float, float]:
         start = time.perf_counter(), time.process_time()
@@ -272,7 +273,38 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
             theirs16 = np.asarray(remote.predict("longest", False, precision="bfloat16", values=True)["probabilities"])
             checks.append(f"the peer's bf16 model vs its float32 one: largest probability difference "
                           f"{np.max(np.abs(theirs16 - theirs)):.2e}")
+    word_pieces = [int(n) for n in word_piece_counts(trainer, singles)]
+    for timed in configs:
+        if timed.group == "serving batch 1":
+            timed.word_pieces = word_pieces
     return configs, checks, trainer
+
+
+def word_piece_counts(trainer, sentences) -> list:
+    """Word-pieces of each sentence (with [CLS] and [SEP]) as our task tokenizes it."""
+    import tensorflow as tf  # noqa: PLC0415
+    mask = trainer.task.tokenizer.encode(tf.constant(sentences))["input_mask"]
+    return tf.reduce_sum(tf.cast(mask, tf.int32), axis=1).numpy().tolist()
+
+
+# Word-piece ranges for the batch-1 latency by sentence length (latency_by_length).
+LENGTH_BUCKETS = ((0, 19), (20, 29), (30, 10**6))
+
+
+def latency_by_length(word_pieces: list, ours: list, theirs: list) -> list:
+    """Per LENGTH_BUCKETS range with calls in it: (label, calls per round, our median ms, the peer's median ms,
+    the peer's over ours), over every round's batch-1 calls (`ours`, `theirs`: per round, s per call, in the
+    order of `word_pieces`). Where a lead at p50 turns into a miss at p99: the slowest calls are the longest."""
+    rows = []
+    for low, high in LENGTH_BUCKETS:
+        picked = [i for i, n in enumerate(word_pieces) if low <= n <= high]
+        if not picked:
+            continue
+        mine = statistics.median(run[i] for run in ours for i in picked) * 1e3
+        peer = statistics.median(run[i] for run in theirs for i in picked) * 1e3
+        label = f"{low}-{high}" if high < 10**6 else f"{low}+"
+        rows.append((label, len(picked), mine, peer, peer / mine))
+    return rows
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -529,6 +561,13 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
                 value, _ = _paired(list(best[f"{q}_rounds"]), list(ours[f"{q}_rounds"]))
                 targets.append(f"{group}: latency {q}, best pytorch ({best['name']}) / ours >= 1.2: {value:.3f} "
                                f"{'MET' if value >= 1.2 else 'MISSED'}")
+            best = min(theirs, key=lambda r: r["p50"])
+            if ours["config"].word_pieces and best["config"].latencies:
+                buckets = latency_by_length(ours["config"].word_pieces, ours["config"].latencies,
+                                            best["config"].latencies)
+                lines.append(f"{group}: median latency by word-pieces, {best['name']} / {ours['name']}: " + "; ".join(
+                    f"{label}: {peer:.1f} / {mine:.1f} ms = {ratio:.3f} ({calls} calls a round)"
+                    for label, calls, mine, peer, ratio in buckets))
 
     text = markdown(header, train_rows, serving_rows, checks, lines, targets)
     print("\n" + text, flush=True)

@@ -467,3 +467,17 @@ def test_export_ab_times_two_exports_and_checks_they_answer_alike(tmp_path):
     assert "batch-32 throughput, B over A: median" in same.stdout and "largest probability difference: 0" in same.stdout
     other = run(exports[0], exports[1])
     assert other.returncode == 1 and "the two exports answer differently" in other.stderr
+
+
+def test_batch_1_latency_by_length_takes_each_bucket_median_over_all_rounds():
+    import vs_pytorch  # noqa: PLC0415
+    word_pieces = [12, 25, 40, 18, 33]
+    ours = [[0.010, 0.012, 0.020, 0.011, 0.030], [0.009, 0.014, 0.022, 0.013, 0.026]]  # two rounds, s per call
+    theirs = [[0.015, 0.016, 0.021, 0.014, 0.033], [0.013, 0.018, 0.023, 0.016, 0.029]]
+    rows = vs_pytorch.latency_by_length(word_pieces, ours, theirs)
+    assert [(label, calls) for label, calls, *_ in rows] == [("0-19", 2), ("20-29", 1), ("30+", 2)]
+    # Medians over both rounds: ours 0-19 of (10, 11, 9, 13) ms = 10.5, theirs of (15, 14, 13, 16) = 14.5.
+    assert rows[0][2:] == pytest.approx((10.5, 14.5, 14.5 / 10.5))
+    assert rows[1][2:] == pytest.approx((13.0, 17.0, 17.0 / 13.0))
+    assert rows[2][2:] == pytest.approx((24.0, 26.0, 26.0 / 24.0))
+    assert vs_pytorch.latency_by_length([5], [[0.001]], [[0.002]])[0][0] == "0-19"
