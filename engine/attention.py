@@ -42,13 +42,18 @@ def compute_attention(layer, query, key, value, attention_mask=None, training=No
 def _batched_matmul_attention(layer, query, key, value, attention_mask, training, in_training):
     """(context, scores) on heads-first operands as BatchMatMulV2s, which TensorFlow's oneDNN build runs."""
     logits = tf.matmul(query, key, transpose_b=True)
-    fused = dropout.softmax_dropout(logits, attention_mask, layer._dropout_layer) if in_training else None
-    if fused is None:
-        scores = layer._masked_softmax(logits, attention_mask)
-        dropped = layer._dropout_layer(scores, training=training)
-    else:
-        dropped, scores = fused
+    dropped, scores = softmax_and_dropout(layer, logits, attention_mask, training, in_training)
     return tf.matmul(dropped, value), scores
+
+
+def softmax_and_dropout(layer, logits, attention_mask, training, in_training):
+    """(dropped, probabilities): the layer's masked softmax of logits [batch, heads, queries, keys] and its
+    attention dropout; in training on the CPU as one C++ op (engine/dropout.softmax_dropout)."""
+    fused = dropout.softmax_dropout(logits, attention_mask, layer._dropout_layer) if in_training else None
+    if fused is not None:
+        return fused
+    scores = layer._masked_softmax(logits, attention_mask)
+    return layer._dropout_layer(scores, training=training), scores
 
 
 # At inference in float32, attention products with at most this many score elements per head (batch x queries x

@@ -1,25 +1,27 @@
 """A Transformer block that outputs its first position only ([CLS]; Model Garden's `output_range=1`, the last
-block of a [CLS]-pooled classifier) at inference, without projecting every token to keys and values.
+block of a [CLS]-pooled classifier) without projecting every token to keys and values.
 
 The stock block still multiplies all T positions by the key and value kernels (2 T D^2 multiply-adds) for the
 one query that reads them. For one query q of head n, with x_t the block's input at position t:
 
     score_t = q . (x_t Wk_n + bk_n) = (Wk_n q) . x_t + q . bk_n
 
-and the last term is the same for every t, which the softmax over t ignores; and since the scores sum to 1,
+and the last term is the same for every t, which the softmax over t ignores; and with d_t the probabilities
+after attention dropout (sum_t d_t = 1 without it),
 
-    context = sum_t p_t (x_t Wv_n + bv_n) = (sum_t p_t x_t) Wv_n + bv_n.
+    context = sum_t d_t (x_t Wv_n + bv_n) = (sum_t d_t x_t) Wv_n + (sum_t d_t) bv_n.
 
 So each head needs Wk_n q, the scores against the inputs themselves, and one weighted sum of the inputs:
 2 T D x heads multiply-adds instead of 2 T D^2 (MiniLM: 9.2 thousand per token instead of 295 thousand; ~3 % of
-a [CLS] classifier's forward). The same arithmetic up to float rounding. Model Garden's block has no such mode.
-Inference only: training keeps the stock block (its attention dropout and our fused softmax kernels)."""
+a [CLS] classifier's forward, and its gradient likewise). The same arithmetic up to float rounding, the same
+dropout masks. Model Garden's block has no such mode."""
 from __future__ import annotations
 
 import math
 
 import tensorflow as tf
 
+from engine import attention as attention_ops
 from engine import dense as dense_ops
 
 _PROJECTION = "abc,cde->abde"  # Keras MultiHeadAttention's query/key/value EinsumDense: [B, T, D] -> [B, T, N, H]
@@ -33,9 +35,9 @@ def applies(block) -> bool:
                for layer in (attention._query_dense, attention._key_dense, attention._value_dense))
 
 
-def block_call(block, x, attention_mask, ffn, add_norm):
-    """The block's output at position 0, [batch, 1, D], at inference; `ffn` and `add_norm` as in
-    engine/unpadding.block_sublayers."""
+def block_call(block, x, attention_mask, training, ffn, add_norm):
+    """The block's output at position 0, [batch, 1, D]; `ffn` and `add_norm` as in engine/unpadding.block_sublayers.
+    In training the key bias gets no gradient: it changes no output (the stock block's is rounding noise)."""
     attention = block._attention_layer
     target = x[:, :1, :]
     query = attention._query_dense(target)[:, 0]  # [B, N, H]
@@ -43,16 +45,18 @@ def block_call(block, x, attention_mask, ffn, add_norm):
     inputs = tf.cast(x, query.dtype)
     key_query = tf.einsum("bnh,dnh->bnd", query, _kernel(attention._key_dense, query.dtype))  # Wk_n q: [B, N, D]
     logits = tf.matmul(key_query, inputs, transpose_b=True)  # [B, N, T]
-    # Keras' masked softmax, as the stock attention runs it on [B, N, queries, T] with the first query's mask row.
-    scores = attention._masked_softmax(logits[:, :, None, :], attention_mask[:, :1, :])[:, :, 0, :]
-    mixed = tf.matmul(scores, inputs)  # sum_t p_t x_t per head: [B, N, D]
+    # The masked softmax and attention dropout as the stock attention runs them on [B, N, queries, T] with the
+    # first query's mask row: the same shape, so a keyed dropout draws the same mask.
+    dropped, _ = attention_ops.softmax_and_dropout(attention, logits[:, :, None, :], attention_mask[:, :1, :],
+                                                   training, training)
+    mixed = tf.matmul(dropped[:, :, 0, :], inputs)  # sum_t p_t x_t per head: [B, N, D]
     context = tf.einsum("bnd,dnh->bnh", mixed, _kernel(attention._value_dense, query.dtype))
     value_bias = _bias(attention._value_dense, query.dtype)
     if value_bias is not None:
-        context += value_bias
-    attended = block._attention_dropout(attention._output_dense(context[:, None]))  # [B, 1, D]
+        context += value_bias * tf.reduce_sum(dropped[:, :, 0, :], -1)[..., None] if training else value_bias
+    attended = block._attention_dropout(attention._output_dense(context[:, None]), training=training)  # [B, 1, D]
     attended = add_norm(block._attention_layer_norm, attended, target)
-    return add_norm(block._output_layer_norm, block._output_dropout(ffn(attended)), attended)
+    return add_norm(block._output_layer_norm, block._output_dropout(ffn(attended), training=training), attended)
 
 
 def _kernel(layer, dtype):

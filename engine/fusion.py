@@ -195,15 +195,16 @@ def _block_call(block, on_tokens_in_training, inputs, output_range=None):
     # stock block's, and no mask lets any later position or head read them. The idea of FasterTransformer's and
     # ByteTransformer's "remove padding"; Model Garden's block has no such mode. Other block configurations run
     # the stock call. At inference a batch with little padding runs the same sublayers in the padded layout, and
-    # a block that outputs its first position only ([CLS]) skips the keys and values (engine/first_position.py).
+    # a block that outputs its first position only ([CLS]) skips the keys and values (engine/first_position.py),
+    # in training too.
     if not isinstance(inputs, (list, tuple)) or len(inputs) != 2 or inputs[1] is None:
         return type(block).call(block, inputs, output_range=output_range)
     x, attention_mask = inputs
     training = _training()
     ffn = functools.partial(_ffn, block)
     output_range = output_range or block._output_range
-    if output_range == 1 and not training and first_position.applies(block):
-        return first_position.block_call(block, x, attention_mask, ffn, _add_layer_norm)
+    if output_range == 1 and first_position.applies(block):
+        return first_position.block_call(block, x, attention_mask, training, ffn, _add_layer_norm)
     if output_range:
         return type(block).call(block, inputs, output_range=output_range)
     if training and not on_tokens_in_training:

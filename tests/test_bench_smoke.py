@@ -28,9 +28,9 @@ def test_flops_per_example_is_three_forward_passes():
     forward = layers * s * (2 * (4 * h * h + 2 * h * i) + 4 * s * h)
     assert engine_vs_fit.train_flops_per_example(setup) == 3 * forward
     assert 8e9 < 3 * forward < 9e9  # 8.6 GFLOP per training example
-    # The default classifier's last layer computes [CLS] only: its keys and values for every token, the rest once.
-    cls_only = 5 * s * (2 * (4 * h * h + 2 * h * i) + 4 * s * h) + s * 2 * 2 * h * h \
-        + 2 * (2 * h * h + 2 * h * i) + 4 * s * h
+    # The default classifier's last layer computes [CLS] only (engine/first_position.py): its projections, Wk q,
+    # Wv and FFN once, and each of the 12 heads scores and mixes every token's 384-wide input.
+    cls_only = 5 * s * (2 * (4 * h * h + 2 * h * i) + 4 * s * h) + 2 * (4 * h * h + 2 * h * i) + 4 * s * h * 12
     assert engine_vs_fit.train_flops_per_example(engine_vs_fit.make_setup(quick=False)) == pytest.approx(3 * cls_only)
 
 

@@ -100,13 +100,16 @@ def test_flops_count_what_a_cls_only_last_layer_computes():
     h, i, s = 384, 1536, 128
     layer = 2 * (4 * h * h + 2 * h * i) + 4 * s * h  # per token: Q/K/V/output, FFN, scores and mixing
     assert bert.encoder_flops_per_token(h, i, 6, s) == 6 * layer
-    # Keys and values for all 128 tokens; query, scores, mixing, output projection and FFN for 1 of 128.
-    last = 2 * 2 * h * h + (2 * (2 * h * h + 2 * h * i) + 4 * s * h) / s
-    assert bert.encoder_flops_per_token(h, i, 6, s, output_range=1) == pytest.approx(5 * layer + last)
-    assert 0.84 < bert.encoder_flops_per_token(h, i, 6, s, output_range=1) / (6 * layer) < 0.87
+    # engine/first_position.py: for the one query, its projection, Wk q, Wv, output projection and FFN; per head
+    # scores and mixing against each of the 128 tokens' 384-wide inputs. No keys or values per token.
+    last = (2 * (4 * h * h + 2 * h * i) + 4 * s * h * 12) / s
+    assert bert.encoder_flops_per_token(h, i, 6, s, output_range=1, heads=12) == pytest.approx(5 * layer + last)
+    assert 0.82 < bert.encoder_flops_per_token(h, i, 6, s, output_range=1, heads=12) / (6 * layer) < 0.84
+    with pytest.raises(ValueError, match="number of attention heads"):
+        bert.encoder_flops_per_token(h, i, 6, s, output_range=1)
     encoder, _ = loading.make_encoder(TINY, output_range=1)
     assert bert.bert_train_flops_per_example(encoder, 32) == pytest.approx(
-        3 * 32 * bert.encoder_flops_per_token(64, 128, 2, 32, output_range=1))
+        3 * 32 * bert.encoder_flops_per_token(64, 128, 2, 32, output_range=1, heads=TINY.num_attention_heads))
 
 
 def test_mismatched_safetensors_list_every_problem_and_assign_nothing(tmp_path):

@@ -384,7 +384,7 @@ def test_a_cls_only_last_block_skips_keys_and_values_at_inference_and_gives_the_
     """output_range=1 ([CLS]-pooled classifiers): at inference the last block scores the inputs against Wk q and
     mixes them before Wv (engine/first_position.py), its key and value projections never called; the [CLS]
     vector and pooled output are the float64 NumPy BERT's, padded rows too, with the kernels as variables or
-    held as a serving export's constants. Training calls them as the stock block does."""
+    held as a serving export's constants; nor in training."""
     config, inputs, stock, fused = _encoder_pair(output_range=1)
     # Nonzero biases (the initializer's are zeros): the key bias drops out of the softmax, the value bias not.
     stock.set_weights([w + 0.1 * np.random.default_rng(i).standard_normal(w.shape).astype(w.dtype)
@@ -409,7 +409,52 @@ def test_a_cls_only_last_block_skips_keys_and_values_at_inference_and_gives_the_
         np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0, err_msg=name)
     if held is None:
         fused(inputs, training=True)
-        assert len(calls) == 2
+        assert not calls
+
+
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.1])
+def test_a_cls_only_last_block_trains_as_the_stock_block_with_the_same_dropout_masks(dropout_rate, monkeypatch):
+    """In training the [CLS]-only block (engine/first_position.py) gives the stock block's outputs and gradients,
+    with dropout on too: under the same update's keys both draw the same masks (the attention dropout on
+    [batch, heads, 1, T] probabilities, whose dropped sum scales the value bias). The last key bias gets no
+    gradient (the stock block's is rounding noise around zero). Another update's masks differ, so the
+    comparison has teeth."""
+    _, inputs, stock, fused = _encoder_pair(dropout_rate=dropout_rate, output_range=1)
+    stock.set_weights([w + 0.1 * np.random.default_rng(i).standard_normal(w.shape).astype(w.dtype)
+                       for i, w in enumerate(stock.get_weights())])
+    fused.set_weights(stock.get_weights())
+    for model in (stock, fused):  # both rewritten; the stock one keeps Model Garden's output_range block
+        fusion.fuse_elementwise(model)
+    key_bias = fused.transformer_layers[-1]._attention_layer._key_dense.bias  # pylint: disable=protected-access
+
+    def outputs_and_grads(model, update):
+        @tf.function
+        def compute():
+            with dropout.keys(dropout.step_key(3, update, 0)), tf.GradientTape() as tape:
+                outputs = model(inputs, training=True)
+                loss = tf.reduce_sum(outputs["sequence_output"] ** 2) + tf.reduce_sum(outputs["pooled_output"])
+            grads = tape.gradient(loss, model.trainable_variables)
+            return [outputs["sequence_output"], outputs["pooled_output"]] + [
+                tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                for v, g in zip(model.trainable_variables, grads)]
+        return [t.numpy() for t in compute()]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fusion.first_position, "applies", lambda block: False)
+        expected = outputs_and_grads(stock, 1)
+    got = outputs_and_grads(fused, 1)
+    assert np.abs(got[2 + [v.ref() for v in fused.trainable_variables].index(key_bias.ref())]).max() == 0
+    # Key biases' gradients are zero in exact math in every layer (softmax ignores a shift shared by all keys):
+    # rounding noise on both sides, far below their kernels' gradients; every other tensor as the stock block's.
+    key_biases = [2 + i for i, v in enumerate(fused.trainable_variables) if "/key/bias" in v.name]
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if i in key_biases:  # the kernel's gradient comes right before its bias's
+            assert max(np.abs(e).max(), np.abs(g).max()) < 1e-4 * np.abs(expected[i - 1]).max(), i
+        else:
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=3e-5 * max(np.abs(e).max(), 1e-3), err_msg=str(i))
+    if dropout_rate:
+        other = outputs_and_grads(fused, 2)
+        assert np.abs(other[1] - got[1]).max() > 1e-3
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])

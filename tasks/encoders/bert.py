@@ -333,25 +333,33 @@ def from_checkpoint_dir(directory: str, prefix: str, *, output_range: int | None
 def bert_train_flops_per_example(encoder: tf_keras.layers.Layer, seq_length: int) -> float | None:
     """Matmul FLOPs of one training example through a BertEncoderV2 (3x forward), for MFU; None if unknown.
 
-    The arithmetic the encoder does, so an `output_range` last layer counts only its keys and values for every
-    token (see `encoder_flops_per_token`)."""
+    The arithmetic the engine does, so an `output_range` last layer counts as engine/first_position.py computes
+    it (see `encoder_flops_per_token`)."""
     try:
         config = encoder.get_config()
         h, i, layers = config["hidden_size"], config["inner_dim"], config["num_layers"]
+        heads = config["num_attention_heads"]
     except (AttributeError, KeyError, NotImplementedError):
         return None
-    return 3.0 * seq_length * encoder_flops_per_token(h, i, layers, seq_length, config.get("output_range"))
+    return 3.0 * seq_length * encoder_flops_per_token(h, i, layers, seq_length, config.get("output_range"),
+                                                      heads=heads)
 
 
 def encoder_flops_per_token(hidden: int, inner: int, layers: int, seq_length: int,
-                            output_range: int | None = None) -> float:
+                            output_range: int | None = None, *, heads: int | None = None) -> float:
     """Forward matmul FLOPs per token of a BERT encoder at `seq_length` tokens.
 
     Per layer and token: Q, K, V, output projections 4*2*h*h, FFN 2*2*h*i, attention scores and mixing
-    2*2*s*h. Embedding lookups, LayerNorm and softmax are negligible next to these. With `output_range` r,
-    the last layer projects keys and values for all s tokens (2*h*h each) and does everything else for r."""
+    2*2*s*h. Embedding lookups, LayerNorm and softmax are negligible next to these. With `output_range` r
+    (and the number of attention `heads`), the last layer as engine/first_position.py runs it: for each of the
+    r queries its projection, Wk q, the Wv product and the output projection (4*2*h*h), the FFN, and per head
+    scores and mixing against every token's h-wide input (2*2*s*h*heads). Model Garden's own block (fusion off,
+    e.g. on GPUs) projects every token to keys and values instead, 2*2*h*h per token more, so its MFU reads low
+    (~3 % for MiniLM)."""
     full_layer = 2 * (4 * hidden * hidden + 2 * hidden * inner) + 4 * seq_length * hidden
     if not output_range:
         return layers * full_layer
-    last_layer = 2 * 2 * hidden * hidden + (full_layer - 2 * 2 * hidden * hidden) * output_range / seq_length
-    return (layers - 1) * full_layer + last_layer
+    if heads is None:
+        raise ValueError("encoder_flops_per_token: output_range needs the number of attention heads")
+    per_query = 2 * (4 * hidden * hidden + 2 * hidden * inner) + 2 * 2 * seq_length * hidden * heads
+    return (layers - 1) * full_layer + per_query * output_range / seq_length
