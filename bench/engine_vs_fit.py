@@ -86,7 +86,8 @@ def make_setup(quick: bool, num_examples: int = 1024, last_layer_cls_only: bool 
 
 def train_flops_per_example(setup: Setup) -> float:
     """3 x forward matmul FLOPs (backward = 2 x forward) that the engine computes (bert.encoder_flops_per_token:
-    a [CLS]-only last layer counts as engine/first_position.py runs it). Embeddings, pooler, head, LayerNorm, softmax are negligible."""
+    a [CLS]-only last layer counts as engine/first_position.py runs it). Embeddings, pooler, head, LayerNorm,
+    softmax are negligible."""
     from tasks.encoders import bert  # noqa: PLC0415
     cfg, s = setup.encoder, setup.seq_length
     return 3.0 * s * bert.encoder_flops_per_token(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, s,
