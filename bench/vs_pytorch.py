@@ -262,7 +262,13 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         # The values come from the process that is timed.
         theirs = np.asarray(remote.predict("max_length", False, values=True)["probabilities"])
         theirs_longest_first = np.asarray(remote.predict("longest", True, values=True)["probabilities"])
-        ids_ours = task.tokenizer.encode(tf.constant(sentences))["input_word_ids"].numpy()
+        encoded = task.tokenizer.encode(tf.constant(sentences))
+        ids_ours = encoded["input_word_ids"].numpy()
+        # Each batch-1 call's word-pieces, for the latency by sentence length against the peer.
+        word_pieces = encoded["input_mask"].numpy().sum(axis=1)[:len(singles)].tolist()
+        for timed in configs:
+            if timed.group == "serving batch 1":
+                timed.word_pieces = word_pieces
         ids_theirs = remote.token_ids("max_length")
         same_ids = int(np.sum(np.all(ids_ours == ids_theirs, axis=1)))
         checks.append(f"same weights: HF tokenizer gives our token ids for {same_ids}/{n} sentences; "
@@ -273,18 +279,7 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
             theirs16 = np.asarray(remote.predict("longest", False, precision="bfloat16", values=True)["probabilities"])
             checks.append(f"the peer's bf16 model vs its float32 one: largest probability difference "
                           f"{np.max(np.abs(theirs16 - theirs)):.2e}")
-    word_pieces = [int(n) for n in word_piece_counts(trainer, singles)]
-    for timed in configs:
-        if timed.group == "serving batch 1":
-            timed.word_pieces = word_pieces
     return configs, checks, trainer
-
-
-def word_piece_counts(trainer, sentences) -> list:
-    """Word-pieces of each sentence (with [CLS] and [SEP]) as our task tokenizes it."""
-    import tensorflow as tf  # noqa: PLC0415
-    mask = trainer.task.tokenizer.encode(tf.constant(sentences))["input_mask"]
-    return tf.reduce_sum(tf.cast(mask, tf.int32), axis=1).numpy().tolist()
 
 
 # Word-piece ranges for the batch-1 latency by sentence length (latency_by_length).

@@ -43,15 +43,15 @@ def block_call(block, x, attention_mask, training, ffn, add_norm):
     query = attention._query_dense(target)[:, 0]  # [B, N, H]
     query *= 1.0 / math.sqrt(float(attention._key_dim))
     inputs = tf.cast(x, query.dtype)
-    key_query = tf.einsum("bnh,dnh->bnd", query, _kernel(attention._key_dense, query.dtype))  # Wk_n q: [B, N, D]
+    key_query = tf.einsum("bnh,dnh->bnd", query, _weight(attention._key_dense, "kernel", query.dtype))  # Wk_n q: [B, N, D]
     logits = tf.matmul(key_query, inputs, transpose_b=True)  # [B, N, T]
     # The masked softmax and attention dropout as the stock attention runs them on [B, N, queries, T] with the
     # first query's mask row: the same shape, so a keyed dropout draws the same mask.
     dropped, _ = attention_ops.softmax_and_dropout(attention, logits[:, :, None, :], attention_mask[:, :1, :],
                                                    training, training)
     mixed = tf.matmul(dropped[:, :, 0, :], inputs)  # sum_t p_t x_t per head: [B, N, D]
-    context = tf.einsum("bnd,dnh->bnh", mixed, _kernel(attention._value_dense, query.dtype))
-    value_bias = _bias(attention._value_dense, query.dtype)
+    context = tf.einsum("bnd,dnh->bnh", mixed, _weight(attention._value_dense, "kernel", query.dtype))
+    value_bias = _weight(attention._value_dense, "bias", query.dtype)
     if value_bias is not None:
         context += value_bias * tf.reduce_sum(dropped[:, :, 0, :], -1)[..., None] if training else value_bias
     attended = block._attention_dropout(attention._output_dense(context[:, None]), training=training)  # [B, 1, D]
@@ -59,17 +59,11 @@ def block_call(block, x, attention_mask, training, ffn, add_norm):
     return add_norm(block._output_layer_norm, block._output_dropout(ffn(attended), training=training), attended)
 
 
-def _kernel(layer, dtype):
-    """The EinsumDense's [D, N, H] kernel: a serving export's held constant (engine/dense.hold_kernels_in) if it
-    has one, else the variable."""
-    held = getattr(layer, "_held_kernel", None)
-    kernel = layer.kernel if held is None else tf.constant(held)
-    return tf.cast(tf.reshape(kernel, layer.kernel.shape), dtype)
-
-
-def _bias(layer, dtype):
-    if layer.bias is None:
+def _weight(layer, name: str, dtype):
+    """The EinsumDense's `kernel` ([D, N, H]) or `bias` ([N, H]; None without one): a serving export's held
+    constant (engine/dense.hold_kernels_in holds both, flattened) if it has one, else the variable."""
+    variable = getattr(layer, name)
+    if variable is None:
         return None
-    held = getattr(layer, "_held_bias", None)
-    bias = layer.bias if held is None else tf.constant(held)
-    return tf.cast(tf.reshape(bias, layer.bias.shape), dtype)
+    held = getattr(layer, f"_held_{name}", None)
+    return tf.cast(tf.reshape(variable if held is None else tf.constant(held), variable.shape), dtype)

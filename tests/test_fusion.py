@@ -175,7 +175,7 @@ def test_fused_gelu_under_mixed_bfloat16_is_bit_identical_without_the_float32_ro
         tf_keras.mixed_precision.set_global_policy("float32")
 
 
-def _encoder_pair(dropout_rate=0.0, output_range=None):
+def _encoder_pair(dropout_rate=0.0, output_range=None, nonzero_biases=False):
     config = bert.BertConfig(**{**bert.BertConfig.tiny().__dict__, "hidden_dropout_prob": dropout_rate,
                                     "attention_probs_dropout_prob": dropout_rate})
     ids = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
@@ -183,6 +183,9 @@ def _encoder_pair(dropout_rate=0.0, output_range=None):
     inputs = {"input_word_ids": ids * mask, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
     stock, fused = (bert.build_encoder(config, output_range=output_range) for _ in range(2))
     stock(inputs), fused(inputs)
+    if nonzero_biases:  # the initializer's biases are zeros; this adds noise to every weight
+        stock.set_weights([w + 0.1 * np.random.default_rng(i).standard_normal(w.shape).astype(w.dtype)
+                           for i, w in enumerate(stock.get_weights())])
     fused.set_weights(stock.get_weights())
     return config, inputs, stock, fused
 
@@ -385,11 +388,8 @@ def test_a_cls_only_last_block_skips_keys_and_values_at_inference_and_gives_the_
     mixes them before Wv (engine/first_position.py), its key and value projections never called; the [CLS]
     vector and pooled output are the float64 NumPy BERT's, padded rows too, with the kernels as variables or
     held as a serving export's constants; nor in training."""
-    config, inputs, stock, fused = _encoder_pair(output_range=1)
-    # Nonzero biases (the initializer's are zeros): the key bias drops out of the softmax, the value bias not.
-    stock.set_weights([w + 0.1 * np.random.default_rng(i).standard_normal(w.shape).astype(w.dtype)
-                       for i, w in enumerate(stock.get_weights())])
-    fused.set_weights(stock.get_weights())
+    # Nonzero biases: the key bias drops out of the softmax, the value bias not.
+    config, inputs, stock, fused = _encoder_pair(output_range=1, nonzero_biases=True)
     fusion.fuse_elementwise(fused, export_safe=held is not None)
     if held is not None:
         dense_ops.hold_kernels_in(fused, held)
@@ -419,10 +419,7 @@ def test_a_cls_only_last_block_trains_as_the_stock_block_with_the_same_dropout_m
     [batch, heads, 1, T] probabilities, whose dropped sum scales the value bias). The last key bias gets no
     gradient (the stock block's is rounding noise around zero). Another update's masks differ, so the
     comparison has teeth."""
-    _, inputs, stock, fused = _encoder_pair(dropout_rate=dropout_rate, output_range=1)
-    stock.set_weights([w + 0.1 * np.random.default_rng(i).standard_normal(w.shape).astype(w.dtype)
-                       for i, w in enumerate(stock.get_weights())])
-    fused.set_weights(stock.get_weights())
+    _, inputs, stock, fused = _encoder_pair(dropout_rate=dropout_rate, output_range=1, nonzero_biases=True)
     for model in (stock, fused):  # both rewritten; the stock one keeps Model Garden's output_range block
         fusion.fuse_elementwise(model)
     key_bias = fused.transformer_layers[-1]._attention_layer._key_dense.bias  # pylint: disable=protected-access
