@@ -33,7 +33,8 @@ def compute_attention(layer, query, key, value, attention_mask=None, training=No
     query, key, value = (swap_seq_and_heads(t, in_training) for t in (query, key, value))
     onednn = lambda: _batched_matmul_attention(layer, query, key, value, attention_mask, training, in_training)
     if not in_training and query.dtype == tf.float32:
-        context, scores = _inference_attention(query, key, value, attention_mask, onednn)
+        context, scores = _inference_attention(query, key, value, attention_mask, onednn,
+                                               getattr(layer, "_engine_eigen_host", False))
     else:
         context, scores = onednn()
     return swap_seq_and_heads(context, in_training), scores
@@ -60,10 +61,15 @@ def softmax_and_dropout(layer, logits, attention_mask, training, in_training):
 # keys: one sentence of up to 28 word-pieces) run in Eigen's kernel, larger ones in oneDNN's (_inference_attention).
 # Eigen's was the faster up to ~25 word-pieces in a hot loop and 3x slower at 64 (bench/RESULTS.md, 2026-12-06).
 EIGEN_SCORES_UP_TO = 28 * 28
+# TensorFlow's CPU BatchMatMul (Eigen's kernels) shards a batch of products over its threads while each product
+# costs at most this many multiply-adds (rows x inner x columns, kMaxCostOuterParallelism in TensorFlow 2.20's
+# batch_matmul_op_impl.h); above it, it runs them one after another, each through Eigen's tensor contraction.
+BATCH_MATMUL_SHARDS_UP_TO = 128 * 128
 
 
-def _inference_attention(query, key, value, attention_mask, onednn):
-    """Keras' (context, scores) at inference in float32 on heads-first operands (`onednn()`: the usual way).
+def _inference_attention(query, key, value, attention_mask, onednn, eigen_host: bool = False):
+    """Keras' (context, scores) at inference in float32 on heads-first operands (`onednn()`: the usual way);
+    `eigen_host`: the graph is an export for a host whose TensorFlow runs Eigen's kernels (_in_query_chunks).
 
     TensorFlow's oneDNN build rewrites every BatchMatMulV2 into _MklBatchMatMulV2 and every Softmax into
     _MklSoftmax; for one sentence ([1, 12, 25, 32] x [1, 12, 32, 25]) each hands its few microseconds of work to
@@ -74,7 +80,13 @@ def _inference_attention(query, key, value, attention_mask, onednn):
     operands (the export's batch-32 throughput 0.72-0.78x with them), hence the tf.cond on the size; the cond holds
     no weights, so the export does not grow."""
     shape = tf.shape(query)
-    small = shape[0] * shape[2] * tf.shape(key)[2] <= EIGEN_SCORES_UP_TO
+    keys = tf.shape(key)[2]
+    if eigen_host:
+        # There eigen() runs the kernels onednn() runs (its softmax in elementwise ops cost single sentences ~1 %),
+        # and batches whose products Eigen would contract one by one go in query chunks.
+        chunks = tf.logical_and(shape[0] > 1, shape[2] * shape[3] * keys > BATCH_MATMUL_SHARDS_UP_TO)
+        return tf.cond(chunks, lambda: _in_query_chunks(query, key, value, attention_mask), onednn)
+    small = shape[0] * shape[2] * keys <= EIGEN_SCORES_UP_TO
 
     def eigen():
         logits = tf.raw_ops.BatchMatMulV3(x=query, y=key, adj_y=True, Tout=query.dtype)
@@ -88,6 +100,30 @@ def _inference_attention(query, key, value, attention_mask, onednn):
         return tf.raw_ops.BatchMatMulV3(x=scores, y=value, Tout=query.dtype), scores
 
     return tf.cond(small, eigen, onednn)
+
+
+def _in_query_chunks(query, key, value, attention_mask):
+    """Keras' (context, scores) at inference, each sentence's query rows in chunks whose products cost at most
+    BATCH_MATMUL_SHARDS_UP_TO, every chunk a batch entry of its own: Eigen's BatchMatMul then shards the entries
+    over its threads instead of contracting the batch x heads products one by one (~10 us of set-up each). Five
+    layers' attention at batch 32 on the Zen 3 (bench/RESULTS.md): 1.3-1.8x faster at 23-57 word-pieces, 1.16x at
+    128; at batch 1 (12 products) one by one is as fast or faster, so only batches take this. The last chunk is
+    padded with query rows whose results are dropped."""
+    shape = tf.shape(query)  # [batch, heads, queries, head_dim]
+    batch, heads, queries, head_dim, keys = shape[0], shape[1], shape[2], shape[3], tf.shape(key)[2]
+    rows = tf.maximum(BATCH_MATMUL_SHARDS_UP_TO // (head_dim * keys), 1)
+    chunks = (queries + rows - 1) // rows
+    padding = [[0, 0], [0, chunks * rows - queries], [0, 0]]  # of the query rows, for [batch or heads, queries, x]
+    in_chunks = tf.reshape(tf.pad(query, [[0, 0]] + padding), tf.stack([batch, heads, chunks, rows, head_dim]))
+    logits = tf.matmul(in_chunks, key[:, :, None], transpose_b=True)  # [batch, heads, chunks, rows, keys]
+    if attention_mask is not None:  # as _inference_attention's eigen(): Keras' adder, then the softmax
+        mask = tf.broadcast_to(tf.cast(attention_mask, logits.dtype), tf.stack([batch, queries, keys]))
+        mask = tf.pad(mask, padding, constant_values=1.0)
+        logits += (1.0 - tf.reshape(mask, tf.stack([batch, 1, chunks, rows, keys]))) * -1e9
+    scores = tf.nn.softmax(logits)
+    context = tf.matmul(scores, value[:, :, None])  # [batch, heads, chunks, rows, head_dim]
+    unchunked = lambda t: tf.reshape(t, tf.stack([batch, heads, chunks * rows, -1]))[:, :, :queries]
+    return unchunked(context), unchunked(scores)
 
 
 # Same-width integer types for swap_seq_and_heads.

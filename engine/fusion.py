@@ -61,7 +61,7 @@ import tensorflow as tf
 import tf_keras
 from tf_keras.src.mixed_precision import autocast_variable  # reading a variable in its own dtype
 
-from engine import attention, dropout, first_position, layer_norm, unpadding
+from engine import attention, dropout, first_position, host, layer_norm, unpadding
 from engine import bias as bias_ops  # (layers have `bias` attributes and arguments)
 from engine import dense as dense_ops  # (and local `dense` layers)
 
@@ -323,6 +323,8 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
             counts["embedding"] += 1
         elif attention.is_plain(layer):
             layer._compute_attention = functools.partial(attention.compute_attention, layer)
+            # An export served where TensorFlow runs Eigen's kernels batches its attention otherwise (attention.py).
+            layer._engine_eigen_host = export_safe and not host.serving_host_runs_onednn()
             counts["attention"] += 1
         elif _is_plain_block(layer):
             layer.call = functools.partial(_block_call, layer, skip_padding_in_training)

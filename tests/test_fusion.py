@@ -669,8 +669,10 @@ def test_attention_transposes_run_on_integer_bits_at_inference_only():
 def test_short_sentences_attend_in_eigens_kernels_at_inference_and_all_give_the_numpy_reference(monkeypatch):
     """At inference in float32, attention with at most EIGEN_SCORES_UP_TO score elements per head (batch x
     queries x keys) takes BatchMatMulV3, which TensorFlow's oneDNN rewrite leaves to Eigen, and a softmax of Eigen
-    ops; larger attention the oneDNN products. Both give the float64 NumPy BERT's values, padding masked."""
+    ops; larger attention the oneDNN products. Both give the float64 NumPy BERT's values, padding masked. (An
+    export for a oneDNN serving host: one for an Eigen host takes neither, see the next test.)"""
     config, _, _, fused = _encoder_pair()
+    monkeypatch.setattr(host, "serving_host_runs_onednn", lambda: True)
     fusion.fuse_elementwise(fused, export_safe=True)
     eigen_products = []
     batch_matmul_v3 = tf.raw_ops.BatchMatMulV3
@@ -695,6 +697,36 @@ def test_short_sentences_attend_in_eigens_kernels_at_inference_and_all_give_the_
     eigen_products.clear()
     fused(inputs, training=True)
     assert not eigen_products
+
+
+def test_an_eigen_hosts_export_attends_to_batches_in_query_chunks_and_gives_the_numpy_reference(monkeypatch):
+    """An export for a serving host whose TensorFlow runs Eigen's kernels: a batch whose per-head products cost
+    more than BATCH_MATMUL_SHARDS_UP_TO multiply-adds attends with its query rows in chunks (attention.py), the
+    last chunk padded; one sentence and cheaper products as Keras does. All give the float64 NumPy BERT's values,
+    padding masked."""
+    config, _, _, fused = _encoder_pair()
+    monkeypatch.setattr(host, "serving_host_runs_onednn", lambda: False)
+    fusion.fuse_elementwise(fused, export_safe=True)
+    chunked = []
+    in_query_chunks = attention._in_query_chunks
+    monkeypatch.setattr(attention, "_in_query_chunks", lambda *a: chunked.append(a[0].shape) or in_query_chunks(*a))
+    head_dim = config.hidden_size // config.num_attention_heads
+    limit = attention.BATCH_MATMUL_SHARDS_UP_TO
+    above = next(n for n in range(1, 128) if n * head_dim * n > limit)  # the shortest padded length chunked
+    assert (limit // (head_dim * above)) < above and above % (limit // (head_dim * above)) != 0  # a padded chunk
+    cases = [([above, 9, 1], above), ([30, 17], 30), ([above - 1, 5], above - 1), ([40], 40)]
+    for tokens, length in cases:  # tokens per row, padded length
+        mask = tf.cast(tf.range(length)[None] < tf.constant(tokens)[:, None], tf.int32)
+        ids = tf.reshape(tf.range(len(tokens) * length) % 50 + 1, [len(tokens), length]) * mask
+        inputs = {"input_word_ids": ids, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
+        chunked.clear()
+        outputs = fused(inputs, training=False)  # eagerly: each tf.cond runs only the branch it takes
+        expected = len(tokens) > 1 and length * head_dim * length > limit
+        assert len(chunked) == (config.num_hidden_layers if expected else 0), (tokens, length)
+        numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
+        reference = ref.bert_forward(bert.hf_weights(fused), config.num_attention_heads, **numpy_inputs)
+        seq_diff, pooled_diff = ref.max_abs_diffs(reference, outputs, numpy_inputs["input_mask"])
+        assert seq_diff <= 1e-4 and pooled_diff <= 1e-4, (tokens, seq_diff, pooled_diff)
 
 
 def test_export_safe_graph_has_no_xla_kernel_nor_op_of_ours(monkeypatch):
