@@ -666,6 +666,22 @@ def test_attention_transposes_run_on_integer_bits_at_inference_only():
     assert transposes(training=True) == ["float32"] * 4 * config.num_hidden_layers
 
 
+def _batch_of_lengths(tokens: list, length: int) -> dict:
+    """Encoder inputs of len(tokens) rows padded to `length`, row i with tokens[i] real word-pieces."""
+    mask = tf.cast(tf.range(length)[None] < tf.constant(tokens)[:, None], tf.int32)
+    ids = tf.reshape(tf.range(len(tokens) * length) % 50 + 1, [len(tokens), length]) * mask
+    return {"input_word_ids": ids, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
+
+
+def _assert_numpy_reference(config, model, inputs, outputs, tolerance=1e-4):
+    """`outputs` (of `model` on `inputs`) are the float64 NumPy BERT's on the model's weights, padding masked."""
+    numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
+    reference = ref.bert_forward(bert.hf_weights(model), config.num_attention_heads, **numpy_inputs)
+    seq_diff, pooled_diff = ref.max_abs_diffs(reference, outputs, numpy_inputs["input_mask"])
+    assert seq_diff <= tolerance and pooled_diff <= tolerance, (numpy_inputs["input_mask"].sum(1), seq_diff,
+                                                                pooled_diff)
+
+
 def test_short_sentences_attend_in_eigens_kernels_at_inference_and_all_give_the_numpy_reference(monkeypatch):
     """At inference in float32, attention with at most EIGEN_SCORES_UP_TO score elements per head (batch x
     queries x keys) takes BatchMatMulV3, which TensorFlow's oneDNN rewrite leaves to Eigen, and a softmax of Eigen
@@ -682,17 +698,12 @@ def test_short_sentences_attend_in_eigens_kernels_at_inference_and_all_give_the_
     assert side * side == limit  # so that [1, side] is the largest one-sentence batch on the Eigen side
     cases = [([11], 16), ([16, 5], 16), ([side], side), ([side + 1], side + 1), ([16, 11, 5, 1], 16)]
     for tokens, length in cases:  # tokens per row, padded length
-        mask = tf.cast(tf.range(length)[None] < tf.constant(tokens)[:, None], tf.int32)
-        ids = tf.reshape(tf.range(len(tokens) * length) % 50 + 1, [len(tokens), length]) * mask
-        inputs = {"input_word_ids": ids, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
+        inputs = _batch_of_lengths(tokens, length)
         eigen_products.clear()
         outputs = fused(inputs, training=False)  # eagerly: each tf.cond runs only the branch it takes
         small = len(tokens) * length * length <= limit
         assert len(eigen_products) == (2 * config.num_hidden_layers if small else 0), (tokens, length)
-        numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
-        reference = ref.bert_forward(bert.hf_weights(fused), config.num_attention_heads, **numpy_inputs)
-        seq_diff, pooled_diff = ref.max_abs_diffs(reference, outputs, numpy_inputs["input_mask"])
-        assert seq_diff <= 1e-4 and pooled_diff <= 1e-4, (tokens, seq_diff, pooled_diff)
+        _assert_numpy_reference(config, fused, inputs, outputs)
     # Training keeps the oneDNN products (and on the CPU our softmax-dropout op).
     eigen_products.clear()
     fused(inputs, training=True)
@@ -716,17 +727,12 @@ def test_an_eigen_hosts_export_attends_to_batches_in_query_chunks_and_gives_the_
     assert (limit // (head_dim * above)) < above and above % (limit // (head_dim * above)) != 0  # a padded chunk
     cases = [([above, 9, 1], above), ([30, 17], 30), ([above - 1, 5], above - 1), ([40], 40)]
     for tokens, length in cases:  # tokens per row, padded length
-        mask = tf.cast(tf.range(length)[None] < tf.constant(tokens)[:, None], tf.int32)
-        ids = tf.reshape(tf.range(len(tokens) * length) % 50 + 1, [len(tokens), length]) * mask
-        inputs = {"input_word_ids": ids, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}
+        inputs = _batch_of_lengths(tokens, length)
         chunked.clear()
         outputs = fused(inputs, training=False)  # eagerly: each tf.cond runs only the branch it takes
         expected = len(tokens) > 1 and length * head_dim * length > limit
         assert len(chunked) == (config.num_hidden_layers if expected else 0), (tokens, length)
-        numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
-        reference = ref.bert_forward(bert.hf_weights(fused), config.num_attention_heads, **numpy_inputs)
-        seq_diff, pooled_diff = ref.max_abs_diffs(reference, outputs, numpy_inputs["input_mask"])
-        assert seq_diff <= 1e-4 and pooled_diff <= 1e-4, (tokens, seq_diff, pooled_diff)
+        _assert_numpy_reference(config, fused, inputs, outputs)
 
 
 def test_export_safe_graph_has_no_xla_kernel_nor_op_of_ours(monkeypatch):
