@@ -4,8 +4,9 @@ head_dim-32 contractions with their own transposes. In training on the CPU the m
 dropout are one C++ op and their gradient another (engine/dropout.softmax_dropout: the same masks as the keyed
 Dropout layer); elsewhere they are the layer's own. At inference the transposes to and from heads-first run on the
 bits as integers (see swap_seq_and_heads), and in float32 a short sentence's products and softmax run in Eigen's
-kernels (see _inference_attention). Its own module: fusion.py decides which layers to rebind, this is what
-one of them computes."""
+kernels (see _inference_attention), or, in an export for a host that runs Eigen's kernels, a batch's products in
+query chunks (_in_query_chunks). Its own module: fusion.py decides which layers to rebind, this is what one of
+them computes."""
 from __future__ import annotations
 
 import math
