@@ -121,15 +121,20 @@ def pipeline_share(global_batches: tf.data.Dataset, input_context: tf.distribute
 
 def distribute_eval_inputs(strategy: tf.distribute.Strategy, dataset_fn: Callable, global_batch_size: int):
     """Global batches padded to full size, split over all replicas of all hosts (every host reads them all:
-    evaluation sets are small, and every worker then runs the same number of batches)."""
+    evaluation sets are small, and every worker then runs the same number of batches), kept in memory after the
+    first full pass."""
     per_replica = global_batch_size // strategy.num_replicas_in_sync
 
     def fn(ctx: tf.distribute.InputContext):
         dataset = dataset_fn(batch_size=global_batch_size, input_context=None)
         dataset = dataset.map(lambda f, l: pad_batch(f, l, global_batch_size))
+        # Cached in memory by the first evaluation's full pass (the split's batches: no more than the outputs the
+        # evaluation gathers), so that later evaluations read them back: making a new iterator of the pipeline
+        # instantiated its map functions again, 25-30 ms per evaluation (~3 % of evaluating 256 SST-2 sentences
+        # with MiniLM on the Zen 3; 0.5 ms from the cache; bench/RESULTS.md). An incomplete pass caches nothing.
         # One short pass over small batches: deleting an autotuned iterator at the end waited for its thread,
         # 0.6-0.7 s in about one evaluation of four (a third of the time MiniLM takes for 256 SST-2 sentences).
-        return without_autotune(pipeline_share(dataset, ctx, per_replica))
+        return without_autotune(pipeline_share(dataset, ctx, per_replica).cache())
     return strategy.distribute_datasets_from_function(fn)
 
 
