@@ -95,7 +95,7 @@ def _inference_attention(query, key, value, attention_mask, onednn, eigen_host: 
             mask = tf.cast(attention_mask, logits.dtype)
             while mask.shape.rank < logits.shape.rank:
                 mask = tf.expand_dims(mask, -3)  # [batch, 1, queries, keys]
-            logits += (1.0 - mask) * -1e9  # Keras' _large_compatible_negative for float32
+            logits += _mask_adder(mask)
         exps = tf.exp(logits - tf.reduce_max(logits, -1, keepdims=True))
         scores = exps / tf.reduce_sum(exps, -1, keepdims=True)
         return tf.raw_ops.BatchMatMulV3(x=scores, y=value, Tout=query.dtype), scores
@@ -120,11 +120,17 @@ def _in_query_chunks(query, key, value, attention_mask):
     if attention_mask is not None:  # as _inference_attention's eigen(): Keras' adder, then the softmax
         mask = tf.broadcast_to(tf.cast(attention_mask, logits.dtype), tf.stack([batch, queries, keys]))
         mask = tf.pad(mask, padding, constant_values=1.0)
-        logits += (1.0 - tf.reshape(mask, tf.stack([batch, 1, chunks, rows, keys]))) * -1e9
+        logits += _mask_adder(tf.reshape(mask, tf.stack([batch, 1, chunks, rows, keys])))
     scores = tf.nn.softmax(logits)
     context = tf.matmul(scores, value[:, :, None])  # [batch, heads, chunks, rows, head_dim]
     unchunked = lambda t: tf.reshape(t, tf.stack([batch, heads, chunks * rows, -1]))[:, :, :queries]
     return unchunked(context), unchunked(scores)
+
+
+def _mask_adder(mask):
+    """What Keras' masked softmax adds to the logits where a float32 `mask` is 0 (its _large_compatible_negative
+    for float32), for the softmaxes written out here."""
+    return (1.0 - mask) * -1e9
 
 
 # Same-width integer types for swap_seq_and_heads.
