@@ -73,6 +73,7 @@ def train_iterator(strategy: tf.distribute.Strategy, dataset_fn: Callable, per_r
         dataset = dataset_fn(batch_size=per_replica_batch_size, input_context=ctx)
         replicas_per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
         return without_autotune(dataset.skip(skip_updates * replicas_per_pipeline))
+    per_device_datasets_without_autotune()
     return iter(strategy.distribute_datasets_from_function(fn))
 
 
@@ -95,6 +96,35 @@ def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.with_options(options)
+
+
+def per_device_datasets_without_autotune() -> None:
+    """Autotuning off in the per-device datasets of a distributed iterator, which without_autotune cannot reach.
+
+    A MirroredStrategy's iterator (TensorFlow's MultiDeviceIterator) feeds each device from a dataset it builds
+    itself (a generator over the host's pipeline, then a one-batch prefetch) with default options: autotuning on,
+    an optimizer thread per device, and the same wait on deleting the iterator as without_autotune's (a test's
+    teardown waited 56.6 s in a full run; bench/RESULTS.md, thirty-seventh and thirty-eighth sessions). Those
+    datasets have nothing to tune, and TensorFlow 2.20 has no option for them (tf.distribute.InputOptions), so
+    this wraps the function that builds them, multi_device_iterator_ops._create_device_dataset, once per process;
+    a TensorFlow without that function is left as it is."""
+    global _device_datasets_patched
+    from tensorflow.python.data.ops import multi_device_iterator_ops  # (no public handle on this)
+    create = getattr(multi_device_iterator_ops, "_create_device_dataset", None)
+    if _device_datasets_patched or create is None:
+        return
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+
+    @functools.wraps(create)
+    def create_without_autotune(*args, **kwargs):
+        return create(*args, **kwargs).with_options(options)
+    multi_device_iterator_ops._create_device_dataset = create_without_autotune
+    _device_datasets_patched = True
+
+
+_device_datasets_patched = False
 
 
 def pipeline_share(global_batches: tf.data.Dataset, input_context: tf.distribute.InputContext,
@@ -135,6 +165,7 @@ def distribute_eval_inputs(strategy: tf.distribute.Strategy, dataset_fn: Callabl
         # One short pass over small batches: deleting an autotuned iterator at the end waited for its thread,
         # 0.6-0.7 s in about one evaluation of four (a third of the time MiniLM takes for 256 SST-2 sentences).
         return without_autotune(pipeline_share(dataset, ctx, per_replica).cache())
+    per_device_datasets_without_autotune()
     return strategy.distribute_datasets_from_function(fn)
 
 

@@ -2,7 +2,6 @@
 
 The CPU split must happen before TensorFlow initialises its devices, so it is done at import time here.
 """
-import gc
 import os
 import sys
 
@@ -10,8 +9,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import engine  # noqa: E402,F401  (sets the environment before TensorFlow loads)
 from engine.strategy import split_cpu  # noqa: E402
-
-import pytest  # noqa: E402
 
 split_cpu(2)
 
@@ -46,34 +43,6 @@ def write_sst2_head(folder, rows: int) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(head)
     return path
-
-
-# tf.data iterators that a test leaves to the garbage collector (a Trainer in a reference cycle) are freed
-# later, at a random point of another test, and deleting one can wait for its autotuning thread until the end
-# of that thread's sleep, which doubles up to 60 s as the iterator ages (stalls of 30-360 s in full runs;
-# bench/RESULTS.md, 2026-12-05). The engine and the Tasks turn autotuning off for their own pipelines
-# (engine/inputs.without_autotune), but a MirroredStrategy's per-device iterators (MultiDeviceIterator) build
-# datasets of their own with it on. So after a test that made one, collect the garbage while it is young.
-from tensorflow.python.data.ops import multi_device_iterator_ops  # noqa: E402
-
-_multi_device_iterators = [0]
-_make_multi_device_iterator = multi_device_iterator_ops.OwnedMultiDeviceIterator.__init__
-
-
-def _counted_multi_device_iterator(self, *args, **kwargs):
-    _multi_device_iterators[0] += 1
-    _make_multi_device_iterator(self, *args, **kwargs)
-
-
-multi_device_iterator_ops.OwnedMultiDeviceIterator.__init__ = _counted_multi_device_iterator
-
-
-@pytest.fixture(autouse=True)
-def _free_young_distributed_iterators():
-    made = _multi_device_iterators[0]
-    yield
-    if _multi_device_iterators[0] != made:
-        gc.collect()
 
 
 def pytest_collection_modifyitems(items):

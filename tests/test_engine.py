@@ -306,8 +306,9 @@ def test_bf16_on_cpu_without_native_support_warns_with_measured_cost(monkeypatch
 
 def test_input_pipelines_run_without_tf_data_autotuning(monkeypatch):
     """The Trainer's training and evaluation iterators come from datasets with tf.data's model-based autotuning off
-    (inputs.without_autotune): its per-iterator thread made deleting an iterator wait for up to 60 s, which stalled
-    the test suite for minutes when garbage collection freed old trainers (bench/RESULTS.md, 2026-12-05)."""
+    (inputs.without_autotune), and so do a MirroredStrategy's per-device datasets: its per-iterator thread made
+    deleting an iterator wait for up to 60 s, which stalled the test suite for minutes when garbage collection
+    freed old trainers (bench/RESULTS.md, 2026-12-05)."""
     from engine import inputs  # noqa: PLC0415
     made = []
     without_autotune = inputs.without_autotune
@@ -321,6 +322,11 @@ def test_input_pipelines_run_without_tf_data_autotuning(monkeypatch):
         assert not any(dataset.options().autotune.enabled for dataset in made)
         if strategy == "default":  # the iterator the Trainer runs is the one over that dataset
             assert trainer._train_iterator._dataset is made[0]
+        else:  # and the datasets TensorFlow's MultiDeviceIterator builds for each device (its own, not the Task's)
+            (worker,) = trainer._train_iterator._iterators
+            per_device = [iterator._dataset for iterator in worker._iterator._device_iterators]
+            # (unset, None, is TensorFlow's default: on)
+            assert len(per_device) == 2 and all(dataset.options().autotune.enabled is False for dataset in per_device)
 
 
 def test_later_evaluations_read_the_batches_the_first_one_cached(tmp_path):
