@@ -108,10 +108,9 @@ def per_device_datasets_without_autotune() -> None:
     datasets have nothing to tune, and TensorFlow 2.20 has no option for them (tf.distribute.InputOptions), so
     this wraps the function that builds them, multi_device_iterator_ops._create_device_dataset, once per process;
     a TensorFlow without that function is left as it is."""
-    global _device_datasets_patched
     from tensorflow.python.data.ops import multi_device_iterator_ops  # (no public handle on this)
     create = getattr(multi_device_iterator_ops, "_create_device_dataset", None)
-    if _device_datasets_patched or create is None:
+    if create is None or getattr(create, "without_autotune", False):  # (already wrapped)
         return
 
     options = tf.data.Options()
@@ -120,11 +119,8 @@ def per_device_datasets_without_autotune() -> None:
     @functools.wraps(create)
     def create_without_autotune(*args, **kwargs):
         return create(*args, **kwargs).with_options(options)
+    create_without_autotune.without_autotune = True
     multi_device_iterator_ops._create_device_dataset = create_without_autotune
-    _device_datasets_patched = True
-
-
-_device_datasets_patched = False
 
 
 def pipeline_share(global_batches: tf.data.Dataset, input_context: tf.distribute.InputContext,
