@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_keras
 from tf_keras.src.engine import base_layer_utils  # the call context: is this call training?
 
-from engine import dropout
+from engine import dropout, native
 
 
 def is_plain(layer) -> bool:
@@ -56,6 +56,62 @@ def softmax_and_dropout(layer, logits, attention_mask, training, in_training):
         return fused
     scores = layer._masked_softmax(logits, attention_mask)
     return layer._dropout_layer(scores, training=training), scores
+
+
+def token_attention(layer, query, key, value, positions, attention_mask):
+    """The layer's attention context at inference for a block on its token rows (engine/unpadding.py): query, key
+    and value [1, rows, heads, head_dim] as the projections give them, `positions` each row's flat position in the
+    padded batch (ascending), `attention_mask` Keras' [batch, seq, seq]. One C++ pass per sentence and head
+    (attention_kernel.cc), where the padded way spreads Q, K and V back to [batch, seq, ...], swaps sequence and
+    heads four times, runs two batched products and a softmax over every padded position and gathers the context
+    again: ~9 % of a float32 task.predict's op time on the Zen 3 (bench/RESULTS.md). Padded keys are left out
+    rather than weighted exp(-1e9) = 0, so this assumes what the token rows already assume: padding is masked out
+    as a key. None where the op cannot run (another dtype or layout, an export-safe graph, not a CPU, or the
+    library unavailable); the caller then takes the padded way."""
+    if (attention_mask is None or attention_mask.shape.rank != 3 or query.shape.rank != 4
+            or any(t.dtype != query.dtype or t.shape.rank != 4 for t in (key, value))
+            or not query.shape[2:].is_compatible_with(value.shape[2:])):
+        return None
+    module = _token_attention_module(layer, query.dtype, query.device)
+    if module is None:
+        return None
+    positions, mask = tf.cast(positions, tf.int32), tf.cast(attention_mask, tf.float32)
+    scale = 1.0 / math.sqrt(float(layer._key_dim))
+
+    @tf.custom_gradient
+    def attend(query, key, value):
+        def gradient(upstream):  # gradients at inference (e.g. saliency): those of the same math in TensorFlow's ops
+            with tf.GradientTape() as tape:
+                tape.watch([query, key, value])
+                context = _token_attention_in_padded_ops(query, key, value, positions, mask, scale)
+            return tape.gradient(context, [query, key, value], output_gradients=upstream)
+        return module.engine_token_attention(query, key, value, positions, mask, scale=scale), gradient
+    return attend(query, key, value)
+
+
+def attends_on_token_rows(layer, dtype, device: str) -> bool:
+    """Whether token_attention can run for this layer at inference on `dtype` operands on `device`, so that a block
+    on its token rows moves only its input and output rows, not Q, K, V and the context too."""
+    return _token_attention_module(layer, dtype, device) is not None
+
+
+def _token_attention_module(layer, dtype, device: str):
+    if not getattr(layer, "_engine_native_at_inference", False) or dtype != tf.float32:
+        return None
+    return native.ATTENTION.load_for(device)
+
+
+def _token_attention_in_padded_ops(query, key, value, positions, mask, scale):
+    """token_attention's context in TensorFlow's ops: the rows spread to the padded layout [batch, seq, heads, dim]
+    (zeros at the other positions, which the mask hides as keys), Keras' masked softmax attention, rows gathered."""
+    shape, mask_shape = tf.shape(query), tf.shape(mask)
+    padded_shape = tf.stack([mask_shape[0], mask_shape[1], shape[-2], shape[-1]])
+    spread = lambda t: tf.reshape(tf.scatter_nd(positions[:, None], tf.reshape(t, tf.concat([[-1], shape[-2:]], 0)),
+                                                tf.stack([mask_shape[0] * mask_shape[1], shape[-2], shape[-1]])),
+                                  padded_shape)
+    logits = tf.einsum("bqhd,bkhd->bhqk", spread(query) * scale, spread(key)) + _mask_adder(mask[:, None])
+    context = tf.einsum("bhqk,bkhd->bqhd", tf.nn.softmax(logits), spread(value))
+    return tf.reshape(tf.gather(tf.reshape(context, tf.concat([[-1], shape[-2:]], 0)), positions), shape)
 
 
 # At inference in float32, attention products with at most this many score elements per head (batch x queries x

@@ -184,6 +184,10 @@ def _native_at_inference(layer) -> bool:
 # (~45 % padding) MiniLM's forward ran 1.36x. The tf.cond itself costs ~0.35 ms per batch-1 forward (0.96x;
 # bench/RESULTS.md).
 _UNPAD_ABOVE = 0.15
+# The same where attention runs on the token rows themselves (attention.token_attention): a block then moves two
+# row sets instead of six, and task.predict over the bench's sentences (longest first: 4.5-22 % padding per
+# batch) ran 1.03-1.10x faster with this threshold than with 0.15 (bench/RESULTS.md).
+_UNPAD_WITH_TOKEN_ATTENTION_ABOVE = 0.05
 
 
 def _block_call(block, on_tokens_in_training, inputs, output_range=None):
@@ -219,8 +223,11 @@ def _block_call(block, on_tokens_in_training, inputs, output_range=None):
                                          unpadding.training_rows(tokens, tf.size(is_token)), training, ffn,
                                          _add_layer_norm)
     padding = 1.0 - tf.cast(tokens, tf.float32) / tf.cast(tf.size(is_token), tf.float32)
-    padded = lambda: unpadding.block_sublayers(block, x, attention_mask, False, ffn, _add_layer_norm)
-    return tf.cond(padding > _UNPAD_ABOVE,
+    every_position = tf.range(tf.shape(x)[0] * tf.shape(x)[1])  # the padded layout's rows, for token_attention
+    padded = lambda: unpadding.block_sublayers(block, x, attention_mask, False, ffn, _add_layer_norm,
+                                               row_positions=every_position)
+    on_token_rows = attention.attends_on_token_rows(block._attention_layer, x.dtype, x.device)
+    return tf.cond(padding > (_UNPAD_WITH_TOKEN_ATTENTION_ABOVE if on_token_rows else _UNPAD_ABOVE),
                    lambda: unpadding.block_on_tokens(block, x, attention_mask, is_token, tokens, False, ffn,
                                                      _add_layer_norm),
                    padded)
@@ -325,6 +332,7 @@ def fuse_elementwise(model: tf.Module, *, export_safe: bool = False, skip_paddin
             layer._compute_attention = functools.partial(attention.compute_attention, layer)
             # An export served where TensorFlow runs Eigen's kernels batches its attention otherwise (attention.py).
             layer._engine_eigen_host = export_safe and not host.serving_host_runs_onednn()
+            layer._engine_native_at_inference = not export_safe  # token rows' attention as our op
             counts["attention"] += 1
         elif _is_plain_block(layer):
             layer.call = functools.partial(_block_call, layer, skip_padding_in_training)

@@ -170,7 +170,9 @@ LAYER_NORM = Library("layer_norm_kernel", switch="BERT_ENGINE_NATIVE_LAYER_NORM"
                      fallback="TensorFlow's ops for LayerNorm in training: the same math, slower")
 BIAS = Library("bias_kernel", switch="BERT_ENGINE_NATIVE_BIAS", description="bias kernel",
                fallback="TensorFlow's bias add and XLA's GELU in training: the same math, slower")
-LIBRARIES = (ADAMW, DROPOUT, LAYER_NORM, BIAS)
+ATTENTION = Library("attention_kernel", switch="BERT_ENGINE_NATIVE_ATTENTION", description="token attention kernel",
+                    fallback="TensorFlow's ops for attention at inference: the same math, slower")
+LIBRARIES = (ADAMW, DROPOUT, LAYER_NORM, BIAS, ATTENTION)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -11,6 +11,8 @@ import math
 
 import tensorflow as tf
 
+from engine import attention as attention_ops
+
 
 def training_rows(tokens, positions):
     """How many rows a training batch's `tokens` run as: rounded up to 4 sizes per doubling (at most 25 % more
@@ -38,23 +40,31 @@ def block_on_tokens(block, x, attention_mask, is_token, rows, training, ffn, add
         flat = spread_rows(tf.squeeze(t, 0), slot, order, training)
         return tf.reshape(flat, tf.concat([padded_shape, tf.shape(t)[2:]], 0))
 
-    return block_sublayers(block, x, attention_mask, training, ffn, add_norm, unpad, pad)
+    # At inference the rows are the tokens alone, in ascending position: attention can run on them directly.
+    return block_sublayers(block, x, attention_mask, training, ffn, add_norm, unpad, pad,
+                           row_positions=None if training else order)
 
 
-def block_sublayers(block, x, attention_mask, training, ffn, add_norm, unpad=None, pad=None):
+def block_sublayers(block, x, attention_mask, training, ffn, add_norm, unpad=None, pad=None, row_positions=None):
     """A post-LayerNorm TransformerEncoderBlock's call (query residual, full attention), sublayer by sublayer:
     the projections, FFN (`ffn(attended)`: from the attention's LayerNorm output to the output projection's) and
     LayerNorms (`add_norm(layer, x, residual)`: the layer on x + residual, summed in the residual's dtype as the
     stock call does) on `unpad(x)`'s rows, attention on the padded layout; `pad` brings rows back. Without
-    unpad/pad: the padded layout throughout, the stock call's ops."""
+    unpad/pad: the padded layout throughout, the stock call's ops. `row_positions` (inference only: each row's flat
+    position in the padded batch, ascending; every position in the padded layout): attention on the rows
+    themselves where our op can run (engine/attention.token_attention)."""
     unpad = unpad or (lambda t: t)
     pad = pad or (lambda t: t)
     attention = block._attention_layer
     source = unpad(x)
-    query, key, value = (pad(dense(source)) for dense in (
-        attention._query_dense, attention._key_dense, attention._value_dense))
-    context, _ = attention._compute_attention(query, key, value, attention_mask, training=training)
-    attended = block._attention_dropout(attention._output_dense(unpad(context)))
+    projections = [dense(source) for dense in (attention._query_dense, attention._key_dense, attention._value_dense)]
+    context = None
+    if row_positions is not None:
+        context = attention_ops.token_attention(attention, *projections, row_positions, attention_mask)
+    if context is None:
+        query, key, value = (pad(t) for t in projections)
+        context = unpad(attention._compute_attention(query, key, value, attention_mask, training=training)[0])
+    attended = block._attention_dropout(attention._output_dense(context))
     attended = add_norm(block._attention_layer_norm, attended, source)
     output = block._output_dropout(ffn(attended))
     # As the stock block: under a mixed policy the LayerNorm works in float32 (`attended` is float32 there).

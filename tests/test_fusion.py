@@ -17,7 +17,7 @@ import tf_keras
 
 import bert_numpy_reference as ref
 import engine
-from engine import attention, bias, dropout, fusion, host, layer_norm, unpadding
+from engine import attention, bias, dropout, fusion, host, layer_norm, native, unpadding
 from engine import dense as dense_ops
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, constant_shapes, graph_op_types, run_training
@@ -369,6 +369,8 @@ def test_inference_blocks_skip_padding_and_give_the_numpy_reference(policy):
         full = {k: tf.ones_like(v) if k == "input_mask" else v for k, v in inputs.items()}
         full["input_word_ids"] = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
         run = tf.function(lambda x: fused(x, training=False))
+        # float32 attends with our op on either layout (the next test); bf16 with TensorFlow's ops.
+        assert ("EngineTokenAttention" in graph_op_types(run, inputs)) == (policy == "float32")
         for batch, padded in ((inputs, True), (full, False)):
             numpy_inputs = {k: v.numpy() for k, v in batch.items()}
             reference = ref.bert_forward(bert.hf_weights(fused), config.num_attention_heads, **numpy_inputs)
@@ -383,6 +385,26 @@ def test_inference_blocks_skip_padding_and_give_the_numpy_reference(policy):
         assert np.abs(stock_padding[inputs["input_mask"].numpy() == 0]).min() > 0
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
+
+
+def test_fused_inference_attends_with_our_op_in_both_layouts_but_not_in_training_exports_nor_switched_off(monkeypatch):
+    """Blocks at inference in our process attend with EngineTokenAttention (tests/test_token_attention_kernel.py),
+    on the token rows and in the padded layout alike; training, export-safe graphs and the switch keep TensorFlow's
+    ops. (The values: test_inference_blocks_skip_padding_and_give_the_numpy_reference.)"""
+    config, inputs, _, fused = _encoder_pair()
+    _, _, _, safe = _encoder_pair()
+    fusion.fuse_elementwise(fused)
+    fusion.fuse_elementwise(safe, export_safe=True)
+
+    def calls(model):  # per layer, once in each branch of the block's tf.cond (token rows or padded)
+        graph_def = tf.function(lambda x: model(x, training=False)).get_concrete_function(inputs).graph.as_graph_def()
+        nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+        return sum(n.op == "EngineTokenAttention" for n in nodes)
+    assert calls(fused) == 2 * config.num_hidden_layers
+    assert calls(safe) == 0
+    assert "EngineTokenAttention" not in graph_op_types(tf.function(lambda x: fused(x, training=True)), inputs)
+    monkeypatch.setenv(native.ATTENTION.switch, "0")
+    assert calls(fused) == 0
 
 
 @pytest.mark.parametrize("held", [None, tf.float32, tf.bfloat16])
@@ -754,12 +776,12 @@ def test_export_safe_graph_has_no_xla_kernel_nor_op_of_ours(monkeypatch):
     assert not xla_functions(safe, training=True) and not xla_functions(safe, training=False)
     # Nor any op of our C++ libraries, which a served graph's machine lacks; in our own process, inference runs the
     # LayerNorms (the embeddings' alone, the blocks' with their residual adds, in both branches of the padding
-    # cond) as our op.
+    # cond) and the blocks' attention as our ops.
     def ours(model):
         types = graph_op_types(tf.function(lambda x: model(x, training=False)), inputs)
         return sorted(t for t in types if t.startswith("Engine"))
     assert ours(safe) == []
-    assert ours(fused) == ["EngineAddLayerNorm", "EngineLayerNorm"]
+    assert ours(fused) == ["EngineAddLayerNorm", "EngineLayerNorm", "EngineTokenAttention"]
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "held bf16 kernels"])

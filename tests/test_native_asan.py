@@ -19,7 +19,7 @@ from subprocess_runs import crash_outside_our_code, run_once_more_after_a_crash
 
 # Every op of ours, forward and backward, in float32 and bfloat16, on odd shapes and NaN.
 KERNEL_TESTS = ["tests/test_bias_kernel.py", "tests/test_layer_norm_kernel.py", "tests/test_attention_kernel.py",
-                "tests/test_adamw_kernel.py",
+                "tests/test_adamw_kernel.py", "tests/test_token_attention_kernel.py",
                 "tests/test_fusion.py::test_the_dropout_kernel_equals_tensorflows_forward_bit_for_bit",
                 "tests/test_fusion.py::test_keeps_one_minus_rate_scaled_and_gradient_uses_the_same_mask"]
 SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"]
@@ -34,7 +34,7 @@ def _runtime_library(compiler: list, name: str):
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
-@pytest.mark.slow  # four instrumented builds and a pytest run in subprocesses: 1.5-2 minutes on 2 cores
+@pytest.mark.slow  # five instrumented builds and a pytest run in subprocesses: 1.5-2 minutes on 2 cores
 def test_kernel_tests_pass_with_our_ops_built_under_address_sanitizer(monkeypatch):
     compiler = shlex.split(os.environ.get("CXX", "g++"))
     asan = _runtime_library(compiler, "libasan.so")

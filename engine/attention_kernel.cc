@@ -1,0 +1,266 @@
+// Self-attention at inference over each sentence's token rows, as one multi-threaded pass (EngineTokenAttention):
+// the op engine/attention.py's token_attention builds (through engine/native.py) for Transformer blocks that run
+// on a batch's real tokens (engine/unpadding.py). Why it exists: see token_attention.
+//
+// Inputs are the blocks' token rows, sentence after sentence (rows in the order of their flat positions
+// b * seq + s in the padded batch), and Keras' attention mask over the padded positions. For each sentence b and
+// head h, with i, j over that sentence's rows:
+//   logits[i, j] = (query[i, h] * scale) . key[j, h] + (1 - mask[b, s_i, s_j]) * -1e9   (Keras' masked softmax)
+//   context[i, h] = sum_j softmax_j(logits[i, :]) * value[j, h]
+// which is Keras' MultiHeadAttention on the padded layout for every token row whenever padded positions are masked
+// out as keys (they are under BERT's padding mask: a padded key gets weight exp(-1e9) = 0 there). float32 only.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+#include "cpu_kernels.h"
+
+namespace tensorflow {
+namespace {
+
+using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, ExpNonPositive
+
+REGISTER_OP("EngineTokenAttention")
+    .Input("query: float")      // [..., rows, heads, head_dim]: leading dims of size 1
+    .Input("key: float")        // the query's shape
+    .Input("value: float")      // the query's shape
+    .Input("positions: int32")  // [rows]: each row's flat position b * seq + s in the padded batch, ascending
+    .Input("mask: float")       // [batch, seq, seq]: 1 attends, 0 does not
+    .Output("context: float")   // the query's shape
+    .Attr("scale: float")       // the query's factor before the product (Keras: 1 / sqrt(head_dim))
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return OkStatus();
+    });
+
+constexpr float kMaskedOut = -1e9f;  // what Keras' Softmax adds where the mask is 0 (tf_keras softmax.py)
+constexpr int64_t kQueryBlock = 4;   // query rows whose logits are computed together (each key load used 4 times)
+constexpr int64_t kKeyBlock = 16;    // keys per step of the logits (two Vec8s)
+
+// 8 floats: one AVX2 register. The accumulators here must stay in registers, and GCC kept cpu_kernels.h's 64-byte
+// Lanes on the stack in the AVX2 clone of these loops (the op ran 2.6x slower than TensorFlow's padded ops; the
+// row maximum over Lanes alone took 15 % of the op).
+typedef float Vec8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline Vec8 Load8(const float* values) {
+  Vec8 v;
+  std::memcpy(&v, values, sizeof(Vec8));
+  return v;
+}
+
+__attribute__((always_inline)) inline void Store8(float* values, const Vec8& v) { std::memcpy(values, &v, sizeof(Vec8)); }
+
+// One sentence and head: `rows` token rows; q/k/v/out point at the sentence's first row of this head, rows `stride`
+// floats apart; mask_rows[i] is query i's mask row over the padded keys, key_slots[j] key j's position in it (`contiguous`: the
+// positions are consecutive). Scratch: kt (head_dim x padded), logits (kQueryBlock x padded), scaled_query
+// (kQueryBlock x head_dim); padded = rows rounded up to kKeyBlock.
+__attribute__((always_inline)) inline void AttendSentenceHead(const float* __restrict q, const float* __restrict k,
+                                                              const float* __restrict v, float* __restrict out,
+                                                              int64_t rows, int64_t stride, int64_t head_dim,
+                                                              float scale, const float* const* mask_rows,
+                                                              const int32_t* __restrict key_slots, bool contiguous,
+                                                              float* __restrict kt, float* __restrict logits,
+                                                              float* __restrict scaled_query) {
+  const int64_t padded = (rows + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  // Keys transposed, [head_dim, padded], zero beyond the rows: the logits then vectorize over keys.
+  for (int64_t d = 0; d < head_dim; ++d) {
+    for (int64_t j = 0; j < rows; ++j) kt[d * padded + j] = k[j * stride + d];
+    for (int64_t j = rows; j < padded; ++j) kt[d * padded + j] = 0.0f;
+  }
+  for (int64_t first = 0; first < rows; first += kQueryBlock) {
+    const int64_t block = std::min(kQueryBlock, rows - first);
+    for (int64_t r = 0; r < kQueryBlock; ++r)  // rows past the block repeat its last (their results are unused)
+      for (int64_t d = 0; d < head_dim; ++d)
+        scaled_query[r * head_dim + d] = q[(first + std::min(r, block - 1)) * stride + d] * scale;
+    const float* q0 = scaled_query;
+    const float* q1 = scaled_query + head_dim;
+    const float* q2 = scaled_query + 2 * head_dim;
+    const float* q3 = scaled_query + 3 * head_dim;
+    for (int64_t j = 0; j < padded; j += kKeyBlock) {
+      Vec8 a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
+      const float* column = kt + j;
+      for (int64_t d = 0; d < head_dim; ++d, column += padded) {
+        const Vec8 low = Load8(column), high = Load8(column + 8);
+        a0 += q0[d] * low;
+        b0 += q0[d] * high;
+        a1 += q1[d] * low;
+        b1 += q1[d] * high;
+        a2 += q2[d] * low;
+        b2 += q2[d] * high;
+        a3 += q3[d] * low;
+        b3 += q3[d] * high;
+      }
+      Store8(logits + j, a0);
+      Store8(logits + j + 8, b0);
+      Store8(logits + padded + j, a1);
+      Store8(logits + padded + j + 8, b1);
+      Store8(logits + 2 * padded + j, a2);
+      Store8(logits + 2 * padded + j + 8, b2);
+      Store8(logits + 3 * padded + j, a3);
+      Store8(logits + 3 * padded + j + 8, b3);
+    }
+    for (int64_t r = 0; r < block; ++r) {
+      const int64_t i = first + r;
+      float* x = logits + r * padded;
+      const float* mask_row = mask_rows[i];
+      if (contiguous) {  // the sentence's positions are consecutive: its keys' mask entries too
+        const float* keys_mask = mask_row + key_slots[0];
+        for (int64_t j = 0; j < rows; ++j) x[j] += (1.0f - keys_mask[j]) * kMaskedOut;
+      } else {
+        for (int64_t j = 0; j < rows; ++j) x[j] += (1.0f - mask_row[key_slots[j]]) * kMaskedOut;
+      }
+      // Keras' softmax over the row (as EngineSoftmaxDropout's in dropout_kernel.cc), the reductions over Vec8s.
+      Vec8 top = Vec8{} - std::numeric_limits<float>::infinity();
+      int64_t j = 0;
+      for (; j + 8 <= rows; j += 8) {
+        const Vec8 values = Load8(x + j);
+        top = values > top ? values : top;
+      }
+      float row_max = -std::numeric_limits<float>::infinity();
+      for (int l = 0; l < 8; ++l) row_max = top[l] > row_max ? top[l] : row_max;
+      for (; j < rows; ++j) row_max = x[j] > row_max ? x[j] : row_max;
+      for (j = 0; j < rows; ++j) x[j] = ExpNonPositive(x[j] - row_max);
+      Vec8 sums = {};
+      for (j = 0; j + 8 <= rows; j += 8) sums += Load8(x + j);
+      float total = 0.0f;
+      for (int l = 0; l < 8; ++l) total += sums[l];
+      for (; j < rows; ++j) total += x[j];
+      const float inverse = 1.0f / total;
+      for (j = 0; j < rows; ++j) x[j] *= inverse;
+      // The context row: the probabilities' sum of value rows, 32 features at a time, then 8, then one.
+      float* context = out + i * stride;
+      int64_t d = 0;
+      for (; d + 32 <= head_dim; d += 32) {
+        Vec8 c0 = {}, c1 = {}, c2 = {}, c3 = {};
+        const float* value = v + d;
+        for (j = 0; j < rows; ++j, value += stride) {
+          c0 += x[j] * Load8(value);
+          c1 += x[j] * Load8(value + 8);
+          c2 += x[j] * Load8(value + 16);
+          c3 += x[j] * Load8(value + 24);
+        }
+        Store8(context + d, c0);
+        Store8(context + d + 8, c1);
+        Store8(context + d + 16, c2);
+        Store8(context + d + 24, c3);
+      }
+      for (; d + 8 <= head_dim; d += 8) {
+        Vec8 c0 = {};
+        for (j = 0; j < rows; ++j) c0 += x[j] * Load8(v + j * stride + d);
+        Store8(context + d, c0);
+      }
+      for (; d < head_dim; ++d) {
+        float c = 0.0f;
+        for (j = 0; j < rows; ++j) c += x[j] * v[j * stride + d];
+        context[d] = c;
+      }
+    }
+  }
+}
+
+ENGINE_CLONES void AttendSentenceHeadFloat(const float* q, const float* k, const float* v, float* out, int64_t rows,
+                                           int64_t stride, int64_t head_dim, float scale, const float* const* mask_rows,
+                                           const int32_t* key_slots, bool contiguous, float* kt, float* logits,
+                                           float* scaled_query) {
+  AttendSentenceHead(q, k, v, out, rows, stride, head_dim, scale, mask_rows, key_slots, contiguous, kt, logits,
+                     scaled_query);
+}
+
+class TokenAttentionOp : public OpKernel {
+ public:
+  explicit TokenAttentionOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("scale", &scale_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& query = context->input(0);
+    const Tensor& key = context->input(1);
+    const Tensor& value = context->input(2);
+    const Tensor& positions = context->input(3);
+    const Tensor& mask = context->input(4);
+    OP_REQUIRES(context, query.dims() >= 3 && key.shape() == query.shape() && value.shape() == query.shape(),
+                errors::InvalidArgument("expected query, key and value of one shape [..., rows, heads, head_dim], "
+                                        "got ", query.shape().DebugString(), ", ", key.shape().DebugString(),
+                                        ", ", value.shape().DebugString()));
+    const int64_t heads = query.dim_size(query.dims() - 2), head_dim = query.dim_size(query.dims() - 1);
+    const int64_t rows = heads * head_dim == 0 ? 0 : query.NumElements() / (heads * head_dim);
+    OP_REQUIRES(context, positions.dims() == 1 && positions.dim_size(0) == rows && mask.dims() == 3 &&
+                             mask.dim_size(1) == mask.dim_size(2),
+                errors::InvalidArgument("expected positions [rows] and mask [batch, seq, seq], got ",
+                                        positions.shape().DebugString(), " and ", mask.shape().DebugString(),
+                                        " for ", rows, " rows"));
+    Tensor* context_out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, query.shape(), &context_out));
+    if (rows == 0) return;
+    const int64_t seq = mask.dim_size(1), slots = mask.dim_size(0) * seq;
+    const int32_t* position = positions.flat<int32>().data();
+    // Sentences: runs of rows with one b = position / seq; positions must ascend within the padded batch.
+    std::vector<int64_t> starts;       // each sentence's first row, then `rows`
+    std::vector<int32_t> key_slots(rows);  // each row's s
+    std::vector<const float*> mask_rows(rows);
+    const float* mask_data = mask.flat<float>().data();
+    for (int64_t r = 0; r < rows; ++r) {
+      OP_REQUIRES(context, position[r] >= 0 && position[r] < slots && (r == 0 || position[r] > position[r - 1]),
+                  errors::InvalidArgument("positions must ascend within [0, ", slots, "), got ", position[r],
+                                          " at row ", r));
+      if (r == 0 || position[r] / seq != position[r - 1] / seq) starts.push_back(r);
+      key_slots[r] = position[r] % seq;
+      mask_rows[r] = mask_data + static_cast<int64_t>(position[r]) * seq;  // [b, s, :]
+    }
+    starts.push_back(rows);
+    const int64_t sentences = static_cast<int64_t>(starts.size()) - 1;
+    const int64_t longest = [&] {
+      int64_t most = 0;
+      for (int64_t s = 0; s < sentences; ++s) most = std::max(most, starts[s + 1] - starts[s]);
+      return most;
+    }();
+    const int64_t stride = heads * head_dim;
+    const float* q = query.flat<float>().data();
+    const float* k = key.flat<float>().data();
+    const float* v = value.flat<float>().data();
+    float* out = context_out->flat<float>().data();
+    const float scale = scale_;
+    auto work = [&](int64_t first_unit, int64_t end_unit) {  // unit = sentence * heads + head
+      const int64_t padded = (longest + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+      std::vector<float> kt(head_dim * padded), logits(kQueryBlock * padded), scaled_query(kQueryBlock * head_dim);
+      // Each head reads 4 * head_dim bytes of every row of its sentence, which the hardware prefetchers did not
+      // see coming: loads of Q, K and V missing the cache took ~40 % of the op. So the next sentence's rows are
+      // prefetched while this one's heads run (its own too, at the start of the range).
+      auto prefetch = [&](int64_t sentence) {
+        if (sentence >= sentences) return;
+        for (const float* block : {q, k, v})
+          for (int64_t at = starts[sentence] * stride; at < starts[sentence + 1] * stride; at += 16)
+            __builtin_prefetch(block + at, 0, 2);  // to L2: 150 KB for 40 rows would overflow L1
+      };
+      prefetch(first_unit / heads);
+      for (int64_t unit = first_unit; unit < end_unit; ++unit) {
+        const int64_t sentence = unit / heads, head = unit % heads;
+        if (head == 0 || unit == first_unit) prefetch(sentence + 1);
+        const int64_t first = starts[sentence], count = starts[sentence + 1] - first;
+        const int64_t offset = first * stride + head * head_dim;
+        AttendSentenceHeadFloat(q + offset, k + offset, v + offset, out + offset, count, stride, head_dim, scale,
+                                mask_rows.data() + first, key_slots.data() + first,
+                                key_slots[first + count - 1] - key_slots[first] == count - 1, kt.data(), logits.data(),
+                                scaled_query.data());
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    // Cost per unit in cycles, roughly: two products of (average rows)^2 x head_dim and the softmax's exps.
+    const int64_t average = std::max<int64_t>(rows / sentences, 1);
+    Shard(workers->num_threads, workers->workers, sentences * heads, average * average * (head_dim / 4 + 20), work);
+  }
+
+ private:
+  float scale_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("EngineTokenAttention").Device(DEVICE_CPU), TokenAttentionOp);
+
+}  // namespace
+}  // namespace tensorflow
