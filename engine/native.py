@@ -1,8 +1,9 @@
 """Our C++ ops for the CPU (engine/*.cc), each compiled once per environment against the installed TensorFlow.
 
-Why our own: TensorFlow 2.20 has no fused AdamW, its XLA CPU code leaves dropout's Philox numbers unvectorized, and
-it runs softmax and LayerNorm in training as many passes; the ops here do those jobs in one multi-threaded pass
-(adamw_kernel.py, dropout.py and layer_norm.py say what each gains).
+Why our own: TensorFlow 2.20 has no fused AdamW, its XLA CPU code leaves dropout's Philox numbers unvectorized, it
+runs softmax and LayerNorm in training as many passes, and attention over sentences of several lengths only on the
+padded layout; the ops here do those jobs in one multi-threaded pass (adamw_kernel.py, dropout.py, layer_norm.py
+and attention.token_attention say what each gains).
 
 A library is built from source on first use (about 10 s each; `make setup` does it ahead, or `python -m
 engine.native`) with the C++ compiler in $CXX (default g++) against the installed TensorFlow's headers, into the
