@@ -5,8 +5,9 @@ dropout are one C++ op and their gradient another (engine/dropout.softmax_dropou
 Dropout layer); elsewhere they are the layer's own. At inference the transposes to and from heads-first run on the
 bits as integers (see swap_seq_and_heads), and in float32 a short sentence's products and softmax run in Eigen's
 kernels (see _inference_attention), or, in an export for a host that runs Eigen's kernels, a batch's products in
-query chunks (_in_query_chunks). Its own module: fusion.py decides which layers to rebind, this is what one of
-them computes."""
+query chunks (_in_query_chunks). In our own process at inference in float32, a Transformer block's attention
+instead runs as one C++ op on the projections' rows as they are (token_attention, called by engine/unpadding.py).
+Its own module: fusion.py decides which layers to rebind, this is what one of them computes."""
 from __future__ import annotations
 
 import math
@@ -59,9 +60,10 @@ def softmax_and_dropout(layer, logits, attention_mask, training, in_training):
 
 
 def token_attention(layer, query, key, value, positions, attention_mask):
-    """The layer's attention context at inference for a block on its token rows (engine/unpadding.py): query, key
-    and value [1, rows, heads, head_dim] as the projections give them, `positions` each row's flat position in the
-    padded batch (ascending), `attention_mask` Keras' [batch, seq, seq]. One C++ pass per sentence and head
+    """The layer's attention context at inference for a Transformer block (engine/unpadding.py): query, key and
+    value as the projections give them, [1, rows, heads, head_dim] on a block's token rows or [batch, seq, heads,
+    head_dim] in the padded layout, `positions` each row's flat position in the padded batch (ascending; every
+    position in the padded layout), `attention_mask` Keras' [batch, seq, seq]. One C++ pass per sentence and head
     (attention_kernel.cc), where the padded way spreads Q, K and V back to [batch, seq, ...], swaps sequence and
     heads four times, runs two batched products and a softmax over every padded position and gathers the context
     again: ~9 % of a float32 task.predict's op time on the Zen 3 (bench/RESULTS.md). Padded keys are left out
