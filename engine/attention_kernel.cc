@@ -24,7 +24,7 @@
 namespace tensorflow {
 namespace {
 
-using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, ExpNonPositive
+using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, Lanes, ExpNonPositive
 
 REGISTER_OP("EngineTokenAttention")
     .Input("query: float")      // [..., rows, heads, head_dim]: leading dims of size 1
@@ -41,25 +41,12 @@ REGISTER_OP("EngineTokenAttention")
 
 constexpr float kMaskedOut = -1e9f;  // what Keras' Softmax adds where the mask is 0 (tf_keras softmax.py)
 constexpr int64_t kQueryBlock = 4;   // query rows whose logits are computed together (each key load used 4 times)
-constexpr int64_t kKeyBlock = 16;    // keys per step of the logits (two Vec8s)
-
-// 8 floats: one AVX2 register. The accumulators here must stay in registers, and GCC kept cpu_kernels.h's 64-byte
-// Lanes on the stack in the AVX2 clone of these loops (the op ran 2.6x slower than TensorFlow's padded ops; the
-// row maximum over Lanes alone took 15 % of the op).
-typedef float Vec8 __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline Vec8 Load8(const float* values) {
-  Vec8 v;
-  std::memcpy(&v, values, sizeof(Vec8));
-  return v;
-}
-
-__attribute__((always_inline)) inline void Store8(float* values, const Vec8& v) { std::memcpy(values, &v, sizeof(Vec8)); }
+constexpr int64_t kKeyBlock = kLanes2;  // keys per step of the logits (two Lanes)
 
 // One sentence and head: `rows` token rows; q/k/v/out point at the sentence's first row of this head, rows `stride`
-// floats apart; mask_rows[i] is query i's mask row over the padded keys, key_slots[j] key j's position in it (`contiguous`: the
-// positions are consecutive). Scratch: kt (head_dim x padded), logits (kQueryBlock x padded), scaled_query
-// (kQueryBlock x head_dim); padded = rows rounded up to kKeyBlock.
+// floats apart; mask_rows[i] is query i's mask row over the padded keys, key_slots[j] key j's position in it
+// (`contiguous`: the positions are consecutive). Scratch: kt (head_dim x padded), logits (kQueryBlock x padded),
+// scaled_query (kQueryBlock x head_dim); padded = rows rounded up to kKeyBlock.
 __attribute__((always_inline)) inline void AttendSentenceHead(const float* __restrict q, const float* __restrict k,
                                                               const float* __restrict v, float* __restrict out,
                                                               int64_t rows, int64_t stride, int64_t head_dim,
@@ -83,10 +70,10 @@ __attribute__((always_inline)) inline void AttendSentenceHead(const float* __res
     const float* q2 = scaled_query + 2 * head_dim;
     const float* q3 = scaled_query + 3 * head_dim;
     for (int64_t j = 0; j < padded; j += kKeyBlock) {
-      Vec8 a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
+      Lanes a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
       const float* column = kt + j;
       for (int64_t d = 0; d < head_dim; ++d, column += padded) {
-        const Vec8 low = Load8(column), high = Load8(column + 8);
+        const Lanes low = LoadLanes(column), high = LoadLanes(column + kLanes);
         a0 += q0[d] * low;
         b0 += q0[d] * high;
         a1 += q1[d] * low;
@@ -96,14 +83,14 @@ __attribute__((always_inline)) inline void AttendSentenceHead(const float* __res
         a3 += q3[d] * low;
         b3 += q3[d] * high;
       }
-      Store8(logits + j, a0);
-      Store8(logits + j + 8, b0);
-      Store8(logits + padded + j, a1);
-      Store8(logits + padded + j + 8, b1);
-      Store8(logits + 2 * padded + j, a2);
-      Store8(logits + 2 * padded + j + 8, b2);
-      Store8(logits + 3 * padded + j, a3);
-      Store8(logits + 3 * padded + j + 8, b3);
+      StoreLanes(logits + j, a0);
+      StoreLanes(logits + j + kLanes, b0);
+      StoreLanes(logits + padded + j, a1);
+      StoreLanes(logits + padded + j + kLanes, b1);
+      StoreLanes(logits + 2 * padded + j, a2);
+      StoreLanes(logits + 2 * padded + j + kLanes, b2);
+      StoreLanes(logits + 3 * padded + j, a3);
+      StoreLanes(logits + 3 * padded + j + kLanes, b3);
     }
     for (int64_t r = 0; r < block; ++r) {
       const int64_t i = first + r;
@@ -115,45 +102,44 @@ __attribute__((always_inline)) inline void AttendSentenceHead(const float* __res
       } else {
         for (int64_t j = 0; j < rows; ++j) x[j] += (1.0f - mask_row[key_slots[j]]) * kMaskedOut;
       }
-      // Keras' softmax over the row (as EngineSoftmaxDropout's in dropout_kernel.cc), the reductions over Vec8s.
-      Vec8 top = Vec8{} - std::numeric_limits<float>::infinity();
+      // Keras' softmax over the row (as EngineSoftmaxDropout's in dropout_kernel.cc), the reductions over Laness.
+      Lanes top = Lanes{} - std::numeric_limits<float>::infinity();
       int64_t j = 0;
-      for (; j + 8 <= rows; j += 8) {
-        const Vec8 values = Load8(x + j);
+      for (; j + kLanes <= rows; j += kLanes) {
+        const Lanes values = LoadLanes(x + j);
         top = values > top ? values : top;
       }
       float row_max = -std::numeric_limits<float>::infinity();
-      for (int l = 0; l < 8; ++l) row_max = top[l] > row_max ? top[l] : row_max;
+      for (int l = 0; l < kLanes; ++l) row_max = top[l] > row_max ? top[l] : row_max;
       for (; j < rows; ++j) row_max = x[j] > row_max ? x[j] : row_max;
       for (j = 0; j < rows; ++j) x[j] = ExpNonPositive(x[j] - row_max);
-      Vec8 sums = {};
-      for (j = 0; j + 8 <= rows; j += 8) sums += Load8(x + j);
-      float total = 0.0f;
-      for (int l = 0; l < 8; ++l) total += sums[l];
+      Lanes sums = {};
+      for (j = 0; j + kLanes <= rows; j += kLanes) sums += LoadLanes(x + j);
+      float total = SumOfLanes(sums);
       for (; j < rows; ++j) total += x[j];
       const float inverse = 1.0f / total;
       for (j = 0; j < rows; ++j) x[j] *= inverse;
-      // The context row: the probabilities' sum of value rows, 32 features at a time, then 8, then one.
+      // The context row: the probabilities' sum of value rows, 4 Lanes of features at a time, then one, then single.
       float* context = out + i * stride;
       int64_t d = 0;
-      for (; d + 32 <= head_dim; d += 32) {
-        Vec8 c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      for (; d + 4 * kLanes <= head_dim; d += 4 * kLanes) {
+        Lanes c0 = {}, c1 = {}, c2 = {}, c3 = {};
         const float* value = v + d;
         for (j = 0; j < rows; ++j, value += stride) {
-          c0 += x[j] * Load8(value);
-          c1 += x[j] * Load8(value + 8);
-          c2 += x[j] * Load8(value + 16);
-          c3 += x[j] * Load8(value + 24);
+          c0 += x[j] * LoadLanes(value);
+          c1 += x[j] * LoadLanes(value + kLanes);
+          c2 += x[j] * LoadLanes(value + 2 * kLanes);
+          c3 += x[j] * LoadLanes(value + 3 * kLanes);
         }
-        Store8(context + d, c0);
-        Store8(context + d + 8, c1);
-        Store8(context + d + 16, c2);
-        Store8(context + d + 24, c3);
+        StoreLanes(context + d, c0);
+        StoreLanes(context + d + kLanes, c1);
+        StoreLanes(context + d + 2 * kLanes, c2);
+        StoreLanes(context + d + 3 * kLanes, c3);
       }
-      for (; d + 8 <= head_dim; d += 8) {
-        Vec8 c0 = {};
-        for (j = 0; j < rows; ++j) c0 += x[j] * Load8(v + j * stride + d);
-        Store8(context + d, c0);
+      for (; d + kLanes <= head_dim; d += kLanes) {
+        Lanes c0 = {};
+        for (j = 0; j < rows; ++j) c0 += x[j] * LoadLanes(v + j * stride + d);
+        StoreLanes(context + d, c0);
       }
       for (; d < head_dim; ++d) {
         float c = 0.0f;
@@ -235,7 +221,7 @@ class TokenAttentionOp : public OpKernel {
       auto prefetch = [&](int64_t sentence) {
         if (sentence >= sentences) return;
         for (const float* block : {q, k, v})
-          for (int64_t at = starts[sentence] * stride; at < starts[sentence + 1] * stride; at += 16)
+          for (int64_t at = starts[sentence] * stride; at < starts[sentence + 1] * stride; at += 16)  // a cache line
             __builtin_prefetch(block + at, 0, 2);  // to L2: 150 KB for 40 rows would overflow L1
       };
       prefetch(first_unit / heads);

@@ -290,19 +290,29 @@ __attribute__((always_inline)) inline void SoftmaxDropoutRow(const Bits* __restr
   // Plain loops over j where GCC's loop vectorizer does best; the reductions over Lanes accumulators.
   for (int64_t j = 0; j < n; ++j) x[j] = Widen(logits[j]) + (1.0f - mask[j]) * kMaskedOut;
   const float lowest = -std::numeric_limits<float>::infinity();
-  Lanes top = Lanes{} + lowest;
+  Lanes top = Lanes{} + lowest, more_top = top;  // two chains each (cpu_kernels.h: kLanes2)
   int64_t j = 0;
+  for (; j + kLanes2 <= n; j += kLanes2) {
+    const Lanes values = LoadLanes(x + j), more_values = LoadLanes(x + j + kLanes);
+    top = values > top ? values : top;
+    more_top = more_values > more_top ? more_values : more_top;
+  }
   for (; j + kLanes <= n; j += kLanes) {
     const Lanes values = LoadLanes(x + j);
     top = values > top ? values : top;
   }
+  top = more_top > top ? more_top : top;
   float row_max = lowest;
   for (int l = 0; l < kLanes; ++l) row_max = top[l] > row_max ? top[l] : row_max;
   for (; j < n; ++j) row_max = x[j] > row_max ? x[j] : row_max;
   for (j = 0; j < n; ++j) x[j] = ExpNonPositive(x[j] - row_max);
-  Lanes sums = {};
-  for (j = 0; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
-  float total = SumOfLanes(sums);
+  Lanes sums = {}, more_sums = {};
+  for (j = 0; j + kLanes2 <= n; j += kLanes2) {
+    sums += LoadLanes(x + j);
+    more_sums += LoadLanes(x + j + kLanes);
+  }
+  for (; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
+  float total = SumOfLanes(sums + more_sums);
   for (; j < n; ++j) total += x[j];
   const float inverse = 1.0f / total;
   for (j = 0; j < n; ++j) {  // the probability, then EngineKeyedDropout's select and scaled product on it
@@ -333,11 +343,16 @@ __attribute__((always_inline)) inline void SoftmaxDropoutGradRow(const Bits* __r
                                                                  float* __restrict g, Bits* __restrict dx,
                                                                  int64_t n) {
   for (int64_t j = 0; j < n; ++j) g[j] = KeptOrZero(Widen(dy[j]) * scale, static_cast<uint32_t>(Widen(y[j]) != 0.0f));
-  Lanes dots = {};
+  Lanes dots = {}, more_dots = {};
   int64_t j = 0;
+  for (; j + kLanes2 <= n; j += kLanes2)
+    for (int l = 0; l < kLanes; ++l) {
+      dots[l] += g[j + l] * Widen(probs[j + l]);
+      more_dots[l] += g[j + kLanes + l] * Widen(probs[j + kLanes + l]);
+    }
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l) dots[l] += g[j + l] * Widen(probs[j + l]);
-  float total = SumOfLanes(dots);
+  float total = SumOfLanes(dots + more_dots);
   for (; j < n; ++j) total += g[j] * Widen(probs[j]);
   for (j = 0; j < n; ++j) dx[j] = Round<Bits>(Widen(probs[j]) * (g[j] - total));
 }

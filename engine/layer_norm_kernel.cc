@@ -84,18 +84,27 @@ REGISTER_OP("EngineAddLayerNorm")
 
 ENGINE_CLONES void ForwardRow(const float* __restrict x, const float* __restrict gamma, const float* __restrict beta,
                               float epsilon, float* __restrict y, float* mean_out, float* rstd_out, int64_t n) {
-  Lanes sums = {};
+  Lanes sums = {}, more_sums = {};  // two chains of additions (cpu_kernels.h: kLanes2)
   int64_t j = 0;
+  for (; j + kLanes2 <= n; j += kLanes2) {
+    sums += LoadLanes(x + j);
+    more_sums += LoadLanes(x + j + kLanes);
+  }
   for (; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
-  float total = SumOfLanes(sums);
+  float total = SumOfLanes(sums + more_sums);
   for (; j < n; ++j) total += x[j];
   const float mean = total / static_cast<float>(n);
-  Lanes squares = {};
-  for (j = 0; j + kLanes <= n; j += kLanes) {
+  Lanes squares = {}, more_squares = {};
+  for (j = 0; j + kLanes2 <= n; j += kLanes2) {
+    const Lanes centered = LoadLanes(x + j) - mean, more_centered = LoadLanes(x + j + kLanes) - mean;
+    squares += centered * centered;
+    more_squares += more_centered * more_centered;
+  }
+  for (; j + kLanes <= n; j += kLanes) {
     const Lanes centered = LoadLanes(x + j) - mean;
     squares += centered * centered;
   }
-  float square_total = SumOfLanes(squares);
+  float square_total = SumOfLanes(squares + more_squares);
   for (; j < n; ++j) square_total += (x[j] - mean) * (x[j] - mean);
   const float rstd = 1.0f / std::sqrt(square_total / static_cast<float>(n) + epsilon);
   for (j = 0; j < n; ++j) {
@@ -116,14 +125,21 @@ ENGINE_CLONES void BackwardRow(const float* __restrict dy, const float* __restri
     x_hat[j] = (x[j] - mean) * rstd;
     g[j] = dy[j] * gamma[j];
   }
-  Lanes g_sums = {}, g_x_hat_sums = {};
+  Lanes g_sums = {}, g_x_hat_sums = {}, more_g_sums = {}, more_g_x_hat_sums = {};
   int64_t j = 0;
+  for (; j + kLanes2 <= n; j += kLanes2) {
+    const Lanes lanes_g = LoadLanes(g + j), more_lanes_g = LoadLanes(g + j + kLanes);
+    g_sums += lanes_g;
+    g_x_hat_sums += lanes_g * LoadLanes(x_hat + j);
+    more_g_sums += more_lanes_g;
+    more_g_x_hat_sums += more_lanes_g * LoadLanes(x_hat + j + kLanes);
+  }
   for (; j + kLanes <= n; j += kLanes) {
     const Lanes lanes_g = LoadLanes(g + j);
     g_sums += lanes_g;
     g_x_hat_sums += lanes_g * LoadLanes(x_hat + j);
   }
-  float g_total = SumOfLanes(g_sums), g_x_hat_total = SumOfLanes(g_x_hat_sums);
+  float g_total = SumOfLanes(g_sums + more_g_sums), g_x_hat_total = SumOfLanes(g_x_hat_sums + more_g_x_hat_sums);
   for (; j < n; ++j) {
     g_total += g[j];
     g_x_hat_total += g[j] * x_hat[j];
