@@ -102,7 +102,7 @@ __attribute__((always_inline)) inline void AttendSentenceHead(const float* __res
       } else {
         for (int64_t j = 0; j < rows; ++j) x[j] += (1.0f - mask_row[key_slots[j]]) * kMaskedOut;
       }
-      // Keras' softmax over the row (as EngineSoftmaxDropout's in dropout_kernel.cc), the reductions over Laness.
+      // Keras' softmax over the row, as EngineSoftmaxDropout's (dropout_kernel.cc).
       Lanes top = Lanes{} - std::numeric_limits<float>::infinity();
       int64_t j = 0;
       for (; j + kLanes <= rows; j += kLanes) {
@@ -119,7 +119,7 @@ __attribute__((always_inline)) inline void AttendSentenceHead(const float* __res
       for (; j < rows; ++j) total += x[j];
       const float inverse = 1.0f / total;
       for (j = 0; j < rows; ++j) x[j] *= inverse;
-      // The context row: the probabilities' sum of value rows, 4 Lanes of features at a time, then one, then single.
+      // The context row: the probabilities' sum of value rows, 4 Lanes of features at a time, then 1, then single.
       float* context = out + i * stride;
       int64_t d = 0;
       for (; d + 4 * kLanes <= head_dim; d += 4 * kLanes) {
