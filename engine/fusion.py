@@ -27,10 +27,11 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     forward ops with a closed-form gradient in training, and at inference fewer ops than Keras' moments +
     batch_normalization (export-safe graphs always: they must run where our libraries do not exist).
   * Model Garden's Transformer blocks, sublayer by sublayer (so that the FFN and the residual adds can take the
-    C++ ops); at inference when over 15 % of the batch's positions are padding, and in training when asked
-    (RuntimeConfig.skip_padding_in_training), the projections, FFN and LayerNorms on the real tokens only,
-    gathered into one row ([1, tokens, hidden]); attention alone runs on the padded layout (see _block_call;
-    the rows move in engine/unpadding.py). Zeros at padded positions.
+    C++ ops); at inference when over 15 % of the batch's positions are padding (5 % where attention runs as our
+    op), and in training when asked (RuntimeConfig.skip_padding_in_training), the projections, FFN and LayerNorms
+    on the real tokens only, gathered into one row ([1, tokens, hidden]); attention runs on the padded layout,
+    except at inference in our own process in float32, where it runs as one C++ op on the rows themselves
+    (attention.token_attention; see _block_call; the rows move in engine/unpadding.py). Zeros at padded positions.
   * Model Garden's word-embedding lookup (OnDeviceEmbedding): gathered from a dense read of the table
     instead of by ResourceGather, which would put the variable into TensorFlow's copy-on-read mode, where
     every optimizer update copies the whole table (see _embedding_call). Not in export_safe graphs: they
