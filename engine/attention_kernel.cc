@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -24,7 +23,7 @@
 namespace tensorflow {
 namespace {
 
-using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, Lanes, ExpNonPositive
+using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, Lanes, kMaskedOut, ExpMinusMaxInPlace
 
 REGISTER_OP("EngineTokenAttention")
     .Input("query: float")      // [..., rows, heads, head_dim]: leading dims of size 1
@@ -39,7 +38,6 @@ REGISTER_OP("EngineTokenAttention")
       return OkStatus();
     });
 
-constexpr float kMaskedOut = -1e9f;  // what Keras' Softmax adds where the mask is 0 (tf_keras softmax.py)
 constexpr int64_t kQueryBlock = 4;   // query rows whose logits are computed together (each key load used 4 times)
 constexpr int64_t kKeyBlock = kLanes2;  // keys per step of the logits (two Lanes)
 
@@ -102,30 +100,15 @@ __attribute__((always_inline)) inline void AttendSentenceHead(const float* __res
       } else {
         for (int64_t j = 0; j < rows; ++j) x[j] += (1.0f - mask_row[key_slots[j]]) * kMaskedOut;
       }
-      // Keras' softmax over the row, as EngineSoftmaxDropout's (dropout_kernel.cc).
-      Lanes top = Lanes{} - std::numeric_limits<float>::infinity();
-      int64_t j = 0;
-      for (; j + kLanes <= rows; j += kLanes) {
-        const Lanes values = LoadLanes(x + j);
-        top = values > top ? values : top;
-      }
-      float row_max = -std::numeric_limits<float>::infinity();
-      for (int l = 0; l < kLanes; ++l) row_max = top[l] > row_max ? top[l] : row_max;
-      for (; j < rows; ++j) row_max = x[j] > row_max ? x[j] : row_max;
-      for (j = 0; j < rows; ++j) x[j] = ExpNonPositive(x[j] - row_max);
-      Lanes sums = {};
-      for (j = 0; j + kLanes <= rows; j += kLanes) sums += LoadLanes(x + j);
-      float total = SumOfLanes(sums);
-      for (; j < rows; ++j) total += x[j];
-      const float inverse = 1.0f / total;
-      for (j = 0; j < rows; ++j) x[j] *= inverse;
+      const float inverse = ExpMinusMaxInPlace(x, rows);  // Keras' softmax, as EngineSoftmaxDropout's
+      for (int64_t j = 0; j < rows; ++j) x[j] *= inverse;
       // The context row: the probabilities' sum of value rows, 4 Lanes of features at a time, then 1, then single.
       float* context = out + i * stride;
       int64_t d = 0;
       for (; d + 4 * kLanes <= head_dim; d += 4 * kLanes) {
         Lanes c0 = {}, c1 = {}, c2 = {}, c3 = {};
         const float* value = v + d;
-        for (j = 0; j < rows; ++j, value += stride) {
+        for (int64_t j = 0; j < rows; ++j, value += stride) {
           c0 += x[j] * LoadLanes(value);
           c1 += x[j] * LoadLanes(value + kLanes);
           c2 += x[j] * LoadLanes(value + 2 * kLanes);
@@ -138,12 +121,12 @@ __attribute__((always_inline)) inline void AttendSentenceHead(const float* __res
       }
       for (; d + kLanes <= head_dim; d += kLanes) {
         Lanes c0 = {};
-        for (j = 0; j < rows; ++j) c0 += x[j] * LoadLanes(v + j * stride + d);
+        for (int64_t j = 0; j < rows; ++j) c0 += x[j] * LoadLanes(v + j * stride + d);
         StoreLanes(context + d, c0);
       }
       for (; d < head_dim; ++d) {
         float c = 0.0f;
-        for (j = 0; j < rows; ++j) c += x[j] * v[j * stride + d];
+        for (int64_t j = 0; j < rows; ++j) c += x[j] * v[j * stride + d];
         context[d] = c;
       }
     }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -108,6 +109,40 @@ __attribute__((always_inline)) inline float ExpNonPositive(float x) {
   float out;
   std::memcpy(&out, &bits, 4);
   return out;
+}
+
+// What Keras' Softmax adds to a logit where the attention mask is 0 (tf_keras softmax.py).
+constexpr float kMaskedOut = -1e9f;
+
+// Keras' softmax over a row of n floats, up to its division: x[j] = exp(x[j] - max(x)), in place; returns 1 / the
+// sum of those. The maximum and the sum as two chains of Lanes (kLanes2 floats a step).
+__attribute__((always_inline)) inline float ExpMinusMaxInPlace(float* __restrict x, int64_t n) {
+  const float lowest = -std::numeric_limits<float>::infinity();
+  Lanes top = Lanes{} + lowest, more_top = top;
+  int64_t j = 0;
+  for (; j + kLanes2 <= n; j += kLanes2) {
+    const Lanes values = LoadLanes(x + j), more_values = LoadLanes(x + j + kLanes);
+    top = values > top ? values : top;
+    more_top = more_values > more_top ? more_values : more_top;
+  }
+  for (; j + kLanes <= n; j += kLanes) {
+    const Lanes values = LoadLanes(x + j);
+    top = values > top ? values : top;
+  }
+  top = more_top > top ? more_top : top;
+  float row_max = lowest;
+  for (int l = 0; l < kLanes; ++l) row_max = top[l] > row_max ? top[l] : row_max;
+  for (; j < n; ++j) row_max = x[j] > row_max ? x[j] : row_max;
+  for (j = 0; j < n; ++j) x[j] = ExpNonPositive(x[j] - row_max);
+  Lanes sums = {}, more_sums = {};
+  for (j = 0; j + kLanes2 <= n; j += kLanes2) {
+    sums += LoadLanes(x + j);
+    more_sums += LoadLanes(x + j + kLanes);
+  }
+  for (; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
+  float total = SumOfLanes(sums + more_sums);
+  for (; j < n; ++j) total += x[j];
+  return 1.0f / total;
 }
 
 // Rows per partial sum of SumColumnsInFixedChunks: fixed, so that the sums do not depend on the thread count.

@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -277,7 +276,6 @@ REGISTER_OP("EngineSoftmaxDropoutGrad")
       return OkStatus();
     });
 
-constexpr float kMaskedOut = -1e9f;  // what Keras' Softmax adds where the mask is 0 (tf_keras softmax.py)
 
 // One row of EngineSoftmaxDropout: probs and y from logits, the mask row and the 16-bit uniforms
 // (words[j] >> shift) & 0xFFFF; `x` is scratch for n floats.
@@ -287,35 +285,10 @@ __attribute__((always_inline)) inline void SoftmaxDropoutRow(const Bits* __restr
                                                              const uint32_t* __restrict words, int shift,
                                                              uint32_t threshold, float scale, float* __restrict x,
                                                              Bits* __restrict probs, Bits* __restrict y, int64_t n) {
-  // Plain loops over j where GCC's loop vectorizer does best; the reductions over Lanes accumulators.
+  // Plain loops over j where GCC's loop vectorizer does best; the reductions over Lanes (ExpMinusMaxInPlace).
   for (int64_t j = 0; j < n; ++j) x[j] = Widen(logits[j]) + (1.0f - mask[j]) * kMaskedOut;
-  const float lowest = -std::numeric_limits<float>::infinity();
-  Lanes top = Lanes{} + lowest, more_top = top;  // two chains each (cpu_kernels.h: kLanes2)
-  int64_t j = 0;
-  for (; j + kLanes2 <= n; j += kLanes2) {
-    const Lanes values = LoadLanes(x + j), more_values = LoadLanes(x + j + kLanes);
-    top = values > top ? values : top;
-    more_top = more_values > more_top ? more_values : more_top;
-  }
-  for (; j + kLanes <= n; j += kLanes) {
-    const Lanes values = LoadLanes(x + j);
-    top = values > top ? values : top;
-  }
-  top = more_top > top ? more_top : top;
-  float row_max = lowest;
-  for (int l = 0; l < kLanes; ++l) row_max = top[l] > row_max ? top[l] : row_max;
-  for (; j < n; ++j) row_max = x[j] > row_max ? x[j] : row_max;
-  for (j = 0; j < n; ++j) x[j] = ExpNonPositive(x[j] - row_max);
-  Lanes sums = {}, more_sums = {};
-  for (j = 0; j + kLanes2 <= n; j += kLanes2) {
-    sums += LoadLanes(x + j);
-    more_sums += LoadLanes(x + j + kLanes);
-  }
-  for (; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
-  float total = SumOfLanes(sums + more_sums);
-  for (; j < n; ++j) total += x[j];
-  const float inverse = 1.0f / total;
-  for (j = 0; j < n; ++j) {  // the probability, then EngineKeyedDropout's select and scaled product on it
+  const float inverse = ExpMinusMaxInPlace(x, n);
+  for (int64_t j = 0; j < n; ++j) {  // the probability, then EngineKeyedDropout's select and scaled product on it
     const Bits probability = Round<Bits>(x[j] * inverse);
     probs[j] = probability;
     const uint32_t kept = ((words[j] >> shift) & 0xFFFFu) >= threshold;
