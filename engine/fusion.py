@@ -224,10 +224,12 @@ def _block_call(block, on_tokens_in_training, inputs, output_range=None):
                                          unpadding.training_rows(tokens, tf.size(is_token)), training, ffn,
                                          _add_layer_norm)
     padding = 1.0 - tf.cast(tokens, tf.float32) / tf.cast(tf.size(is_token), tf.float32)
-    every_position = tf.range(tf.shape(x)[0] * tf.shape(x)[1])  # the padded layout's rows, for token_attention
-    padded = lambda: unpadding.block_sublayers(block, x, attention_mask, False, ffn, _add_layer_norm,
-                                               row_positions=every_position)
     on_token_rows = attention.attends_on_token_rows(block._attention_layer, x.dtype, x.device)
+
+    def padded():  # the padded layout's rows are every position (for token_attention, where it runs)
+        every_position = tf.range(tf.shape(x)[0] * tf.shape(x)[1]) if on_token_rows else None
+        return unpadding.block_sublayers(block, x, attention_mask, False, ffn, _add_layer_norm,
+                                         row_positions=every_position)
     return tf.cond(padding > (_UNPAD_WITH_TOKEN_ATTENTION_ABOVE if on_token_rows else _UNPAD_ABOVE),
                    lambda: unpadding.block_on_tokens(block, x, attention_mask, is_token, tokens, False, ffn,
                                                      _add_layer_norm),
