@@ -20,7 +20,7 @@ import engine
 from engine import attention, bias, dropout, fusion, host, layer_norm, native, unpadding
 from engine import dense as dense_ops
 from engine.config import RuntimeConfig
-from engine_helpers import ToyTask, constant_shapes, graph_op_types, run_training
+from engine_helpers import ToyTask, constant_shapes, graph_nodes, graph_op_types, run_training
 from tasks.encoders import bert
 
 
@@ -400,8 +400,7 @@ def test_fused_inference_attends_with_our_op_in_both_layouts_but_not_in_training
 
     def calls(model):  # per layer, once in each branch of the block's tf.cond (token rows or padded)
         graph_def = tf.function(lambda x: model(x, training=False)).get_concrete_function(inputs).graph.as_graph_def()
-        nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-        return sum(n.op == "EngineTokenAttention" for n in nodes)
+        return sum(n.op == "EngineTokenAttention" for n in graph_nodes(graph_def))
     assert calls(fused) == 2 * config.num_hidden_layers
     assert calls(safe) == 0
     assert "EngineTokenAttention" not in graph_op_types(tf.function(lambda x: fused(x, training=True)), inputs)
@@ -686,8 +685,8 @@ def test_attention_transposes_run_on_integer_bits_at_inference_only():
     def transposes(training):
         graph_def = tf.function(lambda x: fused(x, training=training)).get_concrete_function(inputs).graph.as_graph_def()
         # At inference each block's two paths (padding skipped or not) are functions of a tf.cond.
-        nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-        return sorted(tf.dtypes.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Transpose")
+        return sorted(tf.dtypes.as_dtype(n.attr["T"].type).name for n in graph_nodes(graph_def)
+                      if n.op == "Transpose")
     # Per layer: query, key and value to heads-first, and the context back (in each of the two paths).
     assert transposes(training=False) == ["int32"] * 2 * 4 * config.num_hidden_layers
     assert transposes(training=True) == ["float32"] * 4 * config.num_hidden_layers
