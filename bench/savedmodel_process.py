@@ -3,7 +3,8 @@
 Why: a server runs its model alone, and so does the peer's timing (bench/pytorch_peer.py), while in the bench's
 own process our SavedModel shared the process with the Trainer, evaluate, predict and the other export
 (bench/RESULTS.md, 2026-12-06). The child loads the SavedModel with TensorFlow and tensorflow_text only (no
-engine code: what a serving host has), then times `serving_default` on the sentences it was given, on request.
+engine code: what a serving host has), its thread pools as launch.export advises for this host
+(engine/host.serving_intra_op_threads), then times `serving_default` on the sentences it was given, on request.
 """
 from __future__ import annotations
 
@@ -23,14 +24,21 @@ class SavedModelProcess:
     (their latencies in seconds too); both return {"wall", "cpu"} seconds, and with values=True the
     probabilities (computed in the timed calls, sent after them)."""
 
-    def __init__(self, export_dir: str, sentences: list):
+    def __init__(self, export_dir: str, sentences: list, intra_op_threads: int | None = None):
+        """`intra_op_threads`: None serves as launch.export advises for this host (host.serving_host_environment),
+        0 with TensorFlow's default intra-op pool, n with n threads."""
         fd, self._sentences_file = tempfile.mkstemp(prefix="savedmodel_sentences_", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(list(sentences), f)
         from engine import host  # noqa: PLC0415  (here, not at the top: the child runs this file without the engine)
+        env = host.serving_host_environment()
+        if intra_op_threads is not None:
+            env.pop("TF_NUM_INTRAOP_THREADS", None)
+            if intra_op_threads > 0:
+                env["TF_NUM_INTRAOP_THREADS"] = str(intra_op_threads)
+        self.intra_op_threads = env.get("TF_NUM_INTRAOP_THREADS", "TensorFlow's default")
         self._child = ChildProcess([sys.executable, os.path.abspath(__file__), export_dir, self._sentences_file],
-                                   _MARKER, f"the SavedModel server of {export_dir}",
-                                   env=host.serving_host_environment())
+                                   _MARKER, f"the SavedModel server of {export_dir}", env=env)
 
     def batches(self, size: int, *, values: bool = False) -> dict:
         return self._child.ask({"batches": size, "values": values})

@@ -84,6 +84,9 @@ flags.DEFINE_integer("serving_batch_size", 32, "Batch size of evaluation, predic
 flags.DEFINE_integer("latency_calls", 32, "Batch-1 serving calls per configuration and round.")
 flags.DEFINE_bool("bf16_serving", True, "Also time the SavedModel with bf16 kernels (launch.export "
                   "--serving_precision=bfloat16) at batch --serving_batch_size and 1, against the peer's model in bf16.")
+flags.DEFINE_integer("serving_intra_op_threads", -1, "Intra-op threads of the SavedModel's server process: -1 as "
+                     "launch.export advises for this host (engine/host.serving_intra_op_threads), 0 TensorFlow's "
+                     "default (as many as the cores).")
 flags.DEFINE_bool("full_padding_rows", False, "Also time our evaluation/predict/serving padded to the full "
                   "sequence length (cut_eval_batches=False: what they did before issue 14), for the gain of cutting.")
 
@@ -147,8 +150,8 @@ def _write_eval_tsv(data_dir: str, count: int, folder: str) -> tuple[str, list[s
 
 
 def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, batch_size: int, latency_calls: int,
-                  folder: str, peer_model_fn=None, full_padding_rows: bool = False, bf16_serving: bool = False
-                  ) -> tuple[list, list, object]:
+                  folder: str, peer_model_fn=None, full_padding_rows: bool = False, bf16_serving: bool = False,
+                  serving_intra_op_threads: int = -1) -> tuple[list, list, object]:
     """Our evaluation/serving configurations (and the peer's with `peer_model_fn(keras_model)`; with
     `full_padding_rows` ours again padded to the full sequence length; with `bf16_serving` the SavedModel
     exported with bf16 kernels, against the peer's bf16 model); returns (configurations, check lines, the
@@ -176,7 +179,8 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
         exported = task.build_model()
         checkpoints.restore_model(exported, prefix, expected="bench")
         export_dir = export_launcher.save_serving_model(task, exported, os.path.join(folder, name), precision)
-        return savedmodel_process.SavedModelProcess(export_dir, sentences)
+        return savedmodel_process.SavedModelProcess(
+            export_dir, sentences, None if serving_intra_op_threads < 0 else serving_intra_op_threads)
 
     def served_batches(server):
         return np.asarray(server.batches(batch_size, values=True)["probabilities"], np.float32)
@@ -224,6 +228,9 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
             checks.append(f"evaluation sentences: the first {n} of SST-2 dev; our evaluate accuracy "
                           f"{results[cut][0]['accuracy']:.4f} (an untrained head: a consistency check only); "
                           f"largest probability difference SavedModel vs predict {np.max(np.abs(served - ours)):.2e}")
+    checks.append(f"SavedModel servers' intra-op threads: {server.intra_op_threads} ("
+                  + ("as launch.export advises for this host" if serving_intra_op_threads < 0
+                     else "--serving_intra_op_threads") + ")")
     if full_padding_rows:
         (cut_eval, cut_predict, cut_served), (full_eval, full_predict, full_served) = results[True], results[False]
         checks.append(f"cut vs padded to {setup.seq_length}: evaluate accuracy {cut_eval['accuracy']:.4f} vs "
@@ -345,7 +352,8 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
                   fit: bool = True, pytorch: bool = True, torch_compile: bool = True, grad_accum_steps: int = 4,
                   num_examples: int = 256, eval_examples: int = 256, serving_batch_size: int = 32,
                   latency_calls: int = 32, full_padding_rows: bool = False, bf16_serving: bool = True,
-                  last_layer_cls_only: bool = True, output: str | None = None, command: str = "") -> dict:
+                  serving_intra_op_threads: int = -1, last_layer_cls_only: bool = True, output: str | None = None,
+                  command: str = "") -> dict:
     """The whole benchmark; returns {"train", "serving", "lines", "markdown"}."""
     import dataclasses  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
@@ -395,7 +403,8 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
         serving_configs, checks, eval_trainer = build_serving(
             setup, encoder_init, data_dir, eval_examples=eval_examples, batch_size=serving_batch_size,
             latency_calls=latency_calls, folder=folder, peer_model_fn=peer_model if have_torch else None,
-            full_padding_rows=full_padding_rows, bf16_serving=bf16_serving)
+            full_padding_rows=full_padding_rows, bf16_serving=bf16_serving,
+            serving_intra_op_threads=serving_intra_op_threads)
     runners = []
     for precision in precisions if training else ():
         if fit:
@@ -624,6 +633,7 @@ def main(argv):
                   num_examples=FLAGS.num_examples, eval_examples=FLAGS.eval_examples,
                   serving_batch_size=FLAGS.serving_batch_size, latency_calls=FLAGS.latency_calls,
                   full_padding_rows=FLAGS.full_padding_rows, bf16_serving=bf16_serving,
+                  serving_intra_op_threads=FLAGS.serving_intra_op_threads,
                   last_layer_cls_only=FLAGS.last_layer_cls_only,
                   output=FLAGS.output,
                   command=" ".join(["python"] + sys.argv))

@@ -41,22 +41,58 @@ def tensorflow_runs_onednn_by_default() -> bool:
 
 
 def serving_host_environment() -> dict:
-    """This process's environment as a serving host has it: without TF_ENABLE_ONEDNN_OPTS where only the engine's
-    import set it (engine/__init__.py turns oneDNN on for its own programs only; a host keeps TensorFlow's default)."""
-    import engine  # noqa: PLC0415  (already imported by whoever imports this module from the engine)
+    """This process's environment as a serving host set up as launch.export advises has it: without
+    TF_ENABLE_ONEDNN_OPTS where only the engine's import set it (engine/__init__.py turns oneDNN on for its own
+    programs only; a host keeps TensorFlow's default), with TF_NUM_INTRAOP_THREADS as serving_intra_op_threads
+    says unless the user set it."""
     env = dict(os.environ)
-    if engine.ONEDNN_OPTS_DEFAULTED:
+    if _serving_onednn_setting() is None:
         env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    threads = serving_intra_op_threads()
+    if threads is not None and "TF_NUM_INTRAOP_THREADS" not in env:
+        env["TF_NUM_INTRAOP_THREADS"] = str(threads)
     return env
+
+
+def _serving_onednn_setting() -> Optional[str]:
+    """TF_ENABLE_ONEDNN_OPTS as a serving host has it: the user's, not the one engine/__init__.py set for the
+    engine's own programs (None: TensorFlow's default on this CPU)."""
+    import engine  # noqa: PLC0415  (already imported by whoever imports this module from the engine)
+    return None if engine.ONEDNN_OPTS_DEFAULTED else os.environ.get("TF_ENABLE_ONEDNN_OPTS")
 
 
 def serving_host_runs_onednn() -> bool:
     """Whether a SavedModel exported by this process will be served with oneDNN: as TF_ENABLE_ONEDNN_OPTS says if
     the user set it, else TensorFlow's default on this CPU (serving_host_environment)."""
-    setting = serving_host_environment().get("TF_ENABLE_ONEDNN_OPTS")
+    setting = _serving_onednn_setting()
     if setting is None:
         return tensorflow_runs_onednn_by_default()
     return setting.strip().lower() in ("1", "true")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as TensorFlow counts them for its thread pools)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def serving_intra_op_threads() -> Optional[int]:
+    """The intra-op thread count to serve this process's exports with, or None for TensorFlow's default.
+
+    An export for a host whose TensorFlow runs Eigen's kernels computes every dense product as two halves that the
+    executor's inter-op threads run side by side (engine/dense.py, halves_run_side_by_side). With TensorFlow's
+    default pools (inter-op and intra-op threads both as many as the cores) each half is itself an Eigen
+    contraction sharded over the intra-op pool, so on 2 cores two halves make four tasks for two cores: in a profile
+    two same-size halves took 481 and 1,374 us side by side. With the intra-op pool at half the cores each half
+    runs on its own core: on the 2-core AVX2 Zen 3 one sentence was answered ~1.25x sooner (p50 and p99 over 256
+    SST-2 dev sentences), batches of 32 as fast (bench/RESULTS.md, 2026-12-07). Where the host runs oneDNN the
+    halves follow its one-thread rule (L2-sized halves only) and the pools keep TensorFlow's default. Measured on 2
+    cores only; half the cores on larger hosts keeps the two halves' threads within the cores."""
+    if serving_host_runs_onednn():
+        return None
+    return max(1, usable_cores() // 2)
 
 
 def cpu_model_name() -> str:

@@ -107,6 +107,21 @@ def save_serving_model(task, model, export_dir: str, precision: str = "float32")
     return serving.save(task.serving_module(model), export_dir)
 
 
+def serving_advice() -> str | None:
+    """How to set up the host that serves this process's --task exports, where TensorFlow's default is not the
+    best: each product of the export runs as two halves side by side, which TensorFlow's default intra-op pool
+    oversubscribes on hosts that run Eigen's kernels (engine/host.serving_intra_op_threads)."""
+    from engine import host  # noqa: PLC0415
+
+    threads = host.serving_intra_op_threads()
+    if threads is None:
+        return None
+    return (f"serve it with TF_NUM_INTRAOP_THREADS={threads} in the server's environment (TensorFlow Serving: "
+            f"--tensorflow_intra_op_parallelism={threads}; Python: "
+            f"tf.config.threading.set_intra_op_parallelism_threads({threads})): its products run as halves side "
+            f"by side, which TensorFlow's default intra-op pool oversubscribes on this kind of CPU")
+
+
 def run(flag_values: flags.FlagValues) -> dict[str, str]:
     """Dispatches on the parsed flags: --encoder (TF Hub encoder + preprocessor) or --task (serving model)."""
     if flag_values.checkpoint and flag_values.encoder is None:
@@ -137,6 +152,9 @@ def main(argv: list[str]) -> None:
     paths = run(flags.FLAGS)
     for name, path in paths.items():
         print(f"{name}: {path}", flush=True)
+    advice = serving_advice() if "serving" in paths else None
+    if advice:
+        print(f"serving host: {advice}", flush=True)
 
 
 if __name__ == "__main__":

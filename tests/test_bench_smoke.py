@@ -20,6 +20,7 @@ from subprocess_runs import failure_text, run_once_more_after_a_crash
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import engine_vs_fit  # noqa: E402
+from engine import host  # noqa: E402
 
 
 def test_flops_per_example_is_three_forward_passes():
@@ -123,6 +124,10 @@ def test_vs_pytorch_engine_side_prints_its_ratio_lines(tmp_path):
     # The SavedModel answers from its own process (savedmodel_process) what launch.predict's path answers here.
     served = re.search(r"largest probability difference SavedModel vs predict ([0-9.e+-]+)", text)
     assert served and float(served.group(1)) < 1e-5, text
+    # Its server's thread pools as launch.export advises for this CPU (the same environment as this process's).
+    advised = host.serving_intra_op_threads()
+    advised = "TensorFlow's default" if advised is None else advised
+    assert f"- SavedModel servers' intra-op threads: {advised} (as launch.export advises for this host)" in text, text
 
 
 def test_vs_pytorch_times_bf16_by_default_only_on_cpus_with_native_bf16(monkeypatch):

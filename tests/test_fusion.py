@@ -932,6 +932,34 @@ def test_an_export_is_served_with_onednn_as_the_user_set_it_else_as_tensorflow_d
     assert host.serving_host_runs_onednn() is expected
 
 
+@pytest.mark.parametrize("flags, cores, user_setting, expected", [
+    ({"avx2", "fma"}, 2, None, "1"),  # the Zen 3: Eigen, every product in halves, one core each
+    ({"avx2", "fma"}, 16, None, "8"), ({"avx2", "fma"}, 1, None, "1"),
+    ({"avx2", "fma"}, 2, "2", "2"),  # the user's setting wins
+    ({"avx512f", "avx512_vnni"}, 2, None, None),  # oneDNN: TensorFlow's default pools
+    ({"avx512f", "avx512_vnni"}, 2, "3", "3")])
+def test_an_eigen_host_serves_with_half_the_cores_as_intra_op_threads_unless_the_user_set_them(
+        flags, cores, user_setting, expected, monkeypatch):
+    from launch import export as export_launcher
+    monkeypatch.setattr(host, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(host, "usable_cores", lambda: cores)
+    monkeypatch.setattr(engine, "ONEDNN_OPTS_DEFAULTED", True)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")  # as engine/__init__ sets it
+    if user_setting is None:
+        monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", user_setting)
+    environment = host.serving_host_environment()
+    assert environment.get("TF_NUM_INTRAOP_THREADS") == expected
+    assert "TF_ENABLE_ONEDNN_OPTS" not in environment  # the host keeps TensorFlow's default
+    advice = export_launcher.serving_advice()
+    if "avx512_vnni" in flags:
+        assert advice is None
+    else:
+        advised = max(1, cores // 2)
+        assert f"TF_NUM_INTRAOP_THREADS={advised} " in advice and f"parallelism={advised};" in advice, advice
+
+
 def _value_and_grad(layer, x):
     with tf.GradientTape() as tape:
         tape.watch(x)
