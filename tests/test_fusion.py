@@ -739,8 +739,8 @@ def test_short_sentences_attend_in_eigens_kernels_at_inference_and_all_give_the_
 def test_an_eigen_hosts_export_attends_to_batches_in_query_chunks_and_gives_the_numpy_reference(monkeypatch):
     """An export for a serving host whose TensorFlow runs Eigen's kernels: a batch whose per-head products cost
     more than BATCH_MATMUL_SHARDS_UP_TO multiply-adds attends with its query rows in chunks (attention.py), the
-    last chunk padded; one sentence and cheaper products as Keras does. All give the float64 NumPy BERT's values,
-    padding masked."""
+    last chunk padded, each half of the heads apart; one sentence and cheaper products as Keras does. All give the
+    float64 NumPy BERT's values, padding masked."""
     config, _, _, fused = _encoder_pair()
     monkeypatch.setattr(host, "serving_host_runs_onednn", lambda: False)
     fusion.fuse_elementwise(fused, export_safe=True)
@@ -757,7 +757,8 @@ def test_an_eigen_hosts_export_attends_to_batches_in_query_chunks_and_gives_the_
         chunked.clear()
         outputs = fused(inputs, training=False)  # eagerly: each tf.cond runs only the branch it takes
         expected = len(tokens) > 1 and length * head_dim * length > limit
-        assert len(chunked) == (config.num_hidden_layers if expected else 0), (tokens, length)
+        assert len(chunked) == (2 * config.num_hidden_layers if expected else 0), (tokens, length)
+        assert all(shape[1] == config.num_attention_heads // 2 for shape in chunked), chunked
         _assert_numpy_reference(config, fused, inputs, outputs)
 
 
