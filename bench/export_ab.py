@@ -7,9 +7,12 @@ For a change to how `launch.export` builds the serving graph: export the same ch
 On these shared machines the same export answers one sentence in 6 ms one minute and 13 ms the next, so the two
 are timed in alternating order within each round (a copy against itself reads ~0.99): per round, the p50 of
 --sentences single-sentence calls (the first SST-2 dev sentences) and the throughput of --batch_sentences sentences
-in batches of 32. Prints per-round ratios (B's speed over A's: > 1 means B is faster) and their medians, and the
-largest probability difference between the two (exit status 1 above --max_difference: they must answer alike).
-bench/RESULTS.md (2026-12-06) used this to measure the export's halves.
+in batches of 32. Both exports are served as a serving host runs them: oneDNN as TensorFlow's default on this
+CPU and the intra-op threads launch.export advises (engine/host.serving_host_environment; TF_ENABLE_ONEDNN_OPTS
+or TF_NUM_INTRAOP_THREADS set by you win), printed first; before 2026-12-07 it served them with oneDNN on (the
+engine's own default). Prints per-round ratios (B's speed over A's: > 1 means B is faster) and their medians, and
+the largest probability difference between the two (exit status 1 above --max_difference: they must answer
+alike). bench/RESULTS.md (2026-12-06) used this to measure the export's halves.
 """
 from __future__ import annotations
 
@@ -57,9 +60,24 @@ def _batch32_per_s(serve, sentences) -> float:
     return len(sentences) / (time.perf_counter() - start)
 
 
+# Set in the re-run process that serves the two exports (main).
+_AS_SERVING_HOST = "BERT_ENGINE_EXPORT_AB_SERVING_HOST"
+
+
 def main(argv):
     if len(argv) != 3:
         raise app.UsageError("give two export folders: A_EXPORT B_EXPORT")
+    if _AS_SERVING_HOST not in os.environ:
+        # Importing the engine (for the flags' environment) turned oneDNN on for this process; a serving host keeps
+        # TensorFlow's default and its threads as launch.export advises (host.serving_host_environment). Before
+        # TensorFlow loads, run again with that environment, TensorFlow's default spelled out (the re-run imports
+        # the engine too, which would turn oneDNN on again).
+        from engine import host  # noqa: PLC0415
+        env = dict(host.serving_host_environment(), **{_AS_SERVING_HOST: "1"})
+        env.setdefault("TF_ENABLE_ONEDNN_OPTS", "1" if host.serving_host_runs_onednn() else "0")
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
+    print(f"serving host: TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}, "
+          f"TF_NUM_INTRAOP_THREADS={os.environ.get('TF_NUM_INTRAOP_THREADS', '(TensorFlow default)')}", flush=True)
     import tensorflow as tf  # noqa: PLC0415
     import tensorflow_text  # noqa: F401,PLC0415  (the exports' tokenizer ops)
 

@@ -5,8 +5,9 @@ dropout are one C++ op and their gradient another (engine/dropout.softmax_dropou
 Dropout layer); elsewhere they are the layer's own. At inference the transposes to and from heads-first run on the
 bits as integers (see swap_seq_and_heads), and in float32 a short sentence's products and softmax run in Eigen's
 kernels (see _inference_attention), or, in an export for a host that runs Eigen's kernels, a batch's products in
-query chunks (_in_query_chunks), by halves of the heads (_in_head_halves). In our own process at inference in float32, a Transformer block's attention
-instead runs as one C++ op on the projections' rows as they are (token_attention, called by engine/unpadding.py).
+query chunks (_in_query_chunks), by halves of the heads (_in_head_halves). In our own process at inference in
+float32, a Transformer block's attention instead runs as one C++ op on the projections' rows as they are
+(token_attention, called by engine/unpadding.py).
 Its own module: fusion.py decides which layers to rebind, this is what one of them computes."""
 from __future__ import annotations
 

@@ -86,10 +86,12 @@ def serving_intra_op_threads() -> Optional[int]:
     default pools (inter-op and intra-op threads both as many as the cores) each half is itself an Eigen
     contraction sharded over the intra-op pool, so on 2 cores two halves make four tasks for two cores: in a profile
     two same-size halves took 481 and 1,374 us side by side. With the intra-op pool at half the cores each half
-    runs on its own core: on the 2-core AVX2 Zen 3 one sentence was answered ~1.25x sooner (p50 and p99 over 256
-    SST-2 dev sentences), batches of 32 as fast (bench/RESULTS.md, 2026-12-07). Where the host runs oneDNN the
-    halves follow its one-thread rule (L2-sized halves only) and the pools keep TensorFlow's default. Measured on 2
-    cores only; half the cores on larger hosts keeps the two halves' threads within the cores."""
+    runs on its own core: on the 2-core AVX2 Zen 3 single sentences were answered 1.2-1.5x sooner (p50 and p99
+    over 256 SST-2 dev sentences; `make bench` p50 1.68x PyTorch's against 1.08x with the default pools), batches of
+    32 as fast since their attention runs in halves of the heads (attention._in_head_halves; bench/RESULTS.md,
+    2026-12-07). Where the host runs oneDNN the halves follow its one-thread rule (L2-sized halves only) and the
+    pools keep TensorFlow's default. Measured on 2 cores only; half the cores on larger hosts keeps the two
+    halves' threads within the cores."""
     if serving_host_runs_onednn():
         return None
     return max(1, usable_cores() // 2)

@@ -14,7 +14,8 @@
 the weights of --checkpoint (a launch.train --model_dir or a checkpoint prefix) in the model that the
 task flags describe. --task and the task flags (--init_encoder, --max_seq_length, --label_names, --head, ...)
 default to those launch.train saved in the model_dir; flags given here win. Loading it needs
-`import tensorflow_text`.
+`import tensorflow_text`. Where this CPU's TensorFlow runs Eigen's kernels (no AVX-512 VNNI or AMX) it also
+prints a `serving host:` line: the intra-op thread count to serve it with (serving_advice).
 """
 from __future__ import annotations
 

@@ -462,12 +462,21 @@ def test_export_ab_times_two_exports_and_checks_they_answer_alike(tmp_path):
         task = ClassificationTask(config)
         exports.append(export_launcher.save_serving_model(task, task.build_model(), str(tmp_path / f"seed{seed}")))
 
+    # As a user starts it: no oneDNN or thread setting of its own (this process's engine import set one).
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS")}
+
     def run(a, b):
         return subprocess.run([sys.executable, "bench/export_ab.py", a, b, f"--data_dir={DATA_DIR}", "--rounds=2",
                                "--sentences=3", "--batch_sentences=32"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=600, env=env)
     same = run(exports[0], exports[0])
     assert same.returncode == 0, failure_text(same.stderr)
+    # Served as a serving host: TensorFlow's oneDNN default, the intra-op threads launch.export advises.
+    threads = ("(TensorFlow default)" if host.tensorflow_runs_onednn_by_default()
+               else str(max(1, host.usable_cores() // 2)))
+    onednn = "1" if host.tensorflow_runs_onednn_by_default() else "0"
+    assert (f"serving host: TF_ENABLE_ONEDNN_OPTS={onednn}, TF_NUM_INTRAOP_THREADS={threads}"
+            in same.stdout.splitlines()), same.stdout
     assert same.stdout.count("round ") == 2 and "batch-1 p50 speed-up, B over A: median" in same.stdout
     assert "batch-32 throughput, B over A: median" in same.stdout and "largest probability difference: 0" in same.stdout
     other = run(exports[0], exports[1])
