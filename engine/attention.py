@@ -166,7 +166,7 @@ def _in_head_halves(attend, query, key, value, attention_mask):
     """`attend`'s (context, scores) on each half of the heads, concatenated: two independent subgraphs, which the
     serving host's two inter-op threads run side by side. For a host serving with one intra-op thread per half of
     the cores (engine/host.serving_intra_op_threads), where a batch's attention otherwise runs on one core: batches
-    of 32 SST-2 sentences 1.08x and 1.11x faster on the Zen 3 with the query chunks in halves (two in-process A/Bs
+    of 32 SST-2 sentences 1.19x and 1.11x faster on the Zen 3 with the query chunks in halves (two in-process A/Bs
     of bench/export_ab.py, one in each order; bench/RESULTS.md, 2026-12-07). Not for single sentences: their
     attention is a few per cent of a call, and halving it measured within noise (1.10x one way, 0.97x the other)."""
     half = (query.shape[1] or 0) // 2
