@@ -85,6 +85,20 @@ __attribute__((always_inline)) inline float SumOfLanes(const Lanes& lanes) {
   return total;
 }
 
+// The sum of a row of n floats, as two chains of Lanes (kLanes2 floats a step), then the remainder one by one.
+__attribute__((always_inline)) inline float SumOfRow(const float* __restrict x, int64_t n) {
+  Lanes sums = {}, more_sums = {};
+  int64_t j = 0;
+  for (; j + kLanes2 <= n; j += kLanes2) {
+    sums += LoadLanes(x + j);
+    more_sums += LoadLanes(x + j + kLanes);
+  }
+  for (; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
+  float total = SumOfLanes(sums + more_sums);
+  for (; j < n; ++j) total += x[j];
+  return total;
+}
+
 // exp(x) for x <= 0 (Cephes' expf polynomial, within 2 ulp of the true value); 0 below -87.3, where the result would
 // be subnormal; NaN stays NaN. Written without branches so that the row loops vectorize.
 __attribute__((always_inline)) inline float ExpNonPositive(float x) {
@@ -115,7 +129,7 @@ __attribute__((always_inline)) inline float ExpNonPositive(float x) {
 constexpr float kMaskedOut = -1e9f;
 
 // Keras' softmax over a row of n floats, up to its division: x[j] = exp(x[j] - max(x)), in place; returns 1 / the
-// sum of those. The maximum and the sum as two chains of Lanes (kLanes2 floats a step).
+// sum of those. The maximum as two chains of Lanes (kLanes2 floats a step), the sum by SumOfRow.
 __attribute__((always_inline)) inline float ExpMinusMaxInPlace(float* __restrict x, int64_t n) {
   const float lowest = -std::numeric_limits<float>::infinity();
   Lanes top = Lanes{} + lowest, more_top = top;
@@ -134,15 +148,7 @@ __attribute__((always_inline)) inline float ExpMinusMaxInPlace(float* __restrict
   for (int l = 0; l < kLanes; ++l) row_max = top[l] > row_max ? top[l] : row_max;
   for (; j < n; ++j) row_max = x[j] > row_max ? x[j] : row_max;
   for (j = 0; j < n; ++j) x[j] = ExpNonPositive(x[j] - row_max);
-  Lanes sums = {}, more_sums = {};
-  for (j = 0; j + kLanes2 <= n; j += kLanes2) {
-    sums += LoadLanes(x + j);
-    more_sums += LoadLanes(x + j + kLanes);
-  }
-  for (; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
-  float total = SumOfLanes(sums + more_sums);
-  for (; j < n; ++j) total += x[j];
-  return 1.0f / total;
+  return 1.0f / SumOfRow(x, n);
 }
 
 // Rows per partial sum of SumColumnsInFixedChunks: fixed, so that the sums do not depend on the thread count.

@@ -84,18 +84,10 @@ REGISTER_OP("EngineAddLayerNorm")
 
 ENGINE_CLONES void ForwardRow(const float* __restrict x, const float* __restrict gamma, const float* __restrict beta,
                               float epsilon, float* __restrict y, float* mean_out, float* rstd_out, int64_t n) {
-  Lanes sums = {}, more_sums = {};  // two chains of additions (cpu_kernels.h: kLanes2)
+  const float mean = SumOfRow(x, n) / static_cast<float>(n);
+  Lanes squares = {}, more_squares = {};  // two chains of additions (cpu_kernels.h: kLanes2)
   int64_t j = 0;
   for (; j + kLanes2 <= n; j += kLanes2) {
-    sums += LoadLanes(x + j);
-    more_sums += LoadLanes(x + j + kLanes);
-  }
-  for (; j + kLanes <= n; j += kLanes) sums += LoadLanes(x + j);
-  float total = SumOfLanes(sums + more_sums);
-  for (; j < n; ++j) total += x[j];
-  const float mean = total / static_cast<float>(n);
-  Lanes squares = {}, more_squares = {};
-  for (j = 0; j + kLanes2 <= n; j += kLanes2) {
     const Lanes centered = LoadLanes(x + j) - mean, more_centered = LoadLanes(x + j + kLanes) - mean;
     squares += centered * centered;
     more_squares += more_centered * more_centered;
