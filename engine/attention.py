@@ -145,7 +145,7 @@ def _inference_attention(query, key, value, attention_mask, onednn, eigen_host: 
         # There eigen() runs the kernels onednn() runs (its softmax in elementwise ops cost single sentences ~1 %),
         # and batches whose products Eigen would contract one by one go in query chunks, by halves of the heads.
         chunks = tf.logical_and(shape[0] > 1, shape[2] * shape[3] * keys > BATCH_MATMUL_SHARDS_UP_TO)
-        return tf.cond(chunks, lambda: _in_head_halves(_in_query_chunks, query, key, value, attention_mask), onednn)
+        return tf.cond(chunks, lambda: _in_head_halves(query, key, value, attention_mask), onednn)
     small = shape[0] * shape[2] * keys <= EIGEN_SCORES_UP_TO
 
     def eigen():
@@ -162,17 +162,18 @@ def _inference_attention(query, key, value, attention_mask, onednn, eigen_host: 
     return tf.cond(small, eigen, onednn)
 
 
-def _in_head_halves(attend, query, key, value, attention_mask):
-    """`attend`'s (context, scores) on each half of the heads, concatenated: two independent subgraphs, which the
-    serving host's two inter-op threads run side by side. For a host serving with one intra-op thread per half of
-    the cores (engine/host.serving_intra_op_threads), where a batch's attention otherwise runs on one core: batches
-    of 32 SST-2 sentences 1.19x and 1.11x faster on the Zen 3 with the query chunks in halves (two in-process A/Bs
-    of bench/export_ab.py, one in each order; bench/RESULTS.md, 2026-12-07). Not for single sentences: their
-    attention is a few per cent of a call, and halving it measured within noise (1.10x one way, 0.97x the other)."""
+def _in_head_halves(query, key, value, attention_mask):
+    """_in_query_chunks' (context, scores) on each half of the heads, concatenated: two independent subgraphs,
+    which the serving host's two inter-op threads run side by side. For a host serving with one intra-op thread
+    per half of the cores (engine/host.serving_intra_op_threads), where a batch's attention otherwise runs on one
+    core: batches of 32 SST-2 sentences 1.19x and 1.11x faster on the Zen 3 with the query chunks in halves (two
+    in-process A/Bs of bench/export_ab.py, one in each order; bench/RESULTS.md, 2026-12-07). Not for single
+    sentences: their attention is a few per cent of a call, and halving it measured within noise (1.10x one way,
+    0.97x the other)."""
     half = (query.shape[1] or 0) // 2
     if not half:
-        return attend(query, key, value, attention_mask)
-    parts = [attend(query[:, heads], key[:, heads], value[:, heads], attention_mask)
+        return _in_query_chunks(query, key, value, attention_mask)
+    parts = [_in_query_chunks(query[:, heads], key[:, heads], value[:, heads], attention_mask)
              for heads in (slice(0, half), slice(half, None))]
     return tf.concat([context for context, _ in parts], 1), tf.concat([scores for _, scores in parts], 1)
 
