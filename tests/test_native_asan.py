@@ -22,6 +22,10 @@ KERNEL_TESTS = ["tests/test_bias_kernel.py", "tests/test_layer_norm_kernel.py", 
                 "tests/test_adamw_kernel.py", "tests/test_token_attention_kernel.py",
                 "tests/test_fusion.py::test_the_dropout_kernel_equals_tensorflows_forward_bit_for_bit",
                 "tests/test_fusion.py::test_keeps_one_minus_rate_scaled_and_gradient_uses_the_same_mask"]
+# Not the files' tests of a whole tiny encoder training with our ops (test_fused_encoder_*): the ops' own tests above
+# reach every kernel path, and those three were 43 of the run's 69 s under ASan on the Zen 3 (bench/RESULTS.md,
+# 2026-12-07).
+NOT_WHOLE_ENCODERS = "not test_fused_encoder_"
 SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
 
@@ -34,7 +38,7 @@ def _runtime_library(compiler: list, name: str):
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
-@pytest.mark.slow  # five instrumented builds and a pytest run in subprocesses: 1.5-2 minutes on 2 cores
+@pytest.mark.slow  # five instrumented builds and a pytest run in subprocesses: 2-5 minutes on 2 cores
 def test_kernel_tests_pass_with_our_ops_built_under_address_sanitizer(monkeypatch):
     compiler = shlex.split(os.environ.get("CXX", "g++"))
     asan = _runtime_library(compiler, "libasan.so")
@@ -54,7 +58,8 @@ def test_kernel_tests_pass_with_our_ops_built_under_address_sanitizer(monkeypatc
                            text=True, timeout=900)
     assert build.returncode == 0, build.stdout + build.stderr[-4000:]
     # -s: ASan writes its report to fd 2 and exits at once, which would lose it inside pytest's capture.
-    command = [sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS]
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", "-k", NOT_WHOLE_ENCODERS,
+               *KERNEL_TESTS]
     result = run_once_more_after_a_crash(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     report = output.find("ERROR: AddressSanitizer")  # its first lines name the access and our function
