@@ -151,11 +151,10 @@ def _write_eval_tsv(data_dir: str, count: int, folder: str) -> tuple[str, list[s
 
 def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, batch_size: int, latency_calls: int,
                   folder: str, peer_model_fn=None, full_padding_rows: bool = False, bf16_serving: bool = False,
-                  serving_intra_op_threads: int = -1) -> tuple[list, list, object]:
+                  serving_intra_op_threads: int = -1) -> tuple[list, list]:
     """Our evaluation/serving configurations (and the peer's with `peer_model_fn(keras_model)`; with
     `full_padding_rows` ours again padded to the full sequence length; with `bf16_serving` the SavedModel
-    exported with bf16 kernels, against the peer's bf16 model); returns (configurations, check lines, the
-    Trainer holding the model)."""
+    exported with bf16 kernels, against the peer's bf16 model); returns (configurations, check lines)."""
     import numpy as np  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
     import tf_keras  # noqa: PLC0415
@@ -286,7 +285,7 @@ def build_serving(setup, encoder_init, data_dir: str, *, eval_examples: int, bat
             theirs16 = np.asarray(remote.predict("longest", False, precision="bfloat16", values=True)["probabilities"])
             checks.append(f"the peer's bf16 model vs its float32 one: largest probability difference "
                           f"{np.max(np.abs(theirs16 - theirs)):.2e}")
-    return configs, checks, trainer
+    return configs, checks
 
 
 # Word-piece ranges for the batch-1 latency by sentence length (latency_by_length).
@@ -400,7 +399,7 @@ def run_benchmark(*, quick: bool, data_dir: str, precisions, steps: int, rounds:
     # --- configurations (all built before any timing)
     serving_configs, checks = [], []
     if eval_examples:
-        serving_configs, checks, eval_trainer = build_serving(
+        serving_configs, checks = build_serving(
             setup, encoder_init, data_dir, eval_examples=eval_examples, batch_size=serving_batch_size,
             latency_calls=latency_calls, folder=folder, peer_model_fn=peer_model if have_torch else None,
             full_padding_rows=full_padding_rows, bf16_serving=bf16_serving,
