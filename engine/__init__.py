@@ -14,5 +14,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # On an AVX2-only AMD Zen 3 they made a float32 training step 1.18x and task.predict 1.17x faster (bench/RESULTS.md,
 # 2026-12-07), so programs that import the engine turn them on everywhere unless TF_ENABLE_ONEDNN_OPTS is set.
 # An exported SavedModel's serving host decides for itself (there batch-1 calls were slower with them: README).
-ONEDNN_OPTS_DEFAULTED = "TF_ENABLE_ONEDNN_OPTS" not in os.environ
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# A process started by an engine program inherits that setting; ONEDNN_DEFAULT_MARKER, set beside it, tells it the
+# engine chose it, not the user, so its serving-host view (engine/host.py) is the parent's. Without it a child (a
+# pytest-xdist worker, a bench's server, a launch program a test starts) took the parent's default for the user's.
+ONEDNN_DEFAULT_MARKER = "BERT_ENGINE_DEFAULTED_ONEDNN_OPTS"
+ONEDNN_OPTS_DEFAULTED = ("TF_ENABLE_ONEDNN_OPTS" not in os.environ
+                         or os.environ.get(ONEDNN_DEFAULT_MARKER) == os.environ["TF_ENABLE_ONEDNN_OPTS"])
+if "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = os.environ[ONEDNN_DEFAULT_MARKER] = "1"

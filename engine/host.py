@@ -45,7 +45,9 @@ def serving_host_environment() -> dict:
     TF_ENABLE_ONEDNN_OPTS where only the engine's import set it (engine/__init__.py turns oneDNN on for its own
     programs only; a host keeps TensorFlow's default), with TF_NUM_INTRAOP_THREADS as serving_intra_op_threads
     says unless the user set it."""
+    import engine  # noqa: PLC0415
     env = dict(os.environ)
+    env.pop(engine.ONEDNN_DEFAULT_MARKER, None)  # whatever the host runs, it is not the engine's default
     if _serving_onednn_setting() is None:
         env.pop("TF_ENABLE_ONEDNN_OPTS", None)
     threads = serving_intra_op_threads()

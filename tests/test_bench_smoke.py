@@ -20,6 +20,7 @@ from subprocess_runs import failure_text, run_once_more_after_a_crash
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import engine_vs_fit  # noqa: E402
+import engine  # noqa: E402
 from engine import host  # noqa: E402
 
 
@@ -463,7 +464,8 @@ def test_export_ab_times_two_exports_and_checks_they_answer_alike(tmp_path):
         exports.append(export_launcher.save_serving_model(task, task.build_model(), str(tmp_path / f"seed{seed}")))
 
     # As a user starts it: no oneDNN or thread setting of its own (this process's engine import set one).
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS", engine.ONEDNN_DEFAULT_MARKER)}
 
     def run(a, b):
         return subprocess.run([sys.executable, "bench/export_ab.py", a, b, f"--data_dir={DATA_DIR}", "--rounds=2",

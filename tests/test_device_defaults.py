@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT
+import engine
 from engine import fusion, precision
 from engine.config import RuntimeConfig
 from engine_helpers import ToyTask, run_training
@@ -153,9 +154,14 @@ def test_the_engine_turns_onednn_on_unless_told_and_a_bench_serving_host_keeps_t
              "from tensorflow.python.util import _pywrap_util_port as port; "
              "print(port.IsMklEnabled(), engine.ONEDNN_OPTS_DEFAULTED, "
              "host.serving_host_environment().get('TF_ENABLE_ONEDNN_OPTS'))")
-    base = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    for setting, expected in ((None, "True True None"), ("0", "False False 0"), ("1", "True False 1")):
-        env = dict(base, **({"TF_ENABLE_ONEDNN_OPTS": setting} if setting else {}))
+    # As a user's shell starts it: without this process's setting and the engine's mark of it.
+    base = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", engine.ONEDNN_DEFAULT_MARKER)}
+    # A process started by an engine program inherits both and keeps the parent's view: a default, not the user's.
+    inherited = {"TF_ENABLE_ONEDNN_OPTS": "1", engine.ONEDNN_DEFAULT_MARKER: "1"}
+    for setting, expected in ((None, "True True None"), ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "False False 0"),
+                              ({"TF_ENABLE_ONEDNN_OPTS": "1"}, "True False 1"), (inherited, "True True None"),
+                              (dict(inherited, TF_ENABLE_ONEDNN_OPTS="0"), "False False 0")):
+        env = dict(base, **(setting or {}))
         result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
