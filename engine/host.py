@@ -6,6 +6,8 @@ import functools
 import os
 from typing import Optional
 
+import engine  # the package, imported before this module: whether its import set TF_ENABLE_ONEDNN_OPTS
+
 
 @functools.lru_cache(maxsize=None)  # asked once per dense layer while a graph is traced (cpu_has_amx)
 def _cpu_flags() -> frozenset:
@@ -45,7 +47,6 @@ def serving_host_environment() -> dict:
     TF_ENABLE_ONEDNN_OPTS where only the engine's import set it (engine/__init__.py turns oneDNN on for its own
     programs only; a host keeps TensorFlow's default), with TF_NUM_INTRAOP_THREADS as serving_intra_op_threads
     says unless the user set it."""
-    import engine  # noqa: PLC0415
     env = dict(os.environ)
     env.pop(engine.ONEDNN_DEFAULT_MARKER, None)  # whatever the host runs, it is not the engine's default
     if _serving_onednn_setting() is None:
@@ -59,7 +60,6 @@ def serving_host_environment() -> dict:
 def _serving_onednn_setting() -> Optional[str]:
     """TF_ENABLE_ONEDNN_OPTS as a serving host has it: the user's, not the one engine/__init__.py set for the
     engine's own programs (None: TensorFlow's default on this CPU)."""
-    import engine  # noqa: PLC0415  (already imported by whoever imports this module from the engine)
     return None if engine.ONEDNN_OPTS_DEFAULTED else os.environ.get("TF_ENABLE_ONEDNN_OPTS")
 
 
