@@ -6,8 +6,8 @@ Dropout layer); elsewhere they are the layer's own. At inference the transposes 
 bits as integers (see swap_seq_and_heads), and in float32 a short sentence's products and softmax run in Eigen's
 kernels (see _inference_attention), or, in an export for a host that runs Eigen's kernels, a batch's products in
 query chunks (_in_query_chunks), by halves of the heads (_in_head_halves). In our own process at inference in
-float32, a Transformer block's attention instead runs as one C++ op on the projections' rows as they are
-(token_attention, called by engine/unpadding.py).
+float32 or bfloat16, a Transformer block's attention instead runs as one C++ op on the projections' rows as they
+are (token_attention, called by engine/unpadding.py).
 Its own module: fusion.py decides which layers to rebind, this is what one of them computes."""
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def attends_on_token_rows(layer, dtype, device: str) -> bool:
 
 
 def _token_attention_module(layer, dtype, device: str):
-    if not getattr(layer, "_engine_native_at_inference", False) or dtype != tf.float32:
+    if not getattr(layer, "_engine_native_at_inference", False) or dtype not in (tf.float32, tf.bfloat16):
         return None
     return native.ATTENTION.load_for(device)
 
@@ -112,7 +112,8 @@ def _token_attention_in_padded_ops(query, key, value, positions, mask, scale):
     spread = lambda t: tf.reshape(tf.scatter_nd(positions[:, None], tf.reshape(t, tf.concat([[-1], shape[-2:]], 0)),
                                                 tf.stack([mask_shape[0] * mask_shape[1], shape[-2], shape[-1]])),
                                   padded_shape)
-    logits = tf.einsum("bqhd,bkhd->bhqk", spread(query) * scale, spread(key)) + _mask_adder(mask[:, None])
+    logits = tf.einsum("bqhd,bkhd->bhqk", spread(query) * scale, spread(key))
+    logits += tf.cast(_mask_adder(mask[:, None]), logits.dtype)
     context = tf.einsum("bhqk,bkhd->bqhd", tf.nn.softmax(logits), spread(value))
     return tf.reshape(tf.gather(tf.reshape(context, tf.concat([[-1], shape[-2:]], 0)), positions), shape)
 

@@ -8,10 +8,15 @@
 //   logits[i, j] = (query[i, h] * scale) . key[j, h] + (1 - mask[b, s_i, s_j]) * -1e9   (Keras' masked softmax)
 //   context[i, h] = sum_j softmax_j(logits[i, :]) * value[j, h]
 // which is Keras' MultiHeadAttention on the padded layout for every token row whenever padded positions are masked
-// out as keys (they are under BERT's padding mask: a padded key gets weight exp(-1e9) = 0 there). float32 only.
+// out as keys (they are under BERT's padding mask: a padded key gets weight exp(-1e9) = 0 there).
+//
+// float32 or bfloat16 operands (T; the mask is float32 either way). In bfloat16 the scale is rounded to bfloat16
+// as the stock layer's multiply rounds it, and everything after the loads runs in float32: only the context is
+// rounded (to nearest even), where the stock layer also rounds the scaled query, the logits and the probabilities.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -26,12 +31,13 @@ namespace {
 using namespace engine_kernels;  // NOLINT: ENGINE_CLONES, Lanes, kMaskedOut, ExpMinusMaxInPlace
 
 REGISTER_OP("EngineTokenAttention")
-    .Input("query: float")      // [..., rows, heads, head_dim]: leading dims of size 1
-    .Input("key: float")        // the query's shape
-    .Input("value: float")      // the query's shape
+    .Input("query: T")          // [..., rows, heads, head_dim]: leading dims of size 1
+    .Input("key: T")            // the query's shape
+    .Input("value: T")          // the query's shape
     .Input("positions: int32")  // [rows]: each row's flat position b * seq + s in the padded batch, ascending
     .Input("mask: float")       // [batch, seq, seq]: 1 attends, 0 does not
-    .Output("context: float")   // the query's shape
+    .Output("context: T")       // the query's shape
+    .Attr("T: {float, bfloat16}")
     .Attr("scale: float")       // the query's factor before the product (Keras: 1 / sqrt(head_dim))
     .SetShapeFn([](shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
@@ -43,26 +49,42 @@ constexpr int64_t kKeyBlock = kLanes2;  // keys per step of the logits (two Lane
 
 // One sentence and head: `rows` token rows; q/k/v/out point at the sentence's first row of this head, rows `stride`
 // floats apart; mask_rows[i] is query i's mask row over the padded keys, key_slots[j] key j's position in it
-// (`contiguous`: the positions are consecutive). Scratch: kt (head_dim x padded), logits (kQueryBlock x padded),
-// scaled_query (kQueryBlock x head_dim); padded = rows rounded up to kKeyBlock.
-__attribute__((always_inline)) inline void AttendSentenceHead(const float* __restrict q, const float* __restrict k,
-                                                              const float* __restrict v, float* __restrict out,
+// (`contiguous`: the positions are consecutive). Bits: float, or bfloat16's bits (uint16_t). Scratch: kt (head_dim
+// x padded), logits (kQueryBlock x padded), scaled_query (kQueryBlock x head_dim), and for bfloat16 only widened
+// (rows x head_dim: the value rows in float32) and context_row (head_dim); padded = rows rounded up to kKeyBlock.
+template <typename Bits>
+__attribute__((always_inline)) inline void AttendSentenceHead(const Bits* __restrict q, const Bits* __restrict k,
+                                                              const Bits* __restrict v, Bits* __restrict out,
                                                               int64_t rows, int64_t stride, int64_t head_dim,
                                                               float scale, const float* const* mask_rows,
                                                               const int32_t* __restrict key_slots, bool contiguous,
                                                               float* __restrict kt, float* __restrict logits,
-                                                              float* __restrict scaled_query) {
+                                                              float* __restrict scaled_query,
+                                                              float* __restrict widened,
+                                                              float* __restrict context_row) {
+  constexpr bool kFloat = std::is_same<Bits, float>::value;
   const int64_t padded = (rows + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   // Keys transposed, [head_dim, padded], zero beyond the rows: the logits then vectorize over keys.
   for (int64_t d = 0; d < head_dim; ++d) {
-    for (int64_t j = 0; j < rows; ++j) kt[d * padded + j] = k[j * stride + d];
+    for (int64_t j = 0; j < rows; ++j) kt[d * padded + j] = Widen(k[j * stride + d]);
     for (int64_t j = rows; j < padded; ++j) kt[d * padded + j] = 0.0f;
+  }
+  // The value rows as the context loops read them: in place for float32, widened once per head for bfloat16.
+  const float* values = nullptr;
+  int64_t value_stride = stride;
+  if constexpr (kFloat) {
+    values = v;
+  } else {
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t d = 0; d < head_dim; ++d) widened[j * head_dim + d] = Widen(v[j * stride + d]);
+    values = widened;
+    value_stride = head_dim;
   }
   for (int64_t first = 0; first < rows; first += kQueryBlock) {
     const int64_t block = std::min(kQueryBlock, rows - first);
     for (int64_t r = 0; r < kQueryBlock; ++r)  // rows past the block repeat its last (their results are unused)
       for (int64_t d = 0; d < head_dim; ++d)
-        scaled_query[r * head_dim + d] = q[(first + std::min(r, block - 1)) * stride + d] * scale;
+        scaled_query[r * head_dim + d] = Widen(q[(first + std::min(r, block - 1)) * stride + d]) * scale;
     const float* q0 = scaled_query;
     const float* q1 = scaled_query + head_dim;
     const float* q2 = scaled_query + 2 * head_dim;
@@ -103,12 +125,12 @@ __attribute__((always_inline)) inline void AttendSentenceHead(const float* __res
       const float inverse = ExpMinusMaxInPlace(x, rows);  // Keras' softmax, as EngineSoftmaxDropout's
       for (int64_t j = 0; j < rows; ++j) x[j] *= inverse;
       // The context row: the probabilities' sum of value rows, 4 Lanes of features at a time, then 1, then single.
-      float* context = out + i * stride;
+      float* context = kFloat ? reinterpret_cast<float*>(out + i * stride) : context_row;
       int64_t d = 0;
       for (; d + 4 * kLanes <= head_dim; d += 4 * kLanes) {
         Lanes c0 = {}, c1 = {}, c2 = {}, c3 = {};
-        const float* value = v + d;
-        for (int64_t j = 0; j < rows; ++j, value += stride) {
+        const float* value = values + d;
+        for (int64_t j = 0; j < rows; ++j, value += value_stride) {
           c0 += x[j] * LoadLanes(value);
           c1 += x[j] * LoadLanes(value + kLanes);
           c2 += x[j] * LoadLanes(value + 2 * kLanes);
@@ -121,26 +143,41 @@ __attribute__((always_inline)) inline void AttendSentenceHead(const float* __res
       }
       for (; d + kLanes <= head_dim; d += kLanes) {
         Lanes c0 = {};
-        for (int64_t j = 0; j < rows; ++j) c0 += x[j] * LoadLanes(v + j * stride + d);
+        for (int64_t j = 0; j < rows; ++j) c0 += x[j] * LoadLanes(values + j * value_stride + d);
         StoreLanes(context + d, c0);
       }
       for (; d < head_dim; ++d) {
         float c = 0.0f;
-        for (int64_t j = 0; j < rows; ++j) c += x[j] * v[j * stride + d];
+        for (int64_t j = 0; j < rows; ++j) c += x[j] * values[j * value_stride + d];
         context[d] = c;
+      }
+      if constexpr (!kFloat) {
+        for (int64_t e = 0; e < head_dim; ++e) out[i * stride + e] = Round<Bits>(context_row[e]);
       }
     }
   }
 }
 
-ENGINE_CLONES void AttendSentenceHeadFloat(const float* q, const float* k, const float* v, float* out, int64_t rows,
-                                           int64_t stride, int64_t head_dim, float scale, const float* const* mask_rows,
-                                           const int32_t* key_slots, bool contiguous, float* kt, float* logits,
-                                           float* scaled_query) {
+// The target clones, one overload per element type (GCC clones functions, not templates).
+ENGINE_CLONES void AttendSentenceHeadCloned(const float* q, const float* k, const float* v, float* out, int64_t rows,
+                                            int64_t stride, int64_t head_dim, float scale,
+                                            const float* const* mask_rows, const int32_t* key_slots, bool contiguous,
+                                            float* kt, float* logits, float* scaled_query, float* widened,
+                                            float* context_row) {
   AttendSentenceHead(q, k, v, out, rows, stride, head_dim, scale, mask_rows, key_slots, contiguous, kt, logits,
-                     scaled_query);
+                     scaled_query, widened, context_row);
 }
 
+ENGINE_CLONES void AttendSentenceHeadCloned(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+                                            int64_t rows, int64_t stride, int64_t head_dim, float scale,
+                                            const float* const* mask_rows, const int32_t* key_slots, bool contiguous,
+                                            float* kt, float* logits, float* scaled_query, float* widened,
+                                            float* context_row) {
+  AttendSentenceHead(q, k, v, out, rows, stride, head_dim, scale, mask_rows, key_slots, contiguous, kt, logits,
+                     scaled_query, widened, context_row);
+}
+
+template <typename T>
 class TokenAttentionOp : public OpKernel {
  public:
   explicit TokenAttentionOp(OpKernelConstruction* context) : OpKernel(context) {
@@ -190,22 +227,26 @@ class TokenAttentionOp : public OpKernel {
       return most;
     }();
     const int64_t stride = heads * head_dim;
-    const float* q = query.flat<float>().data();
-    const float* k = key.flat<float>().data();
-    const float* v = value.flat<float>().data();
-    float* out = context_out->flat<float>().data();
-    const float scale = scale_;
+    using Bits = BitsOf<T>;
+    const Bits* q = reinterpret_cast<const Bits*>(query.flat<T>().data());
+    const Bits* k = reinterpret_cast<const Bits*>(key.flat<T>().data());
+    const Bits* v = reinterpret_cast<const Bits*>(value.flat<T>().data());
+    Bits* out = reinterpret_cast<Bits*>(context_out->flat<T>().data());
+    const float scale = RoundedTo<T>(scale_);  // as the stock layer's multiply on T operands
     auto work = [&](int64_t first_unit, int64_t end_unit) {  // unit = sentence * heads + head
       const int64_t padded = (longest + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
       std::vector<float> kt(head_dim * padded), logits(kQueryBlock * padded), scaled_query(kQueryBlock * head_dim);
-      // Each head reads 4 * head_dim bytes of every row of its sentence, which the hardware prefetchers did not
+      const bool widens = !std::is_same<T, float>::value;  // bfloat16: value rows and the context row in float32
+      std::vector<float> widened(widens ? longest * head_dim : 0), context_row(widens ? head_dim : 0);
+      // Each head reads head_dim elements of every row of its sentence, which the hardware prefetchers did not
       // see coming: loads of Q, K and V missing the cache took ~40 % of the op. So the next sentence's rows are
       // prefetched while this one's heads run (its own too, at the start of the range).
       auto prefetch = [&](int64_t sentence) {
         if (sentence >= sentences) return;
-        for (const float* block : {q, k, v})
-          for (int64_t at = starts[sentence] * stride; at < starts[sentence + 1] * stride; at += 16)  // a cache line
-            __builtin_prefetch(block + at, 0, 2);  // to L2: 150 KB for 40 rows would overflow L1
+        constexpr int64_t kPerLine = 64 / sizeof(Bits);  // elements per cache line
+        for (const Bits* block : {q, k, v})
+          for (int64_t at = starts[sentence] * stride; at < starts[sentence + 1] * stride; at += kPerLine)
+            __builtin_prefetch(block + at, 0, 2);  // to L2: 150 KB for 40 rows of float32 would overflow L1
       };
       prefetch(first_unit / heads);
       for (int64_t unit = first_unit; unit < end_unit; ++unit) {
@@ -213,10 +254,10 @@ class TokenAttentionOp : public OpKernel {
         if (head == 0 || unit == first_unit) prefetch(sentence + 1);
         const int64_t first = starts[sentence], count = starts[sentence + 1] - first;
         const int64_t offset = first * stride + head * head_dim;
-        AttendSentenceHeadFloat(q + offset, k + offset, v + offset, out + offset, count, stride, head_dim, scale,
-                                mask_rows.data() + first, key_slots.data() + first,
-                                key_slots[first + count - 1] - key_slots[first] == count - 1, kt.data(), logits.data(),
-                                scaled_query.data());
+        AttendSentenceHeadCloned(q + offset, k + offset, v + offset, out + offset, count, stride, head_dim, scale,
+                                 mask_rows.data() + first, key_slots.data() + first,
+                                 key_slots[first + count - 1] - key_slots[first] == count - 1, kt.data(),
+                                 logits.data(), scaled_query.data(), widened.data(), context_row.data());
       }
     };
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
@@ -229,7 +270,10 @@ class TokenAttentionOp : public OpKernel {
   float scale_;
 };
 
-REGISTER_KERNEL_BUILDER(Name("EngineTokenAttention").Device(DEVICE_CPU), TokenAttentionOp);
+REGISTER_KERNEL_BUILDER(Name("EngineTokenAttention").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        TokenAttentionOp<float>);
+REGISTER_KERNEL_BUILDER(Name("EngineTokenAttention").Device(DEVICE_CPU).TypeConstraint<bfloat16>("T"),
+                        TokenAttentionOp<bfloat16>);
 
 }  // namespace
 }  // namespace tensorflow

@@ -30,7 +30,7 @@ such CPUs because its matmuls lose to oneDNN's (bench/RESULTS.md). So:
     C++ ops); at inference when over 15 % of the batch's positions are padding (5 % where attention runs as our
     op), and in training when asked (RuntimeConfig.skip_padding_in_training), the projections, FFN and LayerNorms
     on the real tokens only, gathered into one row ([1, tokens, hidden]); attention runs on the padded layout,
-    except at inference in our own process in float32, where it runs as one C++ op on the rows themselves
+    except at inference in our own process (float32 or bfloat16), where it runs as one C++ op on the rows themselves
     (attention.token_attention; see _block_call; the rows move in engine/unpadding.py). Zeros at padded positions.
   * Model Garden's word-embedding lookup (OnDeviceEmbedding): gathered from a dense read of the table
     instead of by ResourceGather, which would put the variable into TensorFlow's copy-on-read mode, where

@@ -371,8 +371,8 @@ def test_inference_blocks_skip_padding_and_give_the_numpy_reference(policy):
         full = {k: tf.ones_like(v) if k == "input_mask" else v for k, v in inputs.items()}
         full["input_word_ids"] = tf.reshape(tf.range(64) % 50 + 1, [4, 16])
         run = tf.function(lambda x: fused(x, training=False))
-        # float32 attends with our op on either layout (the next test); bf16 with TensorFlow's ops.
-        assert ("EngineTokenAttention" in graph_op_types(run, inputs)) == (policy == "float32")
+        # Both attend with our op on either layout (the next test), bf16 on bf16 operands.
+        assert "EngineTokenAttention" in graph_op_types(run, inputs)
         for batch, padded in ((inputs, True), (full, False)):
             numpy_inputs = {k: v.numpy() for k, v in batch.items()}
             reference = ref.bert_forward(bert.hf_weights(fused), config.num_attention_heads, **numpy_inputs)

@@ -1,6 +1,6 @@
 """engine/attention_kernel.cc's EngineTokenAttention, which Transformer blocks run at inference in our own process
 (engine/attention.token_attention): each sentence's rows attend to that sentence's rows under Keras' mask, as the
-float64 masked softmax over the padded positions gives it; the fused encoder runs it in both layouts (token rows,
+float64 masked softmax over the padded positions gives it, in float32 and bfloat16; the fused encoder runs it in both layouts (token rows,
 padded) and gives the NumPy BERT's values, while exports and the switch keep TensorFlow's ops (test_fusion.py)."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
@@ -78,6 +78,28 @@ def test_every_position_of_the_padded_layout_is_the_stock_attention_padding_rows
     np.testing.assert_allclose(got, _keras_attention_float64(*padded, mask, 0.5), atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("head_dim", [32, 40, 12, 1])
+def test_bfloat16_operands_attend_in_float32_and_round_only_the_context(head_dim):
+    """bfloat16 Q, K and V (mixed_bfloat16 evaluation): the scale rounded to bfloat16 as the stock layer's multiply
+    rounds it, then float32 throughout: the context is the float64 attention of the bf16 operands rounded once,
+    within half a bf16 step (a version rounding the scaled query, logits or probabilities is off by several)."""
+    lengths = [17, 1, 33, 5]
+    seq = max(lengths) + 3
+    token_mask = (np.arange(seq)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
+    padded, mask, positions, rows = _case(token_mask, heads=3, head_dim=head_dim, seed=5)
+    padded = [tf.cast(t * 2.0, tf.bfloat16) for t in padded]  # logits of a few units: softmaxes not all one-hot
+    rows = [tf.cast(t * 2.0, tf.bfloat16) for t in rows]
+    scale = 1.0 / np.sqrt(head_dim)
+    got = _module().engine_token_attention(*rows, positions, mask, scale=scale)
+    assert got.dtype == tf.bfloat16
+    rounded_scale = float(tf.cast(tf.cast(scale, tf.bfloat16), tf.float32))
+    expected = _keras_attention_float64(*[t.numpy().astype(np.float64) for t in padded], mask, rounded_scale)
+    expected = expected.reshape(-1, 3, head_dim)[positions]
+    got = got.numpy().astype(np.float64)[0]
+    half_step = np.abs(expected) * 2.0 ** -8 + 1e-6  # half of bf16's spacing (8 significant bits), plus float32's
+    assert np.all(np.abs(got - expected) <= half_step), np.max(np.abs(got - expected) / half_step)
+
+
 @pytest.mark.parametrize("positions, message", [([0, 2, 1], "ascend"), ([0, 1, 40], "ascend within"),
                                                 ([-1, 0, 1], "ascend within")])
 def test_positions_out_of_order_or_range_are_refused(positions, message):
@@ -99,9 +121,11 @@ def test_mismatched_operands_are_refused():
 
 
 
-def test_gradients_at_inference_are_those_of_kerass_attention():
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_gradients_at_inference_are_those_of_kerass_attention(dtype):
     """Gradients taken at inference (e.g. saliency) through attention.token_attention: the op has none of its own,
-    so they come from the same math in TensorFlow's ops; here against Keras' attention in float64."""
+    so they come from the same math in TensorFlow's ops (in bf16 under mixed bf16); here against Keras' attention
+    in float64 on the same operands."""
     from engine import attention  # pylint: disable=import-outside-toplevel
 
     class Layer:  # what token_attention reads of a rebound MultiHeadAttention
@@ -111,6 +135,9 @@ def test_gradients_at_inference_are_those_of_kerass_attention():
     token_mask = (np.arange(7)[None] < np.asarray([[7], [3], [5]])).astype(np.float32)
     padded, mask, positions, rows = _case(token_mask, heads=2, head_dim=8, seed=3)
     weights = np.random.default_rng(4).normal(size=rows[0].shape)
+
+    rows = [tf.cast(tf.cast(t, dtype), tf.float32).numpy() for t in rows]  # operands that bf16 holds exactly
+    padded = [tf.cast(tf.cast(t, dtype), tf.float32).numpy() for t in padded]
 
     def gradient(attend, operands):
         operands = [tf.constant(t) for t in operands]
@@ -125,7 +152,10 @@ def test_gradients_at_inference_are_those_of_kerass_attention():
         logits = tf.einsum("bqhd,bkhd->bhqk", query / np.sqrt(8.0), key) + (1.0 - mask64[:, None]) * -1e9
         context = tf.einsum("bhqk,bkhd->bqhd", tf.nn.softmax(logits), value)
         return tf.gather(tf.reshape(context, [-1, 2, 8]), positions)[None]
-    got = gradient(lambda q, k, v: attention.token_attention(Layer(), q, k, v, positions, tf.constant(mask)), rows)
+    got = gradient(lambda q, k, v: attention.token_attention(Layer(), q, k, v, positions, tf.constant(mask)),
+                   [t.astype(dtype.as_numpy_dtype) for t in rows])
     expected = gradient(keras_float64, [t.astype(np.float64) for t in padded])
+    atol, rtol = (1e-5, 1e-4) if dtype == tf.float32 else (0.05, 0.05)  # bf16: each op rounds to 8 bits
     for g, e in zip(got, expected):  # the padded gradient at the token positions (zero elsewhere: masked keys)
-        np.testing.assert_allclose(g[0], e.reshape(-1, 2, 8)[positions], atol=1e-5, rtol=1e-4)
+        assert g.dtype == dtype.as_numpy_dtype
+        np.testing.assert_allclose(g[0].astype(np.float64), e.reshape(-1, 2, 8)[positions], atol=atol, rtol=rtol)
