@@ -48,7 +48,7 @@ constexpr int64_t kQueryBlock = 4;   // query rows whose logits are computed tog
 constexpr int64_t kKeyBlock = kLanes2;  // keys per step of the logits (two Lanes)
 
 // One sentence and head: `rows` token rows; q/k/v/out point at the sentence's first row of this head, rows `stride`
-// floats apart; mask_rows[i] is query i's mask row over the padded keys, key_slots[j] key j's position in it
+// elements apart; mask_rows[i] is query i's mask row over the padded keys, key_slots[j] key j's position in it
 // (`contiguous`: the positions are consecutive). Bits: float, or bfloat16's bits (uint16_t). Scratch: kt (head_dim
 // x padded), logits (kQueryBlock x padded), scaled_query (kQueryBlock x head_dim), and for bfloat16 only widened
 // (rows x head_dim: the value rows in float32) and context_row (head_dim); padded = rows rounded up to kKeyBlock.
