@@ -45,7 +45,9 @@ flags.DEFINE_string("model_dir", None, "A launch.train model_dir (latest checkpo
 flags.mark_flag_as_required("model_dir")
 flags.DEFINE_string("input_json", None, "Raw inputs (format per task, see the module docstring).")
 flags.DEFINE_string("output_json", None, "Where to write the predictions (default: print only).")
-flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+# 32, not 16: on 2 CPU cores task.predict of 512 SST-2 sentences ran 1.09-1.47x faster at 32 than at 16 (bigger
+# products) and the same at 64 (bench/RESULTS.md, 2026-12-08); bench/vs_pytorch.py times it at 32.
+flags.DEFINE_integer("batch_size", 32, "Sequences per forward pass.")
 # sst2 / classification / conll_ner
 flags.DEFINE_multi_string("text", None, "A text to classify or tag (repeatable); or use --input_file.")
 flags.DEFINE_string("input_file", None, "One text per line (sentence pairs: tab-separated).")
