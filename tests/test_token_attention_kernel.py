@@ -1,7 +1,8 @@
 """engine/attention_kernel.cc's EngineTokenAttention, which Transformer blocks run at inference in our own process
 (engine/attention.token_attention): each sentence's rows attend to that sentence's rows under Keras' mask, as the
-float64 masked softmax over the padded positions gives it, in float32 and bfloat16; the fused encoder runs it in both layouts (token rows,
-padded) and gives the NumPy BERT's values, while exports and the switch keep TensorFlow's ops (test_fusion.py)."""
+float64 masked softmax over the padded positions gives it, in float32 and bfloat16; the fused encoder runs it in
+both layouts (token rows, padded) and gives the NumPy BERT's values, while exports and the switch keep TensorFlow's
+ops (test_fusion.py)."""
 import tasks  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 import numpy as np
