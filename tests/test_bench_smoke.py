@@ -1,5 +1,6 @@
-"""Smoke runs of bench/engine_vs_fit.py and bench/vs_pytorch.py (engine side): a 2-layer hidden-64 encoder, a few steps;
-of bench/cut_inference.py and bench/matmul_kernels.py (TensorFlow side); of bench/pytorch_sst2_demo.py (the PyTorch peer of `make bench-tta`) and bench/lockstep.py (skipped without the
+"""Smoke runs of bench/engine_vs_fit.py and bench/vs_pytorch.py (engine side): a 2-layer hidden-64 encoder, a few
+steps; of bench/cut_inference.py, bench/matmul_kernels.py and bench/native_switch_ab.py (TensorFlow side); of
+bench/pytorch_sst2_demo.py (the PyTorch peer of `make bench-tta`) and bench/lockstep.py (skipped without the
 bench extra).
 
 Benchmarks are not tests: nothing here looks at speed, only that every configuration trains and yields
@@ -497,3 +498,17 @@ def test_batch_1_latency_by_length_takes_each_bucket_median_over_all_rounds():
     assert rows[1][2:] == pytest.approx((13.0, 17.0, 17.0 / 13.0))
     assert rows[2][2:] == pytest.approx((24.0, 26.0, 26.0 / 24.0))
     assert vs_pytorch.latency_by_length([5], [[0.001]], [[0.002]])[0][0] == "0-19"
+
+
+def test_native_switch_ab_times_each_side_in_a_process_of_its_own_and_prints_the_median():
+    """bench/native_switch_ab.py on a tiny encoder: both sides run (the switch off and on, alternating first), each
+    pair's speed-up and their median are printed."""
+    run = subprocess.run(
+        [sys.executable, "bench/native_switch_ab.py", "--quick", "--pairs=2", "--predicts=1", "--sentences=8",
+         "--precision=mixed_bfloat16", f"--data_dir={DATA_DIR}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, failure_text(run.stderr)
+    pairs = [line for line in run.stdout.splitlines() if line.startswith("pair ")]
+    assert [line.split("(")[1].split(")")[0] for line in pairs] == ["on first", "off first"]
+    median = float(run.stdout.split("median of 2 pairs: ")[1].split()[0])
+    assert 0 < median < float("inf")
