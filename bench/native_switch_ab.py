@@ -29,10 +29,13 @@ def _child(args) -> None:
     """Times task.predict in this process with the switch as the environment sets it; prints one JSON line."""
     import engine  # noqa: F401,PLC0415  (Keras 2 environment before TensorFlow loads)
     import tf_keras  # noqa: PLC0415
-    from engine import fusion  # noqa: PLC0415
+    from engine import fusion, native  # noqa: PLC0415
     from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
     from tasks.encoders import bert  # noqa: PLC0415
 
+    switches = sorted(library.switch for library in native.LIBRARIES)
+    if args.switch not in switches:  # a misspelt switch would time the same code twice
+        sys.exit(f"--switch={args.switch} is none of our ops' switches: {', '.join(switches)}")
     tf_keras.mixed_precision.set_global_policy(args.precision)
     task = ClassificationTask(ClassificationConfig(
         data_files={}, encoder=bert.BertConfig.tiny() if args.quick else "minilm",
@@ -57,7 +60,8 @@ def _run_side(args, enabled: bool) -> float:
                                                        "predicts")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        sys.exit(f"the {'on' if enabled else 'off'} side failed: {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"the {'on' if enabled else 'off'} side failed: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])["median_s"]
 
 

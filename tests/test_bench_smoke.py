@@ -502,7 +502,7 @@ def test_batch_1_latency_by_length_takes_each_bucket_median_over_all_rounds():
 
 def test_native_switch_ab_times_each_side_in_a_process_of_its_own_and_prints_the_median():
     """bench/native_switch_ab.py on a tiny encoder: both sides run (the switch off and on, alternating first), each
-    pair's speed-up and their median are printed."""
+    pair's speed-up and their median are printed; a misspelt switch is refused in one line, not timed."""
     run = subprocess.run(
         [sys.executable, "bench/native_switch_ab.py", "--quick", "--pairs=2", "--predicts=1", "--sentences=8",
          "--precision=mixed_bfloat16", f"--data_dir={DATA_DIR}"],
@@ -512,3 +512,7 @@ def test_native_switch_ab_times_each_side_in_a_process_of_its_own_and_prints_the
     assert [line.split("(")[1].split(")")[0] for line in pairs] == ["on first", "off first"]
     median = float(run.stdout.split("median of 2 pairs: ")[1].split()[0])
     assert 0 < median < float("inf")
+    misspelt = subprocess.run(
+        [sys.executable, "bench/native_switch_ab.py", "--quick", "--pairs=1", "--switch=BERT_ENGINE_NATIVE_ATENTION",
+         f"--data_dir={DATA_DIR}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert misspelt.returncode != 0 and "none of our ops' switches" in misspelt.stderr.strip().splitlines()[-1]
