@@ -27,9 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _child(args) -> None:
     """Times task.predict in this process with the switch as the environment sets it; prints one JSON line."""
-    import engine  # noqa: F401,PLC0415  (Keras 2 environment before TensorFlow loads)
+    from engine import fusion, native  # noqa: PLC0415  (the package first: Keras 2 before TensorFlow loads)
     import tf_keras  # noqa: PLC0415
-    from engine import fusion, native  # noqa: PLC0415
     from tasks.classification.task import ClassificationConfig, ClassificationTask  # noqa: PLC0415
     from tasks.encoders import bert  # noqa: PLC0415
 
